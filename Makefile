@@ -1,0 +1,37 @@
+# X-Mark bundle: `make demo` runs the pipeline on built-in phantoms, `make test` runs lint and tests.
+# Both create .venv from the pinned requirements (constraints.txt holds the exact versions) when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= outputs/demo
+
+.PHONY: venv venv-dev demo test lint bench clean
+
+$(VENV)/.runtime: requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+venv: $(VENV)/.runtime
+venv-dev: $(VENV)/.dev
+
+demo: $(VENV)/.runtime
+	$(PY) scripts/demo.py --out $(DEMO_DIR)
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.dev
+	$(PY) scripts/bench_data.py
+	$(PY) scripts/bench_generator.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -1,0 +1,38 @@
+"""Multi-label AUROC that ignores uncertain targets (< 0), as a MONAI cumulative metric for Ignite handlers."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from monai.metrics import CumulativeIterationMetric, compute_roc_auc
+
+
+def per_label_auroc(y_pred: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """AUROC of each column of ``y_pred`` (N x K probabilities) against ``y``; targets < 0 are left out.
+
+    A label whose kept targets are all of one class gets NaN.
+    """
+    scores = np.full(y.shape[1], np.nan)
+    for k in range(y.shape[1]):
+        keep = y[:, k] >= 0
+        target, pred = y[keep, k], y_pred[keep, k]
+        if target.numel() and 0 < target.sum() < target.numel():
+            scores[k] = compute_roc_auc(pred, target)
+    return scores
+
+
+class MultiLabelAUROC(CumulativeIterationMetric):
+    """Mean over labels of the per-label AUROC; buffers predictions so reports can reuse them (``get_buffer``)."""
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return y_pred.float(), y.float()
+
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
+        y_pred, y = self.get_buffer()
+        scores = per_label_auroc(y_pred.detach().cpu(), y.detach().cpu())
+        if np.isnan(scores).all():
+            warnings.warn("AUROC undefined for every label (each has a single class); returning 0.5.", stacklevel=2)
+            return torch.tensor(0.5)
+        return torch.tensor(float(np.nanmean(scores)))

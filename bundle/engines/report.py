@@ -1,0 +1,85 @@
+"""Classification report: per-label AUROC and BA (accuracy at the validation threshold that maximises F1)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bundle.engines.metrics import per_label_auroc
+from bundle.fileio import write_json
+
+
+def f1_optimal_threshold(scores: np.ndarray, target: np.ndarray) -> float:
+    """Threshold t maximising F1 of ``scores >= t`` against binary ``target`` (ties: the highest t)."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], target[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(1 - y)
+    last = np.r_[s[1:] != s[:-1], True]  # predicting positive for all scores >= s[i]
+    f1 = 2 * tp / (tp + fp + y.sum())
+    f1 = np.where(last, f1, -1.0)
+    return float(s[int(np.argmax(f1))]) if y.sum() > 0 else float(s.max() + 1e-6)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def classification_report(
+    val: Sequence[torch.Tensor], test: Sequence[torch.Tensor], labels: Sequence[str]
+) -> dict[str, Any]:
+    """Per-label thresholds from ``val`` (probabilities, targets) applied to ``test``: AUROC, BA, threshold."""
+    (val_p, val_y), (test_p, test_y) = ([t.detach().cpu().double().numpy() for t in pair] for pair in (val, test))
+    auroc = per_label_auroc(torch.as_tensor(test_p), torch.as_tensor(test_y))
+    per_label = {}
+    for k, name in enumerate(labels):
+        vk, tk = val_y[:, k] >= 0, test_y[:, k] >= 0
+        t = f1_optimal_threshold(val_p[vk, k], val_y[vk, k])
+        acc = float(np.mean((test_p[tk, k] >= t) == (test_y[tk, k] > 0.5))) if tk.any() else float("nan")
+        per_label[name] = {
+            "auroc": None if np.isnan(auroc[k]) else float(auroc[k]),
+            "ba": acc,
+            "threshold": t,
+            "n_test": int(tk.sum()),
+            "n_test_positive": int((test_y[tk, k] > 0.5).sum()),
+        }
+    return {
+        "per_label": per_label,
+        "mean_auroc": float(np.nanmean(auroc)) if not np.isnan(auroc).all() else None,
+        "mean_ba": float(np.nanmean([v["ba"] for v in per_label.values()])),
+        "n_validation": int(val_y.shape[0]),
+        "n_test": int(test_y.shape[0]),
+    }
+
+
+def write_classification_report(
+    val: Sequence[torch.Tensor],
+    test: Sequence[torch.Tensor],
+    output_file: str | os.PathLike,
+    labels: Sequence[str],
+    checkpoint: str | os.PathLike | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Compute :func:`classification_report`, add provenance, write it as JSON and print a per-label table."""
+    report = classification_report(val, test, labels)
+    if checkpoint is not None:
+        report["checkpoint"] = {"path": str(checkpoint), "sha256": sha256_file(checkpoint)}
+    report.update(extra)
+    write_json(output_file, report)
+    print(f"{'label':<18}{'AUROC':>8}{'BA':>8}{'thr':>8}{'n+':>6}")
+    for name, row in report["per_label"].items():
+        auroc = "n/a" if row["auroc"] is None else f"{row['auroc']:.3f}"
+        print(f"{name:<18}{auroc:>8}{row['ba']:>8.3f}{row['threshold']:>8.3f}{row['n_test_positive']:>6}")
+    print(f"{'mean':<18}{report['mean_auroc'] or float('nan'):>8.3f}{report['mean_ba']:>8.3f}   -> {Path(output_file)}")
+    return report

@@ -1,0 +1,85 @@
+"""torchvision classifiers adapted to one-channel radiographs and multi-label CheXpert outputs.
+
+These are the paper's surrogate and suspect models (ResNet18/34, VGG16-BN/19-BN). Unlike MONAI's ``resnet18`` they keep
+torchvision's stride-2 stem, so FLOPs match the paper. ImageNet weights come only from a local file (see
+:mod:`bundle.networks.pretrained`); the three colour filters of the first convolution are summed into one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+from torchvision.models import get_model
+
+from bundle.networks.pretrained import locate_imagenet_weights, weights_status
+
+logger = logging.getLogger(__name__)
+
+#: Layer whose activations EigenCAM reads for each supported architecture.
+CAM_LAYERS: dict[str, str] = {
+    "resnet18": "layer4",
+    "resnet34": "layer4",
+    "resnet50": "layer4",
+    "vgg16_bn": "features",
+    "vgg19_bn": "features",
+    "densenet121": "features",
+}
+
+
+def _first_conv_name(model: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def build_classifier(
+    arch: str = "resnet18",
+    num_classes: int = 6,
+    in_channels: int = 1,
+    pretrained: bool = False,
+    weights_path: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Build a torchvision ``arch`` with ``in_channels`` inputs and ``num_classes`` logits.
+
+    With ``pretrained`` (or an explicit ``weights_path``) the ImageNet weights are loaded from disk when present;
+    ``model.weights_status`` records ``imagenet:<file>`` or ``untrained`` for the metrics files.
+    """
+    if arch not in CAM_LAYERS:
+        raise ValueError(f"Unsupported classifier architecture {arch!r}; choose one of {sorted(CAM_LAYERS)}.")
+    model = get_model(arch, weights=None, num_classes=num_classes)
+    conv_name = _first_conv_name(model)
+    conv: nn.Conv2d = model.get_submodule(conv_name)
+    if in_channels != conv.in_channels:
+        model.set_submodule(
+            conv_name,
+            nn.Conv2d(
+                in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                bias=conv.bias is not None,
+            ),
+        )
+    path = locate_imagenet_weights(arch, weights_path) if (pretrained or weights_path) else None
+    if path is not None:
+        _load_imagenet(model, torch.load(path, map_location="cpu", weights_only=True), conv_name, path)
+    model.weights_status = weights_status(path)
+    logger.info("classifier %s: %s", arch, model.weights_status)
+    return model
+
+
+def _load_imagenet(model: nn.Module, state: dict[str, torch.Tensor], conv_name: str, path: os.PathLike) -> None:
+    """Copy ImageNet weights into ``model``: adapt the stem to the input channels, skip the (resized) head."""
+    own = model.state_dict()
+    stem_key = f"{conv_name}.weight"
+    if stem_key in state and state[stem_key].shape[1] != own[stem_key].shape[1]:
+        rgb = state[stem_key]
+        state[stem_key] = rgb.sum(dim=1, keepdim=True).repeat(1, own[stem_key].shape[1], 1, 1) / own[stem_key].shape[1]
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = sorted(set(own) - set(kept))
+    head = [k for k in missing if not k.endswith(("num_batches_tracked",))]
+    if len(head) > 2:  # only the final Linear's weight and bias may differ
+        raise ValueError(f"{path}: not ImageNet weights for this architecture (missing {head[:5]} ...)")
+    model.load_state_dict(kept, strict=False)
