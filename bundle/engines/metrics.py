@@ -36,3 +36,42 @@ class MultiLabelAUROC(CumulativeIterationMetric):
             warnings.warn("AUROC undefined for every label (each has a single class); returning 0.5.", stacklevel=2)
             return torch.tensor(0.5)
         return torch.tensor(float(np.nanmean(scores)))
+
+
+class SampleStatistic(CumulativeIterationMetric):
+    """Mean (or max) of a per-sample figure from the engine output (LPIPS, max |x_hat - x|, ...); ``y`` is unused."""
+
+    def __init__(self, reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in ("mean", "max"):
+            raise ValueError(f"reduction must be 'mean' or 'max', got {reduction!r}")
+        self.reduction = reduction
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return y_pred.float().reshape(-1)
+
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
+        values = self.get_buffer()
+        return values.max() if self.reduction == "max" else values.mean()
+
+
+class WatermarkSuccessRate(CumulativeIterationMetric):
+    """WSR: share of NON-target samples whose watermarked version is predicted positive for the target label.
+
+    ``y_pred`` is the target-label probability of each watermarked sample, ``y`` is 1 for target samples, which are
+    never counted (unlike BackdoorBox-style ASR).
+    """
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return y_pred.float().reshape(-1), y.float().reshape(-1)
+
+    def aggregate(self) -> torch.Tensor:  # type: ignore[override]
+        prob, is_target = self.get_buffer()
+        non_target = is_target < 0.5
+        if not non_target.any():
+            raise ValueError("WSR needs non-target samples; the evaluated set has none")
+        return (prob[non_target] >= self.threshold).float().mean()

@@ -83,3 +83,42 @@ def _load_imagenet(model: nn.Module, state: dict[str, torch.Tensor], conv_name: 
     if len(head) > 2:  # only the final Linear's weight and bias may differ
         raise ValueError(f"{path}: not ImageNet weights for this architecture (missing {head[:5]} ...)")
     model.load_state_dict(kept, strict=False)
+
+
+def load_classifier(
+    checkpoint: str | os.PathLike, arch: str = "resnet18", num_classes: int = 6, in_channels: int = 1
+) -> nn.Module:
+    """A classifier built by :func:`build_classifier` with weights from a bundle checkpoint (CheckpointSaver output)."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(
+            f"classifier checkpoint not found: {checkpoint} (train it with configs/train_classifier.json)"
+        )
+    model = build_classifier(arch, num_classes=num_classes, in_channels=in_channels)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint}: not a {arch} checkpoint with {num_classes} outputs ({err})") from err
+    model.weights_status = f"checkpoint:{checkpoint}"
+    return model
+
+
+class ResizedClassifier(nn.Module):
+    """Applies ``classifier`` at its own resolution: the square input is resized (bilinear, antialiased) to ``size``.
+
+    Generators work at 256-1024 px while the surrogate was trained at 224 px; the resize is differentiable, so the
+    watermark is optimised through the same downsampling a suspect model's pipeline applies.
+    """
+
+    def __init__(self, classifier: nn.Module, size: int = 224) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[-2:] != (self.size, self.size):
+            image = torch.nn.functional.interpolate(
+                image, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+            )
+        return self.classifier(image)

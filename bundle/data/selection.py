@@ -1,0 +1,52 @@
+"""Seeded sample selection for the target label k: the generator's balanced training set and the release's marked share.
+
+Target samples have label k == 1; non-target samples have label k == 0. Uncertain targets (< 0) belong to neither, so
+they are never used to train the generator nor to verify (counting them would inflate the WSR).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def split_by_target(items: Sequence[dict[str, Any]], target_index: int) -> tuple[list[int], list[int]]:
+    """Indices of target (label k == 1) and non-target (label k == 0) items; uncertain ones are left out."""
+    target = [i for i, item in enumerate(items) if item["label"][target_index] == 1]
+    non_target = [i for i, item in enumerate(items) if item["label"][target_index] == 0]
+    return target, non_target
+
+
+def select_fraction(indices: Sequence[int], fraction: float, seed: int, minimum: int = 1) -> list[int]:
+    """A seeded random ``fraction`` of ``indices`` (at least ``minimum``, rounded to nearest), returned sorted."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if len(indices) < minimum:
+        raise ValueError(f"need at least {minimum} candidate samples, found {len(indices)}")
+    count = min(len(indices), max(minimum, round(fraction * len(indices))))
+    chosen = np.random.default_rng(seed).choice(np.asarray(indices), size=count, replace=False)
+    return sorted(int(i) for i in chosen)
+
+
+def balanced_generator_set(
+    items: Sequence[dict[str, Any]], target_index: int, fraction: float = 0.1, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The generator's training set: ``fraction`` of the target samples plus as many non-target samples (seeded).
+
+    Each returned item is a copy with ``is_target`` (1.0 or 0.0) added, target samples first.
+    """
+    target, non_target = split_by_target(items, target_index)
+    chosen_t = select_fraction(target, fraction, seed)
+    if len(non_target) < len(chosen_t):
+        raise ValueError(f"only {len(non_target)} non-target samples for {len(chosen_t)} target samples")
+    chosen_nt = select_fraction(non_target, len(chosen_t) / len(non_target), seed + 1)
+    return [{**items[i], "is_target": 1.0} for i in chosen_t] + [{**items[i], "is_target": 0.0} for i in chosen_nt]
+
+
+def with_target_flag(items: Sequence[dict[str, Any]], target_index: int) -> list[dict[str, Any]]:
+    """Copies of the items whose label k is certain, with ``is_target`` (1.0 / 0.0) added (for validation sets)."""
+    target, non_target = split_by_target(items, target_index)
+    flag = dict.fromkeys(target, 1.0) | dict.fromkeys(non_target, 0.0)
+    return [{**items[i], "is_target": flag[i]} for i in sorted(flag)]

@@ -1,0 +1,404 @@
+"""Load chest X-rays as float images in [0, 1] and map such images back to the file's stored pixel values.
+
+Supported inputs: DICOM (pydicom 3, compressed transfer syntaxes through its installed decoders), 8/16-bit grayscale
+PNG and 8-bit JPEG (Pillow), NIfTI ``.nii``/``.nii.gz`` (nibabel) and MetaImage/NRRD ``.mha``/``.mhd``/``.nrrd``/
+``.nhdr`` (ITK). A file with any other extension is read as DICOM when it carries the ``DICM`` preamble.
+
+Intensity chain, recorded in :class:`XRayMeta` so that :func:`to_stored` can invert it::
+
+    stored -> modality (RescaleSlope/Intercept or Modality LUT Sequence)
+           -> VOI (VOI LUT Sequence or Window Center/Width, else the full output range of the modality stage)
+           -> [0, 1] -> 1 - y for MONOCHROME1
+
+so the image is always "bright = attenuating" (bone bright, lungs dark). The window is fixed per file (never the
+image min/max of integer data), hence invertible. ``XRayMeta.mapping`` names the shape of the chain:
+
+- ``"linear"``: ``y = clip((stored * slope + intercept - window_low) / (window_high - window_low), 0, 1)``; DICOM
+  ``LINEAR`` windows are converted to ``window_low/high`` exactly as PS3.3 C.11.2.1.2.1 (and pydicom) apply them.
+- ``"sigmoid"``: DICOM ``SIGMOID`` VOI function with centre ``(low + high) / 2`` and width ``high - low``.
+- ``"lut"``: a Modality or VOI LUT Sequence is involved; the chain is pydicom's ``apply_voi_lut(apply_modality_lut())``
+  tabulated over every stored value and normalised by ``window_low/high``. :func:`to_stored` re-reads the LUTs from
+  ``XRayMeta.source`` (header only) and inverts the monotone table by interpolation; on flat runs of the LUT it returns
+  the first stored value of the run.
+
+Pixels clipped by the window (below ``window_low`` or above ``window_high``, or on a flat LUT run) cannot be
+recovered by :func:`to_stored`; all other pixels round-trip to within one stored unit.
+
+Axis convention: the returned array is ``[rows, columns]`` of the stored pixel grid, never flipped or reoriented.
+DICOM: ``(Rows, Columns)`` as in PixelData. PNG/JPEG: as stored (EXIF orientation ignored). ITK: the array of
+``itk.GetArrayFromImage``, i.e. row ``r``, column ``c`` is voxel index ``(i=c, j=r)``. NIfTI: nibabel's data array
+is ``[i, j]``, so it is transposed to ``[j, i]`` -- the same convention as ITK (affine and direction ignored). Both
+accept 3-D/4-D arrays whose extra dimensions are singletons.
+
+PNG/JPEG are read as MONOCHROME2. An RGB PNG/JPEG is accepted only when its three channels are identical (some
+public sets ship grey images as RGB); it is then recorded with ``photometric="RGB"`` so that a writer can replicate
+the channel. Integer NIfTI/ITK data use the full range of their dtype (after NIfTI ``scl_slope/scl_inter``), float
+data use the data min/max, recorded as the window.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import itk
+import nibabel as nib
+import numpy as np
+import pydicom
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+from PIL import Image
+from pydicom.misc import is_dicom
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+__all__ = ["XRayLoadError", "XRayMeta", "load_xray", "to_stored", "LoadXRay", "LoadXRayd"]
+
+_EXTENSIONS: dict[str, str] = {
+    ".dcm": "dicom",
+    ".dicom": "dicom",
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".mha": "itk",
+    ".mhd": "itk",
+    ".nrrd": "itk",
+    ".nhdr": "itk",
+}
+_GREY_MODES: dict[str, str] = {"L": "uint8", "I;16": "uint16", "I;16L": "uint16", "I;16B": "uint16"}
+_SIGMOID_EPS = 1e-12
+
+
+class XRayLoadError(ValueError):
+    """An X-ray file that cannot be read or mapped to [0, 1]; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {problem}")
+        self.path = os.fspath(path)
+
+
+@dataclass(frozen=True)
+class XRayMeta:
+    """What is needed to map a loaded [0, 1] image back to the file's stored values; plain JSON-serialisable fields."""
+
+    format: str  # "dicom" | "png" | "jpeg" | "nifti" | "itk"
+    source: str  # the path that was read
+    shape: tuple[int, int]  # (rows, columns) of the stored pixel grid, i.e. of the loaded image
+    stored_dtype: str  # numpy dtype name of the stored values, e.g. "uint16"
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    photometric: str  # "MONOCHROME1" | "MONOCHROME2" | "RGB" (grey PNG/JPEG stored with three equal channels)
+    transfer_syntax: str  # DICOM Transfer Syntax UID, "" for other formats
+    rescale_slope: float  # DICOM RescaleSlope / NIfTI scl_slope (1 when absent or when a Modality LUT is used)
+    rescale_intercept: float  # DICOM RescaleIntercept / NIfTI scl_inter (0 when absent)
+    mapping: str  # "linear" | "sigmoid" | "lut", see the module docstring
+    window_low: float  # value after the modality stage ("lut": after the VOI stage) that maps to 0
+    window_high: float  # ... and the one that maps to 1 (before MONOCHROME1 inversion)
+    window_source: str  # "VOI LUT Sequence" | "Window Center/Width" | "stored range" | "data range"
+
+
+@contextmanager
+def _failure(path: Path, what: str) -> Iterator[None]:
+    """Re-raise any library error inside the block as an XRayLoadError that says what was being done."""
+    try:
+        yield
+    except XRayLoadError:
+        raise
+    except Exception as err:
+        raise XRayLoadError(path, f"{what} ({type(err).__name__}: {err})") from err
+
+
+def _integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The smallest and largest value representable with `bits` bits."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def _squeeze_2d(path: Path, array: np.ndarray) -> np.ndarray:
+    """Drop singleton dimensions, insisting that a 2-D image remains."""
+    squeezed = np.squeeze(array)
+    if squeezed.ndim != 2:
+        raise XRayLoadError(path, f"expected a 2-D image (extra dimensions of size 1 allowed), got shape {array.shape}")
+    return squeezed
+
+
+def _has_window(ds: pydicom.Dataset) -> bool:
+    """Whether Window Center and Window Width both hold a value (empty elements count as absent)."""
+    return all(keyword in ds and ds[keyword].VM > 0 for keyword in ("WindowCenter", "WindowWidth"))
+
+
+def _linear_window(ds: pydicom.Dataset, path: Path) -> tuple[str, float, float]:
+    """Mapping kind and (low, high) of the first Window Center/Width item, as PS3.3 C.11.2.1 applies it."""
+    center = float(ds["WindowCenter"].value[0] if ds["WindowCenter"].VM > 1 else ds.WindowCenter)
+    width = float(ds["WindowWidth"].value[0] if ds["WindowWidth"].VM > 1 else ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    if function == "LINEAR":
+        center, width = center - 0.5, width - 1.0
+    elif function not in ("LINEAR_EXACT", "SIGMOID"):
+        raise XRayLoadError(path, f"unsupported VOI LUT Function {function!r}")
+    if width <= 0:
+        raise XRayLoadError(path, f"window width {ds.WindowWidth} is too small to be inverted ({function})")
+    return ("sigmoid" if function == "SIGMOID" else "linear"), center - width / 2, center + width / 2
+
+
+def _dicom_lut_table(ds: pydicom.Dataset, meta: XRayMeta) -> tuple[np.ndarray, np.ndarray]:
+    """Every stored value and its [0, 1] image (before MONOCHROME1 inversion) under the file's LUT chain."""
+    low, high = _integer_range(meta.bits_stored, meta.signed)
+    stored = np.arange(low, high + 1, dtype=np.dtype(meta.stored_dtype))
+    values = apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float64)
+    return stored, (values - meta.window_low) / (meta.window_high - meta.window_low)
+
+
+def _dicom_lut_window(ds: pydicom.Dataset, bits_stored: int, signed: bool) -> tuple[float, float, str]:
+    """Output range of pydicom's LUT chain (the VOI LUT's nominal range, pydicom's window range, or the LUT's range)."""
+    if ds.get("VOILUTSequence"):
+        return 0.0, float(2 ** ds.VOILUTSequence[0].LUTDescriptor[2] - 1), "VOI LUT Sequence"
+    if _has_window(ds):  # in "lut" mode without a VOI LUT, the Modality LUT sets pydicom's window output range
+        return 0.0, float(2 ** ds.ModalityLUTSequence[0].LUTDescriptor[2] - 1), "Window Center/Width"
+    low, high = _integer_range(bits_stored, signed)
+    table = apply_modality_lut(np.arange(low, high + 1), ds)
+    return float(table.min()), float(table.max()), "stored range"
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, XRayMeta]:
+    """Stored pixels of a single-frame grayscale DICOM and the intensity chain its tags define."""
+    with _failure(path, "not a readable DICOM file"), warnings.catch_warnings():
+        # pydicom turns a premature end of file into a warning and returns what it read; treat it as the error it is
+        warnings.filterwarnings("error", message="End of file reached", category=UserWarning)
+        ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise XRayLoadError(path, "no Pixel Data (7FE0,0010): not an image object, or the file is truncated")
+    if int(ds.get("NumberOfFrames") or 1) > 1:
+        raise XRayLoadError(path, f"multi-frame DICOM ({ds.NumberOfFrames} frames); only single images are supported")
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise XRayLoadError(
+            path, f"colour DICOM (SamplesPerPixel={ds.get('SamplesPerPixel')}, Photometric={photometric!r})"
+        )
+    if ds.get("BitsAllocated") not in (8, 16, 32):
+        raise XRayLoadError(path, f"unsupported Bits Allocated {ds.get('BitsAllocated')} (need 8, 16 or 32)")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    syntax_text = f"{syntax.name} ({syntax})" if syntax else "missing Transfer Syntax UID"
+    with _failure(path, f"cannot decode Pixel Data with transfer syntax {syntax_text}"):
+        stored = ds.pixel_array
+    if stored.shape != (ds.Rows, ds.Columns):
+        raise XRayLoadError(path, f"decoded pixels have shape {stored.shape}, not (Rows, Columns)")
+
+    bits_stored, signed = int(ds.BitsStored), bool(ds.PixelRepresentation)
+    uses_lut = bool(ds.get("ModalityLUTSequence") or ds.get("VOILUTSequence"))
+    slope, intercept = float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0)
+    if ds.get("ModalityLUTSequence"):
+        slope, intercept = 1.0, 0.0
+    if uses_lut:
+        if bits_stored > 16:
+            raise XRayLoadError(path, f"LUT Sequence with Bits Stored {bits_stored} > 16 is not supported")
+        mapping = "lut"
+        low, high, source = _dicom_lut_window(ds, bits_stored, signed)
+    elif _has_window(ds):
+        source = "Window Center/Width"
+        mapping, low, high = _linear_window(ds, path)
+    else:
+        mapping, source = "linear", "stored range"
+        low, high = sorted(v * slope + intercept for v in _integer_range(bits_stored, signed))
+    meta = XRayMeta(
+        format="dicom",
+        source=str(path),
+        shape=(int(ds.Rows), int(ds.Columns)),
+        stored_dtype=stored.dtype.name,
+        bits_allocated=int(ds.BitsAllocated),
+        bits_stored=bits_stored,
+        signed=signed,
+        photometric=photometric,
+        transfer_syntax=str(syntax or ""),
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+        mapping=mapping,
+        window_low=float(low),
+        window_high=float(high),
+        window_source=source,
+    )
+    if mapping == "lut":
+        with _failure(path, "cannot apply the file's Modality/VOI LUT"):
+            table_stored, table_y = _dicom_lut_table(ds, meta)
+        return table_y[stored.astype(np.int64) - int(table_stored[0])], meta
+    return stored, meta
+
+
+def _read_pil(path: Path, fmt: str) -> tuple[np.ndarray, XRayMeta]:
+    """Stored pixels of an 8/16-bit grayscale (or equal-channel RGB) PNG or JPEG."""
+    with _failure(path, f"not a readable {fmt.upper()} file"), Image.open(path) as image:
+        image.load()
+        mode, content = image.mode, str(image.format).lower()
+        pixels = np.asarray(image)
+    if content != fmt:
+        raise XRayLoadError(path, f"file content is {content.upper()}, not {fmt.upper()} as its extension says")
+    photometric = "MONOCHROME2"
+    if mode == "RGB":
+        if not (np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 0], pixels[..., 2])):
+            raise XRayLoadError(path, "colour image (RGB with unequal channels); a grayscale X-ray is required")
+        pixels, photometric, mode = pixels[..., 0], "RGB", "L"
+    if mode not in _GREY_MODES:
+        raise XRayLoadError(path, f"unsupported image mode {mode!r}; need 8/16-bit grayscale (or RGB, equal channels)")
+    stored = pixels.astype(_GREY_MODES[mode])
+    return stored, _plain_meta(path, fmt, stored, photometric, 1.0, 0.0)
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, XRayMeta]:
+    """Stored voxels of a 2-D NIfTI image, transposed from nibabel's [i, j] to [j, i] (rows, columns)."""
+    with _failure(path, "not a readable NIfTI file"):
+        image = nib.load(path)
+        raw = np.asarray(image.dataobj.get_unscaled())
+        slope, intercept = float(image.dataobj.slope), float(image.dataobj.inter)
+    if raw.dtype.fields is not None:
+        raise XRayLoadError(path, f"colour NIfTI (dtype {raw.dtype}); a grayscale X-ray is required")
+    stored = np.ascontiguousarray(_squeeze_2d(path, raw).T)
+    return stored, _plain_meta(path, "nifti", stored, "MONOCHROME2", slope, intercept)
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, XRayMeta]:
+    """Stored pixels of a 2-D MetaImage/NRRD image as ITK's [j, i] array (rows, columns)."""
+    with _failure(path, "not a readable ITK (MetaImage/NRRD) file"):
+        image = itk.imread(str(path))
+        components = image.GetNumberOfComponentsPerPixel()
+        raw = itk.array_from_image(image)
+    if components != 1:
+        raise XRayLoadError(path, f"colour/vector image ({components} components); a grayscale X-ray is required")
+    stored = np.ascontiguousarray(_squeeze_2d(path, raw))
+    return stored, _plain_meta(path, "itk", stored, "MONOCHROME2", 1.0, 0.0)
+
+
+def _plain_meta(path: Path, fmt: str, stored: np.ndarray, photometric: str, slope: float, intercept: float) -> XRayMeta:
+    """Linear chain of a non-DICOM image: the dtype range for integers, the data range for floats."""
+    if np.issubdtype(stored.dtype, np.integer):
+        bits, signed = stored.dtype.itemsize * 8, bool(np.issubdtype(stored.dtype, np.signedinteger))
+        low, high = sorted(v * slope + intercept for v in _integer_range(bits, signed))
+        source = "stored range"
+    elif np.issubdtype(stored.dtype, np.floating):
+        bits, signed = stored.dtype.itemsize * 8, True
+        values = stored.astype(np.float64) * slope + intercept
+        if not np.isfinite(values).all():
+            raise XRayLoadError(path, "image contains NaN or infinite values")
+        low, high = float(values.min()), float(values.max())
+        high = high if high > low else low + 1.0  # a constant image maps to 0
+        source = "data range"
+    else:
+        raise XRayLoadError(path, f"unsupported pixel type {stored.dtype}")
+    return XRayMeta(
+        format=fmt,
+        source=str(path),
+        shape=(int(stored.shape[0]), int(stored.shape[1])),
+        stored_dtype=stored.dtype.name,
+        bits_allocated=bits,
+        bits_stored=bits,
+        signed=signed,
+        photometric=photometric,
+        transfer_syntax="",
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+        mapping="linear",
+        window_low=float(low),
+        window_high=float(high),
+        window_source=source,
+    )
+
+
+def _format_of(path: Path) -> str:
+    """The reader for `path`, from its extension, else from the DICOM preamble."""
+    extension = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
+    if extension in _EXTENSIONS:
+        return _EXTENSIONS[extension]
+    if is_dicom(path):
+        return "dicom"
+    raise XRayLoadError(
+        path, f"unknown file extension {path.suffix!r} (supported: {', '.join(_EXTENSIONS)}, or DICOM with preamble)"
+    )
+
+
+def load_xray(path: str | os.PathLike) -> tuple[np.ndarray, XRayMeta]:
+    """Read an X-ray as a float32 [rows, columns] image in [0, 1] (bright = attenuating) plus how to write it back."""
+    path = Path(path)
+    if not path.is_file():
+        raise XRayLoadError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise XRayLoadError(path, "file is empty")
+    fmt = _format_of(path)
+    if fmt == "dicom":
+        values, meta = _read_dicom(path)
+    elif fmt == "nifti":
+        values, meta = _read_nifti(path)
+    elif fmt == "itk":
+        values, meta = _read_itk(path)
+    else:
+        values, meta = _read_pil(path, fmt)
+    if meta.mapping != "lut":
+        modality = values.astype(np.float64) * meta.rescale_slope + meta.rescale_intercept
+        if meta.mapping == "sigmoid":
+            centre, width = (meta.window_low + meta.window_high) / 2, meta.window_high - meta.window_low
+            values = 1.0 / (1.0 + np.exp(-4.0 * (modality - centre) / width))
+        else:
+            values = np.clip((modality - meta.window_low) / (meta.window_high - meta.window_low), 0.0, 1.0)
+    if meta.photometric == "MONOCHROME1":
+        values = 1.0 - values
+    return values.astype(np.float32), meta
+
+
+def to_stored(image01: np.ndarray, meta: XRayMeta) -> np.ndarray:
+    """Map a [0, 1] image back to the file's stored values (inverse of load_xray's chain, rounded and clipped)."""
+    y = np.clip(np.asarray(image01, dtype=np.float64), 0.0, 1.0)
+    if meta.photometric == "MONOCHROME1":
+        y = 1.0 - y
+    dtype = np.dtype(meta.stored_dtype)
+    if meta.mapping == "lut":
+        with _failure(Path(meta.source), "cannot re-read the LUTs needed to invert the intensity mapping"):
+            ds = pydicom.dcmread(meta.source, stop_before_pixels=True)
+        table_stored, table_y = _dicom_lut_table(ds, meta)
+        if table_y[-1] < table_y[0]:
+            table_stored, table_y = table_stored[::-1], table_y[::-1]
+        if np.any(np.diff(table_y) < 0):
+            raise XRayLoadError(meta.source, "the LUT chain is not monotone and cannot be inverted")
+        table_y, first = np.unique(table_y, return_index=True)
+        stored = np.interp(y, table_y, table_stored[first].astype(np.float64))
+    else:
+        if meta.mapping == "sigmoid":
+            centre, width = (meta.window_low + meta.window_high) / 2, meta.window_high - meta.window_low
+            y = np.clip(y, _SIGMOID_EPS, 1.0 - _SIGMOID_EPS)
+            modality = centre - width / 4.0 * np.log(1.0 / y - 1.0)
+        else:
+            modality = meta.window_low + y * (meta.window_high - meta.window_low)
+        stored = (modality - meta.rescale_intercept) / meta.rescale_slope
+    if not np.issubdtype(dtype, np.integer):
+        return stored.astype(dtype)
+    low, high = _integer_range(meta.bits_stored, meta.signed)
+    return np.clip(np.rint(stored), low, high).astype(dtype)
+
+
+class LoadXRay(Transform):
+    """Load an X-ray file as a 1 x H x W float32 MetaTensor in [0, 1]; its XRayMeta goes to meta["xray"]."""
+
+    def __call__(self, path: str | os.PathLike) -> MetaTensor:
+        image, meta = load_xray(path)
+        return MetaTensor(
+            torch.from_numpy(image[None]),
+            meta={"filename_or_obj": os.fspath(path), "xray": asdict(meta), "spatial_shape": meta.shape},
+        )
+
+
+class LoadXRayd(MapTransform):
+    """Dictionary version of LoadXRay: replaces each path under `keys` by its loaded 1 x H x W MetaTensor."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadXRay()
+
+    def __call__(self, data: Mapping[Hashable, str | os.PathLike]) -> dict[Hashable, MetaTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d

@@ -1,0 +1,140 @@
+"""Watermark generators: X-Mark's saliency-conditioned residual U-Net and the SSCL-BW baseline (original U-Net).
+
+Both map a one-channel image ``x`` in [0, 1] to ``x_hat = clamp(x + eps * tanh(r), 0, 1)``, so that
+``||x_hat - x||_inf <= eps`` holds by construction whatever the weights. The image side must be divisible by 16
+(four stride-2 stages; ``2 ** (len(channels) - 1)`` for other X-Mark depths); other sizes raise a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution, ResidualUnit
+from monai.networks.layers import Act, Norm
+from monai.networks.nets import BasicUNet
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["XMarkGenerator", "SSCLBWGenerator", "bounded_perturbation"]
+
+#: Default perturbation budget (L-infinity, in [0, 1] intensity): 16 grey levels of 8 bit.
+DEFAULT_EPS = 16.0 / 255.0
+
+
+def bounded_perturbation(image: torch.Tensor, residual: torch.Tensor, eps: float) -> torch.Tensor:
+    """Watermarked image ``clamp(image + eps * tanh(residual), 0, 1)``: the output head shared by both generators."""
+    return torch.clamp(image + eps * torch.tanh(residual), 0.0, 1.0)
+
+
+def _check_inputs(image: torch.Tensor, saliency: torch.Tensor | None, divisor: int) -> None:
+    """Raise a ``ValueError`` that names the problem when the inputs do not fit the generator."""
+    if image.dim() != 4 or image.shape[1] != 1:
+        raise ValueError(f"generator input must be B x 1 x H x W, got shape {list(image.shape)}")
+    if image.shape[2] % divisor != 0 or image.shape[3] % divisor != 0:
+        raise ValueError(
+            f"generator input H and W must be divisible by {divisor}, got {image.shape[2]}x{image.shape[3]}"
+        )
+    if saliency is not None and saliency.shape != image.shape:
+        raise ValueError(f"saliency shape {list(saliency.shape)} must equal image shape {list(image.shape)}")
+
+
+class XMarkGenerator(nn.Module):
+    """X-Mark's generator: MONAI's residual strided U-Net (``UNet(num_res_units=2)``) with EigenCAM conditioning.
+
+    The encoder, bottleneck and decoder are the exact blocks ``monai.networks.nets.UNet`` builds for
+    ``channels``, strides 2 and ``num_res_units`` (same parameters and MACs when ``conditioning`` is off). With
+    ``conditioning`` the saliency map is area-resized to the bottleneck grid, projected by a 3x3 Conv + PReLU to the
+    bottleneck channel count and *added* to the bottleneck features before the decoder. The image side must be
+    divisible by ``2 ** (len(channels) - 1)`` (16 for the default five levels).
+
+    Args:
+        channels: feature channels per level, top first; the last entry is the bottleneck.
+        eps: L-infinity perturbation budget in [0, 1] intensity.
+        conditioning: use the saliency map; when False it is ignored and no projection module exists. Kept as the
+            attribute ``conditioning`` so callers know whether to compute EigenCAM maps.
+        num_res_units: convolutions per residual unit in the encoder (MONAI's ``num_res_units``).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (64, 128, 256, 512, 1024),
+        eps: float = DEFAULT_EPS,
+        conditioning: bool = True,
+        num_res_units: int = 2,
+    ) -> None:
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        if len(channels) < 2:
+            raise ValueError(f"XMarkGenerator needs at least two channel levels, got {channels}")
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"perturbation budget eps must be in (0, 1], got {eps}")
+        self.eps = float(eps)
+        self.conditioning = conditioning
+        self.divisor = 2 ** (len(channels) - 1)
+        common = {"spatial_dims": 2, "act": Act.PRELU, "norm": Norm.INSTANCE, "dropout": 0.0, "bias": True}
+
+        ins = (1,) + channels[:-2]
+        self.encoder = nn.ModuleList(
+            ResidualUnit(in_channels=i, out_channels=o, strides=2, subunits=num_res_units, **common)
+            for i, o in zip(ins, channels[:-1], strict=True)
+        )
+        self.bottleneck = ResidualUnit(
+            in_channels=channels[-2], out_channels=channels[-1], strides=1, subunits=num_res_units, **common
+        )
+        # Decoder, deepest first: cat(skip, deeper) -> transposed conv (x2) -> one-conv residual unit.
+        skips = channels[:-1][::-1]
+        outs = channels[:-2][::-1] + (1,)
+        deeper = (channels[-1],) + outs[:-1]
+        self.decoder = nn.ModuleList(
+            nn.Sequential(
+                Convolution(in_channels=s + d, out_channels=o, strides=2, kernel_size=3, is_transposed=True, **common),
+                ResidualUnit(in_channels=o, out_channels=o, subunits=1, last_conv_only=i == len(outs) - 1, **common),
+            )
+            for i, (s, d, o) in enumerate(zip(skips, deeper, outs, strict=True))
+        )
+        self.saliency_projection = (
+            Convolution(2, 1, channels[-1], kernel_size=3, act=Act.PRELU, norm=None, bias=True)
+            if conditioning
+            else None
+        )
+
+    def forward(self, image: torch.Tensor, saliency: torch.Tensor | None = None) -> torch.Tensor:
+        """Watermarked image (B x 1 x H x W); ``saliency`` (B x 1 x H x W in [0, 1]) is required iff conditioning."""
+        _check_inputs(image, saliency, self.divisor)
+        skips: list[torch.Tensor] = []
+        h = image
+        for down in self.encoder:
+            h = down(h)
+            skips.append(h)
+        h = self.bottleneck(h)
+        if self.saliency_projection is not None:
+            if saliency is None:
+                raise ValueError("this generator is saliency-conditioned: pass a B x 1 x H x W saliency map")
+            h = h + self.saliency_projection(F.adaptive_avg_pool2d(saliency.to(h.dtype), h.shape[-2:]))
+        for up in self.decoder:
+            h = up(torch.cat([skips.pop(), h], dim=1))
+        return bounded_perturbation(image, h, self.eps)
+
+
+class SSCLBWGenerator(nn.Module):
+    """SSCL-BW's baseline generator: the original U-Net (MONAI ``BasicUNet``), same output head, no conditioning.
+
+    ``features`` follows ``BasicUNet``: five encoder widths, then the width after the last upsampling.
+    The image side must be divisible by 16. ``saliency`` is accepted for a common call signature and ignored
+    (``conditioning`` is always False).
+    """
+
+    def __init__(self, features: Sequence[int] = (64, 128, 256, 512, 1024, 64), eps: float = DEFAULT_EPS) -> None:
+        super().__init__()
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"perturbation budget eps must be in (0, 1], got {eps}")
+        self.eps = float(eps)
+        self.conditioning = False
+        self.divisor = 16
+        self.unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=tuple(features))
+
+    def forward(self, image: torch.Tensor, saliency: torch.Tensor | None = None) -> torch.Tensor:
+        """Watermarked image (B x 1 x H x W); ``saliency`` is ignored."""
+        _check_inputs(image, None, self.divisor)
+        return bounded_perturbation(image, self.unet(image), self.eps)

@@ -1,0 +1,87 @@
+"""Batched EigenCAM in torch: the generator's saliency condition, computed on any device without per-sample NumPy SVDs.
+
+Same math as ``pytorch_grad_cam.EigenCAM`` (grad-cam 1.5.7, one target layer, ``targets=None``): centre the
+(h*w) x C activation matrix over positions, project it onto its first right singular vector, ReLU, resize bilinearly to
+the input size and min-max normalise. Unlike grad-cam, the sign of the principal component is fixed (see
+:func:`principal_projection`), so the map never flips to the inverse region.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["EigenCAM", "principal_projection", "projection_to_saliency"]
+
+
+def principal_projection(activations: torch.Tensor) -> torch.Tensor:
+    """Project each sample's centred activations (B x C x h x w) onto their first principal component -> B x h x w.
+
+    Sign convention: the component ``v`` is chosen with a non-negative sum of loadings, ``sum_c v_c >= 0``. Since
+    ``cov(A v, A 1) = s_1^2 * sum_c v_c`` for the centred matrix ``A``, this is the same as requiring that the
+    projection correlates non-negatively with the channel-mean activation, i.e. the map highlights where the layer
+    is active. NaNs are set to 0 (as grad-cam does); the SVD runs in float32 (or float64 for float64 input).
+    """
+    if activations.dim() != 4:
+        raise ValueError(f"EigenCAM needs B x C x h x w activations, got shape {list(activations.shape)}")
+    acts = activations if activations.dtype == torch.float64 else activations.float()
+    acts = acts.masked_fill(acts.isnan(), 0.0)
+    batch, _, height, width = acts.shape
+    with torch.autocast(acts.device.type, enabled=False):  # SVD and projection stay in full precision under AMP
+        flat = acts.flatten(2).transpose(1, 2)  # B x (h*w) x C
+        flat = flat - flat.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+        component = vh[:, 0, :]
+        component = torch.where(component.sum(dim=1, keepdim=True) < 0, -component, component)
+        return (flat @ component.unsqueeze(-1)).reshape(batch, height, width)
+
+
+def projection_to_saliency(projection: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ReLU, bilinear resize to ``size`` and per-sample min-max normalisation: B x h x w -> B x 1 x H x W in [0, 1]."""
+    cam = F.interpolate(projection.clamp(min=0).unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+    cam = cam - cam.amin(dim=(2, 3), keepdim=True)
+    return cam / (cam.amax(dim=(2, 3), keepdim=True) + 1e-7)
+
+
+class EigenCAM:
+    """EigenCAM saliency of ``model`` at the submodule named ``target_layer`` (e.g. ``"layer4"`` of a ResNet).
+
+    Calling it runs the model once in eval mode (each module's train/eval flag is restored afterwards), captures the
+    layer's output with a forward hook that is removed before returning, and gives B x 1 x H x W maps in [0, 1] on
+    the input's device. Gradients are off unless ``enable_grad=True``.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: str) -> None:
+        try:
+            self.layer = model.get_submodule(target_layer)
+        except AttributeError as err:
+            raise ValueError(f"EigenCAM target layer {target_layer!r} not found in {type(model).__name__}") from err
+        self.model = model
+        self.target_layer = target_layer
+
+    def activations(self, images: torch.Tensor, enable_grad: bool = False) -> torch.Tensor:
+        """Output of the target layer for ``images`` (B x C x h x w), from one eval-mode forward pass."""
+        captured: list[torch.Tensor] = []
+        handle = self.layer.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+        modes = [(module, module.training) for module in self.model.modules()]
+        try:
+            self.model.eval()
+            with torch.set_grad_enabled(enable_grad):
+                self.model(images)
+        finally:
+            handle.remove()
+            for module, training in modes:
+                module.training = training
+        if len(captured) != 1 or not isinstance(captured[0], torch.Tensor):
+            raise ValueError(
+                f"EigenCAM target layer {self.target_layer!r} must produce one tensor per forward pass, "
+                f"got {len(captured)} outputs of type {type(captured[0]).__name__ if captured else None}"
+            )
+        return captured[0]
+
+    def __call__(self, images: torch.Tensor, enable_grad: bool = False) -> torch.Tensor:
+        """Saliency maps (B x 1 x H x W in [0, 1]) for ``images`` (B x C_in x H x W)."""
+        with torch.set_grad_enabled(enable_grad):
+            projection = principal_projection(self.activations(images, enable_grad))
+            return projection_to_saliency(projection, (images.shape[-2], images.shape[-1]))

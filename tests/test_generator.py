@@ -1,0 +1,131 @@
+"""Tests of the watermark generators: MONAI-equivalent architecture, L-inf budget, conditioning, gradients, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import BasicUNet, UNet
+from torch.utils.flop_counter import FlopCounterMode
+
+from bundle.networks.generator import DEFAULT_EPS, SSCLBWGenerator, XMarkGenerator, bounded_perturbation
+
+CHANNELS = (8, 16, 32, 64)
+FEATURES = (8, 8, 16, 16, 32, 8)
+SIZE = 64
+
+
+def _images(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 1, SIZE, SIZE, generator=gen), torch.rand(batch, 1, SIZE, SIZE, generator=gen)
+
+
+def _param_count(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_unconditioned_xmark_is_monai_residual_unet():
+    torch.manual_seed(0)
+    net = XMarkGenerator(CHANNELS, conditioning=False).eval()
+    unet = UNet(2, 1, 1, CHANNELS, (2, 2, 2), num_res_units=2).eval()
+    assert _param_count(net) == _param_count(unet)
+    # Both register their blocks in the same order (encoder, bottleneck, decoder deepest first): copy weights over.
+    ours, theirs = net.state_dict(), unet.state_dict()
+    assert [v.shape for v in ours.values()] == [v.shape for v in theirs.values()]
+    net.load_state_dict(dict(zip(ours, theirs.values(), strict=True)))
+    x, _ = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), bounded_perturbation(x, unet(x), DEFAULT_EPS), rtol=0, atol=1e-6)
+
+
+def test_ssclbw_is_monai_basic_unet():
+    assert _param_count(SSCLBWGenerator(FEATURES)) == _param_count(BasicUNet(2, 1, 1, FEATURES))
+
+
+@pytest.mark.parametrize("make", [lambda: XMarkGenerator(CHANNELS), lambda: SSCLBWGenerator(FEATURES)])
+def test_budget_and_range_hold_for_large_weights(make):
+    torch.manual_seed(1)
+    net = make()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(20.0)
+        x, cam = _images(3)
+        x_hat = net(x, cam)
+    assert x_hat.shape == x.shape
+    assert x_hat.min() >= 0.0 and x_hat.max() <= 1.0
+    delta = (x_hat - x).abs().amax()
+    assert delta <= net.eps + 1e-6
+    assert delta > 0.5 * net.eps  # the saturated head really uses the budget
+
+
+def test_conditioning_on_uses_saliency():
+    torch.manual_seed(2)
+    net = XMarkGenerator(CHANNELS, eps=0.1).eval()
+    x, cam = _images()
+    with torch.no_grad():
+        assert not torch.allclose(net(x, cam), net(x, cam.flip(-1)), atol=1e-6)
+    with pytest.raises(ValueError, match="saliency-conditioned"):
+        net(x)
+
+
+def test_conditioning_off_ignores_saliency_and_has_no_projection():
+    torch.manual_seed(3)
+    net = XMarkGenerator(CHANNELS, eps=0.1, conditioning=False).eval()
+    assert net.saliency_projection is None
+    assert not any("saliency" in name for name, _ in net.named_parameters())
+    x, cam = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, cam), net(x))
+        torch.testing.assert_close(net(x, cam), net(x, cam.flip(-1)))
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(4)
+    net = XMarkGenerator(CHANNELS)
+    x, cam = _images()
+    (net(x, cam) - x).square().mean().backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: XMarkGenerator(CHANNELS), lambda: XMarkGenerator(CHANNELS, conditioning=False)],
+    ids=["conditioned", "unconditioned"],
+)
+def test_torchscript_matches_eager(make):
+    torch.manual_seed(5)
+    net = make().eval()
+    scripted = torch.jit.script(net)
+    x, cam = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x, cam), net(x, cam), rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    net = XMarkGenerator(CHANNELS)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        net(torch.rand(1, 1, 60, 64), torch.rand(1, 1, 60, 64))
+    with pytest.raises(ValueError, match="B x 1 x H x W"):
+        net(torch.rand(1, 3, 64, 64), torch.rand(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="saliency shape"):
+        net(torch.rand(1, 1, 64, 64), torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        SSCLBWGenerator(FEATURES)(torch.rand(1, 1, 40, 40))
+    with pytest.raises(ValueError, match="eps"):
+        XMarkGenerator(CHANNELS, eps=0.0)
+
+
+def test_paper_scale_cost_on_meta_device():
+    """Default widths at 256 px: 26.0 M params / 12.0 GMACs against 31.1 M / 51.0 GMACs (DESIGN.md section 4)."""
+    macs = {}
+    with torch.device("meta"):
+        nets = {"xmark": XMarkGenerator(conditioning=False), "ssclbw": SSCLBWGenerator()}
+        x = torch.empty(1, 1, 256, 256)
+    for name, net in nets.items():
+        with FlopCounterMode(display=False) as counter:
+            net(x)
+        macs[name] = counter.get_total_flops() / 2
+    assert round(_param_count(nets["xmark"]) / 1e6, 1) == 26.0
+    assert round(_param_count(nets["ssclbw"]) / 1e6, 1) == 31.1
+    assert round(macs["xmark"] / 1e9, 1) == 12.0
+    assert round(macs["ssclbw"] / 1e9, 1) == 51.0
