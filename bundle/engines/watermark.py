@@ -70,10 +70,11 @@ class WatermarkTrainer(SupervisedTrainer):
             terms["loss"].backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
         output = {k: v.detach() for k, v in terms.items()}
         output.update({Keys.IMAGE: image, Keys.PRED: watermarked.detach(), "saliency": cam, Keys.LOSS: output["loss"]})
-        return output
+        engine.state.output = output
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates engine.state.output here
+        return engine.state.output
 
 
 class WatermarkEvaluator(SupervisedEvaluator):
