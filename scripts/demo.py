@@ -63,8 +63,20 @@ def main() -> None:
     )
     run_stage(
         "datalist",
-        [py, "scripts/prepare_datalist.py", "--csv", str(phantoms / "train.csv"), "--test-csv",
-         str(phantoms / "valid.csv"), "--out", str(datalist), "--policy", "u-ones", "--seed", str(args.seed)],
+        [
+            py,
+            "scripts/prepare_datalist.py",
+            "--csv",
+            str(phantoms / "train.csv"),
+            "--test-csv",
+            str(phantoms / "valid.csv"),
+            "--out",
+            str(datalist),
+            "--policy",
+            "u-ones",
+            "--seed",
+            str(args.seed),
+        ],
         datalist,
     )
     common = {"dataset_dir": phantoms, "datalist_file": datalist, "ckpt_dir": models / "classifier", "seed": args.seed}

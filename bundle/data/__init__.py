@@ -1,5 +1,19 @@
 """Data loading for the X-Mark bundle."""
 
-from .xray_io import LoadXRay, LoadXRayd, XRayLoadError, XRayMeta, load_xray, to_stored
+from .xray_io import LoadXRay, LoadXRayd, XRayLoadError, XRayMeta, find_xray_files, load_xray, to_stored
+from .xray_writer import XRayWriteError, check_output_path, max_stored_change, quantisation_step, write_xray
 
-__all__ = ["LoadXRay", "LoadXRayd", "XRayLoadError", "XRayMeta", "load_xray", "to_stored"]
+__all__ = [
+    "LoadXRay",
+    "LoadXRayd",
+    "XRayLoadError",
+    "find_xray_files",
+    "XRayMeta",
+    "XRayWriteError",
+    "check_output_path",
+    "load_xray",
+    "max_stored_change",
+    "quantisation_step",
+    "to_stored",
+    "write_xray",
+]

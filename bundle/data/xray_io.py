@@ -321,6 +321,20 @@ def _format_of(path: Path) -> str:
     )
 
 
+def find_xray_files(root: str | os.PathLike) -> list[Path]:
+    """Every file under ``root`` (recursively, sorted) whose extension :func:`load_xray` reads; hidden files skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        raise XRayLoadError(root, "input folder not found")
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and (".nii.gz" if p.name.lower().endswith(".nii.gz") else p.suffix.lower()) in _EXTENSIONS
+    )
+
+
 def load_xray(path: str | os.PathLike) -> tuple[np.ndarray, XRayMeta]:
     """Read an X-ray as a float32 [rows, columns] image in [0, 1] (bright = attenuating) plus how to write it back."""
     path = Path(path)

@@ -1,0 +1,135 @@
+"""Release watermarked X-rays at full resolution: map a model-resolution residual onto the original file.
+
+The generator works on the letterboxed ``S x S`` image. The released file is made from the ORIGINAL full-resolution
+image, never from a resampled copy: ``delta = watermarked - benign`` at model resolution, padding removed and resized
+to the stored grid (:func:`~bundle.transforms.geometry.unletterbox`), added in [0, 1] intensity, re-quantised to the
+file's stored type by :func:`~bundle.data.xray_writer.write_xray`, and the budget checked on the written file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.utils import convert_to_tensor, ensure_tuple_rep
+
+from ..data.xray_io import load_xray
+from ..data.xray_writer import XRayWriteError, check_output_path, max_stored_change, write_xray
+from .geometry import GEOMETRY_KEY, unletterbox
+
+__all__ = ["SaveWatermarkedd", "apply_watermark"]
+
+_FLOAT_TOLERANCE = 1e-6
+"""Slack of the budget check for float32 arithmetic on images in [0, 1]."""
+
+
+def _channel_first(image: torch.Tensor, name: str) -> torch.Tensor:
+    """A plain float32 CPU ``1 x S x S`` tensor from ``S x S`` or ``1 x S x S``."""
+    image = convert_to_tensor(image, track_meta=False).detach().to("cpu", torch.float32)
+    image = image[None] if image.ndim == 2 else image
+    if image.ndim != 3 or image.shape[0] != 1:
+        raise ValueError(f"apply_watermark expects {name} of shape S x S or 1 x S x S, got {tuple(image.shape)}.")
+    return image
+
+
+def apply_watermark(
+    source_path: str | os.PathLike,
+    watermarked: torch.Tensor,
+    benign: torch.Tensor,
+    geometry: Mapping[str, Any],
+    epsilon: float,
+    out_path: str | os.PathLike,
+) -> dict[str, Any]:
+    """Add the model-resolution watermark residual to the full-resolution source and write it to ``out_path``.
+
+    ``geometry`` is the source's letterbox geometry (``meta["xmark_geometry"]``). The residual is clamped to
+    ``[-epsilon, epsilon]`` after resizing as a guard only: bilinear resizing, antialiased or not, forms convex
+    combinations (non-negative weights summing to one), so it cannot leave the input range. The written file is read
+    back and ``max |written - source| <= epsilon + one quantisation step`` checked in [0, 1]; a lossless file that
+    fails is deleted and an XRayWriteError raised, a JPEG (lossy) one is kept with a warning. Returns a JSON-able
+    report.
+    """
+    source, out_path = Path(source_path), Path(out_path)
+    if not 0.0 < epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in (0, 1] (an L-inf budget in [0, 1] intensity), got {epsilon}.")
+    check_output_path(source, out_path)
+    watermarked, benign = _channel_first(watermarked, "watermarked"), _channel_first(benign, "benign")
+    if watermarked.shape != benign.shape:
+        raise ValueError(f"watermarked {tuple(watermarked.shape)} and benign {tuple(benign.shape)} shapes differ.")
+    image01, meta = load_xray(source)
+    expected = tuple(int(s) for s in geometry["original_shape"])
+    if expected != tuple(meta.shape):
+        raise XRayWriteError(source, f"is {meta.shape[0]}x{meta.shape[1]}, but the geometry is for {expected}")
+    residual = unletterbox(watermarked - benign, geometry)[0].clamp(-epsilon, epsilon).numpy()
+    write_xray(np.clip(image01 + residual, 0.0, 1.0), meta, source, out_path, source_image01=image01)
+
+    change = max_stored_change(source, out_path)
+    budget = epsilon + change["quantisation_step01"] + _FLOAT_TOLERANCE
+    lossy = meta.format == "jpeg"
+    budget_ok = change["max_abs_change01"] <= budget
+    if not budget_ok:
+        problem = f"max |change| {change['max_abs_change01']:.6g} exceeds the budget {budget:.6g} (epsilon {epsilon})"
+        if not lossy:
+            out_path.unlink()
+            raise XRayWriteError(out_path, f"{problem}; the file was removed")
+        warnings.warn(f"{out_path}: {problem} after lossy JPEG re-encoding", stacklevel=2)
+    return {
+        "source": str(source),
+        "path": str(out_path),
+        "format": meta.format,
+        "shape": list(meta.shape),
+        "epsilon": float(epsilon),
+        **change,
+        "budget_ok": budget_ok,
+        "lossy": lossy,
+    }
+
+
+class SaveWatermarkedd(MapTransform):
+    """Postprocessing: write each watermarked prediction as a full-resolution file mirroring its source's path.
+
+    ``keys`` hold the generator outputs (``1 x S x S``), ``image_keys`` the benign letterboxed inputs whose meta carry
+    ``filename_or_obj`` and ``xmark_geometry``. The output goes to ``output_dir / (source relative to dataset_dir)``
+    with the source's name and format; the report of :func:`apply_watermark` is stored under ``output_keys``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        dataset_dir: str | os.PathLike,
+        epsilon: float,
+        image_keys: KeysCollection = "image",
+        output_keys: KeysCollection = "watermark",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.dataset_dir = Path(os.path.abspath(dataset_dir))
+        self.epsilon = epsilon
+        self.image_keys = ensure_tuple_rep(image_keys, len(self.keys))
+        self.output_keys = ensure_tuple_rep(output_keys, len(self.keys))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, image_key, output_key in self.key_iterator(d, self.image_keys, self.output_keys):
+            benign = d[image_key]
+            if not isinstance(benign, MetaTensor) or GEOMETRY_KEY not in benign.meta:
+                raise ValueError(f"SaveWatermarkedd needs '{image_key}' as a MetaTensor with meta['{GEOMETRY_KEY}'].")
+            source = Path(benign.meta["filename_or_obj"])
+            try:
+                relative = Path(os.path.abspath(source)).relative_to(self.dataset_dir)
+            except ValueError:
+                raise XRayWriteError(source, f"is not inside dataset_dir {self.dataset_dir}") from None
+            d[output_key] = apply_watermark(
+                source, d[key], benign, benign.meta[GEOMETRY_KEY], self.epsilon, self.output_dir / relative
+            )
+        return d

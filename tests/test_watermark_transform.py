@@ -1,0 +1,115 @@
+"""Tests for bundle.transforms.watermark: residual mapping to full resolution and the postprocessing transform."""
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.data import DataLoader, Dataset, decollate_batch
+from monai.transforms import Compose
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from bundle.data import LoadXRayd, XRayWriteError, load_xray
+from bundle.transforms import ResizeLongestPadd, SaveWatermarkedd, apply_watermark, letterbox, letterbox_geometry
+
+EPS = 16 / 255
+
+
+def gradient_png(path: Path, shape: tuple[int, int], dtype=np.uint16) -> Path:
+    """A smooth 16-bit grey PNG well inside the intensity range, so no pixel clips when the watermark is added."""
+    rows, cols = np.meshgrid(np.linspace(0.2, 0.5, shape[0]), np.linspace(0.0, 0.3, shape[1]), indexing="ij")
+    Image.fromarray(((rows + cols) * np.iinfo(dtype).max).astype(dtype)).save(path)
+    return path
+
+
+def model_inputs(path: Path, size: int) -> tuple[torch.Tensor, dict]:
+    image = load_xray(path)[0]
+    geometry = letterbox_geometry(image.shape, size)
+    return letterbox(torch.from_numpy(image)[None], geometry), geometry
+
+
+def test_residual_lands_on_the_full_resolution_grid_with_orientation(tmp_path):
+    source = gradient_png(tmp_path / "wide.png", (60, 150))  # non-square: padded above and below
+    benign, geometry = model_inputs(source, 64)
+    top, bottom, left, right = geometry["pad"]
+    assert top > 0 and bottom > 0 and left == right == 0
+    residual = torch.zeros_like(benign)
+    residual[..., : 64 // 2] = EPS / 2  # left half brighter, right half darker, padding rows random
+    residual[..., 64 // 2 :] = -EPS / 2
+    residual[..., :top, :] = torch.rand(1, top, 64) * EPS
+    report = apply_watermark(source, benign + residual, benign, geometry, EPS, tmp_path / "out" / "wide.png")
+    change = load_xray(report["path"])[0].astype(np.float64) - load_xray(source)[0]
+    step = report["quantisation_step01"]
+    assert change.shape == (60, 150)
+    np.testing.assert_allclose(change[:, :70], EPS / 2, atol=step)  # the padding did not leak into the top rows
+    np.testing.assert_allclose(change[:, 80:], -EPS / 2, atol=step)
+    assert report["budget_ok"] and report["max_abs_change01"] <= EPS / 2 + step
+
+
+def test_residual_is_clamped_to_epsilon(tmp_path):
+    source = gradient_png(tmp_path / "tall.png", (90, 40))
+    benign, geometry = model_inputs(source, 32)
+    report = apply_watermark(source, (benign + 3 * EPS)[0], benign[0], geometry, EPS, tmp_path / "o" / "tall.png")
+    change = load_xray(report["path"])[0].astype(np.float64) - load_xray(source)[0]
+    np.testing.assert_allclose(change, EPS, atol=report["quantisation_step01"])  # 2-D inputs accepted too
+
+
+def test_apply_watermark_refuses_bad_inputs(tmp_path):
+    source = gradient_png(tmp_path / "x.png", (30, 20))
+    benign, geometry = model_inputs(source, 16)
+    with pytest.raises(XRayWriteError, match=r"x\.png: refusing to overwrite the source"):
+        apply_watermark(source, benign, benign, geometry, EPS, tmp_path / "x.png")
+    other = letterbox_geometry((20, 30), 16)
+    with pytest.raises(XRayWriteError, match=r"x\.png: is 30x20, but the geometry is for \(20, 30\)"):
+        apply_watermark(source, benign, benign, other, EPS, tmp_path / "o" / "x.png")
+    with pytest.raises(ValueError, match="epsilon must be in"):
+        apply_watermark(source, benign, benign, geometry, 0.0, tmp_path / "o" / "x.png")
+    with pytest.raises(ValueError, match="shapes differ"):
+        apply_watermark(source, benign[..., :8], benign, geometry, EPS, tmp_path / "o" / "x.png")
+    assert not (tmp_path / "o").exists()
+
+
+def test_save_watermarkedd_in_a_monai_pipeline(tmp_path):
+    dataset_dir, output_dir = tmp_path / "data", tmp_path / "released"
+    (dataset_dir / "p1" / "s1").mkdir(parents=True)
+    (dataset_dir / "p2").mkdir()
+    files = [
+        gradient_png(dataset_dir / "p1" / "s1" / "view1_frontal.png", (70, 50)),
+        Path(shutil.copy(get_testdata_file("CT_small.dcm"), dataset_dir / "p2" / "ct.dcm")),
+        dataset_dir / "p2" / "scan.nii.gz",
+    ]
+    nib.save(nib.Nifti1Image(np.arange(40 * 30, dtype=np.int16).reshape(40, 30), np.eye(4)), files[2])
+
+    preprocessing = Compose([LoadXRayd("image"), ResizeLongestPadd("image", spatial_size=32)])
+    postprocessing = SaveWatermarkedd("pred", output_dir=output_dir, dataset_dir=dataset_dir, epsilon=EPS)
+    loader = DataLoader(Dataset([{"image": str(f)} for f in files], transform=preprocessing), batch_size=3)
+    batch = next(iter(loader))
+    pattern = torch.sign(torch.randn(batch["image"].shape, generator=torch.Generator().manual_seed(0)))
+    batch["pred"] = (batch["image"] + EPS * pattern).clamp(0, 1)  # stands in for the generator's output
+    outputs = [postprocessing(item) for item in decollate_batch(batch)]
+
+    for source, item in zip(files, outputs, strict=True):
+        released = output_dir / source.relative_to(dataset_dir)
+        report = item["watermark"]
+        assert report["path"] == str(released) and report["source"] == str(source)
+        assert report["budget_ok"] and 0 < report["max_abs_change01"]
+        image, meta = load_xray(released)
+        source_image, source_meta = load_xray(source)
+        assert image.shape == source_image.shape and meta.format == source_meta.format
+        assert (meta.stored_dtype, meta.photometric) == (source_meta.stored_dtype, source_meta.photometric)
+    assert pydicom.dcmread(output_dir / "p2" / "ct.dcm").SOPInstanceUID == pydicom.dcmread(files[1]).SOPInstanceUID
+
+
+def test_save_watermarkedd_needs_sources_inside_dataset_dir_and_geometry(tmp_path):
+    source = gradient_png(tmp_path / "x.png", (30, 20))
+    item = ResizeLongestPadd("image", spatial_size=16)(LoadXRayd("image")({"image": str(source)}))
+    item["pred"] = item["image"].clone()
+    transform = SaveWatermarkedd("pred", output_dir=tmp_path / "out", dataset_dir=tmp_path / "data", epsilon=EPS)
+    with pytest.raises(XRayWriteError, match=r"x\.png: is not inside dataset_dir"):
+        transform(item)
+    with pytest.raises(ValueError, match="xmark_geometry"):
+        transform(LoadXRayd("image")({"image": str(source)}) | {"pred": item["pred"]})
