@@ -50,3 +50,8 @@ def with_target_flag(items: Sequence[dict[str, Any]], target_index: int) -> list
     target, non_target = split_by_target(items, target_index)
     flag = dict.fromkeys(target, 1.0) | dict.fromkeys(non_target, 0.0)
     return [{**items[i], "is_target": flag[i]} for i in sorted(flag)]
+
+
+def non_target_items(items: Sequence[dict[str, Any]], target_index: int) -> list[dict[str, Any]]:
+    """The items whose label k is certainly absent (== 0): the queries for WSR and ownership verification."""
+    return [items[i] for i in split_by_target(items, target_index)[1]]

@@ -83,3 +83,40 @@ def write_classification_report(
         print(f"{name:<18}{auroc:>8}{row['ba']:>8.3f}{row['threshold']:>8.3f}{row['n_test_positive']:>6}")
     print(f"{'mean':<18}{report['mean_auroc'] or float('nan'):>8.3f}{report['mean_ba']:>8.3f}   -> {Path(output_file)}")
     return report
+
+
+def write_evaluation_report(
+    val: Sequence[torch.Tensor],
+    test: Sequence[torch.Tensor],
+    watermarked_prob: torch.Tensor,
+    target_index: int,
+    output_file: str | os.PathLike,
+    labels: Sequence[str],
+    quality: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Suspect-model evaluation: clean BA/AUROC, WSR at label k's validation threshold, release image quality.
+
+    ``watermarked_prob`` holds label k's probability for the watermarked NON-target test samples.
+    """
+    report = classification_report(val, test, labels)
+    row = report["per_label"][labels[target_index]]
+    prob = torch.as_tensor(watermarked_prob).double().reshape(-1)
+    if prob.numel() == 0:
+        raise ValueError("no watermarked non-target test samples: the WSR is undefined")
+    report["wsr"] = {
+        "target_label": labels[target_index],
+        "threshold": row["threshold"],
+        "value": float((prob >= row["threshold"]).double().mean()),
+        "n": int(prob.numel()),
+        "mean_probability": float(prob.mean()),
+    }
+    if quality is not None:
+        report["release_quality"] = quality
+    report.update(extra)
+    write_json(output_file, report)
+    print(
+        f"BA {report['mean_ba']:.3f}  AUROC {report['mean_auroc']:.3f}  "
+        f"WSR {report['wsr']['value']:.3f} (n={report['wsr']['n']}, threshold {row['threshold']:.3f})  -> {output_file}"
+    )
+    return report

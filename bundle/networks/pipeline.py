@@ -7,6 +7,8 @@ of ``configs/inference.json`` and what ``monai.bundle ckpt_export`` turns into `
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -28,3 +30,15 @@ class WatermarkPipeline(nn.Module):
         """Watermarked image (B x 1 x S x S in [0, 1]) for ``image`` of the same shape."""
         cam = self.saliency(image) if self.conditioning else None
         return self.generator(image, cam)
+
+
+def load_pipeline(pipeline: WatermarkPipeline, checkpoint: str | os.PathLike) -> WatermarkPipeline:
+    """Load a generator checkpoint (``models/model.pt`` from configs/train.json) into ``pipeline``, strictly."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"generator checkpoint not found: {checkpoint} (train it with configs/train.json)")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        pipeline.load_state_dict(state.get("model", state))
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint}: does not match the configured generator ({err})") from err
+    return pipeline.eval()
