@@ -1,0 +1,400 @@
+"""Watermark a data set for release: G marks a seeded share gamma of the training split's target-class images.
+
+The release mirrors ``dataset_dir`` under ``release_dir`` with the same relative paths and formats. The marked images
+are written by :func:`~bundle.transforms.watermark.apply_watermark` (G at model resolution, the residual mapped back
+onto the full-resolution file, re-quantised, the budget checked on the written file); every other file (images of all
+splits, ``train.csv``/``valid.csv``, the datalist, anything else) is copied byte for byte. Relative paths are kept, so
+the CSVs and the datalist need no rewriting: their released copies equal the sources. Labels never change
+(clean-label). A datalist kept outside ``dataset_dir`` is copied to the release's top level.
+
+Every file appears atomically. The owner's private manifest (outside the release) lists each marked file with the
+SHA-256 of its source and output. A run that stops early keeps its progress in a JSON-lines journal beside the
+manifest (``<manifest>.journal``, one line per marked file, flushed and fsynced); the next run with the same
+settings merges journal and manifest and skips every marked file whose source and output still match the recorded
+hashes, and every copy whose output already has the source's size and SHA-256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import DataLoader, Dataset, decollate_batch
+from monai.transforms import Compose
+from torch import nn
+from tqdm import tqdm
+
+from bundle.data.labels import LABELS
+from bundle.data.selection import select_fraction, split_by_target
+from bundle.data.xray_io import LoadXRayd
+from bundle.engines.report import sha256_file
+from bundle.fileio import atomic_path, write_json
+from bundle.transforms.geometry import ResizeLongestPadd
+from bundle.transforms.watermark import SaveWatermarkedd
+
+__all__ = ["ReleaseError", "select_marked", "watermark_release"]
+
+_SPLITS: tuple[str, ...] = ("training", "validation", "test")
+_TOOLS: tuple[str, ...] = ("torch", "torchvision", "monai", "numpy", "pydicom", "pillow", "nibabel", "itk")
+
+
+class ReleaseError(ValueError):
+    """A release that cannot be made as asked; the message names the path and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {problem}")
+        self.path = os.fspath(path)
+
+
+def select_marked(datalist: Mapping[str, Any], target_label: str, gamma: float, seed: int) -> list[str]:
+    """Image paths of the training items to mark: a seeded share ``gamma`` of those with the target label == 1."""
+    labels = list(datalist.get("labels", LABELS))
+    if target_label not in labels:
+        raise ValueError(f"target label {target_label!r} is not one of the datalist's labels {labels}")
+    training = datalist["training"]
+    target, _ = split_by_target(training, labels.index(target_label))
+    if not target:
+        raise ValueError(f"no training item has {target_label!r} == 1: nothing to watermark")
+    return [training[i]["image"] for i in select_fraction(target, gamma, seed)]
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def _check_locations(dataset_dir: Path, release_dir: Path, manifest_file: Path, ckpt_path: Path) -> None:
+    """Refuse a release that would write into the source, or publish the manifest or the generator (the secret key)."""
+    if not dataset_dir.is_dir():
+        raise ReleaseError(dataset_dir, "dataset_dir is not a folder")
+    if _inside(release_dir, dataset_dir) or _inside(dataset_dir, release_dir):
+        raise ReleaseError(
+            release_dir, f"release_dir must lie outside the source data set {dataset_dir} and not contain it"
+        )
+    for folder, what in ((release_dir, "release folder"), (dataset_dir, "source data set")):
+        if _inside(manifest_file, folder):
+            raise ReleaseError(
+                manifest_file, f"the private manifest must lie outside the {what} {folder} (it would be published)"
+            )
+        if _inside(ckpt_path, folder):
+            raise ReleaseError(
+                ckpt_path, f"the generator checkpoint (the secret key) must lie outside the {what} {folder}"
+            )
+
+
+def _read_datalist(datalist_file: Path, dataset_dir: Path, source_files: Mapping[str, Path]) -> dict[str, Any]:
+    """Read the datalist; every image must be the relative POSIX path of a file under ``dataset_dir``."""
+    try:
+        datalist = json.loads(datalist_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReleaseError(datalist_file, f"cannot read the datalist ({err})") from err
+    if not isinstance(datalist, dict) or not isinstance(datalist.get("training"), list):
+        raise ReleaseError(datalist_file, "not a datalist: no 'training' list")
+    for split in _SPLITS:
+        for item in datalist.get(split, []):
+            if item.get("image") not in source_files:
+                raise ReleaseError(
+                    datalist_file,
+                    f"{split} image {item.get('image')!r} is not the relative path of a file under "
+                    f"{dataset_dir} (the release keeps relative paths, so the datalist must use them)",
+                )
+    return datalist
+
+
+def _load_checkpoint(network: nn.Module, ckpt_path: Path) -> str:
+    """Load the generator checkpoint (a state dict, or one under ``"model"``) into ``network``; return its SHA-256."""
+    if not ckpt_path.is_file():
+        raise ReleaseError(ckpt_path, "generator checkpoint not found (train one with configs/train.json)")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        network.load_state_dict(state.get("model", state))
+    except RuntimeError as err:
+        raise ReleaseError(ckpt_path, f"does not fit the configured watermark pipeline ({err})") from err
+    return sha256_file(ckpt_path)
+
+
+def _source_files(dataset_dir: Path) -> dict[str, Path]:
+    """Every file under ``dataset_dir``, as relative POSIX path -> path, sorted."""
+    return {p.relative_to(dataset_dir).as_posix(): p for p in sorted(dataset_dir.rglob("*")) if p.is_file()}
+
+
+def _with_datalist(files: Mapping[str, Path], datalist_file: Path, dataset_dir: Path) -> dict[str, Path]:
+    """The release's files: ``files``, plus the datalist at the top level when it lies outside ``dataset_dir``."""
+    if _inside(datalist_file, dataset_dir):
+        return dict(files)
+    if datalist_file.name in files:
+        raise ReleaseError(datalist_file, f"its copy in the release would replace {dataset_dir / datalist_file.name}")
+    return {**files, datalist_file.name: datalist_file}
+
+
+def _prepare_release_dir(release_dir: Path, expected: Sequence[str]) -> None:
+    """Delete temporary files an interrupted run left; refuse any other file that is not part of this release."""
+    if not release_dir.exists():
+        return
+    stale, unexpected, known = [], [], set(expected)
+    for path in sorted(release_dir.rglob("*")):
+        relative = path.relative_to(release_dir)
+        if relative.as_posix() in known or (path.is_dir() and not path.name.startswith(".itk-")):
+            continue
+        temporary = path.name.startswith(".") and path.name.endswith(".tmp")
+        in_itk_scratch = any(part.startswith(".itk-") for part in relative.parts)  # write_xray's ITK scratch folder
+        (stale if temporary or in_itk_scratch else unexpected).append(path)
+    if unexpected:
+        raise ReleaseError(
+            release_dir, f"holds {len(unexpected)} file(s) that are not part of this release, e.g. {unexpected[0]}"
+        )
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+
+def _journal_path(manifest_file: Path) -> Path:
+    """The journal of marked files that sits beside the manifest."""
+    return manifest_file.with_name(manifest_file.name + ".journal")
+
+
+def _check_settings(path: Path, recorded: Any, settings: Mapping[str, Any]) -> None:
+    """Refuse a manifest or journal of another release: its marked files would not match these settings."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    differ = [key for key in settings if recorded.get(key) != settings[key]]
+    if differ:
+        raise ReleaseError(
+            path,
+            f"records another release (different {', '.join(differ)}); choose another manifest_file, or delete this "
+            "one and its journal if that release is no longer needed",
+        )
+
+
+def _previous_records(manifest_file: Path, settings: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Marked-file records of earlier runs with the same settings: the manifest's, updated by the journal's."""
+    records: dict[str, dict[str, Any]] = {}
+    if manifest_file.exists():
+        try:
+            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ReleaseError(manifest_file, f"cannot read the existing manifest ({err})") from err
+        _check_settings(manifest_file, manifest.get("settings"), settings)
+        records.update((record["path"], record) for record in manifest.get("marked", []))
+    journal = _journal_path(manifest_file)
+    if journal.exists():
+        entries = []
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line torn by the interruption ends the journal
+        if entries:
+            _check_settings(journal, entries[0].get("settings"), settings)
+        records.update((entry["marked"]["path"], entry["marked"]) for entry in entries[1:])
+    return records
+
+
+def _append_journal(journal: Path, settings: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+    """Append one marked file's record (after the settings line, for a new journal) and force it to disk."""
+    with open(journal, "a", encoding="utf-8") as stream:
+        if stream.tell() == 0:
+            stream.write(json.dumps({"settings": settings}) + "\n")
+        stream.write(json.dumps({"marked": record}) + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _copy(source: Path, target: Path) -> bool:
+    """Copy ``source`` byte for byte to ``target`` atomically, unless an identical copy is there; True if copied."""
+    if (
+        target.is_file()
+        and target.stat().st_size == source.stat().st_size
+        and sha256_file(target) == sha256_file(source)
+    ):
+        return False
+    with atomic_path(target) as tmp:
+        shutil.copy2(source, tmp)
+    return True
+
+
+def _is_done(record: Mapping[str, Any] | None, source: Path, target: Path) -> bool:
+    """Whether a recorded marked file is in place: its source and output still have the recorded SHA-256."""
+    return (
+        record is not None
+        and target.is_file()
+        and sha256_file(target) == record["output_sha256"]
+        and sha256_file(source) == record["source_sha256"]
+    )
+
+
+def _tool_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that read, transform and write the images."""
+    versions = {"python": platform.python_version()}
+    for name in _TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def watermark_release(
+    network: nn.Module,
+    ckpt_path: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    datalist_file: str | os.PathLike,
+    release_dir: str | os.PathLike,
+    manifest_file: str | os.PathLike,
+    epsilon: float,
+    image_size: int,
+    target_label: str = "No Finding",
+    gamma: float = 0.1,
+    seed: int = 0,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    max_marked: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write the watermarked release of ``dataset_dir`` into ``release_dir`` and the owner's manifest; return it.
+
+    ``network`` is the watermark pipeline G (:class:`~bundle.networks.pipeline.WatermarkPipeline`, on its device);
+    the weights are loaded here from ``ckpt_path`` so that the manifest's SHA-256 names the key actually used. G runs
+    on letterboxed ``image_size`` inputs in batches of ``batch_size``. ``max_marked`` bounds the files marked in this
+    run (the manifest then says ``"complete": false`` and the next run goes on). Resumes an interrupted run.
+    """
+    start = time.perf_counter()
+    dataset_dir, release_dir = Path(dataset_dir).resolve(), Path(release_dir).resolve()
+    manifest_file, datalist_file, ckpt_path = (Path(p).resolve() for p in (manifest_file, datalist_file, ckpt_path))
+    if not 0 < gamma <= 1 or batch_size < 1 or (max_marked is not None and max_marked < 0):
+        raise ValueError(
+            f"need 0 < gamma <= 1, batch_size >= 1, max_marked >= 0 (got {gamma}, {batch_size}, {max_marked})"
+        )
+    _check_locations(dataset_dir, release_dir, manifest_file, ckpt_path)
+    source_files = _source_files(dataset_dir)
+    datalist = _read_datalist(datalist_file, dataset_dir, source_files)
+    try:
+        selected = select_marked(datalist, target_label, gamma, seed)
+    except ValueError as err:
+        raise ReleaseError(datalist_file, str(err)) from err
+    settings = {
+        "target_label": target_label,
+        "gamma": float(gamma),
+        "seed": int(seed),
+        "epsilon": float(epsilon),
+        "image_size": int(image_size),
+        "generator_sha256": _load_checkpoint(network, ckpt_path),
+        "datalist_sha256": sha256_file(datalist_file),
+    }
+    records = _previous_records(manifest_file, settings)
+    files = _with_datalist(source_files, datalist_file, dataset_dir)
+    _prepare_release_dir(release_dir, list(files))
+
+    def manifest(complete: bool, counts: Mapping[str, int], timings: Mapping[str, float]) -> dict[str, Any]:
+        marked = [records[image] for image in selected if image in records]
+        return {
+            "settings": settings,
+            "complete": complete,
+            "dataset_dir": str(dataset_dir),
+            "release_dir": str(release_dir),
+            "datalist_file": str(datalist_file),
+            "generator_checkpoint": str(ckpt_path),
+            "counts": {"files": len(files), "selected": len(selected), "marked": len(marked), **counts},
+            "max_abs_change01": max((r["max_abs_change01"] for r in marked), default=0.0),
+            "budget_ok": all(r["budget_ok"] for r in marked),
+            "timings": dict(timings),
+            "tools": _tool_versions(),
+            "marked": marked,
+        }
+
+    # fold the journal of an interrupted run into the manifest, so that the new journal starts clean
+    write_json(manifest_file, manifest(False, {}, {}))
+    journal = _journal_path(manifest_file)
+    journal.unlink(missing_ok=True)
+
+    copy_start, marked_set = time.perf_counter(), set(selected)
+    to_copy = [rel for rel in files if rel not in marked_set]
+    copied = sum(
+        _copy(files[rel], release_dir / rel) for rel in tqdm(to_copy, desc="copy", unit="file", disable=not progress)
+    )
+    copy_s = time.perf_counter() - copy_start
+
+    pending = [rel for rel in selected if not _is_done(records.get(rel), files[rel], release_dir / rel)]
+    for rel in pending:  # an incomplete release never holds an unmarked or outdated version of a selected image
+        records.pop(rel, None)
+        (release_dir / rel).unlink(missing_ok=True)
+    now = pending[: len(pending) if max_marked is None else max_marked]
+    mark_start = time.perf_counter()
+    for record in tqdm(
+        _mark(network, now, dataset_dir, release_dir, epsilon, image_size, batch_size, num_workers),
+        total=len(now),
+        desc="watermark",
+        unit="img",
+        disable=not progress,
+    ):
+        records[record["path"]] = record
+        _append_journal(journal, settings, record)
+    mark_s = time.perf_counter() - mark_start
+
+    counts = {
+        "marked_now": len(now),
+        "marked_already": len(selected) - len(pending),
+        "to_mark": len(pending) - len(now),
+        "copied_now": copied,
+        "copied_already": len(to_copy) - copied,
+    }
+    timings = {"copy_s": copy_s, "mark_s": mark_s, "total_s": time.perf_counter() - start}
+    result = manifest(counts["to_mark"] == 0, counts, timings)
+    write_json(manifest_file, result)
+    journal.unlink(missing_ok=True)
+    _print_summary(result, manifest_file)
+    return result
+
+
+def _mark(
+    network: nn.Module,
+    images: Sequence[str],
+    dataset_dir: Path,
+    release_dir: Path,
+    epsilon: float,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+) -> Iterator[dict[str, Any]]:
+    """Yield the manifest record of each image in ``images`` once G has marked it and its file is written."""
+    network.eval()
+    device = next(network.parameters()).device
+    preprocessing = Compose([LoadXRayd("image"), ResizeLongestPadd("image", image_size)])
+    dataset = Dataset([{"image": str(dataset_dir / rel), "relative": rel} for rel in images], preprocessing)
+    saver = SaveWatermarkedd("pred", release_dir, dataset_dir, epsilon)
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        with torch.no_grad():
+            batch["pred"] = network(batch["image"].as_tensor().to(device)).cpu()
+        for item in decollate_batch(batch):
+            report = saver(item)["watermark"]
+            yield {
+                "path": item["relative"],
+                "source_sha256": sha256_file(report["source"]),
+                "output_sha256": sha256_file(report["path"]),
+                **{key: report[key] for key in ("format", "shape", "max_abs_change01", "max_stored_change")},
+                **{key: report[key] for key in ("quantisation_step01", "budget_ok", "lossy")},
+            }
+
+
+def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
+    """One paragraph on what the run did, for the console."""
+    counts, timings, settings = manifest["counts"], manifest["timings"], manifest["settings"]
+    print(
+        f"release {manifest['release_dir']}: {counts['marked']} of {counts['selected']} selected images marked "
+        f"({counts['marked_now']} in this run), {counts['copied_now']} files copied and "
+        f"{counts['copied_already']} already in place; "
+        f"max |change| {manifest['max_abs_change01']:.4f} (epsilon {settings['epsilon']:.4f}, budget "
+        f"{'kept' if manifest['budget_ok'] else 'EXCEEDED after lossy JPEG re-encoding'}); "
+        f"{timings['total_s']:.1f} s ({timings['mark_s']:.1f} s marking); manifest {manifest_file}"
+    )
+    if not manifest["complete"]:
+        print(f"{counts['to_mark']} selected images are still to be marked: run again to finish the release")

@@ -1,0 +1,81 @@
+"""Human-facing output of a verification run: the paired-probability figure and the short stdout summary.
+
+The JSON record is written by :func:`bundle.fileio.write_json`; these two render the same result for people.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from bundle.fileio import atomic_path
+
+__all__ = ["save_verification_figure", "summary_lines"]
+
+
+def save_verification_figure(
+    path: str | os.PathLike,
+    pb: np.ndarray,
+    pv: np.ndarray,
+    result: Mapping[str, Any],
+    benign: torch.Tensor,
+    watermarked: torch.Tensor,
+    gain: float = 10.0,
+) -> Path:
+    """PNG with Pv against Pb (lines y = x and y = x + tau) and up to 3 rows benign / watermarked / gain x residual.
+
+    ``benign`` and ``watermarked`` are E x 1 x S x S example images in [0, 1]; ``result`` is the test's dict.
+    """
+    rows = min(3, benign.shape[0])
+    fig = Figure(figsize=(13, 3.6 * max(rows, 1)), layout="constrained")
+    grid = fig.add_gridspec(max(rows, 1), 4, width_ratios=(1.6, 1, 1, 1))
+    ax = fig.add_subplot(grid[:, 0])
+    tau = result["tau"]
+    line = np.array([0.0, 1.0])
+    ax.plot(line, line, color="grey", linestyle=":", label="Pv = Pb")
+    ax.plot(line, line + tau, color="tab:red", linestyle="--", label=f"Pv = Pb + tau (tau = {tau:g})")
+    above = pv > pb + tau
+    ax.scatter(pb[above], pv[above], s=14, color="tab:red", label=f"Pv > Pb + tau ({int(above.sum())})")
+    ax.scatter(pb[~above], pv[~above], s=14, color="tab:blue", label=f"Pv <= Pb + tau ({int((~above).sum())})")
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", xlabel="Pb (benign query)")
+    ax.set_ylabel("Pv (watermarked query)")
+    ax.set_title(f"n = {result['n']}, dP = mean(Pv - Pb) = {result['delta_p']:+.3f}, p = {result['p_value']:.3g}")
+    fig.suptitle(result["verdict"])
+    ax.legend(loc="lower right", fontsize=8)
+    titles = ("benign", "watermarked", f"residual x{gain:g} (grey = 0)")
+    for r in range(rows):
+        x, xw = benign[r, 0].float().cpu(), watermarked[r, 0].float().cpu()
+        for c, image in enumerate((x, xw, (0.5 + gain * (xw - x)).clamp(0, 1))):
+            panel = fig.add_subplot(grid[r, c + 1])
+            panel.imshow(image.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            panel.set_axis_off()
+            panel.set_title(f"#{r + 1} {titles[c]}", fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+    """Six readable lines for stdout: suspect, queries, probabilities, WSR, test and verdict."""
+    suspect, generator = report["suspect"], report["generator"]
+    suspect_hash = f", sha256 {suspect['sha256'][:12]}" if suspect.get("sha256") else ""
+    generator_name = generator["checkpoint"] or "(in memory)"
+    generator_hash = f" (sha256 {generator['sha256'][:12]})" if generator.get("sha256") else ""
+    statistic = "undefined (constant differences)" if report["statistic"] is None else f"{report['statistic']:.3f}"
+    return [
+        f"suspect: {suspect['location']} [{suspect['kind']}{suspect_hash}]",
+        f"queries: {report['n']} non-target samples ('{report['target_label']}' absent), "
+        f"generator {generator_name}{generator_hash} at {generator['image_size']} px, "
+        f"queried at {report['query_size']} px",
+        f"mean Pb = {report['mean_pb']:.3f}, mean Pv = {report['mean_pv']:.3f}, dP = mean(Pv - Pb) = "
+        f"{report['delta_p']:+.3f}",
+        f"WSR (Pv >= {report['wsr_threshold']:g}) = {100 * report['wsr']:.1f} %",
+        f"paired t-test H1: Pb + {report['tau']:g} < Pv: t = {statistic}, p = {report['p_value']:.3g}",
+        f"VERDICT: {report['verdict']}",
+    ]

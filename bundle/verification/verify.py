@@ -1,0 +1,243 @@
+"""Black-box ownership verification of a suspect model (X-Mark step 3), as one function the config and Python call.
+
+Queries: n seeded non-target samples (label k == 0) of a datalist split are letterboxed to G's resolution S
+(``LoadXRayd`` + ``ResizeLongestPadd``), watermarked by G, and both versions are resized (bilinear, antialiased) to
+the suspect's input size before querying it for label k. The paired t-test of :mod:`.ttest` decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import load_decathlon_datalist
+from monai.transforms import Compose
+from torch import nn
+from tqdm import tqdm
+
+from bundle.data import LoadXRayd
+from bundle.data.labels import LABELS
+from bundle.data.selection import select_fraction, split_by_target
+from bundle.engines.report import sha256_file
+from bundle.fileio import write_json
+from bundle.transforms import ResizeLongestPadd
+from bundle.verification.blackbox import SuspectModel, SuspectModelError, open_suspect
+from bundle.verification.report import save_verification_figure, summary_lines
+from bundle.verification.ttest import ownership_test, watermark_success_rate
+
+__all__ = ["run_verification", "verify_ownership"]
+
+logger = logging.getLogger(__name__)
+
+#: Example triplets shown in verification.png.
+N_EXAMPLES = 3
+
+
+def _load_generator(generator: nn.Module, checkpoint: str | os.PathLike) -> str:
+    """Load the watermark function's weights (``generator.*``/``surrogate.*``) into ``generator``; returns SHA-256."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"generator checkpoint not found: {checkpoint} (train it with configs/train.json)")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{checkpoint}: does not fit the configured generator (check image_size, "
+            f"generator_channels, conditioning, surrogate_arch): {err}"
+        ) from err
+    return sha256_file(checkpoint)
+
+
+def _items(datalist: str | os.PathLike | Sequence[Mapping[str, Any]], key: str, base_dir: str | os.PathLike | None):
+    """Datalist items (``image``, ``label``) of split ``key`` from a JSON file, or the given items."""
+    if isinstance(datalist, (str, os.PathLike)):
+        if not os.path.isfile(datalist):
+            raise FileNotFoundError(f"datalist not found: {datalist} (make it with scripts/prepare_datalist.py)")
+        try:
+            return load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=key, base_dir=base_dir)
+        except ValueError as err:
+            raise ValueError(f"{datalist}: no usable '{key}' split ({err})") from err
+    return list(datalist)
+
+
+def _select(items: Sequence[Mapping[str, Any]], k: int, n: int, seed: int, where: str) -> list[int]:
+    """Seeded choice of ``n`` non-target item indices (all of them, with a warning, when fewer exist)."""
+    _, non_target = split_by_target(items, k)
+    if len(non_target) < 2:
+        raise ValueError(f"{where}: only {len(non_target)} non-target sample(s) for '{LABELS[k]}'; need at least 2")
+    if len(non_target) < n:
+        warnings.warn(
+            f"{where}: only {len(non_target)} non-target samples for '{LABELS[k]}', fewer than n_samples = {n}; "
+            "using all of them",
+            stacklevel=3,
+        )
+        return list(non_target)
+    return select_fraction(non_target, n / len(non_target), seed)
+
+
+def _target_column(suspect: SuspectModel, target_label: str, width: int) -> int:
+    """Column of ``target_label`` in the suspect's output (its own label order when it states one, else LABELS)."""
+    if suspect.labels is None and width != len(LABELS):
+        raise SuspectModelError(
+            f"suspect model {suspect.location} returns {width} scores and names no labels; "
+            f"without names only the {len(LABELS)} scores in the order {list(LABELS)} can be read"
+        )
+    labels = suspect.labels or LABELS
+    if target_label not in labels:
+        raise SuspectModelError(f"suspect model {suspect.location} has no label {target_label!r} (labels: {labels})")
+    return list(labels).index(target_label)
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Square images resized to ``size`` (bilinear, antialiased): what a suspect's own resize would do."""
+    if images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def verify_ownership(
+    generator: nn.Module,
+    suspect: str | os.PathLike | SuspectModel,
+    datalist: str | os.PathLike | Sequence[Mapping[str, Any]],
+    output_dir: str | os.PathLike,
+    generator_ckpt: str | os.PathLike | None = None,
+    data_list_key: str = "test",
+    dataset_dir: str | os.PathLike | None = None,
+    target_label: str = "No Finding",
+    image_size: int = 1024,
+    n_samples: int = 100,
+    seed: int = 0,
+    tau: float = 0.25,
+    alpha: float = 0.05,
+    query_size: int = 224,
+    wsr_threshold: float = 0.5,
+    batch_size: int = 8,
+    suspect_outputs: str = "logits",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Test whether ``suspect`` was trained on data watermarked by ``generator`` (G); write and return the report.
+
+    ``generator`` maps B x 1 x S x S images in [0, 1] (S = ``image_size``) to their watermarked versions; its weights
+    come from ``generator_ckpt`` when given. ``suspect`` is a :class:`SuspectModel` or a spec for
+    :func:`open_suspect`. ``datalist`` is a MONAI datalist JSON (split ``data_list_key``, paths relative to
+    ``dataset_dir``, default the file's folder) or its items. Writes ``verification.json`` and ``verification.png``
+    to ``output_dir`` and prints a short summary.
+    """
+    if target_label not in LABELS:
+        raise ValueError(f"unknown target_label {target_label!r}; choose one of {list(LABELS)}")
+    if n_samples < 2 or batch_size < 1:
+        raise ValueError(f"need n_samples >= 2 and batch_size >= 1, got {n_samples} and {batch_size}")
+    timings: dict[str, float] = {}
+    start = clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + now - clock
+        clock = now
+
+    device = torch.device(device)
+    if not isinstance(suspect, SuspectModel):
+        suspect = open_suspect(suspect, outputs=suspect_outputs, device=device)
+    if suspect.input_size is not None and suspect.input_size != query_size:
+        logger.warning(
+            "suspect %s was trained at %s px but is queried at %d px", suspect.location, suspect.input_size, query_size
+        )
+    probe = torch.full((1, 1, query_size, query_size), 0.5)  # fail now, not after watermarking every sample
+    _target_column(suspect, target_label, suspect.predict_proba(probe).shape[1])
+    lap("open_suspect")
+    generator_sha = _load_generator(generator, generator_ckpt) if generator_ckpt is not None else None
+    generator = generator.to(device).eval()
+    lap("load_generator")
+
+    k = LABELS.index(target_label)
+    items = _items(datalist, data_list_key, dataset_dir)
+    where = f"{os.fspath(datalist)} [{data_list_key}]" if isinstance(datalist, (str, os.PathLike)) else "datalist"
+    chosen = _select(items, k, n_samples, seed, where)
+    lap("select_samples")
+
+    preprocess = Compose([LoadXRayd(keys="image"), ResizeLongestPadd(keys="image", spatial_size=image_size)])
+    benign, marked, examples = [], [], []
+    max_change = 0.0
+    for first in range(0, len(chosen), batch_size):
+        batch = torch.stack(
+            [preprocess({"image": items[i]["image"]})["image"].as_tensor() for i in chosen[first : first + batch_size]]
+        ).to(device)
+        lap("load_and_letterbox")
+        with torch.no_grad():
+            batch_marked = generator(batch)
+        max_change = max(max_change, float((batch_marked - batch).abs().max()))
+        if len(examples) < N_EXAMPLES:
+            examples.extend(zip(batch.cpu(), batch_marked.cpu(), strict=True))
+        benign.append(_resize(batch, query_size).cpu())
+        marked.append(_resize(batch_marked, query_size).cpu())
+        lap("watermark")
+    benign_q, marked_q = torch.cat(benign), torch.cat(marked)
+
+    pb, pv = np.empty(len(chosen)), np.empty(len(chosen))
+    with tqdm(total=2 * len(chosen), desc="querying suspect", unit="img", disable=not progress) as bar:
+        for first in range(0, len(chosen), batch_size):
+            rows = slice(first, first + batch_size)
+            for queries, out in ((benign_q[rows], pb), (marked_q[rows], pv)):
+                probs = suspect.predict_proba(queries)
+                out[rows] = probs[:, _target_column(suspect, target_label, probs.shape[1])]
+                bar.update(len(queries))
+    lap("query")
+
+    source = f"suspect model {suspect.location}"
+    result = ownership_test(pb, pv, tau=tau, alpha=alpha, source=source)
+    result["wsr"] = watermark_success_rate(pv, wsr_threshold, source=source)
+    lap("test")
+
+    output_dir = Path(output_dir)
+    report = {
+        **result,
+        "wsr_threshold": wsr_threshold,
+        "target_label": target_label,
+        "n_requested": n_samples,
+        "seed": seed,
+        "query_size": query_size,
+        "suspect": suspect.describe(),
+        "generator": {
+            "checkpoint": None if generator_ckpt is None else os.fspath(generator_ckpt),
+            "sha256": generator_sha,
+            "image_size": image_size,
+            "max_abs_perturbation": max_change,
+        },
+        "datalist": {"source": where},
+        "samples": [
+            {"index": i, "image": os.fspath(items[i]["image"]), "pb": float(b), "pv": float(v)}
+            for i, b, v in zip(chosen, pb, pv, strict=True)
+        ],
+    }
+    example_x, example_xw = (torch.stack(t) for t in zip(*examples[:N_EXAMPLES], strict=True))
+    save_verification_figure(output_dir / "verification.png", pb, pv, result, example_x, example_xw)
+    lap("figure")
+    timings["total"] = time.perf_counter() - start
+    report["timings_s"] = {stage: round(seconds, 4) for stage, seconds in timings.items()}
+    write_json(output_dir / "verification.json", report)
+    print("\n".join([*summary_lines(report), f"written: {output_dir / 'verification.json'}, verification.png"]))
+    return report
+
+
+def run_verification(**kwargs: Any) -> dict[str, Any]:
+    """Config entry point: :func:`verify_ownership`, with a failure ending the run (exit status 1) on one clear line.
+
+    Bad input (``ValueError``/``OSError``: missing files, unreachable endpoint, wrong output shape, NaN outputs) would
+    otherwise reach the user wrapped in MONAI's "Failed to evaluate" error with the config text as its last line.
+    """
+    try:
+        return verify_ownership(**kwargs)
+    except (ValueError, OSError) as err:
+        logger.debug("verification failed", exc_info=True)
+        raise SystemExit(f"verification failed: {type(err).__name__}: {err}") from err

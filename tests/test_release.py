@@ -1,0 +1,299 @@
+"""Watermarking a data-set release: seeded selection, marked vs copied files, manifest, refusals, resume, bundle run."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+
+from bundle.data.chexpert import prepare_datalist
+from bundle.data.phantoms import write_phantom_dataset
+from bundle.data.xray_io import load_xray
+from bundle.engines.report import sha256_file
+from bundle.networks.classifier import ResizedClassifier, build_classifier
+from bundle.networks.generator import XMarkGenerator
+from bundle.networks.pipeline import WatermarkPipeline
+from bundle.release import ReleaseError, select_marked, watermark_release
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, CHANNELS, EPS, GAMMA = 64, [4, 8, 16, 32, 64], 16 / 255, 0.5
+PIXEL_DATA = 0x7FE00010
+
+
+def _pipeline() -> WatermarkPipeline:
+    """A tiny random G whose residual uses the whole budget (large weights)."""
+    torch.manual_seed(0)
+    generator = XMarkGenerator(channels=CHANNELS, eps=EPS)
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.mul_(5.0)
+    return WatermarkPipeline(generator, ResizedClassifier(build_classifier("resnet18"), 224), "classifier.layer4")
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """30 phantoms (half DICOM, MONOCHROME1 and 2) in CheXpert layout, with datalist.json (valid.csv = test split)."""
+    root = tmp_path_factory.mktemp("chexpert")
+    write_phantom_dataset(root, n=30, seed=1, min_size=256, max_size=320, dicom_fraction=0.5)
+    prepare_datalist(root / "train.csv", root / "datalist.json", test_csv=root / "valid.csv")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    torch.save(_pipeline().state_dict(), path)
+    return path
+
+
+def _release(source: Path, out: Path, checkpoint: Path, network: torch.nn.Module | None = None, **kwargs) -> dict:
+    options = {"release_dir": out / "release", "manifest_file": out / "private" / "manifest.json", "gamma": GAMMA}
+    options |= {"batch_size": 3, "progress": False, **kwargs}
+    network = network or _pipeline()
+    return watermark_release(
+        network, checkpoint, source, source / "datalist.json", epsilon=EPS, image_size=SIZE, **options
+    )
+
+
+@pytest.fixture(scope="module")
+def released(source, checkpoint, tmp_path_factory) -> tuple[dict, Path, dict[str, str]]:
+    """One complete release: (manifest, output folder, source hashes taken before it)."""
+    out = tmp_path_factory.mktemp("out")
+    before = _hashes(source)
+    return _release(source, out, checkpoint), out, before
+
+
+def test_selection_is_seeded_and_takes_training_targets_only(source):
+    datalist = json.loads((source / "datalist.json").read_text())
+    targets = [item["image"] for item in datalist["training"] if item["label"][0] == 1]
+    held_out_targets = [item["image"] for s in ("validation", "test") for item in datalist[s] if item["label"][0] == 1]
+    assert len(targets) == 7 and held_out_targets  # the data can show a leak into the held-out splits
+
+    chosen = select_marked(datalist, "No Finding", GAMMA, seed=0)
+    assert chosen == select_marked(datalist, "No Finding", GAMMA, seed=0)
+    assert chosen != select_marked(datalist, "No Finding", GAMMA, seed=1)
+    assert len(chosen) == round(GAMMA * 7) and set(chosen) <= set(targets)
+    assert sorted(select_marked(datalist, "No Finding", 1.0, seed=0)) == sorted(targets)
+    assert len(select_marked(datalist, "No Finding", 0.1, seed=0)) == 1  # at least one sample
+    with pytest.raises(ValueError, match="'Fracture' is not one of the datalist's labels"):
+        select_marked(datalist, "Fracture", GAMMA, seed=0)
+
+
+def test_release_marks_the_selection_and_copies_everything_else(source, released):
+    manifest, out, before = released
+    release = out / "release"
+    datalist = json.loads((source / "datalist.json").read_text())
+    marked = select_marked(datalist, "No Finding", GAMMA, seed=0)
+    after, published = _hashes(source), _hashes(release)
+    assert after == before  # the source is untouched
+    assert sorted(published) == sorted(before)  # same relative paths, nothing added (no temp files, no manifest)
+    assert [r["path"] for r in manifest["marked"]] == marked
+    for relative, digest in before.items():
+        assert (published[relative] != digest) == (relative in marked), relative
+    assert manifest["counts"] == {
+        "files": 33,
+        "selected": 4,
+        "marked": 4,
+        "marked_now": 4,
+        "marked_already": 0,
+        "to_mark": 0,
+        "copied_now": 29,
+        "copied_already": 0,
+    }
+    assert manifest["complete"] and manifest["budget_ok"]
+
+
+def test_marked_files_keep_format_geometry_tags_and_budget(source, released):
+    manifest, out, _ = released
+    photometrics = set()
+    for record in manifest["marked"]:
+        src, dst = source / record["path"], out / "release" / record["path"]
+        (benign, meta), (marked, marked_meta) = load_xray(src), load_xray(dst)
+        assert (marked_meta.format, marked_meta.shape, marked_meta.stored_dtype, marked_meta.photometric) == (
+            meta.format,
+            meta.shape,
+            meta.stored_dtype,
+            meta.photometric,
+        )
+        change = float(np.abs(marked.astype(np.float64) - benign).max())
+        step = record["quantisation_step01"]
+        assert 0 < change <= EPS + step + 1e-6 and record["max_abs_change01"] == pytest.approx(change, abs=1e-6)
+        assert record["budget_ok"] and not record["lossy"]
+        if meta.format == "dicom":
+            ref, new = pydicom.dcmread(src), pydicom.dcmread(dst)
+            assert {e.tag for e in new} == {e.tag for e in ref}
+            assert all(new[e.tag].value == e.value for e in ref if e.tag != PIXEL_DATA)
+            assert new.file_meta == ref.file_meta
+            assert new.pixel_array.dtype == ref.pixel_array.dtype and new.pixel_array.shape == ref.pixel_array.shape
+        else:
+            with Image.open(src) as a, Image.open(dst) as b:
+                assert (a.format, a.mode, a.size) == (b.format, b.mode, b.size)
+        photometrics.add(f"{meta.format}:{meta.photometric}")
+    assert photometrics == {"png:MONOCHROME2", "dicom:MONOCHROME1", "dicom:MONOCHROME2"}
+
+
+def test_csvs_and_datalist_are_released_unchanged_and_resolve_inside_the_release(source, released):
+    release = released[1] / "release"
+    for name in ("train.csv", "valid.csv", "datalist.json"):
+        assert (release / name).read_bytes() == (source / name).read_bytes(), name
+    datalist = json.loads((release / "datalist.json").read_text())
+    images = [item["image"] for split in ("training", "validation", "test") for item in datalist[split]]
+    for name in ("train.csv", "valid.csv"):
+        with open(release / name, newline="") as stream:
+            images += [row["Path"] for row in csv.DictReader(stream)]
+    assert len(images) == 60 and all(not Path(p).is_absolute() and (release / p).is_file() for p in images)
+
+
+def test_manifest_is_private_and_names_every_marked_file(released, checkpoint):
+    manifest, out, _ = released
+    manifest_file = out / "private" / "manifest.json"
+    assert json.loads(manifest_file.read_text()) == manifest
+    assert sorted(p.name for p in manifest_file.parent.iterdir()) == ["manifest.json"]  # journal folded in
+    assert manifest["settings"] == {
+        "target_label": "No Finding",
+        "gamma": GAMMA,
+        "seed": 0,
+        "epsilon": EPS,
+        "image_size": SIZE,
+        "generator_sha256": sha256_file(checkpoint),
+        "datalist_sha256": sha256_file(Path(manifest["dataset_dir"]) / "datalist.json"),
+    }
+    for record in manifest["marked"]:
+        assert record["source_sha256"] == sha256_file(Path(manifest["dataset_dir"]) / record["path"])
+        assert record["output_sha256"] == sha256_file(out / "release" / record["path"])
+    assert manifest["max_abs_change01"] == max(r["max_abs_change01"] for r in manifest["marked"])
+    assert {"python", "torch", "monai", "pydicom"} <= set(manifest["tools"])
+    assert manifest["timings"]["total_s"] >= manifest["timings"]["mark_s"] > 0
+
+
+def test_refuses_to_write_into_the_source(source, checkpoint, tmp_path):
+    before = _hashes(source)
+    for release_dir in (source, source / "release", source.parent):
+        with pytest.raises(ReleaseError, match="release_dir must lie outside the source data set"):
+            _release(source, tmp_path, checkpoint, release_dir=release_dir)
+    assert _hashes(source) == before and not list(tmp_path.iterdir())
+
+
+def test_refuses_to_publish_the_manifest_or_the_generator(source, checkpoint, tmp_path):
+    with pytest.raises(
+        ReleaseError, match=r"manifest must lie outside the release folder .* \(it would be published\)"
+    ):
+        _release(source, tmp_path, checkpoint, manifest_file=tmp_path / "release" / "manifest.json")
+    with pytest.raises(ReleaseError, match="manifest must lie outside the source data set"):
+        _release(source, tmp_path, checkpoint, manifest_file=source / "manifest.json")
+    assert not list(tmp_path.iterdir())
+    key = tmp_path / "data" / "model.pt"
+    key.parent.mkdir()
+    shutil.copy(checkpoint, key)
+    with pytest.raises(
+        ReleaseError, match=r"model\.pt: the generator checkpoint \(the secret key\) must lie outside the "
+    ):
+        watermark_release(
+            _pipeline(), key, key.parent, source / "datalist.json", tmp_path / "r", tmp_path / "m", EPS, SIZE
+        )
+    with pytest.raises(ReleaseError, match="checkpoint .* must lie outside the release folder"):
+        _release(source, tmp_path, key, release_dir=tmp_path / "data")
+
+
+def test_refuses_another_release_s_manifest_and_foreign_files(source, checkpoint, released, tmp_path):
+    manifest, out, _ = released
+    published = _hashes(out / "release")
+    with pytest.raises(ReleaseError, match=r"manifest\.json: records another release \(different seed\)"):
+        _release(source, out, checkpoint, seed=1)
+    assert _hashes(out / "release") == published
+
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "notes.txt").write_text("not part of the data set")
+    with pytest.raises(ReleaseError, match=r"holds 1 file\(s\) that are not part of this release, e.g. .*notes\.txt"):
+        _release(source, tmp_path, checkpoint)
+
+
+def test_datalist_must_use_paths_relative_to_the_data_set(source, checkpoint, tmp_path):
+    datalist = json.loads((source / "datalist.json").read_text())
+    datalist["test"][0]["image"] = str(source / datalist["test"][0]["image"])  # absolute: would point at the source
+    bad = tmp_path / "datalist.json"
+    bad.write_text(json.dumps(datalist))
+    with pytest.raises(ReleaseError, match=r"test image '/.*' is not the relative path of a file under"):
+        watermark_release(_pipeline(), checkpoint, source, bad, tmp_path / "r", tmp_path / "m.json", EPS, SIZE)
+
+
+def _assert_same_release(release: Path, reference: Path, marked: list[dict]) -> None:
+    """Copies byte-identical; marked files within one stored unit (G's float rounding depends on the batch size)."""
+    ours, theirs, marked_images = _hashes(release), _hashes(reference), {r["path"] for r in marked}
+    assert sorted(ours) == sorted(theirs)
+    assert {k: v for k, v in ours.items() if k not in marked_images} == {
+        k: v for k, v in theirs.items() if k not in marked_images
+    }
+    for record in marked:
+        gap = np.abs(load_xray(release / record["path"])[0] - load_xray(reference / record["path"])[0]).max()
+        assert gap <= record["quantisation_step01"] + 1e-6, record["path"]
+
+
+def test_interrupted_release_resumes_and_repairs(source, checkpoint, released, tmp_path):
+    network, calls = _pipeline(), []
+
+    def interrupt_third_batch(*_):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    hook = network.register_forward_hook(interrupt_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _release(source, tmp_path, checkpoint, network=network, batch_size=1)
+    hook.remove()
+    journal = tmp_path / "private" / "manifest.json.journal"
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["settings"]["seed"] == 0  # settings + two marked files
+    with open(journal, "a") as stream:
+        stream.write('{"marked": {"ima')  # a record torn by the interruption
+    stray = tmp_path / "release" / "train" / ".view1_frontal.png.x1y2z3.tmp"
+    stray.write_bytes(b"half-written")  # as atomic_path leaves it when the process is killed
+
+    resumed = _release(source, tmp_path, checkpoint, network=network)
+    assert resumed["counts"]["marked_already"] == 2 and resumed["counts"]["marked_now"] == 2
+    assert resumed["counts"]["copied_already"] == 29 and resumed["counts"]["copied_now"] == 0
+    assert not journal.exists() and not stray.exists() and resumed["complete"]
+    _assert_same_release(tmp_path / "release", released[1] / "release", resumed["marked"])
+
+    lost = tmp_path / "release" / resumed["marked"][1]["path"]
+    lost.unlink()
+    (tmp_path / "release" / "valid.csv").write_text("edited")
+    repaired = _release(source, tmp_path, checkpoint)
+    assert (repaired["counts"]["marked_now"], repaired["counts"]["copied_now"]) == (1, 1)
+    kept = [r for r in resumed["marked"] if r["path"] != lost.relative_to(tmp_path / "release").as_posix()]
+    assert [r for r in repaired["marked"] if r in kept] == kept and len(repaired["marked"]) == 4
+    _assert_same_release(tmp_path / "release", released[1] / "release", repaired["marked"])
+
+
+def test_a_bounded_run_leaves_no_unmarked_selected_image(source, checkpoint, tmp_path):
+    first = _release(source, tmp_path, checkpoint, max_marked=1)
+    assert not first["complete"] and first["counts"]["to_mark"] == 3 and len(first["marked"]) == 1
+    selected = select_marked(json.loads((source / "datalist.json").read_text()), "No Finding", GAMMA, 0)
+    present = [image for image in selected if (tmp_path / "release" / image).exists()]
+    assert present == [first["marked"][0]["path"]]
+    assert json.loads((tmp_path / "private" / "manifest.json").read_text())["complete"] is False
+    assert _release(source, tmp_path, checkpoint)["complete"]
+
+
+def test_monai_bundle_run_watermarking(source, checkpoint, tmp_path):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "watermarking", "--config_file", "configs/watermark.json"]
+    cmd += ["--dataset_dir", str(source), "--release_dir", str(tmp_path / "release"), "--ckpt_path", str(checkpoint)]
+    cmd += ["--manifest_file", str(tmp_path / "manifest.json"), "--image_size", str(SIZE), "--gamma", str(GAMMA)]
+    cmd += ["--generator_channels", json.dumps(CHANNELS), "--progress", "False"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 of 4 selected images marked" in result.stdout
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["settings"]["target_label"] == "No Finding"
+    assert len(manifest["marked"]) == 4 and manifest["counts"]["files"] == 33
