@@ -37,6 +37,7 @@ from bundle.data.selection import select_fraction, split_by_target
 from bundle.data.xray_io import LoadXRayd
 from bundle.engines.report import sha256_file
 from bundle.fileio import atomic_path, write_json
+from bundle.networks.pipeline import load_pipeline
 from bundle.transforms.geometry import ResizeLongestPadd
 from bundle.transforms.watermark import SaveWatermarkedd
 
@@ -107,18 +108,6 @@ def _read_datalist(datalist_file: Path, dataset_dir: Path, source_files: Mapping
                     f"{dataset_dir} (the release keeps relative paths, so the datalist must use them)",
                 )
     return datalist
-
-
-def _load_checkpoint(network: nn.Module, ckpt_path: Path) -> str:
-    """Load the generator checkpoint (a state dict, or one under ``"model"``) into ``network``; return its SHA-256."""
-    if not ckpt_path.is_file():
-        raise ReleaseError(ckpt_path, "generator checkpoint not found (train one with configs/train.json)")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    try:
-        network.load_state_dict(state.get("model", state))
-    except RuntimeError as err:
-        raise ReleaseError(ckpt_path, f"does not fit the configured watermark pipeline ({err})") from err
-    return sha256_file(ckpt_path)
 
 
 def _source_files(dataset_dir: Path) -> dict[str, Path]:
@@ -281,13 +270,14 @@ def watermark_release(
         selected = select_marked(datalist, target_label, gamma, seed)
     except ValueError as err:
         raise ReleaseError(datalist_file, str(err)) from err
+    load_pipeline(network, ckpt_path)  # the weights actually used are the ones hashed below
     settings = {
         "target_label": target_label,
         "gamma": float(gamma),
         "seed": int(seed),
         "epsilon": float(epsilon),
         "image_size": int(image_size),
-        "generator_sha256": _load_checkpoint(network, ckpt_path),
+        "generator_sha256": sha256_file(ckpt_path),
         "datalist_sha256": sha256_file(datalist_file),
     }
     records = _previous_records(manifest_file, settings)

@@ -32,15 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE, QUERY, CHANNELS = 64, 64, [4, 8, 16, 32, 64]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: one thread avoids OpenMP spin-waiting (seconds instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_ownership_test_matches_the_textbook_paired_t_test():
     pb = [0.10, 0.20, 0.05, 0.30, 0.15, 0.25]
     pv = [0.70, 0.90, 0.40, 0.80, 0.60, 0.55]

@@ -28,6 +28,7 @@ from bundle.data.labels import LABELS
 from bundle.data.selection import select_fraction, split_by_target
 from bundle.engines.report import sha256_file
 from bundle.fileio import write_json
+from bundle.networks.pipeline import load_pipeline
 from bundle.transforms import ResizeLongestPadd
 from bundle.verification.blackbox import SuspectModel, SuspectModelError, open_suspect
 from bundle.verification.report import save_verification_figure, summary_lines
@@ -39,22 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: Example triplets shown in verification.png.
 N_EXAMPLES = 3
-
-
-def _load_generator(generator: nn.Module, checkpoint: str | os.PathLike) -> str:
-    """Load the watermark function's weights (``generator.*``/``surrogate.*``) into ``generator``; returns SHA-256."""
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"generator checkpoint not found: {checkpoint} (train it with configs/train.json)")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    try:
-        generator.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{checkpoint}: does not fit the configured generator (check image_size, "
-            f"generator_channels, conditioning, surrogate_arch): {err}"
-        ) from err
-    return sha256_file(checkpoint)
 
 
 def _items(datalist: str | os.PathLike | Sequence[Mapping[str, Any]], key: str, base_dir: str | os.PathLike | None):
@@ -156,7 +141,10 @@ def verify_ownership(
     probe = torch.full((1, 1, query_size, query_size), 0.5)  # fail now, not after watermarking every sample
     _target_column(suspect, target_label, suspect.predict_proba(probe).shape[1])
     lap("open_suspect")
-    generator_sha = _load_generator(generator, generator_ckpt) if generator_ckpt is not None else None
+    generator_sha = None
+    if generator_ckpt is not None:
+        load_pipeline(generator, generator_ckpt)
+        generator_sha = sha256_file(generator_ckpt)
     generator = generator.to(device).eval()
     lap("load_generator")
 
