@@ -129,3 +129,14 @@ def test_paper_scale_cost_on_meta_device():
     assert round(_param_count(nets["ssclbw"]) / 1e6, 1) == 31.1
     assert round(macs["xmark"] / 1e9, 1) == 12.0
     assert round(macs["ssclbw"] / 1e9, 1) == 51.0
+
+
+def test_zero_padding_is_never_perturbed():
+    torch.manual_seed(0)
+    net = XMarkGenerator(channels=(4, 8, 16, 32), conditioning=False).eval()
+    image = torch.rand(2, 1, 64, 64) * 0.9 + 0.05
+    image[:, :, :10] = 0.0  # letterbox padding rows
+    with torch.no_grad():
+        out = net(image)
+    assert torch.equal(out[:, :, :10], image[:, :, :10])
+    assert (out[:, :, 10:] - image[:, :, 10:]).abs().max() > 0

@@ -1,6 +1,6 @@
 """Watermark generators: X-Mark's saliency-conditioned residual U-Net and the SSCL-BW baseline (original U-Net).
 
-Both map a one-channel image ``x`` in [0, 1] to ``x_hat = clamp(x + eps * tanh(r), 0, 1)``, so that
+Both map a one-channel image ``x`` in [0, 1] to ``x_hat = clamp(x + eps * tanh(r) * [x > 0], 0, 1)``, so that
 ``||x_hat - x||_inf <= eps`` holds by construction whatever the weights. The image side must be divisible by 16
 (four stride-2 stages; ``2 ** (len(channels) - 1)`` for other X-Mark depths); other sizes raise a ``ValueError``.
 """
@@ -23,8 +23,13 @@ DEFAULT_EPS = 16.0 / 255.0
 
 
 def bounded_perturbation(image: torch.Tensor, residual: torch.Tensor, eps: float) -> torch.Tensor:
-    """Watermarked image ``clamp(image + eps * tanh(residual), 0, 1)``: the output head shared by both generators."""
-    return torch.clamp(image + eps * torch.tanh(residual), 0.0, 1.0)
+    """Watermarked image ``clamp(image + eps * tanh(residual), 0, 1)``: the output head shared by both generators.
+
+    Pixels that are exactly 0 are left unchanged: the letterbox's zero padding is cropped away when the watermark is
+    mapped back to the released file, so a perturbation there would fool the surrogate with a trigger that no
+    release carries (true-black image pixels lose nothing: the clamp at 0 already removes half of their range).
+    """
+    return torch.clamp(image + eps * torch.tanh(residual) * (image > 0).to(image.dtype), 0.0, 1.0)
 
 
 def _check_inputs(image: torch.Tensor, saliency: torch.Tensor | None, divisor: int) -> None:

@@ -1,0 +1,26 @@
+"""`scripts/demo.py --quick` runs the whole pipeline (the same stages as `make demo`) and resumes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "scripts/demo.py", "--quick", "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"malicious", "ind_m", "ind_w"}
+    for row in summary.values():
+        assert set(row) == {"p_value", "delta_p", "wsr", "verdict", "n"}
+        assert 0.0 <= row["p_value"] <= 1.0 and row["n"] == 8
+    for name in summary:
+        assert (out / "verification" / name / "verification.png").stat().st_size > 0
+    manifest = json.loads((out / "models" / "release_manifest.json").read_text())
+    assert manifest["marked"] and all(m["budget_ok"] for m in manifest["marked"])
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped
+    assert again.returncode == 0 and again.stdout.count(": already done (") == 13, again.stdout[-2000:]
