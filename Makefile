@@ -32,6 +32,8 @@ test: lint
 bench: $(VENV)/.dev
 	$(PY) scripts/bench_data.py
 	$(PY) scripts/bench_generator.py
+	$(PY) scripts/bench_watermark.py
+	$(PY) scripts/bench_verify.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
