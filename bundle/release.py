@@ -35,8 +35,7 @@ from tqdm import tqdm
 from bundle.data.labels import LABELS
 from bundle.data.selection import select_fraction, split_by_target
 from bundle.data.xray_io import LoadXRayd
-from bundle.engines.report import sha256_file
-from bundle.fileio import atomic_path, write_json
+from bundle.fileio import atomic_path, sha256_file, write_json
 from bundle.networks.pipeline import load_pipeline
 from bundle.transforms.geometry import ResizeLongestPadd
 from bundle.transforms.watermark import SaveWatermarkedd

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bundle.data.labels import LABELS
-from bundle.engines.report import sha256_file
+from bundle.fileio import sha256_file
 from bundle.networks.classifier import build_classifier
 from bundle.verification import (
     ProbabilityError,

@@ -16,7 +16,7 @@ from PIL import Image
 from bundle.data.chexpert import prepare_datalist
 from bundle.data.phantoms import write_phantom_dataset
 from bundle.data.xray_io import load_xray
-from bundle.engines.report import sha256_file
+from bundle.fileio import sha256_file
 from bundle.networks.classifier import ResizedClassifier, build_classifier
 from bundle.networks.generator import XMarkGenerator
 from bundle.networks.pipeline import WatermarkPipeline

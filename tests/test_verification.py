@@ -15,7 +15,7 @@ from scipy import stats
 from torch import nn
 
 from bundle.data.labels import LABELS
-from bundle.engines.report import sha256_file
+from bundle.fileio import sha256_file
 from bundle.networks.classifier import ResizedClassifier, build_classifier
 from bundle.networks.generator import XMarkGenerator
 from bundle.networks.pipeline import WatermarkPipeline

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from bundle.engines.metrics import per_label_auroc
-from bundle.fileio import write_json
+from bundle.fileio import sha256_file, write_json
 
 
 def f1_optimal_threshold(scores: np.ndarray, target: np.ndarray) -> float:
@@ -25,15 +24,6 @@ def f1_optimal_threshold(scores: np.ndarray, target: np.ndarray) -> float:
     f1 = 2 * tp / (tp + fp + y.sum())
     f1 = np.where(last, f1, -1.0)
     return float(s[int(np.argmax(f1))]) if y.sum() > 0 else float(s.max() + 1e-6)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def classification_report(

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models import get_model
 
 from bundle.networks.pretrained import locate_imagenet_weights, weights_status
+from bundle.transforms.geometry import resize_square
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,4 @@ class ResizedClassifier(nn.Module):
         self.size = size
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.shape[-2:] != (self.size, self.size):
-            image = torch.nn.functional.interpolate(
-                image, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
-            )
-        return self.classifier(image)
+        return self.classifier(resize_square(image, self.size))

@@ -140,3 +140,12 @@ class ResizeLongestPadd(MapTransform, InvertibleTransform):
             out.meta.pop(GEOMETRY_KEY, None)
             d[key] = out
         return d
+
+
+def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Square B x C x S x S images resized to ``size`` (bilinear, antialiased): a classifier's own input resize."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return torch.nn.functional.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )

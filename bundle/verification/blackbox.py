@@ -46,7 +46,7 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from bundle.data.labels import LABELS
-from bundle.engines.report import sha256_file
+from bundle.fileio import sha256_file
 from bundle.networks.classifier import load_classifier
 from bundle.verification.ttest import check_probabilities
 

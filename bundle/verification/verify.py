@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import load_decathlon_datalist
 from monai.transforms import Compose
 from torch import nn
@@ -26,10 +25,10 @@ from tqdm import tqdm
 from bundle.data import LoadXRayd
 from bundle.data.labels import LABELS
 from bundle.data.selection import select_fraction, split_by_target
-from bundle.engines.report import sha256_file
-from bundle.fileio import write_json
+from bundle.fileio import sha256_file, write_json
 from bundle.networks.pipeline import load_pipeline
 from bundle.transforms import ResizeLongestPadd
+from bundle.transforms.geometry import resize_square
 from bundle.verification.blackbox import SuspectModel, SuspectModelError, open_suspect
 from bundle.verification.report import save_verification_figure, summary_lines
 from bundle.verification.ttest import ownership_test, watermark_success_rate
@@ -80,13 +79,6 @@ def _target_column(suspect: SuspectModel, target_label: str, width: int) -> int:
     if target_label not in labels:
         raise SuspectModelError(f"suspect model {suspect.location} has no label {target_label!r} (labels: {labels})")
     return list(labels).index(target_label)
-
-
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Square images resized to ``size`` (bilinear, antialiased): what a suspect's own resize would do."""
-    if images.shape[-1] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def verify_ownership(
@@ -167,8 +159,8 @@ def verify_ownership(
         max_change = max(max_change, float((batch_marked - batch).abs().max()))
         if len(examples) < N_EXAMPLES:
             examples.extend(zip(batch.cpu(), batch_marked.cpu(), strict=True))
-        benign.append(_resize(batch, query_size).cpu())
-        marked.append(_resize(batch_marked, query_size).cpu())
+        benign.append(resize_square(batch, query_size).cpu())
+        marked.append(resize_square(batch_marked, query_size).cpu())
         lap("watermark")
     benign_q, marked_q = torch.cat(benign), torch.cat(marked)
 
