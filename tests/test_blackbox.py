@@ -207,6 +207,9 @@ def test_bad_specs_and_hosts_are_refused(tmp_path, classifier):
     generator_dir = tmp_path / "generator"  # configs/train.json also writes a training_info.json, without "arch"
     generator_dir.mkdir()
     (generator_dir / "training_info.json").write_text(json.dumps({"generator": "XMarkGenerator"}))
+    with pytest.raises(SuspectModelError, match="holds a watermark generator .XMarkGenerator., not a classifier"):
+        open_suspect(generator_dir)
+    (generator_dir / "training_info.json").write_text(json.dumps({"image_size": 224}))  # neither kind
     with pytest.raises(SuspectModelError, match="cannot read the classifier architecture 'arch'"):
         open_suspect(generator_dir)
     with pytest.raises(ValueError, match="refusing to serve on '0.0.0.0'"):

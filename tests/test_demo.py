@@ -20,7 +20,9 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
         assert 0.0 <= row["p_value"] <= 1.0 and row["n"] == 8
     for name in summary:
         assert (out / "verification" / name / "verification.png").stat().st_size > 0
+    accuracy = json.loads((out / "balanced_accuracy.json").read_text())
+    assert set(accuracy) == {"surrogate", "benign", "malicious"} and all(0 <= v <= 1 for v in accuracy.values())
     manifest = json.loads((out / "models" / "release_manifest.json").read_text())
     assert manifest["marked"] and all(m["budget_ok"] for m in manifest["marked"])
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped
-    assert again.returncode == 0 and again.stdout.count(": already done (") == 13, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count(": already done (") == 14, again.stdout[-2000:]

@@ -140,3 +140,27 @@ def test_zero_padding_is_never_perturbed():
         out = net(image)
     assert torch.equal(out[:, :, :10], image[:, :, :10])
     assert (out[:, :, 10:] - image[:, :, 10:]).abs().max() > 0
+
+
+def test_residual_blur_removes_pixel_level_texture():
+    torch.manual_seed(0)
+    sharp = XMarkGenerator(channels=(4, 8, 16), eps=1.0, conditioning=False).eval()
+    smooth = XMarkGenerator(channels=(4, 8, 16), eps=1.0, conditioning=False, residual_blur=2).eval()
+    missing, unexpected = smooth.load_state_dict(sharp.state_dict(), strict=False)  # same weights
+    assert missing == ["residual_blur.0.kernel", "residual_blur.1.kernel"] and not unexpected  # checkpoints differ
+    image = torch.rand(2, 1, 64, 64) * 0.1 + 0.45  # mid-grey: no clamping, tanh near-linear for small r
+    with torch.no_grad():
+        for net in (sharp, smooth):
+            for p in net.parameters():
+                p.mul_(0.3)
+        res_sharp, res_smooth = sharp(image) - image, smooth(image) - image
+    checker = (torch.arange(64)[:, None] + torch.arange(64)[None]) % 2 * 2.0 - 1.0
+
+    def nyquist(r: torch.Tensor) -> float:  # the period-2 checkerboard component, relative to the residual's size
+        r = r[..., 4:-4, 4:-4] - r[..., 4:-4, 4:-4].mean()
+        return float((r * checker[4:-4, 4:-4]).mean().abs() / r.abs().mean())
+
+    assert nyquist(res_smooth) < 0.2 * nyquist(res_sharp) + 1e-4
+    assert float((res_smooth - res_sharp).abs().max()) > 0  # the option changes the output
+    with pytest.raises(ValueError, match="residual_blur"):
+        XMarkGenerator(channels=(4, 8, 16), residual_blur=-1)

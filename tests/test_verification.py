@@ -24,6 +24,7 @@ from bundle.verification import (
     SuspectModelError,
     TorchSuspect,
     ownership_test,
+    unkeyed_control,
     verify_ownership,
     watermark_success_rate,
 )
@@ -151,7 +152,13 @@ def test_verify_ownership_writes_the_report(setup, tmp_path, capsys):
     with Image.open(tmp_path / "a" / "verification.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 800
     out = capsys.readouterr().out.strip().splitlines()
-    assert 5 <= len(out) <= 8 and out[-2].startswith("VERDICT: ")
+    assert 7 <= len(out) <= 11 and sum(line.startswith("VERDICT: ") for line in out) == 1
+    # a detector of any high-frequency energy is not key-specific: the unkeyed control triggers it as well
+    control = written["control"]
+    assert not control["specific"] and control["p_value"] < 0.05 and control["delta_p"] > 0.25
+    pc = np.array([s["pc"] for s in written["samples"]])
+    assert control["delta_p"] == pytest.approx(np.mean(pc - pb))
+    assert out[-2].startswith("WARNING: the suspect also reacts to an unkeyed perturbation")
 
     again = verify_ownership(
         _pipeline(), suspect, root / "datalist.json", tmp_path / "b", root / "generator.pt", n_samples=4, **kwargs
@@ -165,6 +172,7 @@ def test_verify_ownership_writes_the_report(setup, tmp_path, capsys):
         )
     assert everything["n"] == 6 and everything["generator"]["sha256"] is None
     assert not everything["owned"] and abs(everything["delta_p"]) < 0.1
+    assert everything["control"]["specific"]
     one = [{"image": str(root / "img0.png"), "label": [0.0] * len(LABELS)}]  # items given directly
     with pytest.raises(ValueError, match="only 1 non-target sample"):
         verify_ownership(_pipeline(), innocent, one, tmp_path / "d", **kwargs)
@@ -202,3 +210,16 @@ def test_bundle_run_failure_ends_with_one_clear_line(setup, tmp_path):
     assert last.startswith("verification failed: SuspectModelError: suspect model not found:"), failed.stderr[-3000:]
     assert "no_such_model.ts" in last
     assert not (tmp_path / "bad" / "verification.json").exists()
+
+
+def test_unkeyed_control_keeps_magnitudes_and_randomises_signs():
+    torch.manual_seed(0)
+    image = torch.rand(2, 1, 32, 32) * 0.8 + 0.1
+    image[..., :4] = 0.0  # letterbox padding: the watermark never touches it, nor does the control
+    residual = (torch.rand_like(image) * 2 - 1) * 0.05 * (image > 0)
+    control = unkeyed_control(image, image + residual, torch.Generator().manual_seed(3))
+    torch.testing.assert_close((control - image).abs(), residual.abs())
+    agree = torch.sign(control - image) == torch.sign(residual)
+    assert 0.4 < agree[residual != 0].float().mean() < 0.6  # signs independent of the watermark's
+    again = unkeyed_control(image, image + residual, torch.Generator().manual_seed(3))
+    assert torch.equal(control, again) and bool((control[..., :4] == 0).all())

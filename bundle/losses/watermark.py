@@ -7,12 +7,12 @@ import warnings
 
 import torch
 from lpips import LPIPS
-from monai.networks.layers import separable_filtering
 from monai.utils import LossReduction
 from torch import nn
 from torch.nn import functional as F
 from torchvision.models import get_model
 
+from bundle.filters import binomial_blur
 from bundle.networks.pretrained import locate_imagenet_weights, weights_status
 
 __all__ = [
@@ -24,24 +24,15 @@ __all__ = [
     "XMarkLoss",
 ]
 
-#: 1-D binomial kernel; its outer product with itself is the 5x5 kernel [1,4,6,4,1]^T [1,4,6,4,1] / 256.
-_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
-
 #: lpips trunk name -> torchvision architecture whose ``.features`` lpips slices.
 _LPIPS_TRUNKS: dict[str, str] = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
-
-
-def _blur(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
-    """5x5 binomial filter per channel with reflect padding (``gain`` scales the 1-D kernels' product)."""
-    kernel = _BINOMIAL * gain**0.5
-    return separable_filtering(x, [kernel, kernel], mode="reflect")
 
 
 def _expand(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Burt-Adelson expand: put ``x`` on the even pixels of a zero grid of ``size`` and blur with 4x the kernel."""
     up = x.new_zeros(x.shape[:2] + size)
     up[..., ::2, ::2] = x
-    return _blur(up, gain=4.0)
+    return binomial_blur(up, gain=4.0)
 
 
 def _reduce(per_sample: torch.Tensor, reduction: LossReduction) -> torch.Tensor:
@@ -69,7 +60,7 @@ def laplacian_pyramid(x: torch.Tensor, levels: int = 3) -> list[torch.Tensor]:
     pyramid = []
     current = x
     for _ in range(levels - 1):
-        down = _blur(current)[..., ::2, ::2]
+        down = binomial_blur(current)[..., ::2, ::2]
         pyramid.append(current - _expand(down, (current.shape[-2], current.shape[-1])))
         current = down
     pyramid.append(current)

@@ -16,6 +16,8 @@ from monai.networks.nets import BasicUNet
 from torch import nn
 from torch.nn import functional as F
 
+from bundle.filters import BinomialBlur
+
 __all__ = ["XMarkGenerator", "SSCLBWGenerator", "bounded_perturbation"]
 
 #: Default perturbation budget (L-infinity, in [0, 1] intensity): 16 grey levels of 8 bit.
@@ -59,6 +61,10 @@ class XMarkGenerator(nn.Module):
         conditioning: use the saliency map; when False it is ignored and no projection module exists. Kept as the
             attribute ``conditioning`` so callers know whether to compute EigenCAM maps.
         num_res_units: convolutions per residual unit in the encoder (MONAI's ``num_res_units``).
+        residual_blur: passes of a fixed 5x5 binomial low-pass over the decoder output ``r`` before ``tanh`` (0: off).
+            A pass has zero response at the Nyquist frequency, so the watermark cannot be pixel-level texture
+            (transposed-convolution checkerboards, sign noise) that any model learns as a generic "perturbed" cue.
+            Each pass stores its fixed kernel in the state dict, so checkpoints only load with the same setting.
     """
 
     def __init__(
@@ -67,9 +73,13 @@ class XMarkGenerator(nn.Module):
         eps: float = DEFAULT_EPS,
         conditioning: bool = True,
         num_res_units: int = 2,
+        residual_blur: int = 0,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
+        if residual_blur < 0:
+            raise ValueError(f"residual_blur must be >= 0 passes, got {residual_blur}")
+        self.residual_blur = nn.Sequential(*(BinomialBlur() for _ in range(residual_blur)))
         if len(channels) < 2:
             raise ValueError(f"XMarkGenerator needs at least two channel levels, got {channels}")
         if not 0.0 < eps <= 1.0:
@@ -119,6 +129,7 @@ class XMarkGenerator(nn.Module):
             h = h + self.saliency_projection(F.adaptive_avg_pool2d(saliency.to(h.dtype), h.shape[-2:]))
         for up in self.decoder:
             h = up(torch.cat([skips.pop(), h], dim=1))
+        h = self.residual_blur(h)
         return bounded_perturbation(image, h, self.eps)
 
 

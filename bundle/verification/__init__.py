@@ -13,7 +13,7 @@ from .blackbox import (
 )
 from .server import serve
 from .ttest import ProbabilityError, check_probabilities, ownership_test, watermark_success_rate
-from .verify import run_verification, verify_ownership
+from .verify import run_verification, unkeyed_control, verify_ownership
 
 __all__ = [
     "HTTPSuspect",
@@ -28,6 +28,7 @@ __all__ = [
     "encode_images",
     "open_suspect",
     "ownership_test",
+    "unkeyed_control",
     "run_verification",
     "serve",
     "verify_ownership",

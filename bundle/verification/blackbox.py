@@ -262,6 +262,11 @@ def _open_classifier(checkpoint: Path, outputs: str, device: str | torch.device)
     info_file = checkpoint.parent / "training_info.json"
     try:
         info = json.loads(info_file.read_text())
+        if isinstance(info, dict) and "arch" not in info and "generator" in info:
+            raise SuspectModelError(
+                f"{checkpoint.parent} holds a watermark generator ({info['generator']}), not a classifier: pass the "
+                "suspicious model as the suspect and this checkpoint as generator_ckpt"
+            )
         arch = info["arch"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SuspectModelError(

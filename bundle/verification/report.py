@@ -62,7 +62,7 @@ def save_verification_figure(
 
 
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
-    """Six readable lines for stdout: suspect, queries, probabilities, WSR, test and verdict."""
+    """Readable lines for stdout: suspect, queries, probabilities, WSR, test, verdict and the unkeyed control."""
     suspect, generator = report["suspect"], report["generator"]
     suspect_hash = f", sha256 {suspect['sha256'][:12]}" if suspect.get("sha256") else ""
     generator_name = generator["checkpoint"] or "(in memory)"
@@ -78,4 +78,23 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         f"WSR (Pv >= {report['wsr_threshold']:g}) = {100 * report['wsr']:.1f} %",
         f"paired t-test H1: Pb + {report['tau']:g} < Pv: t = {statistic}, p = {report['p_value']:.3g}",
         f"VERDICT: {report['verdict']}",
+        *_control_lines(report),
+    ]
+
+
+def _control_lines(report: Mapping[str, Any]) -> list[str]:
+    """The unkeyed control's line, with a warning when the suspect reacts to any perturbation of this size."""
+    control = report.get("control")
+    if control is None:
+        return []
+    line = (
+        f"control ({control['description']}): mean Pc = {control['mean_pc']:.3f}, "
+        f"dP = {control['delta_p']:+.3f}, p = {control['p_value']:.3g}"
+    )
+    if control["specific"]:
+        return [line + ": no reaction, so a positive verdict is specific to this generator"]
+    return [
+        line,
+        "WARNING: the suspect also reacts to an unkeyed perturbation of the same size; it has learned 'perturbed' "
+        "rather than this generator's watermark, so a positive verdict is not specific evidence of this data set",
     ]

@@ -39,9 +39,12 @@ logger = logging.getLogger(__name__)
 
 #: Example triplets shown in verification.png.
 N_EXAMPLES = 3
+CONTROL_DESCRIPTION = "same samples, the watermark's per-pixel magnitudes with random signs (no key)"
 
 
-def _items(datalist: str | os.PathLike | Sequence[Mapping[str, Any]], key: str, base_dir: str | os.PathLike | None):
+def datalist_items(
+    datalist: str | os.PathLike | Sequence[Mapping[str, Any]], key: str, base_dir: str | os.PathLike | None
+):
     """Datalist items (``image``, ``label``) of split ``key`` from a JSON file, or the given items."""
     if isinstance(datalist, (str, os.PathLike)):
         if not os.path.isfile(datalist):
@@ -53,7 +56,7 @@ def _items(datalist: str | os.PathLike | Sequence[Mapping[str, Any]], key: str, 
     return list(datalist)
 
 
-def _select(items: Sequence[Mapping[str, Any]], k: int, n: int, seed: int, where: str) -> list[int]:
+def choose_non_target(items: Sequence[Mapping[str, Any]], k: int, n: int, seed: int, where: str) -> list[int]:
     """Seeded choice of ``n`` non-target item indices (all of them, with a warning, when fewer exist)."""
     _, non_target = split_by_target(items, k)
     if len(non_target) < 2:
@@ -141,13 +144,14 @@ def verify_ownership(
     lap("load_generator")
 
     k = LABELS.index(target_label)
-    items = _items(datalist, data_list_key, dataset_dir)
+    items = datalist_items(datalist, data_list_key, dataset_dir)
     where = f"{os.fspath(datalist)} [{data_list_key}]" if isinstance(datalist, (str, os.PathLike)) else "datalist"
-    chosen = _select(items, k, n_samples, seed, where)
+    chosen = choose_non_target(items, k, n_samples, seed, where)
     lap("select_samples")
 
     preprocess = Compose([LoadXRayd(keys="image"), ResizeLongestPadd(keys="image", spatial_size=image_size)])
-    benign, marked, examples = [], [], []
+    signs = torch.Generator().manual_seed(seed)  # the control's random signs, reproducible from the seed
+    benign, marked, control, examples = [], [], [], []
     max_change = 0.0
     for first in range(0, len(chosen), batch_size):
         batch = torch.stack(
@@ -161,22 +165,32 @@ def verify_ownership(
             examples.extend(zip(batch.cpu(), batch_marked.cpu(), strict=True))
         benign.append(resize_square(batch, query_size).cpu())
         marked.append(resize_square(batch_marked, query_size).cpu())
+        control.append(resize_square(unkeyed_control(batch, batch_marked, signs), query_size).cpu())
         lap("watermark")
-    benign_q, marked_q = torch.cat(benign), torch.cat(marked)
+    queries = {"pb": torch.cat(benign), "pv": torch.cat(marked), "pc": torch.cat(control)}
 
-    pb, pv = np.empty(len(chosen)), np.empty(len(chosen))
-    with tqdm(total=2 * len(chosen), desc="querying suspect", unit="img", disable=not progress) as bar:
+    answers = {name: np.empty(len(chosen)) for name in queries}
+    with tqdm(total=3 * len(chosen), desc="querying suspect", unit="img", disable=not progress) as bar:
         for first in range(0, len(chosen), batch_size):
             rows = slice(first, first + batch_size)
-            for queries, out in ((benign_q[rows], pb), (marked_q[rows], pv)):
-                probs = suspect.predict_proba(queries)
-                out[rows] = probs[:, _target_column(suspect, target_label, probs.shape[1])]
-                bar.update(len(queries))
+            for name, images in queries.items():
+                probs = suspect.predict_proba(images[rows])
+                answers[name][rows] = probs[:, _target_column(suspect, target_label, probs.shape[1])]
+                bar.update(len(images[rows]))
+    pb, pv, pc = answers["pb"], answers["pv"], answers["pc"]
     lap("query")
 
     source = f"suspect model {suspect.location}"
     result = ownership_test(pb, pv, tau=tau, alpha=alpha, source=source)
     result["wsr"] = watermark_success_rate(pv, wsr_threshold, source=source)
+    unkeyed = ownership_test(pb, pc, tau=tau, alpha=alpha, source=f"{source} (control queries)")
+    result["control"] = {
+        "description": CONTROL_DESCRIPTION,
+        "mean_pc": unkeyed["mean_pv"],
+        "delta_p": unkeyed["delta_p"],
+        "p_value": unkeyed["p_value"],
+        "specific": not unkeyed["owned"],
+    }
     lap("test")
 
     output_dir = Path(output_dir)
@@ -196,8 +210,8 @@ def verify_ownership(
         },
         "datalist": {"source": where},
         "samples": [
-            {"index": i, "image": os.fspath(items[i]["image"]), "pb": float(b), "pv": float(v)}
-            for i, b, v in zip(chosen, pb, pv, strict=True)
+            {"index": i, "image": os.fspath(items[i]["image"]), "pb": float(b), "pv": float(v), "pc": float(c)}
+            for i, b, v, c in zip(chosen, pb, pv, pc, strict=True)
         ],
     }
     example_x, example_xw = (torch.stack(t) for t in zip(*examples[:N_EXAMPLES], strict=True))
@@ -208,6 +222,16 @@ def verify_ownership(
     write_json(output_dir / "verification.json", report)
     print("\n".join([*summary_lines(report), f"written: {output_dir / 'verification.json'}, verification.png"]))
     return report
+
+
+def unkeyed_control(image: torch.Tensor, watermarked: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The watermark's per-pixel magnitudes with random signs: a perturbation of the same size that holds no key.
+
+    A suspect that reacts to this as strongly as to the watermark has learned "perturbed" rather than this generator's
+    watermark (e.g. another owner's generator would trigger it too), so its verdict is not evidence of *our* data.
+    """
+    sign = torch.randint(0, 2, image.shape, generator=generator).to(image) * 2 - 1
+    return torch.clamp(image + (watermarked - image).abs() * sign, 0.0, 1.0)
 
 
 def run_verification(**kwargs: Any) -> dict[str, Any]:

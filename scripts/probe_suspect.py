@@ -1,0 +1,131 @@
+"""What does a suspect model react to? Its mean target-label probability on non-target samples under probes.
+
+Probes: the benign image; our watermark; other generators' watermarks (the Ind-W question); our residual with its
+sign flipped, or taken from another sample (is the reaction tied to this image's watermark?); the unkeyed control
+of the verification report (the residual's magnitudes with random signs); uniform and sign noise filling the whole
+budget eps. A suspect that learned *our* watermark reacts to the watermark only; one that learned "perturbed"
+reacts to the noise probes as well. Used for the Ind-W analysis in docs/results.md.
+
+    python scripts/probe_suspect.py --suspect outputs/demo/models/suspect_malicious \\
+        --generator outputs/demo/models/generator/model.pt \\
+        --other outputs/demo/models/generator_independent/model.pt \\
+        --image-size 256 --generator-channels 16,32,64,128,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from monai.bundle import ConfigParser  # noqa: E402
+from monai.transforms import Compose  # noqa: E402
+
+from bundle.data import LoadXRayd  # noqa: E402
+from bundle.data.labels import LABELS  # noqa: E402
+from bundle.fileio import write_json  # noqa: E402
+from bundle.networks.pipeline import WatermarkPipeline, load_pipeline  # noqa: E402
+from bundle.transforms import ResizeLongestPadd  # noqa: E402
+from bundle.transforms.geometry import resize_square  # noqa: E402
+from bundle.verification import open_suspect, unkeyed_control  # noqa: E402
+from bundle.verification.verify import choose_non_target, datalist_items  # noqa: E402
+
+
+def build_generator(checkpoint: Path, args: argparse.Namespace) -> WatermarkPipeline:
+    """configs/verify.json's ``network_def`` with this run's widths, loaded from ``checkpoint``.
+
+    The number of residual blur passes is read from the checkpoint (one stored kernel per pass), so generators
+    trained with different settings can be compared.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs" / "verify.json")
+    parser["image_size"] = args.image_size
+    parser["generator_channels"] = [int(c) for c in args.generator_channels.split(",")]
+    parser["residual_blur"] = sum(key.startswith("generator.residual_blur.") for key in state.get("model", state))
+    return load_pipeline(parser.get_parsed_content("network_def"), checkpoint)
+
+
+def probes(x: torch.Tensor, generators: dict[str, WatermarkPipeline], eps: float, seed: int) -> dict[str, torch.Tensor]:
+    """Every probe image batch for the letterboxed batch ``x`` (B x 1 x S x S in [0, 1])."""
+    rng = torch.Generator().manual_seed(seed)
+    inside = (x > 0).to(x.dtype)  # the letterbox padding stays black, as in every watermark
+    with torch.no_grad():
+        marked = {name: g(x) for name, g in generators.items()}
+    ours = marked.pop("watermark")
+    residual = ours - x
+    noise = (torch.rand(x.shape, generator=rng) * 2 - 1) * eps * inside
+    signs = (torch.randint(0, 2, x.shape, generator=rng).to(x) * 2 - 1) * eps * inside
+    return {
+        "benign": x,
+        "watermark": ours,
+        **marked,
+        "watermark, sign flipped": (x - residual).clamp(0, 1),
+        "watermark of another sample": (x + residual.roll(1, 0)).clamp(0, 1),
+        "unkeyed control": unkeyed_control(x, ours, rng),
+        "uniform noise +-eps": (x + noise).clamp(0, 1),
+        "sign noise +-eps": (x + signs).clamp(0, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suspect", action="append", required=True, help="suspect spec (repeatable)")
+    parser.add_argument("--generator", type=Path, required=True, help="our generator checkpoint")
+    parser.add_argument("--other", type=Path, action="append", default=[], help="another generator (repeatable)")
+    parser.add_argument("--datalist", type=Path, default=ROOT / "outputs/demo/phantoms/datalist.json")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--generator-channels", default="16,32,64,128,256")
+    parser.add_argument("--query-size", type=int, default=224)
+    parser.add_argument("--target-label", default="No Finding", choices=LABELS)
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also write the table as JSON here")
+    args = parser.parse_args()
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    k = LABELS.index(args.target_label)
+    generators = {"watermark": build_generator(args.generator, args)}
+    generators.update({f"other generator {p}": build_generator(p, args) for p in args.other})
+    eps = float(generators["watermark"].generator.eps)
+    items = datalist_items(args.datalist, args.split, None)
+    chosen = choose_non_target(items, k, args.n, args.seed, f"{args.datalist} [{args.split}]")
+    load = Compose([LoadXRayd(keys="image"), ResizeLongestPadd(keys="image", spatial_size=args.image_size)])
+    x = torch.stack([load({"image": items[i]["image"]})["image"].as_tensor() for i in chosen])
+    batches = probes(x, generators, eps, args.seed)
+
+    table: dict[str, dict[str, float]] = {}
+    for spec in args.suspect:
+        suspect = open_suspect(spec)
+        table[spec] = {
+            name: float(suspect.predict_proba(resize_square(images, args.query_size))[:, k].mean())
+            for name, images in batches.items()
+        }
+    residual = (batches["watermark"] - x).flatten(1)
+    similarity = {
+        name: float(torch.nn.functional.cosine_similarity(residual, (batches[name] - x).flatten(1)).mean())
+        for name in generators
+        if name != "watermark"
+    }
+    width = max(len(name) for name in batches)
+    for name, value in similarity.items():
+        print(f"mean cosine similarity of our residual and the {name}'s: {value:.3f}")
+    print(f"mean P({args.target_label}) over {len(chosen)} non-target samples of {args.datalist} [{args.split}]")
+    for spec, row in table.items():
+        print(f"\nsuspect {spec}")
+        for name, value in row.items():
+            print(f"  {name:<{width}}  {value:.3f}")
+    if args.out:
+        record = {"n": len(chosen), "target_label": args.target_label, "eps": eps, "residual_cosine": similarity}
+        write_json(args.out, {**record, "mean_p": table})
+        print(f"\n-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
