@@ -27,10 +27,12 @@ def save_verification_figure(
     benign: torch.Tensor,
     watermarked: torch.Tensor,
     gain: float = 10.0,
+    pc: np.ndarray | None = None,
 ) -> Path:
     """PNG with Pv against Pb (lines y = x and y = x + tau) and up to 3 rows benign / watermarked / gain x residual.
 
     ``benign`` and ``watermarked`` are E x 1 x S x S example images in [0, 1]; ``result`` is the test's dict.
+    ``pc`` (the unkeyed control's probabilities, optional) is drawn against Pb as grey crosses.
     """
     rows = min(3, benign.shape[0])
     fig = Figure(figsize=(13, 3.6 * max(rows, 1)), layout="constrained")
@@ -43,10 +45,16 @@ def save_verification_figure(
     above = pv > pb + tau
     ax.scatter(pb[above], pv[above], s=14, color="tab:red", label=f"Pv > Pb + tau ({int(above.sum())})")
     ax.scatter(pb[~above], pv[~above], s=14, color="tab:blue", label=f"Pv <= Pb + tau ({int((~above).sum())})")
+    if pc is not None:
+        ax.scatter(pb, pc, s=14, marker="x", color="grey", alpha=0.7, label="control Pc (random signs) vs Pb")
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", xlabel="Pb (benign query)")
     ax.set_ylabel("Pv (watermarked query)")
     ax.set_title(f"n = {result['n']}, dP = mean(Pv - Pb) = {result['delta_p']:+.3f}, p = {result['p_value']:.3g}")
-    fig.suptitle(result["verdict"])
+    control = result.get("control")
+    warning = ""
+    if control is not None and not control["specific"]:
+        warning = "\nwarning: the unkeyed control triggers too (not key-specific)"
+    fig.suptitle(result["verdict"] + warning)
     ax.legend(loc="lower right", fontsize=8)
     titles = ("benign", "watermarked", f"residual x{gain:g} (grey = 0)")
     for r in range(rows):

@@ -44,7 +44,7 @@ CONTROL_DESCRIPTION = "same samples, the watermark's per-pixel magnitudes with r
 
 def datalist_items(
     datalist: str | os.PathLike | Sequence[Mapping[str, Any]], key: str, base_dir: str | os.PathLike | None
-):
+) -> list[dict[str, Any]]:
     """Datalist items (``image``, ``label``) of split ``key`` from a JSON file, or the given items."""
     if isinstance(datalist, (str, os.PathLike)):
         if not os.path.isfile(datalist):
@@ -215,7 +215,7 @@ def verify_ownership(
         ],
     }
     example_x, example_xw = (torch.stack(t) for t in zip(*examples[:N_EXAMPLES], strict=True))
-    save_verification_figure(output_dir / "verification.png", pb, pv, result, example_x, example_xw)
+    save_verification_figure(output_dir / "verification.png", pb, pv, result, example_x, example_xw, pc=pc)
     lap("figure")
     timings["total"] = time.perf_counter() - start
     report["timings_s"] = {stage: round(seconds, 4) for stage, seconds in timings.items()}
