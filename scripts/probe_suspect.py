@@ -47,6 +47,7 @@ def build_generator(checkpoint: Path, args: argparse.Namespace) -> WatermarkPipe
     parser.read_config(ROOT / "configs" / "verify.json")
     parser["image_size"] = args.image_size
     parser["generator_channels"] = [int(c) for c in args.generator_channels.split(",")]
+    parser["epsilon"] = args.epsilon
     parser["residual_blur"] = sum(key.startswith("generator.residual_blur.") for key in state.get("model", state))
     return load_pipeline(parser.get_parsed_content("network_def"), checkpoint)
 
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--generator-channels", default="16,32,64,128,256")
+    parser.add_argument("--epsilon", type=float, default=16 / 255, help="the generators' budget (not in checkpoints)")
     parser.add_argument("--query-size", type=int, default=224)
     parser.add_argument("--target-label", default="No Finding", choices=LABELS)
     parser.add_argument("--n", type=int, default=64)
