@@ -91,7 +91,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the table as JSON here")
     args = parser.parse_args()
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     k = LABELS.index(args.target_label)
     generators = {"watermark": build_generator(args.generator, args)}
     generators.update({f"other generator {p}": build_generator(p, args) for p in args.other})
