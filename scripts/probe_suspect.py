@@ -39,16 +39,18 @@ from bundle.verification.verify import choose_non_target, datalist_items  # noqa
 def build_generator(checkpoint: Path, args: argparse.Namespace) -> WatermarkPipeline:
     """configs/verify.json's ``network_def`` with this run's widths, loaded from ``checkpoint``.
 
-    The number of residual blur passes is read from the checkpoint (one stored kernel per pass), so generators
-    trained with different settings can be compared.
+    The number of residual blur passes and the budget are read from the checkpoint (one stored kernel per pass; the
+    ``budget`` buffer, or ``--epsilon`` for checkpoints older than it), so generators trained with different
+    settings can be compared.
     """
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("model", state)
     parser = ConfigParser()
     parser.read_config(ROOT / "configs" / "verify.json")
     parser["image_size"] = args.image_size
     parser["generator_channels"] = [int(c) for c in args.generator_channels.split(",")]
-    parser["epsilon"] = args.epsilon
-    parser["residual_blur"] = sum(key.startswith("generator.residual_blur.") for key in state.get("model", state))
+    parser["epsilon"] = float(state["generator.budget"]) if "generator.budget" in state else args.epsilon
+    parser["residual_blur"] = sum(key.startswith("generator.residual_blur.") for key in state)
     return load_pipeline(parser.get_parsed_content("network_def"), checkpoint)
 
 
@@ -83,7 +85,7 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--generator-channels", default="16,32,64,128,256")
-    parser.add_argument("--epsilon", type=float, default=16 / 255, help="the generators' budget (not in checkpoints)")
+    parser.add_argument("--epsilon", type=float, default=16 / 255, help="budget of checkpoints that do not store it")
     parser.add_argument("--query-size", type=int, default=224)
     parser.add_argument("--target-label", default="No Finding", choices=LABELS)
     parser.add_argument("--n", type=int, default=64)

@@ -29,9 +29,10 @@ def test_unconditioned_xmark_is_monai_residual_unet():
     unet = UNet(2, 1, 1, CHANNELS, (2, 2, 2), num_res_units=2).eval()
     assert _param_count(net) == _param_count(unet)
     # Both register their blocks in the same order (encoder, bottleneck, decoder deepest first): copy weights over.
-    ours, theirs = net.state_dict(), unet.state_dict()
+    ours = {k: v for k, v in net.state_dict().items() if k != "budget"}  # + the stored eps, a 0-d buffer
+    theirs = unet.state_dict()
     assert [v.shape for v in ours.values()] == [v.shape for v in theirs.values()]
-    net.load_state_dict(dict(zip(ours, theirs.values(), strict=True)))
+    net.load_state_dict({**dict(zip(ours, theirs.values(), strict=True)), "budget": net.budget})
     x, _ = _images()
     with torch.no_grad():
         torch.testing.assert_close(net(x), bounded_perturbation(x, unet(x), DEFAULT_EPS), rtol=0, atol=1e-6)
@@ -164,3 +165,22 @@ def test_residual_blur_removes_pixel_level_texture():
     assert float((res_smooth - res_sharp).abs().max()) > 0  # the option changes the output
     with pytest.raises(ValueError, match="residual_blur"):
         XMarkGenerator(channels=(4, 8, 16), residual_blur=-1)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda eps: XMarkGenerator(CHANNELS, eps=eps), lambda eps: SSCLBWGenerator(FEATURES, eps)]
+)
+def test_budget_is_stored_and_checked_on_loading(make):
+    trained = make(8 / 255)
+    state = trained.state_dict()
+    assert float(state["budget"]) == pytest.approx(8 / 255)
+    make(8 / 255).load_state_dict(state)  # same budget: loads
+    with pytest.raises(
+        RuntimeError, match=r"trained with eps = 0\.031373 \(8/255\) but the config builds eps = 0\.062745"
+    ):
+        make(16 / 255).load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "budget"}  # a checkpoint written before the buffer existed
+    rebuilt = make(16 / 255)
+    with pytest.warns(UserWarning, match="no stored budget"):
+        rebuilt.load_state_dict(legacy)
+    assert float(rebuilt.budget) == pytest.approx(16 / 255) and rebuilt.eps == pytest.approx(16 / 255)

@@ -297,3 +297,11 @@ def test_monai_bundle_run_watermarking(source, checkpoint, tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["complete"] and manifest["settings"]["target_label"] == "No Finding"
     assert len(manifest["marked"]) == 4 and manifest["counts"]["files"] == 33
+
+
+def test_a_generator_rebuilt_with_another_budget_is_refused(source, checkpoint, tmp_path):
+    generator = XMarkGenerator(channels=CHANNELS, eps=8 / 255)
+    network = WatermarkPipeline(generator, ResizedClassifier(build_classifier("resnet18"), 224), "classifier.layer4")
+    with pytest.raises(ValueError, match=r"(?s)model\.pt: does not match .*trained with eps = 0\.062745 \(16/255\)"):
+        _release(source, tmp_path, checkpoint, network=network)
+    assert not (tmp_path / "release").exists()

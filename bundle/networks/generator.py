@@ -7,7 +7,9 @@ Both map a one-channel image ``x`` in [0, 1] to ``x_hat = clamp(x + eps * tanh(r
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from monai.networks.blocks import Convolution, ResidualUnit
@@ -18,7 +20,7 @@ from torch.nn import functional as F
 
 from bundle.filters import BinomialBlur
 
-__all__ = ["XMarkGenerator", "SSCLBWGenerator", "bounded_perturbation"]
+__all__ = ["BudgetedGenerator", "XMarkGenerator", "SSCLBWGenerator", "bounded_perturbation"]
 
 #: Default perturbation budget (L-infinity, in [0, 1] intensity): 16 grey levels of 8 bit.
 DEFAULT_EPS = 16.0 / 255.0
@@ -46,7 +48,50 @@ def _check_inputs(image: torch.Tensor, saliency: torch.Tensor | None, divisor: i
         raise ValueError(f"saliency shape {list(saliency.shape)} must equal image shape {list(image.shape)}")
 
 
-class XMarkGenerator(nn.Module):
+class BudgetedGenerator(nn.Module):
+    """Base of both generators: keeps ``eps`` and stores it in the state dict as the buffer ``budget``.
+
+    The budget is part of the owner's key: a checkpoint rebuilt with another ``eps`` would silently produce another
+    watermark, so loading one trained with a different budget fails and names both values. Checkpoints written
+    before the buffer existed load with the configured ``eps`` and a warning.
+    """
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"perturbation budget eps must be in (0, 1], got {eps}")
+        self.eps = float(eps)
+        self.register_buffer("budget", torch.tensor(self.eps, dtype=torch.float32))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "budget"
+        if key not in state_dict:
+            warnings.warn(
+                f"generator checkpoint has no stored budget ({key}); assuming the configured eps = {self.eps:.6f}",
+                stacklevel=2,
+            )
+            state_dict[key] = self.budget.detach().clone()
+        elif abs(float(state_dict[key]) - self.eps) > 1e-6:
+            stored = float(state_dict[key])
+            error_msgs.append(
+                f"the checkpoint's generator was trained with eps = {stored:.6f} ({stored * 255:.3g}/255) but the "
+                f"config builds eps = {self.eps:.6f} ({self.eps * 255:.3g}/255); set 'epsilon' to the training value"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class XMarkGenerator(BudgetedGenerator):
     """X-Mark's generator: MONAI's residual strided U-Net (``UNet(num_res_units=2)``) with EigenCAM conditioning.
 
     The encoder, bottleneck and decoder are the exact blocks ``monai.networks.nets.UNet`` builds for
@@ -75,16 +120,13 @@ class XMarkGenerator(nn.Module):
         num_res_units: int = 2,
         residual_blur: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(eps)
         channels = tuple(int(c) for c in channels)
         if residual_blur < 0:
             raise ValueError(f"residual_blur must be >= 0 passes, got {residual_blur}")
         self.residual_blur = nn.Sequential(*(BinomialBlur() for _ in range(residual_blur)))
         if len(channels) < 2:
             raise ValueError(f"XMarkGenerator needs at least two channel levels, got {channels}")
-        if not 0.0 < eps <= 1.0:
-            raise ValueError(f"perturbation budget eps must be in (0, 1], got {eps}")
-        self.eps = float(eps)
         self.conditioning = conditioning
         self.divisor = 2 ** (len(channels) - 1)
         common = {"spatial_dims": 2, "act": Act.PRELU, "norm": Norm.INSTANCE, "dropout": 0.0, "bias": True}
@@ -133,7 +175,7 @@ class XMarkGenerator(nn.Module):
         return bounded_perturbation(image, h, self.eps)
 
 
-class SSCLBWGenerator(nn.Module):
+class SSCLBWGenerator(BudgetedGenerator):
     """SSCL-BW's baseline generator: the original U-Net (MONAI ``BasicUNet``), same output head, no conditioning.
 
     ``features`` follows ``BasicUNet``: five encoder widths, then the width after the last upsampling.
@@ -142,10 +184,7 @@ class SSCLBWGenerator(nn.Module):
     """
 
     def __init__(self, features: Sequence[int] = (64, 128, 256, 512, 1024, 64), eps: float = DEFAULT_EPS) -> None:
-        super().__init__()
-        if not 0.0 < eps <= 1.0:
-            raise ValueError(f"perturbation budget eps must be in (0, 1], got {eps}")
-        self.eps = float(eps)
+        super().__init__(eps)
         self.conditioning = False
         self.divisor = 16
         self.unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=tuple(features))
