@@ -40,7 +40,7 @@ from bundle.networks.pipeline import load_pipeline
 from bundle.transforms.geometry import ResizeLongestPadd
 from bundle.transforms.watermark import SaveWatermarkedd
 
-__all__ = ["ReleaseError", "select_marked", "watermark_release"]
+__all__ = ["ReleaseError", "read_manifest", "select_marked", "watermark_release"]
 
 _SPLITS: tuple[str, ...] = ("training", "validation", "test")
 _TOOLS: tuple[str, ...] = ("torch", "torchvision", "monai", "numpy", "pydicom", "pillow", "nibabel", "itk")
@@ -185,6 +185,22 @@ def _previous_records(manifest_file: Path, settings: Mapping[str, Any]) -> dict[
             _check_settings(journal, entries[0].get("settings"), settings)
         records.update((entry["marked"]["path"], entry["marked"]) for entry in entries[1:])
     return records
+
+
+def read_manifest(manifest_file: str | os.PathLike) -> dict[str, Any]:
+    """A finished release's private manifest (where the source, release and generator are; what was marked)."""
+    path = Path(manifest_file)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReleaseError(path, f"cannot read the release manifest ({err})") from err
+    keys = ("dataset_dir", "release_dir", "generator_checkpoint", "marked")
+    missing = [key for key in keys if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise ReleaseError(path, f"is not a release manifest (missing {', '.join(missing)})")
+    if not manifest.get("complete"):
+        raise ReleaseError(path, "records an unfinished release; run configs/watermark.json again to finish it")
+    return manifest
 
 
 def _append_journal(journal: Path, settings: Mapping[str, Any], record: Mapping[str, Any]) -> None:

@@ -196,10 +196,7 @@ def main() -> None:
             "run",
             evaluate_cfg + ["configs/evaluate.json"],
             ckpt_dir=malicious,
-            generator_ckpt=generator / "model.pt",
-            source_dir=phantoms,
-            release_dir=release,
-            release_manifest=manifest,
+            release_manifest=manifest,  # names the source, the release and the generator
             **data,
             **eval_keys,
             **g_keys(setting, "generator_image_size"),

@@ -105,3 +105,27 @@ def test_generator_training(phantoms, classifier, tmp_path, override):
     assert 0.0 <= last["val_wsr"] <= 1.0 and last["val_lpips"] >= 0.0
     state = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("generator.") for k in state) and any(k.startswith("surrogate.") for k in state)
+
+
+def test_generator_training_with_cosine_learning_rate(phantoms, classifier, tmp_path):
+    workflow = _workflow(
+        ["train.json"],
+        dataset_dir=str(phantoms),
+        ckpt_dir=str(tmp_path),
+        output_dir=str(tmp_path / "logs"),
+        surrogate_ckpt=str(classifier / "model.pt"),
+        image_size=64,
+        batch_size=4,
+        max_epochs=2,
+        learning_rate=0.01,
+        cosine_lr=True,
+        generator_fraction=1.0,
+        generator_channels=[4, 8, 16, 32, 64],
+    )
+    workflow.run()
+    workflow.finalize()
+    assert workflow.parser.get_parsed_content("optimizer").param_groups[0]["lr"] == pytest.approx(
+        0.0, abs=1e-12
+    )  # annealed over max_epochs
+    info = json.loads((tmp_path / "training_info.json").read_text())
+    assert info["cosine_lr"] is True and info["learning_rate"] == 0.01

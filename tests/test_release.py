@@ -20,7 +20,7 @@ from bundle.fileio import sha256_file
 from bundle.networks.classifier import ResizedClassifier, build_classifier
 from bundle.networks.generator import XMarkGenerator
 from bundle.networks.pipeline import WatermarkPipeline
-from bundle.release import ReleaseError, select_marked, watermark_release
+from bundle.release import ReleaseError, read_manifest, select_marked, watermark_release
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS, EPS, GAMMA = 64, [4, 8, 16, 32, 64], 16 / 255, 0.5
@@ -305,3 +305,22 @@ def test_a_generator_rebuilt_with_another_budget_is_refused(source, checkpoint, 
     with pytest.raises(ValueError, match=r"(?s)model\.pt: does not match .*trained with eps = 0\.062745 \(16/255\)"):
         _release(source, tmp_path, checkpoint, network=network)
     assert not (tmp_path / "release").exists()
+
+
+def test_read_manifest_returns_a_finished_release_and_names_bad_files(released, tmp_path):
+    manifest, out, _ = released
+    path = out / "private" / "manifest.json"
+    read = read_manifest(path)
+    assert read == json.loads(path.read_text()) and read["release_dir"] == str(out / "release")
+    torn = tmp_path / "torn.json"
+    torn.write_text(path.read_text()[:50])
+    with pytest.raises(ReleaseError, match=r"torn\.json: cannot read the release manifest"):
+        read_manifest(torn)
+    unfinished = tmp_path / "unfinished.json"
+    unfinished.write_text(json.dumps({**read, "complete": False}))
+    with pytest.raises(ReleaseError, match=r"unfinished\.json: records an unfinished release"):
+        read_manifest(unfinished)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": []}))
+    with pytest.raises(ReleaseError, match=r"is not a release manifest \(missing dataset_dir, release_dir"):
+        read_manifest(datalist)
