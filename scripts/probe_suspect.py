@@ -48,6 +48,7 @@ def build_generator(checkpoint: Path, args: argparse.Namespace) -> WatermarkPipe
     parser = ConfigParser()
     parser.read_config(ROOT / "configs" / "verify.json")
     parser["image_size"] = args.image_size
+    parser["surrogate_size"] = args.surrogate_size
     parser["generator_channels"] = [int(c) for c in args.generator_channels.split(",")]
     parser["epsilon"] = float(state["generator.budget"]) if "generator.budget" in state else args.epsilon
     parser["residual_blur"] = sum(key.startswith("generator.residual_blur.") for key in state)
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--generator-channels", default="16,32,64,128,256")
     parser.add_argument("--epsilon", type=float, default=16 / 255, help="budget of checkpoints that do not store it")
     parser.add_argument("--query-size", type=int, default=224)
+    parser.add_argument("--surrogate-size", type=int, default=224, help="input size of the generators' surrogate")
     parser.add_argument("--target-label", default="No Finding", choices=LABELS)
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
