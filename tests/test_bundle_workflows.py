@@ -129,3 +129,7 @@ def test_generator_training_with_cosine_learning_rate(phantoms, classifier, tmp_
     )  # annealed over max_epochs
     info = json.loads((tmp_path / "training_info.json").read_text())
     assert info["cosine_lr"] is True and info["learning_rate"] == 0.01
+    # the reported best epoch is the saved one: CheckpointSaver keeps the later epoch on ties, so must the evaluator
+    history = json.loads((tmp_path / "logs" / "metrics.json").read_text())["history"]
+    top = max(row["val_wsr"] for row in history)
+    assert info["best_epoch"] == max(row["epoch"] for row in history if row["val_wsr"] == top)

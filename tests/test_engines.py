@@ -8,7 +8,12 @@ import torch
 from torch.nn import functional as F
 
 from bundle.engines.metrics import MultiLabelAUROC, per_label_auroc
-from bundle.engines.report import classification_report, f1_optimal_threshold, write_classification_report
+from bundle.engines.report import (
+    classification_report,
+    f1_optimal_threshold,
+    write_classification_report,
+    write_evaluation_report,
+)
 from bundle.losses.classification import MaskedBCEWithLogitsLoss
 
 
@@ -51,3 +56,14 @@ def test_report_applies_validation_threshold_to_test(tmp_path):
     out = tmp_path / "r.json"
     write_classification_report(val, test, out, ["Edema"], seed=3)
     assert json.loads(out.read_text())["seed"] == 3
+
+
+def test_evaluation_report_gives_wsr_and_its_clean_baseline(tmp_path):
+    val = (torch.tensor([[0.9], [0.6], [0.4], [0.1]]), torch.tensor([[1.0], [1.0], [0.0], [0.0]]))  # threshold 0.6
+    test = (torch.tensor([[0.7], [0.65], [0.5], [0.2], [0.3]]), torch.tensor([[1.0], [0.0], [0.0], [0.0], [-1.0]]))
+    watermarked = torch.tensor([0.95, 0.8, 0.3])  # the three non-target test samples (label 0), watermarked
+    report = write_evaluation_report(val, test, watermarked, 0, tmp_path / "e.json", ["No Finding"])
+    wsr = report["wsr"]
+    assert wsr["threshold"] == pytest.approx(0.6) and wsr["value"] == pytest.approx(2 / 3) and wsr["n"] == 3
+    assert wsr["clean_positive_rate"] == pytest.approx(1 / 3)  # 0.65 of the clean non-targets already passes
+    assert json.loads((tmp_path / "e.json").read_text())["wsr"] == wsr

@@ -87,19 +87,24 @@ def write_evaluation_report(
 ) -> dict[str, Any]:
     """Suspect-model evaluation: clean BA/AUROC, WSR at label k's validation threshold, release image quality.
 
-    ``watermarked_prob`` holds label k's probability for the watermarked NON-target test samples.
+    ``watermarked_prob`` holds label k's probability for the watermarked NON-target test samples; the report also
+    gives the share of those samples *without* watermark that already pass the threshold (``clean_positive_rate``).
     """
     report = classification_report(val, test, labels)
     row = report["per_label"][labels[target_index]]
     prob = torch.as_tensor(watermarked_prob).double().reshape(-1)
     if prob.numel() == 0:
         raise ValueError("no watermarked non-target test samples: the WSR is undefined")
+    test_p, test_y = (torch.as_tensor(t).detach().cpu().double() for t in test)
+    clean = test_p[test_y[:, target_index] == 0, target_index]  # the same non-target samples, unwatermarked
     report["wsr"] = {
         "target_label": labels[target_index],
         "threshold": row["threshold"],
         "value": float((prob >= row["threshold"]).double().mean()),
         "n": int(prob.numel()),
         "mean_probability": float(prob.mean()),
+        # the threshold's false-positive rate on clean non-target test samples: what the WSR must be read against
+        "clean_positive_rate": float((clean >= row["threshold"]).double().mean()) if clean.numel() else None,
     }
     if quality is not None:
         report["release_quality"] = quality
@@ -107,6 +112,7 @@ def write_evaluation_report(
     write_json(output_file, report)
     print(
         f"BA {report['mean_ba']:.3f}  AUROC {report['mean_auroc']:.3f}  "
-        f"WSR {report['wsr']['value']:.3f} (n={report['wsr']['n']}, threshold {row['threshold']:.3f})  -> {output_file}"
+        f"WSR {report['wsr']['value']:.3f} (n={report['wsr']['n']}, threshold {row['threshold']:.3f}; clean "
+        f"non-target samples above it: {report['wsr']['clean_positive_rate']})  -> {output_file}"
     )
     return report
