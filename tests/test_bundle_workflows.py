@@ -80,22 +80,26 @@ def test_classifier_evaluation_report(phantoms, classifier):
     assert len(report["checkpoint"]["sha256"]) == 64
 
 
-@pytest.mark.parametrize("override", ["train_sscl_bw.json", None])
-def test_generator_training(phantoms, classifier, tmp_path, override):
-    configs = ["train.json"] + ([override] if override else [])
-    workflow = _workflow(
-        configs,
+def _generator_workflow(configs: list[str], phantoms: Path, classifier: Path, out: Path, **override) -> ConfigWorkflow:
+    """configs/train.json (plus ``configs``) at 64 px with tiny widths, writing into ``out``."""
+    return _workflow(
+        ["train.json", *configs],
         dataset_dir=str(phantoms),
-        ckpt_dir=str(tmp_path),
-        output_dir=str(tmp_path / "logs"),
+        ckpt_dir=str(out),
+        output_dir=str(out / "logs"),
         surrogate_ckpt=str(classifier / "model.pt"),
         image_size=64,
         batch_size=4,
-        max_epochs=1,
         generator_fraction=1.0,
         generator_channels=[4, 8, 16, 32, 64],
         generator_features=[4, 8, 16, 32, 64, 4],
+        **override,
     )
+
+
+@pytest.mark.parametrize("override", ["train_sscl_bw.json", None])
+def test_generator_training(phantoms, classifier, tmp_path, override):
+    workflow = _generator_workflow([override] if override else [], phantoms, classifier, tmp_path, max_epochs=1)
     assert workflow.check_properties() in (None, [])
     workflow.run()
     metrics = json.loads((tmp_path / "logs" / "metrics.json").read_text())
@@ -108,20 +112,7 @@ def test_generator_training(phantoms, classifier, tmp_path, override):
 
 
 def test_generator_training_with_cosine_learning_rate(phantoms, classifier, tmp_path):
-    workflow = _workflow(
-        ["train.json"],
-        dataset_dir=str(phantoms),
-        ckpt_dir=str(tmp_path),
-        output_dir=str(tmp_path / "logs"),
-        surrogate_ckpt=str(classifier / "model.pt"),
-        image_size=64,
-        batch_size=4,
-        max_epochs=2,
-        learning_rate=0.01,
-        cosine_lr=True,
-        generator_fraction=1.0,
-        generator_channels=[4, 8, 16, 32, 64],
-    )
+    workflow = _generator_workflow([], phantoms, classifier, tmp_path, max_epochs=2, learning_rate=0.01, cosine_lr=True)
     workflow.run()
     workflow.finalize()
     assert workflow.parser.get_parsed_content("optimizer").param_groups[0]["lr"] == pytest.approx(
