@@ -22,10 +22,12 @@ import platform
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import DataLoader, Dataset, decollate_batch
 from monai.transforms import Compose
@@ -40,7 +42,7 @@ from bundle.networks.pipeline import load_pipeline
 from bundle.transforms.geometry import ResizeLongestPadd
 from bundle.transforms.watermark import SaveWatermarkedd
 
-__all__ = ["ReleaseError", "read_manifest", "select_marked", "watermark_release"]
+__all__ = ["ReleaseError", "read_manifest", "select_decoys", "select_marked", "watermark_release"]
 
 _SPLITS: tuple[str, ...] = ("training", "validation", "test")
 _TOOLS: tuple[str, ...] = ("torch", "torchvision", "monai", "numpy", "pydicom", "pillow", "nibabel", "itk")
@@ -64,6 +66,21 @@ def select_marked(datalist: Mapping[str, Any], target_label: str, gamma: float, 
     if not target:
         raise ValueError(f"no training item has {target_label!r} == 1: nothing to watermark")
     return [training[i]["image"] for i in select_fraction(target, gamma, seed)]
+
+
+def select_decoys(datalist: Mapping[str, Any], target_label: str, fraction: float, seed: int) -> dict[str, int]:
+    """Decoys: a seeded share ``fraction`` of the non-target training items, each with the seed of its own key.
+
+    A decoy is watermarked by our generator with another key of its kind and keeps its (non-target) labels, so a
+    model trained on the release learns our key, not keyed watermarks in general: another owner's key then looks
+    like a decoy to it. Never the same images as :func:`select_marked` (those are target-class items).
+    """
+    labels = list(datalist.get("labels", LABELS))
+    training = datalist["training"]
+    _, non_target = split_by_target(training, labels.index(target_label))
+    chosen = [training[i]["image"] for i in select_fraction(non_target, fraction, seed + 1)]
+    key_seeds = np.random.default_rng(seed + 2).integers(0, 2**31 - 1, size=len(chosen))
+    return {image: int(key_seed) for image, key_seed in zip(chosen, key_seeds, strict=True)}
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -172,7 +189,7 @@ def _previous_records(manifest_file: Path, settings: Mapping[str, Any]) -> dict[
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ReleaseError(manifest_file, f"cannot read the existing manifest ({err})") from err
         _check_settings(manifest_file, manifest.get("settings"), settings)
-        records.update((record["path"], record) for record in manifest.get("marked", []))
+        records.update((record["path"], record) for record in manifest.get("marked", []) + manifest.get("decoys", []))
     journal = _journal_path(manifest_file)
     if journal.exists():
         entries = []
@@ -263,6 +280,7 @@ def watermark_release(
     num_workers: int = 0,
     max_marked: int | None = None,
     progress: bool = True,
+    decoy_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Write the watermarked release of ``dataset_dir`` into ``release_dir`` and the owner's manifest; return it.
 
@@ -270,6 +288,8 @@ def watermark_release(
     the weights are loaded here from ``ckpt_path`` so that the manifest's SHA-256 names the key actually used. G runs
     on letterboxed ``image_size`` inputs in batches of ``batch_size``. ``max_marked`` bounds the files marked in this
     run (the manifest then says ``"complete": false`` and the next run goes on). Resumes an interrupted run.
+    ``decoy_fraction`` (keyed generators only; 0 = the paper's release) also marks that share of the non-target
+    training images with other keys (:func:`select_decoys`); the manifest lists them under ``decoys``.
     """
     start = time.perf_counter()
     dataset_dir, release_dir = Path(dataset_dir).resolve(), Path(release_dir).resolve()
@@ -278,20 +298,26 @@ def watermark_release(
         raise ValueError(
             f"need 0 < gamma <= 1, batch_size >= 1, max_marked >= 0 (got {gamma}, {batch_size}, {max_marked})"
         )
+    if not 0 <= decoy_fraction <= 1:
+        raise ValueError(f"need 0 <= decoy_fraction <= 1, got {decoy_fraction}")
     _check_locations(dataset_dir, release_dir, manifest_file, ckpt_path)
     source_files = _source_files(dataset_dir)
     datalist = _read_datalist(datalist_file, dataset_dir, source_files)
     try:
         selected = select_marked(datalist, target_label, gamma, seed)
+        decoys = select_decoys(datalist, target_label, decoy_fraction, seed) if decoy_fraction else {}
     except ValueError as err:
         raise ReleaseError(datalist_file, str(err)) from err
     load_pipeline(network, ckpt_path)  # the weights actually used are the ones hashed below
+    if decoys and not getattr(getattr(network, "generator", network), "keyed", False):
+        raise ReleaseError(ckpt_path, "decoys need a keyed generator (train it with key_cells > 0)")
     settings = {
         "target_label": target_label,
         "gamma": float(gamma),
         "seed": int(seed),
         "epsilon": float(epsilon),
         "image_size": int(image_size),
+        "decoy_fraction": float(decoy_fraction),
         "generator_sha256": sha256_file(ckpt_path),
         "datalist_sha256": sha256_file(datalist_file),
     }
@@ -301,6 +327,7 @@ def watermark_release(
 
     def manifest(complete: bool, counts: Mapping[str, int], timings: Mapping[str, float]) -> dict[str, Any]:
         marked = [records[image] for image in selected if image in records]
+        written = marked + [records[image] for image in decoys if image in records]
         return {
             "settings": settings,
             "complete": complete,
@@ -308,12 +335,19 @@ def watermark_release(
             "release_dir": str(release_dir),
             "datalist_file": str(datalist_file),
             "generator_checkpoint": str(ckpt_path),
-            "counts": {"files": len(files), "selected": len(selected), "marked": len(marked), **counts},
-            "max_abs_change01": max((r["max_abs_change01"] for r in marked), default=0.0),
-            "budget_ok": all(r["budget_ok"] for r in marked),
+            "counts": {
+                "files": len(files),
+                "selected": len(selected),
+                "marked": len(marked),
+                "decoys": len(written) - len(marked),
+                **counts,
+            },
+            "max_abs_change01": max((r["max_abs_change01"] for r in written), default=0.0),
+            "budget_ok": all(r["budget_ok"] for r in written),
             "timings": dict(timings),
             "tools": _tool_versions(),
             "marked": marked,
+            "decoys": written[len(marked) :],
         }
 
     # fold the journal of an interrupted run into the manifest, so that the new journal starts clean
@@ -321,21 +355,27 @@ def watermark_release(
     journal = _journal_path(manifest_file)
     journal.unlink(missing_ok=True)
 
-    copy_start, marked_set = time.perf_counter(), set(selected)
+    to_write = selected + list(decoys)
+    copy_start, marked_set = time.perf_counter(), set(to_write)
     to_copy = [rel for rel in files if rel not in marked_set]
     copied = sum(
         _copy(files[rel], release_dir / rel) for rel in tqdm(to_copy, desc="copy", unit="file", disable=not progress)
     )
     copy_s = time.perf_counter() - copy_start
 
-    pending = [rel for rel in selected if not _is_done(records.get(rel), files[rel], release_dir / rel)]
+    pending = [rel for rel in to_write if not _is_done(records.get(rel), files[rel], release_dir / rel)]
     for rel in pending:  # an incomplete release never holds an unmarked or outdated version of a selected image
         records.pop(rel, None)
         (release_dir / rel).unlink(missing_ok=True)
     now = pending[: len(pending) if max_marked is None else max_marked]
     mark_start = time.perf_counter()
+    ours, decoys_now = [rel for rel in now if rel not in decoys], {rel: decoys[rel] for rel in now if rel in decoys}
+    marks = [
+        _mark(network, ours, dataset_dir, release_dir, epsilon, image_size, batch_size, num_workers),
+        _mark(network, list(decoys_now), dataset_dir, release_dir, epsilon, image_size, 1, num_workers, decoys_now),
+    ]
     for record in tqdm(
-        _mark(network, now, dataset_dir, release_dir, epsilon, image_size, batch_size, num_workers),
+        (record for mark in marks for record in mark),
         total=len(now),
         desc="watermark",
         unit="img",
@@ -347,7 +387,7 @@ def watermark_release(
 
     counts = {
         "marked_now": len(now),
-        "marked_already": len(selected) - len(pending),
+        "marked_already": len(to_write) - len(pending),
         "to_mark": len(pending) - len(now),
         "copied_now": copied,
         "copied_already": len(to_copy) - copied,
@@ -369,20 +409,28 @@ def _mark(
     image_size: int,
     batch_size: int,
     num_workers: int,
+    decoy_seeds: Mapping[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yield the manifest record of each image in ``images`` once G has marked it and its file is written."""
+    """Yield the manifest record of each image in ``images`` once G has marked it and its file is written.
+
+    With ``decoy_seeds`` (image -> key seed; ``batch_size`` must then be 1) each image gets its own other key.
+    """
     network.eval()
+    generator = getattr(network, "generator", network)
     device = next(network.parameters()).device
     preprocessing = Compose([LoadXRayd("image"), ResizeLongestPadd("image", image_size)])
     dataset = Dataset([{"image": str(dataset_dir / rel), "relative": rel} for rel in images], preprocessing)
     saver = SaveWatermarkedd("pred", release_dir, dataset_dir, epsilon)
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-        with torch.no_grad():
+        key_seed = None if decoy_seeds is None else decoy_seeds[batch["relative"][0]]
+        key = nullcontext() if key_seed is None else generator.using_key(generator.other_key(key_seed))
+        with torch.no_grad(), key:
             batch["pred"] = network(batch["image"].as_tensor().to(device)).cpu()
         for item in decollate_batch(batch):
             report = saver(item)["watermark"]
             yield {
                 "path": item["relative"],
+                **({} if key_seed is None else {"decoy_key_seed": key_seed}),
                 "source_sha256": sha256_file(report["source"]),
                 "output_sha256": sha256_file(report["path"]),
                 **{key: report[key] for key in ("format", "shape", "max_abs_change01", "max_stored_change")},
@@ -395,7 +443,7 @@ def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
     counts, timings, settings = manifest["counts"], manifest["timings"], manifest["settings"]
     print(
         f"release {manifest['release_dir']}: {counts['marked']} of {counts['selected']} selected images marked "
-        f"({counts['marked_now']} in this run), {counts['copied_now']} files copied and "
+        f"and {counts['decoys']} decoys ({counts['marked_now']} in this run), {counts['copied_now']} files copied and "
         f"{counts['copied_already']} already in place; "
         f"max |change| {manifest['max_abs_change01']:.4f} (epsilon {settings['epsilon']:.4f}, budget "
         f"{'kept' if manifest['budget_ok'] else 'EXCEEDED after lossy JPEG re-encoding'}); "

@@ -32,7 +32,7 @@ from bundle.fileio import write_json  # noqa: E402
 from bundle.networks.pipeline import WatermarkPipeline, load_pipeline  # noqa: E402
 from bundle.transforms import ResizeLongestPadd  # noqa: E402
 from bundle.transforms.geometry import resize_square  # noqa: E402
-from bundle.verification import open_suspect, unkeyed_control  # noqa: E402
+from bundle.verification import generator_key_cells, open_suspect, other_key_control, unkeyed_control  # noqa: E402
 from bundle.verification.verify import choose_non_target, datalist_items  # noqa: E402
 
 
@@ -61,6 +61,8 @@ def probes(x: torch.Tensor, generators: dict[str, WatermarkPipeline], eps: float
     inside = (x > 0).to(x.dtype)  # the letterbox padding stays black, as in every watermark
     with torch.no_grad():
         marked = {name: g(x) for name, g in generators.items()}
+        if generator_key_cells(generators["watermark"]):
+            marked["our G with another key"] = other_key_control(generators["watermark"], x, rng)
     ours = marked.pop("watermark")
     residual = ours - x
     noise = (torch.rand(x.shape, generator=rng) * 2 - 1) * eps * inside

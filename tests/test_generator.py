@@ -7,7 +7,16 @@ import torch
 from monai.networks.nets import BasicUNet, UNet
 from torch.utils.flop_counter import FlopCounterMode
 
-from bundle.networks.generator import DEFAULT_EPS, SSCLBWGenerator, XMarkGenerator, bounded_perturbation
+from bundle.networks.generator import (
+    DEFAULT_EPS,
+    GRATING_CYCLES,
+    SSCLBWGenerator,
+    XMarkGenerator,
+    bounded_perturbation,
+    key_pattern_of,
+    keyed_perturbation,
+    secret_key,
+)
 
 CHANNELS = (8, 16, 32, 64)
 FEATURES = (8, 8, 16, 16, 32, 8)
@@ -29,10 +38,11 @@ def test_unconditioned_xmark_is_monai_residual_unet():
     unet = UNet(2, 1, 1, CHANNELS, (2, 2, 2), num_res_units=2).eval()
     assert _param_count(net) == _param_count(unet)
     # Both register their blocks in the same order (encoder, bottleneck, decoder deepest first): copy weights over.
-    ours = {k: v for k, v in net.state_dict().items() if k != "budget"}  # + the stored eps, a 0-d buffer
+    buffers = ("budget", "key")  # the stored eps (0-d) and the empty key of an unkeyed generator
+    ours = {k: v for k, v in net.state_dict().items() if k not in buffers}
     theirs = unet.state_dict()
     assert [v.shape for v in ours.values()] == [v.shape for v in theirs.values()]
-    net.load_state_dict({**dict(zip(ours, theirs.values(), strict=True)), "budget": net.budget})
+    net.load_state_dict({**dict(zip(ours, theirs.values(), strict=True)), "budget": net.budget, "key": net.key})
     x, _ = _images()
     with torch.no_grad():
         torch.testing.assert_close(net(x), bounded_perturbation(x, unet(x), DEFAULT_EPS), rtol=0, atol=1e-6)
@@ -90,8 +100,12 @@ def test_gradients_reach_every_parameter():
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: XMarkGenerator(CHANNELS), lambda: XMarkGenerator(CHANNELS, conditioning=False)],
-    ids=["conditioned", "unconditioned"],
+    [
+        lambda: XMarkGenerator(CHANNELS),
+        lambda: XMarkGenerator(CHANNELS, conditioning=False),
+        lambda: XMarkGenerator(CHANNELS, key_cells=16),
+    ],
+    ids=["conditioned", "unconditioned", "keyed"],
 )
 def test_torchscript_matches_eager(make):
     torch.manual_seed(5)
@@ -184,3 +198,97 @@ def test_budget_is_stored_and_checked_on_loading(make):
     with pytest.warns(UserWarning, match="no stored budget"):
         rebuilt.load_state_dict(legacy)
     assert float(rebuilt.budget) == pytest.approx(16 / 255) and rebuilt.eps == pytest.approx(16 / 255)
+
+
+def test_secret_key_is_a_reproducible_sign_grid():
+    key = secret_key(16, seed=3)
+    assert key.shape == (1, 1, 16, 16) and set(key.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(key, secret_key(16, seed=3))
+    assert abs(float((key * secret_key(16, seed=4)).mean())) < 0.25  # independent keys are uncorrelated
+    assert secret_key(0, seed=3).numel() == 0
+    with pytest.raises(ValueError, match="key_cells"):
+        secret_key(-1, seed=0)
+    with pytest.raises(ValueError, match="key_pattern"):
+        secret_key(16, seed=0, pattern="stripes")
+
+
+def test_grating_key_is_one_oriented_sinusoid_per_seed():
+    key = secret_key(256, seed=0, pattern="grating")
+    assert key.shape == (1, 1, 256, 256) and key.abs().max() <= 1.0
+    assert torch.equal(key, secret_key(256, seed=0, pattern="grating"))
+    power = torch.fft.fft2(key[0, 0]).abs() ** 2
+    peak = int(power.argmax())
+    fy, fx = peak // 256, peak % 256
+    cycles = torch.tensor([min(f, 256 - f) for f in (fy, fx)], dtype=torch.float32).norm()
+    assert GRATING_CYCLES[0] - 1 <= cycles <= GRATING_CYCLES[1] + 1
+    near = power.roll((3 - fy, 3 - fx), (0, 1))[:7, :7].sum() + power.roll((3 + fy, 3 + fx), (0, 1))[:7, :7].sum()
+    assert near > 0.8 * power.sum()  # the energy sits around one frequency (and its mirror)
+    assert abs(float((key * secret_key(256, seed=1, pattern="grating")).mean())) < 0.05
+    with pytest.raises(ValueError, match="key_cells >= 128"):
+        secret_key(64, seed=0, pattern="grating")
+
+
+@pytest.mark.parametrize("make", [XMarkGenerator, SSCLBWGenerator])
+def test_keyed_watermark_signs_follow_the_key_within_budget(make):
+    torch.manual_seed(2)
+    widths = CHANNELS if make is XMarkGenerator else FEATURES
+    net = make(widths, key_cells=8, key_seed=1).eval()
+    x, cam = _images(3)
+    x = x * 0.8 + 0.1  # no clamping at 0 or 1
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(5.0)  # large residuals: the sign can still only come from the key
+        delta = net(x, cam) - x
+    field = torch.nn.functional.interpolate(net.key, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    assert delta.abs().amax() <= net.eps + 1e-6
+    moved = delta.abs() > 1e-4
+    assert moved.float().mean() > 0.5
+    assert torch.equal(torch.sign(delta[moved]), torch.sign(field.expand_as(delta)[moved]))
+    torch.testing.assert_close(keyed_perturbation(x, torch.zeros_like(x), net.key, 0.1) - x, 0.05 * field.expand_as(x))
+
+
+def test_independent_keys_give_uncorrelated_watermarks_from_the_same_weights():
+    torch.manual_seed(0)
+    ours = XMarkGenerator(CHANNELS, key_cells=16, key_seed=0).eval()
+    theirs = XMarkGenerator(CHANNELS, key_cells=16, key_seed=1).eval()
+    theirs.load_state_dict({**ours.state_dict(), "key": theirs.key})  # same network, another owner's key
+    plain = XMarkGenerator(CHANNELS).eval()
+    x, cam = _images(4)
+    x = x * 0.8 + 0.1
+    with torch.no_grad():
+        a, b = (ours(x, cam) - x).flatten(1), (theirs(x, cam) - x).flatten(1)
+    cosine = torch.nn.functional.cosine_similarity(a, b).abs().max()
+    assert cosine < 0.3  # the same weights without keys would give identical residuals (cos 1)
+    assert not plain.keyed and ours.keyed
+
+
+def test_loading_adopts_the_checkpoint_key():
+    keyed = XMarkGenerator(CHANNELS, key_cells=8, key_seed=5)
+    rebuilt = XMarkGenerator(CHANNELS)  # configs that only load a generator do not know its key
+    rebuilt.load_state_dict(keyed.state_dict())
+    assert rebuilt.keyed and torch.equal(rebuilt.key, keyed.key)
+    x, cam = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x, cam), keyed.eval()(x, cam), rtol=0, atol=0)
+    legacy = {k: v for k, v in XMarkGenerator(CHANNELS).state_dict().items() if k != "key"}  # before keys existed
+    unkeyed = XMarkGenerator(CHANNELS, key_cells=8)
+    unkeyed.load_state_dict(legacy)
+    assert not unkeyed.keyed
+
+
+@pytest.mark.parametrize("pattern, cells", [("cells", 8), ("grating", 128)])
+def test_other_keys_share_pattern_and_grid_but_never_equal_ours(pattern, cells):
+    net = XMarkGenerator(CHANNELS, key_cells=cells, key_seed=7, key_pattern=pattern).eval()
+    other = net.other_key(11)
+    assert other.shape == net.key.shape and key_pattern_of(other) == key_pattern_of(net.key) == pattern
+    assert torch.equal(other, secret_key(cells, 11, pattern))
+    assert not torch.equal(net.other_key(7), net.key)  # our own seed is skipped
+    x, cam = _images()
+    with torch.no_grad():
+        own = net(x, cam)
+        with net.using_key(other):
+            swapped = net(x, cam)
+        assert torch.equal(net(x, cam), own)  # the key is back after the block
+    assert not torch.equal(swapped, own)
+    with pytest.raises(ValueError, match="no key"):
+        XMarkGenerator(CHANNELS).other_key(0)

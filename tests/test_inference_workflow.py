@@ -25,9 +25,9 @@ SIZE, CHANNELS = 64, [4, 8, 16, 32, 64]
 OVERRIDES = {"image_size": SIZE, "generator_channels": CHANNELS}
 
 
-def _pipeline() -> WatermarkPipeline:
+def _pipeline(**key: object) -> WatermarkPipeline:
     torch.manual_seed(0)
-    generator = XMarkGenerator(channels=CHANNELS)
+    generator = XMarkGenerator(channels=CHANNELS, **key)
     with torch.no_grad():  # large weights so that the residual uses the whole budget
         for p in generator.parameters():
             p.mul_(5.0)
@@ -84,7 +84,12 @@ def test_inference_watermarks_real_cr_radiograph(tmp_path, checkpoint):
     assert not np.array_equal(new.pixel_array, ref.pixel_array)
 
 
-def test_exported_torchscript_matches_eager(tmp_path, checkpoint):
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+def test_exported_torchscript_matches_eager(tmp_path, checkpoint, keyed):
+    key = {"key_cells": 128, "key_seed": 2, "key_pattern": "grating"} if keyed else {}
+    if keyed:  # inference.json builds an unkeyed generator: the checkpoint's key must come along
+        checkpoint = tmp_path / "keyed.pt"
+        torch.save(_pipeline(**key).state_dict(), checkpoint)
     ts = tmp_path / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts)]
     cmd += ["--ckpt_file", str(checkpoint), "--meta_file", "configs/metadata.json"]
@@ -95,8 +100,9 @@ def test_exported_torchscript_matches_eager(tmp_path, checkpoint):
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(ts), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"]
-    eager = _pipeline().eval()
+    eager = _pipeline(**key).eval()
     eager.load_state_dict(torch.load(checkpoint, weights_only=True))
+    assert eager.generator.keyed == keyed
     x = torch.rand(2, 1, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x), atol=1e-5, rtol=0)

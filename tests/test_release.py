@@ -11,16 +11,18 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from monai.transforms import Compose
 from PIL import Image
 
 from bundle.data.chexpert import prepare_datalist
 from bundle.data.phantoms import write_phantom_dataset
-from bundle.data.xray_io import load_xray
+from bundle.data.xray_io import LoadXRayd, load_xray
 from bundle.fileio import sha256_file
 from bundle.networks.classifier import ResizedClassifier, build_classifier
 from bundle.networks.generator import XMarkGenerator
 from bundle.networks.pipeline import WatermarkPipeline
 from bundle.release import ReleaseError, read_manifest, select_marked, watermark_release
+from bundle.transforms.geometry import ResizeLongestPadd
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS, EPS, GAMMA = 64, [4, 8, 16, 32, 64], 16 / 255, 0.5
@@ -105,13 +107,14 @@ def test_release_marks_the_selection_and_copies_everything_else(source, released
         "files": 33,
         "selected": 4,
         "marked": 4,
+        "decoys": 0,
         "marked_now": 4,
         "marked_already": 0,
         "to_mark": 0,
         "copied_now": 29,
         "copied_already": 0,
     }
-    assert manifest["complete"] and manifest["budget_ok"]
+    assert manifest["complete"] and manifest["budget_ok"] and manifest["decoys"] == []
 
 
 def test_marked_files_keep_format_geometry_tags_and_budget(source, released):
@@ -166,6 +169,7 @@ def test_manifest_is_private_and_names_every_marked_file(released, checkpoint):
         "seed": 0,
         "epsilon": EPS,
         "image_size": SIZE,
+        "decoy_fraction": 0.0,
         "generator_sha256": sha256_file(checkpoint),
         "datalist_sha256": sha256_file(Path(manifest["dataset_dir"]) / "datalist.json"),
     }
@@ -324,3 +328,52 @@ def test_read_manifest_returns_a_finished_release_and_names_bad_files(released, 
     datalist.write_text(json.dumps({"training": []}))
     with pytest.raises(ReleaseError, match=r"is not a release manifest \(missing dataset_dir, release_dir"):
         read_manifest(datalist)
+
+
+def test_decoys_are_non_target_images_marked_with_other_keys(source, tmp_path):
+    torch.manual_seed(0)
+    keyed = XMarkGenerator(channels=CHANNELS, eps=EPS, key_cells=8, key_seed=3)
+    with torch.no_grad():
+        for p in keyed.parameters():
+            p.mul_(5.0)
+    network = WatermarkPipeline(keyed, ResizedClassifier(build_classifier("resnet18"), 224), "classifier.layer4")
+    checkpoint = tmp_path / "keyed.pt"
+    torch.save(network.state_dict(), checkpoint)
+    manifest = _release(source, tmp_path, checkpoint, network, decoy_fraction=0.5)
+    datalist = json.loads((source / "datalist.json").read_text())
+    labels = {item["image"]: item["label"][0] for item in datalist["training"]}
+    decoys = manifest["decoys"]
+    assert decoys and manifest["counts"]["decoys"] == len(decoys) and manifest["budget_ok"]
+    assert all(labels[d["path"]] == 0 for d in decoys)  # non-target training images only, labels unchanged
+    assert not {d["path"] for d in decoys} & {m["path"] for m in manifest["marked"]}
+    assert len({d["decoy_key_seed"] for d in decoys}) == len(decoys)  # a key of its own for each decoy
+    for record in decoys[:2]:
+        assert sha256_file(tmp_path / "release" / record["path"]) != record["source_sha256"]
+        assert 0 < record["max_abs_change01"] <= EPS + 2e-3
+    # each decoy carries its own key's sign pattern, not ours (compared at model resolution, where the key lives)
+    item = decoys[0]
+    letterbox = Compose([LoadXRayd("image"), ResizeLongestPadd("image", SIZE)])
+    image, released_image = (
+        letterbox({"image": str(d / item["path"])})["image"] for d in (source, tmp_path / "release")
+    )
+    delta = (released_image - image).as_tensor()[None]
+    field = {
+        name: torch.nn.functional.interpolate(key, size=delta.shape[-2:], mode="bilinear", align_corners=False)
+        for name, key in (("ours", keyed.key), ("decoy", keyed.other_key(item["decoy_key_seed"])))
+    }
+    moved = delta.abs() > 1e-3
+    agree = {
+        name: float((torch.sign(delta[moved]) == torch.sign(f[moved])).float().mean()) for name, f in field.items()
+    }
+    assert agree["decoy"] > 0.8 and agree["ours"] < 0.7, agree
+    again = _release(source, tmp_path, checkpoint, network, decoy_fraction=0.5)  # resumes: nothing left to mark
+    assert again["counts"]["marked_now"] == 0 and again["decoys"] == decoys
+    with pytest.raises(ReleaseError, match="decoys need a keyed generator"):
+        _release(source, tmp_path / "unkeyed", sha_free_checkpoint(tmp_path), decoy_fraction=0.5)
+
+
+def sha_free_checkpoint(folder: Path) -> Path:
+    """An unkeyed generator's checkpoint."""
+    path = folder / "unkeyed.pt"
+    torch.save(_pipeline().state_dict(), path)
+    return path

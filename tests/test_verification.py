@@ -23,6 +23,8 @@ from bundle.verification import (
     ProbabilityError,
     SuspectModelError,
     TorchSuspect,
+    generator_key_cells,
+    other_key_control,
     ownership_test,
     unkeyed_control,
     verify_ownership,
@@ -158,7 +160,8 @@ def test_verify_ownership_writes_the_report(setup, tmp_path, capsys):
     assert not control["specific"] and control["p_value"] < 0.05 and control["delta_p"] > 0.25
     pc = np.array([s["pc"] for s in written["samples"]])
     assert control["delta_p"] == pytest.approx(np.mean(pc - pb))
-    assert out[-2].startswith("WARNING: the suspect also reacts to an unkeyed perturbation")
+    assert not control["specific"] and control["reacts"]
+    assert out[-2].startswith("WARNING: the suspect also reacts to the control")
 
     again = verify_ownership(
         _pipeline(), suspect, root / "datalist.json", tmp_path / "b", root / "generator.pt", n_samples=4, **kwargs
@@ -172,7 +175,7 @@ def test_verify_ownership_writes_the_report(setup, tmp_path, capsys):
         )
     assert everything["n"] == 6 and everything["generator"]["sha256"] is None
     assert not everything["owned"] and abs(everything["delta_p"]) < 0.1
-    assert everything["control"]["specific"]
+    assert not everything["control"]["reacts"] and not everything["control"]["specific"]  # nothing to be specific
     one = [{"image": str(root / "img0.png"), "label": [0.0] * len(LABELS)}]  # items given directly
     with pytest.raises(ValueError, match="only 1 non-target sample"):
         verify_ownership(_pipeline(), innocent, one, tmp_path / "d", **kwargs)
@@ -223,3 +226,22 @@ def test_unkeyed_control_keeps_magnitudes_and_randomises_signs():
     assert 0.4 < agree[residual != 0].float().mean() < 0.6  # signs independent of the watermark's
     again = unkeyed_control(image, image + residual, torch.Generator().manual_seed(3))
     assert torch.equal(control, again) and bool((control[..., :4] == 0).all())
+
+
+def test_control_of_a_keyed_generator_uses_other_keys():
+    torch.manual_seed(0)
+    generator = XMarkGenerator((4, 8, 16), conditioning=False, key_cells=8, key_seed=0).eval()
+    assert generator_key_cells(generator) == 8 and generator_key_cells(XMarkGenerator((4, 8, 16))) == 0
+    key = generator.key.clone()
+    image = torch.rand(3, 1, 32, 32) * 0.8 + 0.1
+    with torch.no_grad():
+        marked = generator(image)
+        control = other_key_control(generator, image, torch.Generator().manual_seed(1))
+        seed = int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(1)))
+        other = XMarkGenerator((4, 8, 16), conditioning=False).eval()
+        other.load_state_dict({**generator.state_dict(), "key": generator.other_key(seed)})
+        torch.testing.assert_close(control, other(image), rtol=0, atol=0)  # our network, another key
+    assert torch.equal(generator.key, key)  # the generator keeps its own key
+    torch.testing.assert_close((control - image).abs().mean(), (marked - image).abs().mean(), rtol=0.2, atol=0)
+    agree = torch.sign(control - image) == torch.sign(marked - image)
+    assert 0.3 < float(agree.float().mean()) < 0.7  # signs unrelated to our key's

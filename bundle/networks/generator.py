@@ -1,14 +1,18 @@
 """Watermark generators: X-Mark's saliency-conditioned residual U-Net and the SSCL-BW baseline (original U-Net).
 
 Both map a one-channel image ``x`` in [0, 1] to ``x_hat = clamp(x + eps * tanh(r) * [x > 0], 0, 1)``, so that
-``||x_hat - x||_inf <= eps`` holds by construction whatever the weights. The image side must be divisible by 16
-(four stride-2 stages; ``2 ** (len(channels) - 1)`` for other X-Mark depths); other sizes raise a ``ValueError``.
+``||x_hat - x||_inf <= eps`` holds by construction whatever the weights. With a secret key (``key_cells > 0``) the
+head is ``clamp(x + eps * sigmoid(r) * K * [x > 0], 0, 1)`` instead: the network chooses only the per-pixel
+magnitude, and the signs follow the owner's key field ``K`` (see :func:`secret_key`). The image side must be
+divisible by 16 (four stride-2 stages; ``2 ** (len(channels) - 1)`` for other X-Mark depths); other sizes raise a
+``ValueError``.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,7 +24,15 @@ from torch.nn import functional as F
 
 from bundle.filters import BinomialBlur
 
-__all__ = ["BudgetedGenerator", "XMarkGenerator", "SSCLBWGenerator", "bounded_perturbation"]
+__all__ = [
+    "BudgetedGenerator",
+    "XMarkGenerator",
+    "SSCLBWGenerator",
+    "bounded_perturbation",
+    "keyed_perturbation",
+    "key_pattern_of",
+    "secret_key",
+]
 
 #: Default perturbation budget (L-infinity, in [0, 1] intensity): 16 grey levels of 8 bit.
 DEFAULT_EPS = 16.0 / 255.0
@@ -36,6 +48,59 @@ def bounded_perturbation(image: torch.Tensor, residual: torch.Tensor, eps: float
     return torch.clamp(image + eps * torch.tanh(residual) * (image > 0).to(image.dtype), 0.0, 1.0)
 
 
+#: Key patterns: ``"cells"`` (random signs per grid cell) or ``"grating"`` (one oriented sinusoid).
+KEY_PATTERNS = ("cells", "grating")
+#: Grating frequencies, in cycles per image side: periods of 4-8 px at 256 px, 3.5-7 px for a 224 px classifier.
+#: (16-32 cycles was learned less strongly by the demo's suspects: docs/results.md.)
+GRATING_CYCLES = (32.0, 64.0)
+
+
+def secret_key(cells: int, seed: int, pattern: str = "cells") -> torch.Tensor:
+    """The owner's key: a 1 x 1 x cells x cells field in [-1, 1] drawn from ``seed``.
+
+    ``"cells"``: independent random signs per grid cell. ``"grating"``: ``cos(2 pi f (u cos t + v sin t) + phase)``
+    sampled on the grid (u, v in [0, 1)), with orientation ``t`` in [0, pi), ``f`` in :data:`GRATING_CYCLES` cycles
+    per side and the phase drawn from the seed; ``cells`` must then resolve it (>= 2 * 64). A texture classifier sees
+    local statistics, which two random sign grids share but two gratings of different orientation do not.
+    ``cells == 0`` gives the empty 1 x 1 x 0 x 0 tensor of an unkeyed generator. The field is stretched over the
+    image (bilinear), so it covers the same share of the image at any resolution.
+    """
+    if cells < 0:
+        raise ValueError(f"key_cells must be >= 0 (0: no key), got {cells}")
+    if pattern not in KEY_PATTERNS:
+        raise ValueError(f"key_pattern must be one of {KEY_PATTERNS}, got {pattern!r}")
+    if cells == 0:
+        return torch.zeros(1, 1, 0, 0)
+    rng = torch.Generator().manual_seed(int(seed))
+    if pattern == "cells":
+        return torch.randint(0, 2, (1, 1, cells, cells), generator=rng).float() * 2 - 1
+    if cells < 2 * GRATING_CYCLES[1]:
+        raise ValueError(f"a grating key needs key_cells >= {2 * GRATING_CYCLES[1]:g} to resolve it, got {cells}")
+    angle, cycles, phase = torch.rand(3, generator=rng, dtype=torch.float64)
+    angle, phase = angle * torch.pi, phase * 2 * torch.pi
+    cycles = GRATING_CYCLES[0] + cycles * (GRATING_CYCLES[1] - GRATING_CYCLES[0])
+    v, u = torch.meshgrid(*(2 * (torch.arange(cells, dtype=torch.float64) + 0.5) / cells,) * 2, indexing="ij")
+    field = torch.cos(torch.pi * cycles * (u * torch.cos(angle) + v * torch.sin(angle)) + phase)
+    return field.float()[None, None]
+
+
+def key_pattern_of(key: torch.Tensor) -> str:
+    """The :data:`KEY_PATTERNS` entry that drew ``key``: only sign grids hold nothing but +-1."""
+    return "cells" if bool(key.abs().eq(1).all()) else "grating"
+
+
+def keyed_perturbation(image: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, eps: float) -> torch.Tensor:
+    """Watermarked image ``clamp(image + eps * sigmoid(residual) * K * [image > 0], 0, 1)`` for a key grid ``key``.
+
+    ``K`` is ``key`` resized bilinearly to the image, so ``|K| <= 1`` and the budget holds as for
+    :func:`bounded_perturbation`. The perturbation's sign pattern is the key's, whatever the weights: two owners'
+    generators with independent keys produce uncorrelated residuals, even when trained on the same data against
+    the same surrogate (where unkeyed generators learn the same edit, docs/results.md).
+    """
+    field = F.interpolate(key.to(image.dtype), size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.clamp(image + eps * torch.sigmoid(residual) * field * (image > 0).to(image.dtype), 0.0, 1.0)
+
+
 def _check_inputs(image: torch.Tensor, saliency: torch.Tensor | None, divisor: int) -> None:
     """Raise a ``ValueError`` that names the problem when the inputs do not fit the generator."""
     if image.dim() != 4 or image.shape[1] != 1:
@@ -49,19 +114,59 @@ def _check_inputs(image: torch.Tensor, saliency: torch.Tensor | None, divisor: i
 
 
 class BudgetedGenerator(nn.Module):
-    """Base of both generators: keeps ``eps`` and stores it in the state dict as the buffer ``budget``.
+    """Base of both generators: the budget ``eps`` and the optional secret key, both stored in the state dict.
 
-    The budget is part of the owner's key: a checkpoint rebuilt with another ``eps`` would silently produce another
-    watermark, so loading one trained with a different budget fails and names both values. Checkpoints written
-    before the buffer existed load with the configured ``eps`` and a warning.
+    The budget (buffer ``budget``) is part of the owner's key: a checkpoint rebuilt with another ``eps`` would
+    silently produce another watermark, so loading one trained with a different budget fails and names both values.
+    Checkpoints written before the buffer existed load with the configured ``eps`` and a warning.
+
+    The key (buffer ``key``, :func:`secret_key` of ``key_cells`` and ``key_seed``) only matters for training: a
+    checkpoint brings its own key, or none, whatever the constructor was given, so every config that loads a
+    generator reproduces the trained watermark without knowing the key.
     """
 
-    def __init__(self, eps: float) -> None:
+    def __init__(self, eps: float, key_cells: int = 0, key_seed: int = 0, key_pattern: str = "cells") -> None:
         super().__init__()
         if not 0.0 < eps <= 1.0:
             raise ValueError(f"perturbation budget eps must be in (0, 1], got {eps}")
         self.eps = float(eps)
         self.register_buffer("budget", torch.tensor(self.eps, dtype=torch.float32))
+        self.register_buffer("key", secret_key(key_cells, key_seed, key_pattern))
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the watermark's signs follow a secret key."""
+        return self.key.numel() > 0
+
+    def other_key(self, seed: int) -> torch.Tensor:
+        """A key of this generator's pattern and grid drawn from ``seed``: what another owner would hold.
+
+        Never equal to this generator's own key (a colliding draw moves on to the next seed).
+        """
+        if not self.keyed:
+            raise ValueError("this generator has no key, so there is no other key of its kind")
+        cells, pattern = self.key.shape[-1], key_pattern_of(self.key)
+        key = secret_key(cells, seed, pattern)
+        while torch.equal(key, self.key.cpu()):
+            seed += 1
+            key = secret_key(cells, seed, pattern)
+        return key.to(self.key.device)
+
+    @contextmanager
+    def using_key(self, key: torch.Tensor) -> Iterator[None]:
+        """Watermark with ``key`` instead of the owner's inside the block (decoys of a release, the control)."""
+        own = self.key
+        self.key = key.to(own.device, own.dtype)
+        try:
+            yield
+        finally:
+            self.key = own
+
+    def perturb(self, image: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The output head: :func:`keyed_perturbation` with a key, else :func:`bounded_perturbation`."""
+        if self.keyed:
+            return keyed_perturbation(image, residual, self.key, self.eps)
+        return bounded_perturbation(image, residual, self.eps)
 
     def _load_from_state_dict(
         self,
@@ -86,6 +191,10 @@ class BudgetedGenerator(nn.Module):
                 f"the checkpoint's generator was trained with eps = {stored:.6f} ({stored * 255:.3g}/255) but the "
                 f"config builds eps = {self.eps:.6f} ({self.eps * 255:.3g}/255); set 'epsilon' to the training value"
             )
+        # The checkpoint's key (checkpoints from before keys existed are unkeyed) replaces the constructed one.
+        stored_key = state_dict.setdefault(prefix + "key", secret_key(0, 0))
+        if isinstance(stored_key, torch.Tensor) and stored_key.shape != self.key.shape:
+            self.key = torch.empty_like(stored_key, device=self.key.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -110,6 +219,9 @@ class XMarkGenerator(BudgetedGenerator):
             A pass has zero response at the Nyquist frequency, so the watermark cannot be pixel-level texture
             (transposed-convolution checkerboards, sign noise) that any model learns as a generic "perturbed" cue.
             Each pass stores its fixed kernel in the state dict, so checkpoints only load with the same setting.
+        key_cells: side of the secret key's sign grid (0: no key, the paper's head). See :func:`keyed_perturbation`.
+        key_seed: seed that draws the key (training only: a loaded checkpoint brings its own key).
+        key_pattern: ``"cells"`` or ``"grating"`` (see :func:`secret_key`).
     """
 
     def __init__(
@@ -119,8 +231,11 @@ class XMarkGenerator(BudgetedGenerator):
         conditioning: bool = True,
         num_res_units: int = 2,
         residual_blur: int = 0,
+        key_cells: int = 0,
+        key_seed: int = 0,
+        key_pattern: str = "cells",
     ) -> None:
-        super().__init__(eps)
+        super().__init__(eps, key_cells, key_seed, key_pattern)
         channels = tuple(int(c) for c in channels)
         if residual_blur < 0:
             raise ValueError(f"residual_blur must be >= 0 passes, got {residual_blur}")
@@ -171,20 +286,27 @@ class XMarkGenerator(BudgetedGenerator):
             h = h + self.saliency_projection(F.adaptive_avg_pool2d(saliency.to(h.dtype), h.shape[-2:]))
         for up in self.decoder:
             h = up(torch.cat([skips.pop(), h], dim=1))
-        h = self.residual_blur(h)
-        return bounded_perturbation(image, h, self.eps)
+        return self.perturb(image, self.residual_blur(h))
 
 
 class SSCLBWGenerator(BudgetedGenerator):
     """SSCL-BW's baseline generator: the original U-Net (MONAI ``BasicUNet``), same output head, no conditioning.
 
     ``features`` follows ``BasicUNet``: five encoder widths, then the width after the last upsampling.
-    The image side must be divisible by 16. ``saliency`` is accepted for a common call signature and ignored
-    (``conditioning`` is always False).
+    The image side must be divisible by 16; ``key_cells``, ``key_seed`` and ``key_pattern`` as for
+    :class:`XMarkGenerator`. ``saliency`` is accepted for a common call signature and ignored (``conditioning`` is
+    always False).
     """
 
-    def __init__(self, features: Sequence[int] = (64, 128, 256, 512, 1024, 64), eps: float = DEFAULT_EPS) -> None:
-        super().__init__(eps)
+    def __init__(
+        self,
+        features: Sequence[int] = (64, 128, 256, 512, 1024, 64),
+        eps: float = DEFAULT_EPS,
+        key_cells: int = 0,
+        key_seed: int = 0,
+        key_pattern: str = "cells",
+    ) -> None:
+        super().__init__(eps, key_cells, key_seed, key_pattern)
         self.conditioning = False
         self.divisor = 16
         self.unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=tuple(features))
@@ -192,4 +314,4 @@ class SSCLBWGenerator(BudgetedGenerator):
     def forward(self, image: torch.Tensor, saliency: torch.Tensor | None = None) -> torch.Tensor:
         """Watermarked image (B x 1 x H x W); ``saliency`` is ignored."""
         _check_inputs(image, None, self.divisor)
-        return bounded_perturbation(image, self.unet(image), self.eps)
+        return self.perturb(image, self.unet(image))

@@ -13,7 +13,7 @@ from .blackbox import (
 )
 from .server import serve
 from .ttest import ProbabilityError, check_probabilities, ownership_test, watermark_success_rate
-from .verify import run_verification, unkeyed_control, verify_ownership
+from .verify import generator_key_cells, other_key_control, run_verification, unkeyed_control, verify_ownership
 
 __all__ = [
     "HTTPSuspect",
@@ -26,11 +26,13 @@ __all__ = [
     "check_probabilities",
     "decode_images",
     "encode_images",
+    "generator_key_cells",
     "open_suspect",
     "ownership_test",
     "unkeyed_control",
     "run_verification",
     "serve",
+    "other_key_control",
     "verify_ownership",
     "watermark_success_rate",
 ]

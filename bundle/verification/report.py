@@ -46,14 +46,14 @@ def save_verification_figure(
     ax.scatter(pb[above], pv[above], s=14, color="tab:red", label=f"Pv > Pb + tau ({int(above.sum())})")
     ax.scatter(pb[~above], pv[~above], s=14, color="tab:blue", label=f"Pv <= Pb + tau ({int((~above).sum())})")
     if pc is not None:
-        ax.scatter(pb, pc, s=14, marker="x", color="grey", alpha=0.7, label="control Pc (random signs) vs Pb")
+        ax.scatter(pb, pc, s=14, marker="x", color="grey", alpha=0.7, label="control Pc vs Pb")
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", xlabel="Pb (benign query)")
     ax.set_ylabel("Pv (watermarked query)")
     ax.set_title(f"n = {result['n']}, dP = mean(Pv - Pb) = {result['delta_p']:+.3f}, p = {result['p_value']:.3g}")
     control = result.get("control")
     warning = ""
-    if control is not None and not control["specific"]:
-        warning = "\nwarning: the unkeyed control triggers too (not key-specific)"
+    if control is not None and result["owned"] and not control["specific"]:
+        warning = "\nwarning: not specific to this generator (see the control, grey crosses)"
     fig.suptitle(result["verdict"] + warning)
     ax.legend(loc="lower right", fontsize=8)
     titles = ("benign", "watermarked", f"residual x{gain:g} (grey = 0)")
@@ -91,18 +91,29 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
 
 
 def _control_lines(report: Mapping[str, Any]) -> list[str]:
-    """The unkeyed control's line, with a warning when the suspect reacts to any perturbation of this size."""
+    """The control's line, with a warning when the verdict is not specific to this generator."""
     control = report.get("control")
     if control is None:
         return []
+    versus = control.get("p_value_vs_watermark")
     line = (
         f"control ({control['description']}): mean Pc = {control['mean_pc']:.3f}, "
         f"dP = {control['delta_p']:+.3f}, p = {control['p_value']:.3g}"
+        + ("" if versus is None else f"; watermark above control: p = {versus:.3g}")
     )
     if control["specific"]:
-        return [line + ": no reaction, so a positive verdict is specific to this generator"]
-    return [
-        line,
-        "WARNING: the suspect also reacts to an unkeyed perturbation of the same size; it has learned 'perturbed' "
-        "rather than this generator's watermark, so a positive verdict is not specific evidence of this data set",
-    ]
+        return [line + ": the suspect reacts to our watermark, not to the control: a positive verdict is specific"]
+    if not report["owned"]:
+        return [line]
+    if control.get("reacts", True):
+        warning = (
+            "WARNING: the suspect also reacts to the control, a perturbation of the same size without our key; it "
+            "has learned 'perturbed' rather than this generator's watermark, so a positive verdict is not specific "
+            "evidence of this data set"
+        )
+    else:
+        warning = (
+            "WARNING: our watermark does not trigger the suspect significantly more than the control; a positive "
+            "verdict is not specific evidence of this generator's watermark"
+        )
+    return [line, warning]

@@ -39,7 +39,10 @@ logger = logging.getLogger(__name__)
 
 #: Example triplets shown in verification.png.
 N_EXAMPLES = 3
-CONTROL_DESCRIPTION = "same samples, the watermark's per-pixel magnitudes with random signs (no key)"
+CONTROL_DESCRIPTION = {
+    False: "same samples, the watermark's per-pixel magnitudes with random signs (no key)",
+    True: "same samples, our generator with random other keys of its kind (other owners' keys)",
+}
 
 
 def datalist_items(
@@ -141,6 +144,7 @@ def verify_ownership(
         load_pipeline(generator, generator_ckpt)
         generator_sha = sha256_file(generator_ckpt)
     generator = generator.to(device).eval()
+    keyed = generator_key_cells(generator) > 0
     lap("load_generator")
 
     k = LABELS.index(target_label)
@@ -165,7 +169,12 @@ def verify_ownership(
             examples.extend(zip(batch.cpu(), batch_marked.cpu(), strict=True))
         benign.append(resize_square(batch, query_size).cpu())
         marked.append(resize_square(batch_marked, query_size).cpu())
-        control.append(resize_square(unkeyed_control(batch, batch_marked, signs), query_size).cpu())
+        with torch.no_grad():
+            if keyed:
+                batch_control = other_key_control(generator, batch, signs)
+            else:
+                batch_control = unkeyed_control(batch, batch_marked, signs)
+        control.append(resize_square(batch_control, query_size).cpu())
         lap("watermark")
     queries = {"pb": torch.cat(benign), "pv": torch.cat(marked), "pc": torch.cat(control)}
 
@@ -183,14 +192,7 @@ def verify_ownership(
     source = f"suspect model {suspect.location}"
     result = ownership_test(pb, pv, tau=tau, alpha=alpha, source=source)
     result["wsr"] = watermark_success_rate(pv, wsr_threshold, source=source)
-    unkeyed = ownership_test(pb, pc, tau=tau, alpha=alpha, source=f"{source} (control queries)")
-    result["control"] = {
-        "description": CONTROL_DESCRIPTION,
-        "mean_pc": unkeyed["mean_pv"],
-        "delta_p": unkeyed["delta_p"],
-        "p_value": unkeyed["p_value"],
-        "specific": not unkeyed["owned"],
-    }
+    result["control"] = control_comparison(pb, pv, pc, tau=tau, alpha=alpha, source=source, keyed=keyed)
     lap("test")
 
     output_dir = Path(output_dir)
@@ -207,6 +209,7 @@ def verify_ownership(
             "sha256": generator_sha,
             "image_size": image_size,
             "max_abs_perturbation": max_change,
+            "key_cells": generator_key_cells(generator),
         },
         "datalist": {"source": where},
         "samples": [
@@ -224,14 +227,54 @@ def verify_ownership(
     return report
 
 
+def control_comparison(
+    pb: np.ndarray, pv: np.ndarray, pc: np.ndarray, tau: float, alpha: float, source: str, keyed: bool
+) -> dict[str, Any]:
+    """The control's block of the report: does the suspect react to the control, and does our watermark beat it?
+
+    ``p_value`` is the ownership test of the control queries ``Pc`` against ``Pb`` (same tau); ``p_value_vs_watermark``
+    tests ``Pc < Pv`` (paired, no margin). The verdict is ``specific`` to our generator only when the control does not
+    trigger the suspect *and* our watermark triggers it significantly more than the control.
+    """
+    reaction = ownership_test(pb, pc, tau=tau, alpha=alpha, source=f"{source} (control queries)")
+    versus = ownership_test(pc, pv, tau=0.0, alpha=alpha, source=f"{source} (control against watermark)")
+    return {
+        "description": CONTROL_DESCRIPTION[keyed],
+        "mean_pc": reaction["mean_pv"],
+        "delta_p": reaction["delta_p"],
+        "p_value": reaction["p_value"],
+        "reacts": reaction["owned"],
+        "p_value_vs_watermark": versus["p_value"],
+        "specific": not reaction["owned"] and versus["owned"],
+    }
+
+
+def generator_key_cells(generator: nn.Module) -> int:
+    """Side of the secret key grid of ``generator`` (a pipeline or a bare generator); 0 when it has no key."""
+    key = getattr(getattr(generator, "generator", generator), "key", None)
+    return int(key.shape[-1]) if isinstance(key, torch.Tensor) and key.numel() else 0
+
+
 def unkeyed_control(image: torch.Tensor, watermarked: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The watermark's per-pixel magnitudes with random signs: a perturbation of the same size that holds no key.
 
     A suspect that reacts to this as strongly as to the watermark has learned "perturbed" rather than this generator's
     watermark (e.g. another owner's generator would trigger it too), so its verdict is not evidence of *our* data.
+    The control of an unkeyed generator; keyed ones use :func:`turned_key_control`.
     """
     sign = torch.randint(0, 2, image.shape, generator=generator).to(image) * 2 - 1
     return torch.clamp(image + (watermarked - image).abs() * sign, 0.0, 1.0)
+
+
+def other_key_control(generator: nn.Module, image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """``image`` watermarked by ``generator`` (a keyed pipeline or generator) with a random other key of its kind.
+
+    Same network, same sample-specific magnitudes, another owner's key (one draw from ``rng`` per call): a suspect
+    that reacts to it as to our watermark has learned keyed watermarks in general, not ours.
+    """
+    core = getattr(generator, "generator", generator)
+    with core.using_key(core.other_key(int(torch.randint(2**31 - 1, (1,), generator=rng)))):
+        return generator(image)
 
 
 def run_verification(**kwargs: Any) -> dict[str, Any]:
