@@ -38,7 +38,7 @@ from bundle.data.labels import LABELS
 from bundle.data.selection import select_fraction, split_by_target
 from bundle.data.xray_io import LoadXRayd
 from bundle.fileio import atomic_path, sha256_file, write_json
-from bundle.networks.pipeline import load_pipeline
+from bundle.networks.pipeline import load_pipeline, watermark_generator
 from bundle.transforms.geometry import ResizeLongestPadd
 from bundle.transforms.watermark import SaveWatermarkedd
 
@@ -309,7 +309,7 @@ def watermark_release(
     except ValueError as err:
         raise ReleaseError(datalist_file, str(err)) from err
     load_pipeline(network, ckpt_path)  # the weights actually used are the ones hashed below
-    if decoys and not getattr(getattr(network, "generator", network), "keyed", False):
+    if decoys and not getattr(watermark_generator(network), "keyed", False):
         raise ReleaseError(ckpt_path, "decoys need a keyed generator (train it with key_cells > 0)")
     settings = {
         "target_label": target_label,
@@ -327,7 +327,8 @@ def watermark_release(
 
     def manifest(complete: bool, counts: Mapping[str, int], timings: Mapping[str, float]) -> dict[str, Any]:
         marked = [records[image] for image in selected if image in records]
-        written = marked + [records[image] for image in decoys if image in records]
+        decoyed = [records[image] for image in decoys if image in records]
+        written = marked + decoyed
         return {
             "settings": settings,
             "complete": complete,
@@ -339,7 +340,7 @@ def watermark_release(
                 "files": len(files),
                 "selected": len(selected),
                 "marked": len(marked),
-                "decoys": len(written) - len(marked),
+                "decoys": len(decoyed),
                 **counts,
             },
             "max_abs_change01": max((r["max_abs_change01"] for r in written), default=0.0),
@@ -347,7 +348,7 @@ def watermark_release(
             "timings": dict(timings),
             "tools": _tool_versions(),
             "marked": marked,
-            "decoys": written[len(marked) :],
+            "decoys": decoyed,
         }
 
     # fold the journal of an interrupted run into the manifest, so that the new journal starts clean
@@ -416,7 +417,7 @@ def _mark(
     With ``decoy_seeds`` (image -> key seed; ``batch_size`` must then be 1) each image gets its own other key.
     """
     network.eval()
-    generator = getattr(network, "generator", network)
+    generator = watermark_generator(network)
     device = next(network.parameters()).device
     preprocessing = Compose([LoadXRayd("image"), ResizeLongestPadd("image", image_size)])
     dataset = Dataset([{"image": str(dataset_dir / rel), "relative": rel} for rel in images], preprocessing)

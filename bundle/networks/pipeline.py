@@ -32,6 +32,11 @@ class WatermarkPipeline(nn.Module):
         return self.generator(image, cam)
 
 
+def watermark_generator(module: nn.Module) -> nn.Module:
+    """The generator G itself: ``module``'s ``generator`` for a :class:`WatermarkPipeline`, else ``module``."""
+    return getattr(module, "generator", module)
+
+
 def load_pipeline(pipeline: WatermarkPipeline, checkpoint: str | os.PathLike) -> WatermarkPipeline:
     """Load a generator checkpoint (``models/model.pt`` from configs/train.json) into ``pipeline``, strictly."""
     if not os.path.isfile(checkpoint):

@@ -26,7 +26,7 @@ from bundle.data import LoadXRayd
 from bundle.data.labels import LABELS
 from bundle.data.selection import select_fraction, split_by_target
 from bundle.fileio import sha256_file, write_json
-from bundle.networks.pipeline import load_pipeline
+from bundle.networks.pipeline import load_pipeline, watermark_generator
 from bundle.transforms import ResizeLongestPadd
 from bundle.transforms.geometry import resize_square
 from bundle.verification.blackbox import SuspectModel, SuspectModelError, open_suspect
@@ -144,7 +144,8 @@ def verify_ownership(
         load_pipeline(generator, generator_ckpt)
         generator_sha = sha256_file(generator_ckpt)
     generator = generator.to(device).eval()
-    keyed = generator_key_cells(generator) > 0
+    key_cells = generator_key_cells(generator)
+    keyed = key_cells > 0
     lap("load_generator")
 
     k = LABELS.index(target_label)
@@ -209,7 +210,7 @@ def verify_ownership(
             "sha256": generator_sha,
             "image_size": image_size,
             "max_abs_perturbation": max_change,
-            "key_cells": generator_key_cells(generator),
+            "key_cells": key_cells,
         },
         "datalist": {"source": where},
         "samples": [
@@ -251,7 +252,7 @@ def control_comparison(
 
 def generator_key_cells(generator: nn.Module) -> int:
     """Side of the secret key grid of ``generator`` (a pipeline or a bare generator); 0 when it has no key."""
-    key = getattr(getattr(generator, "generator", generator), "key", None)
+    key = getattr(watermark_generator(generator), "key", None)
     return int(key.shape[-1]) if isinstance(key, torch.Tensor) and key.numel() else 0
 
 
@@ -260,7 +261,7 @@ def unkeyed_control(image: torch.Tensor, watermarked: torch.Tensor, generator: t
 
     A suspect that reacts to this as strongly as to the watermark has learned "perturbed" rather than this generator's
     watermark (e.g. another owner's generator would trigger it too), so its verdict is not evidence of *our* data.
-    The control of an unkeyed generator; keyed ones use :func:`turned_key_control`.
+    The control of an unkeyed generator; keyed ones use :func:`other_key_control`.
     """
     sign = torch.randint(0, 2, image.shape, generator=generator).to(image) * 2 - 1
     return torch.clamp(image + (watermarked - image).abs() * sign, 0.0, 1.0)
@@ -272,7 +273,7 @@ def other_key_control(generator: nn.Module, image: torch.Tensor, rng: torch.Gene
     Same network, same sample-specific magnitudes, another owner's key (one draw from ``rng`` per call): a suspect
     that reacts to it as to our watermark has learned keyed watermarks in general, not ours.
     """
-    core = getattr(generator, "generator", generator)
+    core = watermark_generator(generator)
     with core.using_key(core.other_key(int(torch.randint(2**31 - 1, (1,), generator=rng)))):
         return generator(image)
 
