@@ -38,11 +38,11 @@ def test_unconditioned_xmark_is_monai_residual_unet():
     unet = UNet(2, 1, 1, CHANNELS, (2, 2, 2), num_res_units=2).eval()
     assert _param_count(net) == _param_count(unet)
     # Both register their blocks in the same order (encoder, bottleneck, decoder deepest first): copy weights over.
-    buffers = ("budget", "key")  # the stored eps (0-d) and the empty key of an unkeyed generator
+    buffers = ("budget", "key", "magnitude_offset")  # the stored eps, the empty key, the keyed head's offset
     ours = {k: v for k, v in net.state_dict().items() if k not in buffers}
     theirs = unet.state_dict()
     assert [v.shape for v in ours.values()] == [v.shape for v in theirs.values()]
-    net.load_state_dict({**dict(zip(ours, theirs.values(), strict=True)), "budget": net.budget, "key": net.key})
+    net.load_state_dict({**dict(zip(ours, theirs.values(), strict=True)), **{b: getattr(net, b) for b in buffers}})
     x, _ = _images()
     with torch.no_grad():
         torch.testing.assert_close(net(x), bounded_perturbation(x, unet(x), DEFAULT_EPS), rtol=0, atol=1e-6)
@@ -292,3 +292,25 @@ def test_other_keys_share_pattern_and_grid_but_never_equal_ours(pattern, cells):
     assert not torch.equal(swapped, own)
     with pytest.raises(ValueError, match="no key"):
         XMarkGenerator(CHANNELS).other_key(0)
+
+
+def test_key_magnitude_sets_the_starting_share_of_the_budget_and_travels_with_the_checkpoint():
+    torch.manual_seed(0)
+    half = XMarkGenerator(CHANNELS, key_cells=8, key_seed=3).eval()
+    full = XMarkGenerator(CHANNELS, key_cells=8, key_seed=3, key_magnitude=0.95).eval()
+    full.load_state_dict({**half.state_dict(), "magnitude_offset": full.magnitude_offset})  # same weights
+    x, cam = _images()
+    x = x * 0.8 + 0.1
+    with torch.no_grad():
+        d_half, d_full = (half(x, cam) - x).abs(), (full(x, cam) - x).abs()
+    assert d_full.amax() <= full.eps + 1e-6
+    assert d_full.mean() > 1.4 * d_half.mean()  # sigmoid(r + logit 0.95) against sigmoid(r), r near 0
+    rebuilt = XMarkGenerator(CHANNELS)  # a loading config knows neither the key nor the magnitude
+    rebuilt.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x, cam), full(x, cam), rtol=0, atol=0)
+    legacy = {k: v for k, v in half.state_dict().items() if k != "magnitude_offset"}  # before key_magnitude existed
+    rebuilt.load_state_dict(legacy)
+    assert float(rebuilt.magnitude_offset) == 0.0
+    with pytest.raises(ValueError, match="key_magnitude"):
+        XMarkGenerator(CHANNELS, key_cells=8, key_magnitude=1.0)

@@ -2,8 +2,9 @@
 
 Both map a one-channel image ``x`` in [0, 1] to ``x_hat = clamp(x + eps * tanh(r) * [x > 0], 0, 1)``, so that
 ``||x_hat - x||_inf <= eps`` holds by construction whatever the weights. With a secret key (``key_cells > 0``) the
-head is ``clamp(x + eps * sigmoid(r) * K * [x > 0], 0, 1)`` instead: the network chooses only the per-pixel
-magnitude, and the signs follow the owner's key field ``K`` (see :func:`secret_key`). The image side must be
+head is ``clamp(x + eps * sigmoid(r + b) * K * [x > 0], 0, 1)`` instead: the network chooses only the per-pixel
+magnitude, and the signs follow the owner's key field ``K`` (see :func:`secret_key`); the offset
+``b = logit(key_magnitude)`` sets the magnitude an untrained network starts from. The image side must be
 divisible by 16 (four stride-2 stages; ``2 ** (len(channels) - 1)`` for other X-Mark depths); other sizes raise a
 ``ValueError``.
 """
@@ -120,18 +121,31 @@ class BudgetedGenerator(nn.Module):
     silently produce another watermark, so loading one trained with a different budget fails and names both values.
     Checkpoints written before the buffer existed load with the configured ``eps`` and a warning.
 
-    The key (buffer ``key``, :func:`secret_key` of ``key_cells`` and ``key_seed``) only matters for training: a
-    checkpoint brings its own key, or none, whatever the constructor was given, so every config that loads a
-    generator reproduces the trained watermark without knowing the key.
+    The key (buffer ``key``, :func:`secret_key` of ``key_cells`` and ``key_seed``) and the keyed head's offset
+    (buffer ``magnitude_offset`` = logit(``key_magnitude``)) only matter for training: a checkpoint brings its own,
+    whatever the constructor was given, so every config that loads a generator reproduces the trained watermark
+    without knowing them. Checkpoints without the offset load with 0 (magnitude 0.5 at r = 0, the head before 0.7).
     """
 
-    def __init__(self, eps: float, key_cells: int = 0, key_seed: int = 0, key_pattern: str = "cells") -> None:
+    def __init__(
+        self,
+        eps: float,
+        key_cells: int = 0,
+        key_seed: int = 0,
+        key_pattern: str = "cells",
+        key_magnitude: float = 0.5,
+    ) -> None:
         super().__init__()
         if not 0.0 < eps <= 1.0:
             raise ValueError(f"perturbation budget eps must be in (0, 1], got {eps}")
+        if not 0.0 < key_magnitude < 1.0:
+            raise ValueError(
+                f"key_magnitude (the keyed head's starting share of eps) must be in (0, 1), got {key_magnitude}"
+            )
         self.eps = float(eps)
         self.register_buffer("budget", torch.tensor(self.eps, dtype=torch.float32))
         self.register_buffer("key", secret_key(key_cells, key_seed, key_pattern))
+        self.register_buffer("magnitude_offset", torch.logit(torch.tensor(float(key_magnitude))))
 
     @property
     def keyed(self) -> bool:
@@ -163,9 +177,10 @@ class BudgetedGenerator(nn.Module):
             self.key = own
 
     def perturb(self, image: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """The output head: :func:`keyed_perturbation` with a key, else :func:`bounded_perturbation`."""
+        """The output head: :func:`keyed_perturbation` of ``r + magnitude_offset`` with a key, else
+        :func:`bounded_perturbation`."""
         if self.keyed:
-            return keyed_perturbation(image, residual, self.key, self.eps)
+            return keyed_perturbation(image, residual + self.magnitude_offset, self.key, self.eps)
         return bounded_perturbation(image, residual, self.eps)
 
     def _load_from_state_dict(
@@ -193,6 +208,7 @@ class BudgetedGenerator(nn.Module):
             )
         # The checkpoint's key (checkpoints from before keys existed are unkeyed) replaces the constructed one.
         stored_key = state_dict.setdefault(prefix + "key", secret_key(0, 0))
+        state_dict.setdefault(prefix + "magnitude_offset", torch.zeros(()))
         if isinstance(stored_key, torch.Tensor) and stored_key.shape != self.key.shape:
             self.key = torch.empty_like(stored_key, device=self.key.device)
         super()._load_from_state_dict(
@@ -222,6 +238,7 @@ class XMarkGenerator(BudgetedGenerator):
         key_cells: side of the secret key's sign grid (0: no key, the paper's head). See :func:`keyed_perturbation`.
         key_seed: seed that draws the key (training only: a loaded checkpoint brings its own key).
         key_pattern: ``"cells"`` or ``"grating"`` (see :func:`secret_key`).
+        key_magnitude: share of ``eps`` that the keyed head gives at ``r = 0`` (``sigmoid(r + logit(m))``).
     """
 
     def __init__(
@@ -234,8 +251,9 @@ class XMarkGenerator(BudgetedGenerator):
         key_cells: int = 0,
         key_seed: int = 0,
         key_pattern: str = "cells",
+        key_magnitude: float = 0.5,
     ) -> None:
-        super().__init__(eps, key_cells, key_seed, key_pattern)
+        super().__init__(eps, key_cells, key_seed, key_pattern, key_magnitude)
         channels = tuple(int(c) for c in channels)
         if residual_blur < 0:
             raise ValueError(f"residual_blur must be >= 0 passes, got {residual_blur}")
@@ -293,7 +311,7 @@ class SSCLBWGenerator(BudgetedGenerator):
     """SSCL-BW's baseline generator: the original U-Net (MONAI ``BasicUNet``), same output head, no conditioning.
 
     ``features`` follows ``BasicUNet``: five encoder widths, then the width after the last upsampling.
-    The image side must be divisible by 16; ``key_cells``, ``key_seed`` and ``key_pattern`` as for
+    The image side must be divisible by 16; ``key_cells``, ``key_seed``, ``key_pattern`` and ``key_magnitude`` as for
     :class:`XMarkGenerator`. ``saliency`` is accepted for a common call signature and ignored (``conditioning`` is
     always False).
     """
@@ -305,8 +323,9 @@ class SSCLBWGenerator(BudgetedGenerator):
         key_cells: int = 0,
         key_seed: int = 0,
         key_pattern: str = "cells",
+        key_magnitude: float = 0.5,
     ) -> None:
-        super().__init__(eps, key_cells, key_seed, key_pattern)
+        super().__init__(eps, key_cells, key_seed, key_pattern, key_magnitude)
         self.conditioning = False
         self.divisor = 16
         self.unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=tuple(features))
