@@ -49,7 +49,8 @@ def save_verification_figure(
         ax.scatter(pb, pc, s=14, marker="x", color="grey", alpha=0.7, label="control Pc vs Pb")
     ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", xlabel="Pb (benign query)")
     ax.set_ylabel("Pv (watermarked query)")
-    ax.set_title(f"n = {result['n']}, dP = mean(Pv - Pb) = {result['delta_p']:+.3f}, p = {result['p_value']:.3g}")
+    # two short lines: one long line is cut at the figure's edge next to the image panels
+    ax.set_title(f"n = {result['n']}, p = {result['p_value']:.3g}\ndP = mean(Pv - Pb) = {result['delta_p']:+.3f}")
     control = result.get("control")
     warning = ""
     if control is not None and result["owned"] and not control["specific"]:
