@@ -28,7 +28,7 @@ from bundle.fileio import write_json  # noqa: E402
 #: the paper's setting; its malicious signal needs every target image marked (gamma 1: 92 images) and the keyed
 #: head started at 95 % of the budget (``key_magnitude``; at 50 % the suspects' WSR varied from 0.44 to 0.87 with
 #: their seed). A keyed G's signs are fixed by its key and its validation metrics are flat from the first epoch, so
-#: it trains 3 epochs (docs/results.md, "Keyed watermarks"). ``paper`` (``--paper``): the paper's unkeyed G, 12
+#: it trains 3 epochs (docs/results.md, "Seed variance"). ``paper`` (``--paper``): the paper's unkeyed G, 12
 #: epochs, gamma 0.5.
 #: ``quick`` (``--quick``): the keyed pipeline at toy sizes (a random sign key; 64 px cannot hold a grating).
 #: ``suspect`` holds extra classifier keys for the two suspects (e.g. ``{"noise_prob": 0.5}``). The keyed demo's
