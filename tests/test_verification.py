@@ -30,6 +30,7 @@ from bundle.verification import (
     verify_ownership,
     watermark_success_rate,
 )
+from bundle.verification.verify import control_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, QUERY, CHANNELS = 64, 64, [4, 8, 16, 32, 64]
@@ -245,3 +246,22 @@ def test_control_of_a_keyed_generator_uses_other_keys():
     torch.testing.assert_close((control - image).abs().mean(), (marked - image).abs().mean(), rtol=0.2, atol=0)
     agree = torch.sign(control - image) == torch.sign(marked - image)
     assert 0.3 < float(agree.float().mean()) < 0.7  # signs unrelated to our key's
+
+
+def test_the_watermark_must_beat_the_control_by_tau_to_be_specific():
+    rng = np.random.default_rng(0)
+    pb = np.clip(rng.normal(0.09, 0.05, 100), 0, 1)
+    # a clean model that reads any grating as the target, ours a little more (docs/results.md, "Control margin")
+    pc = np.clip(pb + 0.21 + rng.normal(0, 0.05, 100), 0, 1)
+    pv = np.clip(pc + 0.14 + rng.normal(0, 0.05, 100), 0, 1)
+    control = control_comparison(pb, pv, pc, tau=0.25, alpha=0.05, source="clean", keyed=True)
+    assert ownership_test(pb, pv, tau=0.25)["owned"]  # the paper's test alone would accuse it
+    assert not control["reacts"] and not control["specific"]
+    expected = stats.ttest_rel(pc + 0.25, pv, alternative="less").pvalue
+    assert control["p_value_vs_watermark"] == pytest.approx(expected) and expected > 0.05
+    assert stats.ttest_rel(pc, pv, alternative="less").pvalue < 1e-6  # what the margin-free test called specific
+    # a model that learned our key: the other keys leave it near Pb, ours lifts it far above
+    learned = np.clip(pb + 0.85 + rng.normal(0, 0.05, 100), 0, 1)
+    near = np.clip(pb + 0.05 + rng.normal(0, 0.05, 100), 0, 1)
+    control = control_comparison(pb, learned, near, tau=0.25, alpha=0.05, source="malicious", keyed=True)
+    assert control["specific"] and control["p_value_vs_watermark"] < 1e-10

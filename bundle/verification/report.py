@@ -100,7 +100,7 @@ def _control_lines(report: Mapping[str, Any]) -> list[str]:
     line = (
         f"control ({control['description']}): mean Pc = {control['mean_pc']:.3f}, "
         f"dP = {control['delta_p']:+.3f}, p = {control['p_value']:.3g}"
-        + ("" if versus is None else f"; watermark above control: p = {versus:.3g}")
+        + ("" if versus is None else f"; watermark above control + {report['tau']:g}: p = {versus:.3g}")
     )
     if control["specific"]:
         return [line + ": the suspect reacts to our watermark, not to the control: a positive verdict is specific"]
@@ -114,7 +114,8 @@ def _control_lines(report: Mapping[str, Any]) -> list[str]:
         )
     else:
         warning = (
-            "WARNING: our watermark does not trigger the suspect significantly more than the control; a positive "
-            "verdict is not specific evidence of this generator's watermark"
+            f"WARNING: our watermark does not beat the control by tau = {report['tau']:g}; the suspect reacts to "
+            "other perturbations of this size nearly as much (a clean model can), so a positive verdict is not "
+            "specific evidence of this generator's watermark"
         )
     return [line, warning]

@@ -234,11 +234,13 @@ def control_comparison(
     """The control's block of the report: does the suspect react to the control, and does our watermark beat it?
 
     ``p_value`` is the ownership test of the control queries ``Pc`` against ``Pb`` (same tau); ``p_value_vs_watermark``
-    tests ``Pc < Pv`` (paired, no margin). The verdict is ``specific`` to our generator only when the control does not
-    trigger the suspect *and* our watermark triggers it significantly more than the control.
+    is the same test of ``Pv`` against ``Pc``: ``Pc + tau < Pv``. The verdict is ``specific`` to our generator only when
+    the control does not trigger the suspect *and* our watermark beats the control by the same margin tau as it must
+    beat the benign queries. Without that margin a clean model that reacts to any grating, ours a little more than
+    others, was called specific (docs/results.md, "Control margin").
     """
     reaction = ownership_test(pb, pc, tau=tau, alpha=alpha, source=f"{source} (control queries)")
-    versus = ownership_test(pc, pv, tau=0.0, alpha=alpha, source=f"{source} (control against watermark)")
+    versus = ownership_test(pc, pv, tau=tau, alpha=alpha, source=f"{source} (control against watermark)")
     return {
         "description": CONTROL_DESCRIPTION[keyed],
         "mean_pc": reaction["mean_pv"],
