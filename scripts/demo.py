@@ -278,12 +278,15 @@ def main() -> None:
         f"threshold {wsr['threshold']:.3f}: {wsr['value']:.3f}, clean images over it: {wsr['clean_positive_rate']:.3f};"
         " the table's WSR is the black-box verification's, at 0.5"
     )
-    print(f"\n  {'scenario':<10}{'delta_p':>9}{'p':>11}{'WSR':>7}{'control p':>11}  verdict")
+    # control p: does the control (other keys) trigger the suspect; vs control: does ours beat it by tau
+    print(f"\n  {'scenario':<10}{'delta_p':>9}{'p':>11}{'WSR':>7}{'control p':>11}{'vs control':>12}  verdict")
     for name, r in results.items():
         c = controls[name]
         note = " [not specific: see the control]" if c["owned"] and not c["specific"] else ""
+        versus = c.get("p_value_vs_watermark")  # absent from reports written before 0.6
         print(
-            f"  {name:<10}{r['delta_p']:>9.3f}{r['p_value']:>11.2e}{r['wsr']:>7.2f}{c['p_value']:>11.2e}  "
+            f"  {name:<10}{r['delta_p']:>9.3f}{r['p_value']:>11.2e}{r['wsr']:>7.2f}{c['p_value']:>11.2e}"
+            f"{'–' if versus is None else f'{versus:.2e}':>12}  "
             f"{r['verdict']}{note}"
         )
     print(f"  -> {out / 'summary.json'}")
