@@ -278,7 +278,8 @@ def main() -> None:
         f"threshold {wsr['threshold']:.3f}: {wsr['value']:.3f}, clean images over it: {wsr['clean_positive_rate']:.3f};"
         " the table's WSR is the black-box verification's, at 0.5"
     )
-    # control p: does the control (other keys) trigger the suspect; vs control: does ours beat it by tau
+    # control p: does the control (a same-size perturbation without our key) trigger the suspect;
+    # vs control: does our watermark beat the control by tau
     print(f"\n  {'scenario':<10}{'delta_p':>9}{'p':>11}{'WSR':>7}{'control p':>11}{'vs control':>12}  verdict")
     for name, r in results.items():
         c = controls[name]
