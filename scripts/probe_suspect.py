@@ -1,7 +1,8 @@
 """What does a suspect model react to? Its mean target-label probability on non-target samples under probes.
 
 Probes: the benign image; our watermark; other generators' watermarks (the Ind-W question); our residual with its
-sign flipped, or taken from another sample (is the reaction tied to this image's watermark?); the unkeyed control
+sign flipped, or taken from another sample (is the reaction tied to this image's watermark?); for a keyed generator
+our key through the keyed head at residual 0 (what key vetting queries: does training G matter?); the unkeyed control
 of the verification report (the residual's magnitudes with random signs); uniform and sign noise filling the whole
 budget eps. A suspect that learned *our* watermark reacts to the watermark only; one that learned "perturbed"
 reacts to the noise probes as well. Used for the Ind-W analysis in docs/results.md.
@@ -33,6 +34,7 @@ from bundle.networks.pipeline import WatermarkPipeline, load_pipeline  # noqa: E
 from bundle.transforms import ResizeLongestPadd  # noqa: E402
 from bundle.transforms.geometry import resize_square  # noqa: E402
 from bundle.verification import generator_key_cells, open_suspect, other_key_control, unkeyed_control  # noqa: E402
+from bundle.verification.key_vetting import flat_keyed_watermark  # noqa: E402
 from bundle.verification.verify import choose_non_target, datalist_items  # noqa: E402
 
 
@@ -63,6 +65,9 @@ def probes(x: torch.Tensor, generators: dict[str, WatermarkPipeline], eps: float
         marked = {name: g(x) for name, g in generators.items()}
         if generator_key_cells(generators["watermark"]):
             marked["our G with another key"] = other_key_control(generators["watermark"], x, rng)
+            core = generators["watermark"].generator
+            magnitude = float(torch.sigmoid(core.magnitude_offset))
+            marked["our key, flat head (r = 0)"] = flat_keyed_watermark(x, core.key, core.eps, magnitude)
     ours = marked.pop("watermark")
     residual = ours - x
     noise = (torch.rand(x.shape, generator=rng) * 2 - 1) * eps * inside

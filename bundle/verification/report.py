@@ -70,6 +70,29 @@ def save_verification_figure(
     return Path(path)
 
 
+def save_key_vetting_figure(path: str | os.PathLike, report: Mapping[str, Any]) -> Path:
+    """PNG of a key-vetting report: each candidate key's rise of P(k) per reference model, the limit as a line."""
+    candidates, limit = report["candidates"], report["max_reaction"]
+    seeds = [c["key_seed"] for c in candidates]
+    fig = Figure(figsize=(max(7.0, 0.35 * len(seeds) + 5), 4), layout="constrained")
+    ax = fig.add_subplot()
+    for j, name in enumerate(candidates[0]["reactions"]):
+        rise = [c["reactions"][name] for c in candidates]
+        ax.scatter(seeds, rise, s=18, marker="os^vD<>"[j % 7], label="/".join(Path(name).parts[-2:]))
+    ax.axhline(limit, color="tab:red", linestyle="--", label=f"limit {limit:g}")
+    ax.axhline(0.0, color="grey", linestyle=":")
+    if report["key_seed"] is not None:
+        ax.axvline(report["key_seed"], color="tab:green", alpha=0.4, linewidth=6, label=f"chosen {report['key_seed']}")
+    ax.set(xlabel="key seed", ylabel=f"rise of mean P({report['target_label']})")
+    ax.set_title(
+        f"key vetting: {report['key_pattern']} keys at magnitude {report['key_magnitude']:g}, n = {report['n']}"
+    )
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
+
+
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
     """Readable lines for stdout: suspect, queries, probabilities, WSR, test, verdict and the unkeyed control."""
     suspect, generator = report["suspect"], report["generator"]

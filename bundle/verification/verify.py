@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from bundle.verification.blackbox import SuspectModel, SuspectModelError, open_s
 from bundle.verification.report import save_verification_figure, summary_lines
 from bundle.verification.ttest import ownership_test, watermark_success_rate
 
-__all__ = ["run_verification", "verify_ownership"]
+__all__ = ["exit_on_bad_input", "run_verification", "target_column", "verify_ownership"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def choose_non_target(items: Sequence[Mapping[str, Any]], k: int, n: int, seed: 
     return select_fraction(non_target, n / len(non_target), seed)
 
 
-def _target_column(suspect: SuspectModel, target_label: str, width: int) -> int:
+def target_column(suspect: SuspectModel, target_label: str, width: int) -> int:
     """Column of ``target_label`` in the suspect's output (its own label order when it states one, else LABELS)."""
     if suspect.labels is None and width != len(LABELS):
         raise SuspectModelError(
@@ -137,7 +137,7 @@ def verify_ownership(
             "suspect %s was trained at %s px but is queried at %d px", suspect.location, suspect.input_size, query_size
         )
     probe = torch.full((1, 1, query_size, query_size), 0.5)  # fail now, not after watermarking every sample
-    _target_column(suspect, target_label, suspect.predict_proba(probe).shape[1])
+    target_column(suspect, target_label, suspect.predict_proba(probe).shape[1])
     lap("open_suspect")
     generator_sha = None
     if generator_ckpt is not None:
@@ -185,7 +185,7 @@ def verify_ownership(
             rows = slice(first, first + batch_size)
             for name, images in queries.items():
                 probs = suspect.predict_proba(images[rows])
-                answers[name][rows] = probs[:, _target_column(suspect, target_label, probs.shape[1])]
+                answers[name][rows] = probs[:, target_column(suspect, target_label, probs.shape[1])]
                 bar.update(len(images[rows]))
     pb, pv, pc = answers["pb"], answers["pv"], answers["pc"]
     lap("query")
@@ -280,14 +280,19 @@ def other_key_control(generator: nn.Module, image: torch.Tensor, rng: torch.Gene
         return generator(image)
 
 
-def run_verification(**kwargs: Any) -> dict[str, Any]:
-    """Config entry point: :func:`verify_ownership`, with a failure ending the run (exit status 1) on one clear line.
+def exit_on_bad_input(function: Callable[..., dict[str, Any]], what: str, **kwargs: Any) -> dict[str, Any]:
+    """Call ``function(**kwargs)`` for a config run; bad input ends the run (exit status 1) on one clear line.
 
-    Bad input (``ValueError``/``OSError``: missing files, unreachable endpoint, wrong output shape, NaN outputs) would
-    otherwise reach the user wrapped in MONAI's "Failed to evaluate" error with the config text as its last line.
+    ``ValueError``/``OSError`` (missing files, unreachable endpoint, wrong output shape, NaN outputs) would otherwise
+    reach the user wrapped in MONAI's "Failed to evaluate" error with the config text as its last line.
     """
     try:
-        return verify_ownership(**kwargs)
+        return function(**kwargs)
     except (ValueError, OSError) as err:
-        logger.debug("verification failed", exc_info=True)
-        raise SystemExit(f"verification failed: {type(err).__name__}: {err}") from err
+        logger.debug("%s failed", what, exc_info=True)
+        raise SystemExit(f"{what} failed: {type(err).__name__}: {err}") from err
+
+
+def run_verification(**kwargs: Any) -> dict[str, Any]:
+    """Config entry point: :func:`verify_ownership` through :func:`exit_on_bad_input`."""
+    return exit_on_bad_input(verify_ownership, "verification", **kwargs)
