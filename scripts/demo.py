@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--out", default="outputs/demo", help="demo output folder (relative to the bundle root)")
     parser.add_argument("--n", type=int, default=600, help="number of phantom images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gamma", type=float, help="share of the target class to watermark (default: the setting's; 1.0 keyed)"
+    )
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--quick", action="store_true", help="tiny smoke-test setting (minutes, not meaningful)")
     choice.add_argument("--paper", action="store_true", help="the paper's unkeyed generator instead of keyed ones")
@@ -177,7 +180,7 @@ def main() -> None:
         print(f"  {label:<18} {row['auroc'] if row['auroc'] is None else round(row['auroc'], 3)}")
     print(f"  {'mean':<18} {summary['mean_auroc']:.3f}    report: {report}")
 
-    def train_generator(name: str, generator_seed: int) -> Path:
+    def train_generator(name: str, generator_seed: int, **key: object) -> Path:
         ckpt = models / name
         cmd = bundle_cmd(
             "training",
@@ -188,6 +191,7 @@ def main() -> None:
             surrogate_ckpt=surrogate / "model.pt",
             seed=generator_seed,
             **setting["generator"],
+            **key,
         )
         run_stage(f"watermark generator '{name}'", cmd, ckpt / "training_info.json")
         metrics = json.loads((ckpt / "logs" / "metrics.json").read_text())
@@ -200,8 +204,29 @@ def main() -> None:
         )
         return ckpt
 
-    generator = train_generator("generator", seed)
-    independent = train_generator("generator_independent", seed + 1)
+    g = setting["generator"]
+    if g.get("key_cells"):
+        # our key is vetted against the surrogate (a real release adds further clean references: docs/results.md,
+        # "Key vetting"); the independent owner keeps an unvetted key of its own, never ours
+        vetting = models / "key_vetting.json"
+        vet_keys = {k: g[k] for k in ("image_size", "key_cells", "key_pattern", "key_magnitude")}
+        vet_cmd = bundle_cmd(
+            "vetting",
+            ["configs/train.json", "configs/vet_key.json"],
+            **data,
+            surrogate_ckpt=surrogate / "model.pt",
+            key_vetting_file=vetting,
+            seed=seed,
+            **vet_keys,
+        )
+        run_stage("key vetting", vet_cmd, vetting)
+        key_seed = json.loads(vetting.read_text())["key_seed"]
+        print(f"[demo] key vetting: key_seed {key_seed} (report and figure: {vetting}, {vetting.with_suffix('.png')})")
+        generator = train_generator("generator", seed, key_seed=key_seed)
+        independent = train_generator("generator_independent", seed + 1, key_seed=max(key_seed, seed) + 1)
+    else:
+        generator = train_generator("generator", seed)
+        independent = train_generator("generator_independent", seed + 1)
 
     manifest = models / "release_manifest.json"
     release_cmd = bundle_cmd(
@@ -211,7 +236,7 @@ def main() -> None:
         release_dir=release,
         manifest_file=manifest,
         ckpt_path=generator / "model.pt",
-        gamma=setting["gamma"],
+        gamma=setting["gamma"] if args.gamma is None else args.gamma,
         decoy_fraction=setting["decoy_fraction"],
         seed=seed,
         **g_keys(setting),

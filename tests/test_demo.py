@@ -24,5 +24,11 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     assert set(accuracy) == {"surrogate", "benign", "malicious"} and all(0 <= v <= 1 for v in accuracy.values())
     manifest = json.loads((out / "models" / "release_manifest.json").read_text())
     assert manifest["marked"] and all(m["budget_ok"] for m in manifest["marked"])
+    vetting = json.loads((out / "models" / "key_vetting.json").read_text())
+    ours, other = (
+        json.loads((out / "models" / g / "training_info.json").read_text())["key_seed"]
+        for g in ("generator", "generator_independent")
+    )
+    assert ours == vetting["key_seed"] == vetting["candidates"][-1]["key_seed"] and other != ours
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped
-    assert again.returncode == 0 and again.stdout.count(": already done (") == 14, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count(": already done (") == 15, again.stdout[-2000:]

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from bundle.fileio import atomic_path
 
@@ -84,6 +85,8 @@ def save_key_vetting_figure(path: str | os.PathLike, report: Mapping[str, Any]) 
     if report["key_seed"] is not None:
         ax.axvline(report["key_seed"], color="tab:green", alpha=0.4, linewidth=6, label=f"chosen {report['key_seed']}")
     ax.set(xlabel="key seed", ylabel=f"rise of mean P({report['target_label']})")
+    ax.set_xlim(min(seeds) - 1, max(seeds) + 1)  # key seeds are integers: one screened key is not at the axis edge
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(
         f"key vetting: {report['key_pattern']} keys at magnitude {report['key_magnitude']:g}, n = {report['n']}"
     )
