@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from bundle.data.selection import select_fraction, split_by_target
 from bundle.data.xray_io import LoadXRayd
 from bundle.fileio import atomic_path, sha256_file, write_json
 from bundle.networks.pipeline import load_pipeline, watermark_generator
+from bundle.provenance import environment
 from bundle.transforms.geometry import ResizeLongestPadd
 from bundle.transforms.watermark import SaveWatermarkedd
 
@@ -253,17 +252,6 @@ def _is_done(record: Mapping[str, Any] | None, source: Path, target: Path) -> bo
     )
 
 
-def _tool_versions() -> dict[str, str]:
-    """Versions of Python and of the packages that read, transform and write the images."""
-    versions = {"python": platform.python_version()}
-    for name in _TOOLS:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def watermark_release(
     network: nn.Module,
     ckpt_path: str | os.PathLike,
@@ -346,7 +334,7 @@ def watermark_release(
             "max_abs_change01": max((r["max_abs_change01"] for r in written), default=0.0),
             "budget_ok": all(r["budget_ok"] for r in written),
             "timings": dict(timings),
-            "tools": _tool_versions(),
+            **environment(_TOOLS),
             "marked": marked,
             "decoys": decoyed,
         }

@@ -4,8 +4,10 @@ Like the MONAI model-zoo CI: the real configs, shrunk by overrides (image size, 
 """
 
 import json
+import os
 from pathlib import Path
 
+import monai
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
@@ -61,6 +63,9 @@ def test_classifier_training_writes_checkpoint_and_provenance(classifier):
     info = json.loads((classifier / "training_info.json").read_text())
     assert info["weights"] == "untrained" and info["epochs"] == 1
     assert 0.0 <= info["best_val_mean_auroc"] <= 1.0
+    # where it was trained: another CPU rounds differently
+    assert info["environment"]["machine"]["torch_build"] == torch.__version__
+    assert info["environment"]["machine"]["cpu_count"] == os.cpu_count()
 
 
 def test_classifier_evaluation_report(phantoms, classifier):
@@ -120,6 +125,7 @@ def test_generator_training_with_cosine_learning_rate(phantoms, classifier, tmp_
     )  # annealed over max_epochs
     info = json.loads((tmp_path / "training_info.json").read_text())
     assert info["cosine_lr"] is True and info["learning_rate"] == 0.01
+    assert info["environment"]["tools"]["monai"] == monai.__version__
     # the reported best epoch is the saved one: CheckpointSaver keeps the later epoch on ties, so must the evaluator
     history = json.loads((tmp_path / "logs" / "metrics.json").read_text())["history"]
     top = max(row["val_wsr"] for row in history)

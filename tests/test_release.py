@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,7 @@ def test_manifest_is_private_and_names_every_marked_file(released, checkpoint):
         assert record["output_sha256"] == sha256_file(out / "release" / record["path"])
     assert manifest["max_abs_change01"] == max(r["max_abs_change01"] for r in manifest["marked"])
     assert {"python", "torch", "monai", "pydicom"} <= set(manifest["tools"])
+    assert manifest["machine"]["cpu_count"] == os.cpu_count()
     assert manifest["timings"]["total_s"] >= manifest["timings"]["mark_s"] > 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy
 import torch
 from PIL import Image
 from scipy import stats
@@ -144,6 +145,7 @@ def test_verify_ownership_writes_the_report(setup, tmp_path, capsys):
     for key in ("p_value", "delta_p", "wsr", "n", "tau", "alpha", "verdict", "owned", "suspect", "generator"):
         assert key in written, key
     assert written["n"] == 4 and len(written["samples"]) == 4
+    assert written["environment"]["tools"]["scipy"] == scipy.__version__ and written["environment"]["machine"]["cpu"]
     assert {s["index"] for s in written["samples"]} <= {0, 2, 3, 5, 6, 7}  # non-target items only
     assert written["generator"]["sha256"] == sha256_file(root / "generator.pt")
     assert 0 < written["generator"]["max_abs_perturbation"] <= 16 / 255 + 1e-6

@@ -23,6 +23,7 @@ from bundle.data import LoadXRayd
 from bundle.data.labels import LABELS
 from bundle.fileio import write_json
 from bundle.networks.generator import DEFAULT_EPS, keyed_perturbation, secret_key
+from bundle.provenance import environment
 from bundle.transforms import ResizeLongestPadd
 from bundle.transforms.geometry import resize_square
 from bundle.verification.blackbox import SuspectModel, open_suspect
@@ -154,6 +155,7 @@ def vet_key(
         "references": [model.describe() for model in models.values()],
         "benign_mean_p": benign,
         "candidates": candidates,
+        "environment": environment(),
     }
     write_json(output_file, report)
     save_key_vetting_figure(Path(output_file).with_suffix(".png"), report)

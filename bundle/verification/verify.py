@@ -27,6 +27,7 @@ from bundle.data.labels import LABELS
 from bundle.data.selection import select_fraction, split_by_target
 from bundle.fileio import sha256_file, write_json
 from bundle.networks.pipeline import load_pipeline, watermark_generator
+from bundle.provenance import environment
 from bundle.transforms import ResizeLongestPadd
 from bundle.transforms.geometry import resize_square
 from bundle.verification.blackbox import SuspectModel, SuspectModelError, open_suspect
@@ -213,6 +214,7 @@ def verify_ownership(
             "key_cells": key_cells,
         },
         "datalist": {"source": where},
+        "environment": environment(),
         "samples": [
             {"index": i, "image": os.fspath(items[i]["image"]), "pb": float(b), "pv": float(v), "pc": float(c)}
             for i, b, v, c in zip(chosen, pb, pv, pc, strict=True)
