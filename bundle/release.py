@@ -44,7 +44,6 @@ from bundle.transforms.watermark import SaveWatermarkedd
 __all__ = ["ReleaseError", "read_manifest", "select_decoys", "select_marked", "watermark_release"]
 
 _SPLITS: tuple[str, ...] = ("training", "validation", "test")
-_TOOLS: tuple[str, ...] = ("torch", "torchvision", "monai", "numpy", "pydicom", "pillow", "nibabel", "itk")
 
 
 class ReleaseError(ValueError):
@@ -334,7 +333,7 @@ def watermark_release(
             "max_abs_change01": max((r["max_abs_change01"] for r in written), default=0.0),
             "budget_ok": all(r["budget_ok"] for r in written),
             "timings": dict(timings),
-            **environment(_TOOLS),
+            **environment(),
             "marked": marked,
             "decoys": decoyed,
         }

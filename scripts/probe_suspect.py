@@ -25,17 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from monai.bundle import ConfigParser  # noqa: E402
-from monai.transforms import Compose  # noqa: E402
 
-from bundle.data import LoadXRayd  # noqa: E402
 from bundle.data.labels import LABELS  # noqa: E402
 from bundle.fileio import write_json  # noqa: E402
 from bundle.networks.pipeline import WatermarkPipeline, load_pipeline  # noqa: E402
-from bundle.transforms import ResizeLongestPadd  # noqa: E402
 from bundle.transforms.geometry import resize_square  # noqa: E402
 from bundle.verification import generator_key_cells, open_suspect, other_key_control, unkeyed_control  # noqa: E402
 from bundle.verification.key_vetting import flat_keyed_watermark  # noqa: E402
-from bundle.verification.verify import choose_non_target, datalist_items  # noqa: E402
+from bundle.verification.verify import load_letterboxed, query_samples  # noqa: E402
 
 
 def build_generator(checkpoint: Path, args: argparse.Namespace) -> WatermarkPipeline:
@@ -106,10 +103,8 @@ def main() -> None:
     generators = {"watermark": build_generator(args.generator, args)}
     generators.update({f"other generator {p}": build_generator(p, args) for p in args.other})
     eps = float(generators["watermark"].generator.eps)
-    items = datalist_items(args.datalist, args.split, None)
-    chosen = choose_non_target(items, k, args.n, args.seed, f"{args.datalist} [{args.split}]")
-    load = Compose([LoadXRayd(keys="image"), ResizeLongestPadd(keys="image", spatial_size=args.image_size)])
-    x = torch.stack([load({"image": items[i]["image"]})["image"].as_tensor() for i in chosen])
+    items, chosen, _ = query_samples(args.datalist, args.split, None, args.target_label, args.n, args.seed)
+    x = load_letterboxed(items, chosen, args.image_size)
     batches = probes(x, generators, eps, args.seed)
 
     table: dict[str, dict[str, float]] = {}

@@ -16,21 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.transforms import Compose
 from tqdm import tqdm
 
-from bundle.data import LoadXRayd
 from bundle.data.labels import LABELS
 from bundle.fileio import write_json
 from bundle.networks.generator import DEFAULT_EPS, keyed_perturbation, secret_key
 from bundle.provenance import environment
-from bundle.transforms import ResizeLongestPadd
 from bundle.transforms.geometry import resize_square
 from bundle.verification.blackbox import SuspectModel, open_suspect
 from bundle.verification.report import save_key_vetting_figure
-from bundle.verification.verify import choose_non_target, datalist_items, exit_on_bad_input, target_column
+from bundle.verification.verify import exit_on_bad_input, load_letterboxed, query_samples, target_column
 
-__all__ = ["flat_keyed_watermark", "key_reactions", "run_key_vetting", "vet_key"]
+__all__ = ["flat_keyed_watermark", "key_reactions", "mean_target_probabilities", "run_key_vetting", "vet_key"]
 
 
 def flat_keyed_watermark(image: torch.Tensor, key: torch.Tensor, eps: float, magnitude: float) -> torch.Tensor:
@@ -39,13 +36,19 @@ def flat_keyed_watermark(image: torch.Tensor, key: torch.Tensor, eps: float, mag
     return keyed_perturbation(image, torch.full_like(image, float(offset)), key, eps)
 
 
-def _mean_target_probability(model: SuspectModel, images: torch.Tensor, target_label: str, batch_size: int) -> float:
-    """Mean P(``target_label``) of ``model`` over ``images`` (already at its input size)."""
-    total = 0.0
-    for first in range(0, len(images), batch_size):
-        probs = model.predict_proba(images[first : first + batch_size])
-        total += float(probs[:, target_column(model, target_label, probs.shape[1])].sum())
-    return total / len(images)
+def mean_target_probabilities(
+    references: Mapping[str, SuspectModel], images: torch.Tensor, target_label: str, query_size: int, batch_size: int
+) -> dict[str, float]:
+    """Each reference model's mean P(``target_label``) over ``images`` (B x 1 x S x S), queried at ``query_size``."""
+    queries = resize_square(images, query_size)
+    means = {}
+    for name, model in references.items():
+        total = 0.0
+        for first in range(0, len(queries), batch_size):
+            probs = model.predict_proba(queries[first : first + batch_size])
+            total += float(probs[:, target_column(model, target_label, probs.shape[1])].sum())
+        means[name] = total / len(queries)
+    return means
 
 
 def key_reactions(
@@ -62,14 +65,11 @@ def key_reactions(
     """Rise of each reference model's mean P(``target_label``) when ``images`` (B x 1 x S x S, letterboxed non-target
     samples) carry ``key`` by the flat head. ``benign`` holds the models' means on the unmarked images (computed
     when omitted)."""
-    marked = resize_square(flat_keyed_watermark(images, key.to(images.device), eps, magnitude), query_size)
+    marked = flat_keyed_watermark(images, key.to(images.device), eps, magnitude)
     if benign is None:
-        clean = resize_square(images, query_size)
-        benign = {name: _mean_target_probability(m, clean, target_label, batch_size) for name, m in references.items()}
-    return {
-        name: _mean_target_probability(model, marked, target_label, batch_size) - benign[name]
-        for name, model in references.items()
-    }
+        benign = mean_target_probabilities(references, images, target_label, query_size, batch_size)
+    after = mean_target_probabilities(references, marked, target_label, query_size, batch_size)
+    return {name: after[name] - benign[name] for name in references}
 
 
 def vet_key(
@@ -115,14 +115,10 @@ def vet_key(
         raise ValueError(f"need max_candidates >= 1 and 0 < max_reaction < 1, got {max_candidates} and {max_reaction}")
     device = torch.device(device)
     models = {os.fspath(spec): open_suspect(spec, device=device) for spec in references}
-    k = LABELS.index(target_label)
-    items = datalist_items(datalist, data_list_key, dataset_dir)
-    where = f"{os.fspath(datalist)} [{data_list_key}]" if isinstance(datalist, (str, os.PathLike)) else "datalist"
-    chosen = choose_non_target(items, k, n_samples, seed, where)
-    preprocess = Compose([LoadXRayd(keys="image"), ResizeLongestPadd(keys="image", spatial_size=image_size)])
-    images = torch.stack([preprocess({"image": items[i]["image"]})["image"].as_tensor() for i in chosen]).to(device)
-    clean = resize_square(images, query_size)
-    benign = {name: _mean_target_probability(m, clean, target_label, batch_size) for name, m in models.items()}
+    items, chosen, where = query_samples(datalist, data_list_key, dataset_dir, target_label, n_samples, seed)
+    images = load_letterboxed(items, chosen, image_size).to(device)
+    with torch.no_grad():
+        benign = mean_target_probabilities(models, images, target_label, query_size, batch_size)
 
     candidates, key_seed = [], None
     seeds = range(first_key_seed, first_key_seed + max_candidates)

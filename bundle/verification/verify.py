@@ -69,10 +69,30 @@ def choose_non_target(items: Sequence[Mapping[str, Any]], k: int, n: int, seed: 
         warnings.warn(
             f"{where}: only {len(non_target)} non-target samples for '{LABELS[k]}', fewer than n_samples = {n}; "
             "using all of them",
-            stacklevel=3,
+            stacklevel=4,
         )
         return list(non_target)
     return select_fraction(non_target, n / len(non_target), seed)
+
+
+def query_samples(
+    datalist: str | os.PathLike | Sequence[Mapping[str, Any]],
+    data_list_key: str,
+    dataset_dir: str | os.PathLike | None,
+    target_label: str,
+    n_samples: int,
+    seed: int,
+) -> tuple[list[Mapping[str, Any]], list[int], str]:
+    """The split's items, the seeded indices of ``n_samples`` non-target ones among them, and where they come from."""
+    items = datalist_items(datalist, data_list_key, dataset_dir)
+    where = f"{os.fspath(datalist)} [{data_list_key}]" if isinstance(datalist, (str, os.PathLike)) else "datalist"
+    return items, choose_non_target(items, LABELS.index(target_label), n_samples, seed, where), where
+
+
+def load_letterboxed(items: Sequence[Mapping[str, Any]], indices: Sequence[int], image_size: int) -> torch.Tensor:
+    """The images of ``items[i]`` for ``i`` in ``indices``, read and letterboxed to B x 1 x ``image_size``²."""
+    preprocess = Compose([LoadXRayd(keys="image"), ResizeLongestPadd(keys="image", spatial_size=image_size)])
+    return torch.stack([preprocess({"image": items[i]["image"]})["image"].as_tensor() for i in indices])
 
 
 def target_column(suspect: SuspectModel, target_label: str, width: int) -> int:
@@ -149,20 +169,14 @@ def verify_ownership(
     keyed = key_cells > 0
     lap("load_generator")
 
-    k = LABELS.index(target_label)
-    items = datalist_items(datalist, data_list_key, dataset_dir)
-    where = f"{os.fspath(datalist)} [{data_list_key}]" if isinstance(datalist, (str, os.PathLike)) else "datalist"
-    chosen = choose_non_target(items, k, n_samples, seed, where)
+    items, chosen, where = query_samples(datalist, data_list_key, dataset_dir, target_label, n_samples, seed)
     lap("select_samples")
 
-    preprocess = Compose([LoadXRayd(keys="image"), ResizeLongestPadd(keys="image", spatial_size=image_size)])
     signs = torch.Generator().manual_seed(seed)  # the control's random signs, reproducible from the seed
     benign, marked, control, examples = [], [], [], []
     max_change = 0.0
     for first in range(0, len(chosen), batch_size):
-        batch = torch.stack(
-            [preprocess({"image": items[i]["image"]})["image"].as_tensor() for i in chosen[first : first + batch_size]]
-        ).to(device)
+        batch = load_letterboxed(items, chosen[first : first + batch_size], image_size).to(device)
         lap("load_and_letterbox")
         with torch.no_grad():
             batch_marked = generator(batch)
