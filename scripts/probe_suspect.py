@@ -4,8 +4,11 @@ Probes: the benign image; our watermark; other generators' watermarks (the Ind-W
 sign flipped, or taken from another sample (is the reaction tied to this image's watermark?); for a keyed generator
 our key through the keyed head at residual 0 (what key vetting queries: does training G matter?); the unkeyed control
 of the verification report (the residual's magnitudes with random signs); uniform and sign noise filling the whole
-budget eps. A suspect that learned *our* watermark reacts to the watermark only; one that learned "perturbed"
-reacts to the noise probes as well. Used for the Ind-W analysis in docs/results.md.
+budget eps; and the benign image and our watermark "as released": the residual mapped to the file's own grid (as
+the release writes it, before re-quantisation) and the full-resolution result letterboxed straight to the query size,
+the way a classifier trained on the release reads it (the other probes, like the verification, resize G's
+model-resolution output). A suspect that learned *our* watermark reacts to the watermark only; one that learned
+"perturbed" reacts to the noise probes as well. Used for the Ind-W analysis in docs/results.md.
 
     python scripts/probe_suspect.py --suspect outputs/demo/models/suspect_malicious \\
         --generator outputs/demo/models/generator/model.pt \\
@@ -26,10 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 from monai.bundle import ConfigParser  # noqa: E402
 
+from bundle.data import LoadXRayd  # noqa: E402
 from bundle.data.labels import LABELS  # noqa: E402
 from bundle.fileio import write_json  # noqa: E402
 from bundle.networks.pipeline import WatermarkPipeline, load_pipeline  # noqa: E402
-from bundle.transforms.geometry import resize_square  # noqa: E402
+from bundle.transforms.geometry import letterbox, letterbox_geometry, resize_square, unletterbox  # noqa: E402
 from bundle.verification import generator_key_cells, open_suspect, other_key_control, unkeyed_control  # noqa: E402
 from bundle.verification.key_vetting import flat_keyed_watermark  # noqa: E402
 from bundle.verification.verify import load_letterboxed, query_samples  # noqa: E402
@@ -81,6 +85,26 @@ def probes(x: torch.Tensor, generators: dict[str, WatermarkPipeline], eps: float
     }
 
 
+def released_probes(
+    items: list, chosen: list[int], generator: WatermarkPipeline, image_size: int, query_size: int
+) -> dict[str, torch.Tensor]:
+    """Benign and watermarked queries made from the full-resolution files, as a suspect trained on the release sees
+    them: G's residual at ``image_size`` mapped to each file's grid (the release's mapping), then both letterboxed to
+    ``query_size``."""
+    load, benign, marked = LoadXRayd(keys="image"), [], []
+    for i in chosen:
+        x = load({"image": items[i]["image"]})["image"].as_tensor().float()[None]
+        model_grid, query_grid = (letterbox_geometry(x.shape[-2:], size) for size in (image_size, query_size))
+        small = letterbox(x, model_grid)
+        with torch.no_grad():
+            residual = unletterbox(generator(small) - small, model_grid).clamp(
+                -generator.generator.eps, generator.generator.eps
+            )
+        benign.append(letterbox(x, query_grid))
+        marked.append(letterbox((x + residual).clamp(0, 1), query_grid))
+    return {"benign, as released": torch.cat(benign), "watermark, as released": torch.cat(marked)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suspect", action="append", required=True, help="suspect spec (repeatable)")
@@ -106,6 +130,7 @@ def main() -> None:
     items, chosen, _ = query_samples(args.datalist, args.split, None, args.target_label, args.n, args.seed)
     x = load_letterboxed(items, chosen, args.image_size)
     batches = probes(x, generators, eps, args.seed)
+    batches.update(released_probes(items, chosen, generators["watermark"], args.image_size, args.query_size))
 
     table: dict[str, dict[str, float]] = {}
     for spec in args.suspect:
