@@ -119,30 +119,32 @@ def g_keys(setting: dict, key: str = "image_size") -> dict:
     return {key: g["image_size"], "generator_channels": g["generator_channels"], "residual_blur": g["residual_blur"]}
 
 
-def phantom_criteria(results: dict, evaluation: dict, benign_ba: float) -> list[dict]:
+def phantom_criteria(results: dict, evaluation: dict, benign_ba: float) -> dict:
     """Issue 4's "done when" on phantoms, checked on this run: one row per criterion with its value and verdict.
 
-    Both WSRs are listed: the evaluation's (share of watermarked non-target test images above the malicious model's
-    validation threshold, the metric of DESIGN.md and the paper) and the black-box verification's at 0.5.
+    The criteria's WSR is the evaluation's (share of watermarked non-target test images above the malicious model's
+    validation threshold: the metric of DESIGN.md, the paper and issue 4's evaluation). The black-box verification's
+    WSR at the fixed 0.5, a stricter figure, is listed under ``also`` with the same bound.
     """
     gap = evaluation["mean_ba"] - benign_ba
+    wsr = evaluation["wsr"]["value"]
     rows = [
         ("Malicious p < 0.01", results["malicious"]["p_value"], results["malicious"]["p_value"] < 0.01),
-        (
-            "Malicious WSR >= 0.9 (evaluation, validation threshold)",
-            evaluation["wsr"]["value"],
-            evaluation["wsr"]["value"] >= 0.9,
-        ),
-        (
-            "Malicious WSR >= 0.9 (verification, at 0.5)",
-            results["malicious"]["wsr"],
-            results["malicious"]["wsr"] >= 0.9,
-        ),
+        ("Malicious WSR >= 0.9 (evaluation, validation threshold)", wsr, wsr >= 0.9),
         ("Ind-M p >= 0.05", results["ind_m"]["p_value"], results["ind_m"]["p_value"] >= 0.05),
         ("Ind-W p >= 0.05", results["ind_w"]["p_value"], results["ind_w"]["p_value"] >= 0.05),
         ("BA malicious - benign within 2 points", 100 * gap, abs(gap) <= 0.02),
     ]
-    return [{"criterion": name, "value": float(value), "met": bool(met)} for name, value, met in rows]
+    also = (
+        "Malicious WSR >= 0.9 at 0.5 (verification)",
+        results["malicious"]["wsr"],
+        results["malicious"]["wsr"] >= 0.9,
+    )
+    return {
+        "source": "issue 4, done when (on phantoms)",
+        "criteria": [{"criterion": name, "value": float(value), "met": bool(met)} for name, value, met in rows],
+        "also": [{"criterion": also[0], "value": float(also[1]), "met": bool(also[2])}],
+    }
 
 
 def main() -> None:
@@ -344,9 +346,9 @@ def main() -> None:
     print(f"  -> {out / 'summary.json'}")
 
     criteria = phantom_criteria(results, evaluation, benign_ba)
-    write_json(out / "criteria.json", {"source": "issue 4, done when (on phantoms)", "criteria": criteria})
-    print("\n  criterion                                                   value   met")
-    for row in criteria:
+    write_json(out / "criteria.json", criteria)
+    print(f"\n  {criteria['source']:<58}{'value':>8}   met")
+    for row in criteria["criteria"] + [{**r, "criterion": f"(also) {r['criterion']}"} for r in criteria["also"]]:
         print(f"  {row['criterion']:<58}{row['value']:>8.3g}   {'yes' if row['met'] else 'NO'}")
     print(f"  -> {out / 'criteria.json'}")
 

@@ -22,10 +22,11 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
         assert (out / "verification" / name / "verification.png").stat().st_size > 0
     accuracy = json.loads((out / "balanced_accuracy.json").read_text())
     assert set(accuracy) == {"surrogate", "benign", "malicious"} and all(0 <= v <= 1 for v in accuracy.values())
-    criteria = {row["criterion"]: row for row in json.loads((out / "criteria.json").read_text())["criteria"]}
+    checked = json.loads((out / "criteria.json").read_text())
+    criteria = {row["criterion"]: row for row in checked["criteria"] + checked["also"]}
     assert len(criteria) == 6 and all(isinstance(row["met"], bool) for row in criteria.values())
     assert criteria["Malicious p < 0.01"]["met"] == (summary["malicious"]["p_value"] < 0.01)
-    assert criteria["Malicious WSR >= 0.9 (verification, at 0.5)"]["value"] == summary["malicious"]["wsr"]
+    assert criteria["Malicious WSR >= 0.9 at 0.5 (verification)"]["value"] == summary["malicious"]["wsr"]
     assert criteria["Ind-M p >= 0.05"]["met"] == (summary["ind_m"]["p_value"] >= 0.05)
     gap = criteria["BA malicious - benign within 2 points"]
     assert abs(gap["value"] - 100 * (accuracy["malicious"] - accuracy["benign"])) < 1e-9
