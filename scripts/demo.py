@@ -126,24 +126,28 @@ def phantom_criteria(results: dict, evaluation: dict, benign_ba: float) -> dict:
     validation threshold: the metric of DESIGN.md, the paper and issue 4's evaluation). The black-box verification's
     WSR at the fixed 0.5, a stricter figure, is listed under ``also`` with the same bound.
     """
-    gap = evaluation["mean_ba"] - benign_ba
-    wsr = evaluation["wsr"]["value"]
-    rows = [
-        ("Malicious p < 0.01", results["malicious"]["p_value"], results["malicious"]["p_value"] < 0.01),
-        ("Malicious WSR >= 0.9 (evaluation, validation threshold)", wsr, wsr >= 0.9),
-        ("Ind-M p >= 0.05", results["ind_m"]["p_value"], results["ind_m"]["p_value"] >= 0.05),
-        ("Ind-W p >= 0.05", results["ind_w"]["p_value"], results["ind_w"]["p_value"] >= 0.05),
-        ("BA malicious - benign within 2 points", 100 * gap, abs(gap) <= 0.02),
-    ]
-    also = (
-        "Malicious WSR >= 0.9 at 0.5 (verification)",
-        results["malicious"]["wsr"],
-        results["malicious"]["wsr"] >= 0.9,
-    )
+
+    def row(criterion: str, value: float, met: bool) -> dict:
+        return {"criterion": criterion, "value": float(value), "met": bool(met)}
+
+    p = {name: results[name]["p_value"] for name in results}
+    wsr, gap = evaluation["wsr"]["value"], evaluation["mean_ba"] - benign_ba
     return {
         "source": "issue 4, done when (on phantoms)",
-        "criteria": [{"criterion": name, "value": float(value), "met": bool(met)} for name, value, met in rows],
-        "also": [{"criterion": also[0], "value": float(also[1]), "met": bool(also[2])}],
+        "criteria": [
+            row("Malicious p < 0.01", p["malicious"], p["malicious"] < 0.01),
+            row("Malicious WSR >= 0.9 (evaluation, validation threshold)", wsr, wsr >= 0.9),
+            row("Ind-M p >= 0.05", p["ind_m"], p["ind_m"] >= 0.05),
+            row("Ind-W p >= 0.05", p["ind_w"], p["ind_w"] >= 0.05),
+            row("BA malicious - benign within 2 points", 100 * gap, abs(gap) <= 0.02),
+        ],
+        "also": [
+            row(
+                "Malicious WSR >= 0.9 at 0.5 (verification)",
+                results["malicious"]["wsr"],
+                results["malicious"]["wsr"] >= 0.9,
+            )
+        ],
     }
 
 

@@ -33,7 +33,8 @@ from bundle.data import LoadXRayd  # noqa: E402
 from bundle.data.labels import LABELS  # noqa: E402
 from bundle.fileio import write_json  # noqa: E402
 from bundle.networks.pipeline import WatermarkPipeline, load_pipeline  # noqa: E402
-from bundle.transforms.geometry import letterbox, letterbox_geometry, resize_square, unletterbox  # noqa: E402
+from bundle.transforms import full_resolution_residual, letterbox, letterbox_geometry  # noqa: E402
+from bundle.transforms.geometry import resize_square  # noqa: E402
 from bundle.verification import generator_key_cells, open_suspect, other_key_control, unkeyed_control  # noqa: E402
 from bundle.verification.key_vetting import flat_keyed_watermark  # noqa: E402
 from bundle.verification.verify import load_letterboxed, query_samples  # noqa: E402
@@ -86,22 +87,19 @@ def probes(x: torch.Tensor, generators: dict[str, WatermarkPipeline], eps: float
 
 
 def released_probes(
-    items: list, chosen: list[int], generator: WatermarkPipeline, image_size: int, query_size: int
+    items: list, chosen: list[int], x: torch.Tensor, ours: torch.Tensor, eps: float, query_size: int
 ) -> dict[str, torch.Tensor]:
     """Benign and watermarked queries made from the full-resolution files, as a suspect trained on the release sees
-    them: G's residual at ``image_size`` mapped to each file's grid (the release's mapping), then both letterboxed to
-    ``query_size``."""
+    them: our watermark's change ``ours - x`` (``x``: the letterboxed ``items[i]``, ``i`` in ``chosen``) mapped to each
+    file's grid as the release maps it, then both letterboxed to ``query_size``."""
     load, benign, marked = LoadXRayd(keys="image"), [], []
-    for i in chosen:
-        x = load({"image": items[i]["image"]})["image"].as_tensor().float()[None]
-        model_grid, query_grid = (letterbox_geometry(x.shape[-2:], size) for size in (image_size, query_size))
-        small = letterbox(x, model_grid)
-        with torch.no_grad():
-            residual = unletterbox(generator(small) - small, model_grid).clamp(
-                -generator.generator.eps, generator.generator.eps
-            )
-        benign.append(letterbox(x, query_grid))
-        marked.append(letterbox((x + residual).clamp(0, 1), query_grid))
+    for j, i in enumerate(chosen):
+        full = load({"image": items[i]["image"]})["image"].as_tensor().float()[None]
+        model_grid = letterbox_geometry(full.shape[-2:], x.shape[-1])
+        query_grid = letterbox_geometry(full.shape[-2:], query_size)
+        residual = full_resolution_residual(ours[j : j + 1], x[j : j + 1], model_grid, eps)
+        benign.append(letterbox(full, query_grid))
+        marked.append(letterbox((full + residual).clamp(0, 1), query_grid))
     return {"benign, as released": torch.cat(benign), "watermark, as released": torch.cat(marked)}
 
 
@@ -130,7 +128,7 @@ def main() -> None:
     items, chosen, _ = query_samples(args.datalist, args.split, None, args.target_label, args.n, args.seed)
     x = load_letterboxed(items, chosen, args.image_size)
     batches = probes(x, generators, eps, args.seed)
-    batches.update(released_probes(items, chosen, generators["watermark"], args.image_size, args.query_size))
+    batches.update(released_probes(items, chosen, x, batches["watermark"], eps, args.query_size))
 
     table: dict[str, dict[str, float]] = {}
     for spec in args.suspect:

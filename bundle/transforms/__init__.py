@@ -7,13 +7,14 @@ The only intensity step the configs need is MONAI's clip to [0, 1]:
 """
 
 from .geometry import GEOMETRY_KEY, ResizeLongestPadd, letterbox, letterbox_geometry, unletterbox
-from .watermark import SaveWatermarkedd, apply_watermark
+from .watermark import SaveWatermarkedd, apply_watermark, full_resolution_residual
 
 __all__ = [
     "GEOMETRY_KEY",
     "ResizeLongestPadd",
     "SaveWatermarkedd",
     "apply_watermark",
+    "full_resolution_residual",
     "letterbox",
     "letterbox_geometry",
     "unletterbox",

@@ -25,7 +25,7 @@ from ..data.xray_io import load_xray
 from ..data.xray_writer import XRayWriteError, check_output_path, max_stored_change, write_xray
 from .geometry import GEOMETRY_KEY, unletterbox
 
-__all__ = ["SaveWatermarkedd", "apply_watermark"]
+__all__ = ["SaveWatermarkedd", "apply_watermark", "full_resolution_residual"]
 
 _FLOAT_TOLERANCE = 1e-6
 """Slack of the budget check for float32 arithmetic on images in [0, 1]."""
@@ -38,6 +38,14 @@ def _channel_first(image: torch.Tensor, name: str) -> torch.Tensor:
     if image.ndim != 3 or image.shape[0] != 1:
         raise ValueError(f"apply_watermark expects {name} of shape S x S or 1 x S x S, got {tuple(image.shape)}.")
     return image
+
+
+def full_resolution_residual(
+    watermarked: torch.Tensor, benign: torch.Tensor, geometry: Mapping[str, Any], epsilon: float
+) -> torch.Tensor:
+    """The release's mapping of G's change ``watermarked - benign`` (``(B x) C x S x S``) to the file's own grid:
+    padding removed, resized bilinearly to ``geometry["original_shape"]`` and clamped to ``[-epsilon, epsilon]``."""
+    return unletterbox(watermarked - benign, geometry).clamp(-epsilon, epsilon)
 
 
 def apply_watermark(
@@ -68,7 +76,7 @@ def apply_watermark(
     expected = tuple(int(s) for s in geometry["original_shape"])
     if expected != tuple(meta.shape):
         raise XRayWriteError(source, f"is {meta.shape[0]}x{meta.shape[1]}, but the geometry is for {expected}")
-    residual = unletterbox(watermarked - benign, geometry)[0].clamp(-epsilon, epsilon).numpy()
+    residual = full_resolution_residual(watermarked, benign, geometry, epsilon)[0].numpy()
     write_xray(np.clip(image01 + residual, 0.0, 1.0), meta, source, out_path, source_image01=image01)
 
     change = max_stored_change(source, out_path)
