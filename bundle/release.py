@@ -16,6 +16,7 @@ hashes, and every copy whose output already has the source's size and SHA-256.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,15 +34,17 @@ from torch import nn
 from tqdm import tqdm
 
 from bundle.data.labels import LABELS
+from bundle.data.secrets import owner_file_hashes, secret_reason
 from bundle.data.selection import select_fraction, split_by_target
-from bundle.data.xray_io import LoadXRayd
+from bundle.data.xray_io import LoadXRayd, load_xray
+from bundle.errors import exit_on_bad_input
 from bundle.fileio import atomic_path, sha256_file, write_json
-from bundle.networks.pipeline import load_pipeline, watermark_generator
+from bundle.networks.pipeline import watermark_generator
 from bundle.provenance import environment
 from bundle.transforms.geometry import ResizeLongestPadd
 from bundle.transforms.watermark import SaveWatermarkedd
 
-__all__ = ["ReleaseError", "read_manifest", "select_decoys", "select_marked", "watermark_release"]
+__all__ = ["ReleaseError", "read_manifest", "run_release", "select_decoys", "select_marked", "watermark_release"]
 
 _SPLITS: tuple[str, ...] = ("training", "validation", "test")
 
@@ -124,9 +127,52 @@ def _read_datalist(datalist_file: Path, dataset_dir: Path, source_files: Mapping
     return datalist
 
 
-def _source_files(dataset_dir: Path) -> dict[str, Path]:
-    """Every file under ``dataset_dir``, as relative POSIX path -> path, sorted."""
-    return {p.relative_to(dataset_dir).as_posix(): p for p in sorted(dataset_dir.rglob("*")) if p.is_file()}
+def _unreadable_candidates(
+    datalist: Mapping[str, Any], dataset_dir: Path, target_label: str, with_decoys: bool, progress: bool
+) -> dict[str, str]:
+    """Training images that could be marked (target class; every non-target one too when decoys are on) but cannot
+    be read as X-rays, with the one-line reason: they are copied unmarked and listed, never selected."""
+    labels = list(datalist.get("labels", LABELS))
+    if target_label not in labels:
+        return {}  # select_marked names the problem
+    target, non_target = split_by_target(datalist["training"], labels.index(target_label))
+    candidates = [datalist["training"][i]["image"] for i in target + (non_target if with_decoys else [])]
+    unreadable = {}
+    for rel in tqdm(candidates, desc="check", unit="img", disable=not progress):
+        try:
+            load_xray(dataset_dir / rel)
+        except (ValueError, OSError) as err:
+            unreadable[rel] = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return unreadable
+
+
+def _without(datalist: Mapping[str, Any], images: Mapping[str, str]) -> dict[str, Any]:
+    """``datalist`` with the training items of ``images`` removed."""
+    training = [item for item in datalist["training"] if item["image"] not in images]
+    return {**datalist, "training": training}
+
+
+def _datalist_hash(datalist: Mapping[str, Any]) -> str:
+    """SHA-256 of the datalist's content (canonical JSON): equal for a file that only lost the skipped items."""
+    return hashlib.sha256(json.dumps(datalist, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _source_files(
+    dataset_dir: Path, owner_files: Sequence[Path]
+) -> tuple[dict[str, Path], list[dict[str, str]]]:
+    """The files under ``dataset_dir`` that may be published (relative POSIX path -> path, sorted), and those left
+    out with the reason (:func:`~bundle.data.secrets.secret_reason`; ``owner_files``: checkpoint and manifest)."""
+    hashes = owner_file_hashes(owner_files)
+    files, left_out = {}, []
+    for path in sorted(dataset_dir.rglob("*")):
+        if path.is_file():
+            relative = path.relative_to(dataset_dir).as_posix()
+            reason = secret_reason(relative, path, hashes)
+            if reason is None:
+                files[relative] = path
+            else:
+                left_out.append({"path": relative, "reason": reason})
+    return files, left_out
 
 
 def _with_datalist(files: Mapping[str, Path], datalist_file: Path, dataset_dir: Path) -> dict[str, Path]:
@@ -258,8 +304,6 @@ def watermark_release(
     datalist_file: str | os.PathLike,
     release_dir: str | os.PathLike,
     manifest_file: str | os.PathLike,
-    epsilon: float,
-    image_size: int,
     target_label: str = "No Finding",
     gamma: float = 0.1,
     seed: int = 0,
@@ -271,9 +315,10 @@ def watermark_release(
 ) -> dict[str, Any]:
     """Write the watermarked release of ``dataset_dir`` into ``release_dir`` and the owner's manifest; return it.
 
-    ``network`` is the watermark pipeline G (:class:`~bundle.networks.pipeline.WatermarkPipeline`, on its device);
-    the weights are loaded here from ``ckpt_path`` so that the manifest's SHA-256 names the key actually used. G runs
-    on letterboxed ``image_size`` inputs in batches of ``batch_size``. ``max_marked`` bounds the files marked in this
+    ``network`` is the watermarking module loaded from ``ckpt_path`` (by
+    :func:`~bundle.networks.checkpoint.load_watermark`, on its device); the manifest records that file's
+    SHA-256. G runs on inputs letterboxed to its ``image_size``, in batches of ``batch_size``; the budget is its
+    ``eps``. ``max_marked`` bounds the files marked in this
     run (the manifest then says ``"complete": false`` and the next run goes on). Resumes an interrupted run.
     ``decoy_fraction`` (keyed generators only; 0 = the paper's release) also marks that share of the non-target
     training images with other keys (:func:`select_decoys`); the manifest lists them under ``decoys``.
@@ -288,14 +333,16 @@ def watermark_release(
     if not 0 <= decoy_fraction <= 1:
         raise ValueError(f"need 0 <= decoy_fraction <= 1, got {decoy_fraction}")
     _check_locations(dataset_dir, release_dir, manifest_file, ckpt_path)
-    source_files = _source_files(dataset_dir)
+    source_files, left_out = _source_files(dataset_dir, [ckpt_path, manifest_file])
     datalist = _read_datalist(datalist_file, dataset_dir, source_files)
+    skipped = _unreadable_candidates(datalist, dataset_dir, target_label, decoy_fraction > 0, progress)
+    datalist = _without(datalist, skipped)  # selection and resume see the datalist without the bad files
     try:
         selected = select_marked(datalist, target_label, gamma, seed)
         decoys = select_decoys(datalist, target_label, decoy_fraction, seed) if decoy_fraction else {}
     except ValueError as err:
         raise ReleaseError(datalist_file, str(err)) from err
-    load_pipeline(network, ckpt_path)  # the weights actually used are the ones hashed below
+    epsilon, image_size = float(network.eps), int(network.image_size)
     if decoys and not getattr(watermark_generator(network), "keyed", False):
         raise ReleaseError(ckpt_path, "decoys need a keyed generator (train it with key_cells > 0)")
     settings = {
@@ -306,7 +353,7 @@ def watermark_release(
         "image_size": int(image_size),
         "decoy_fraction": float(decoy_fraction),
         "generator_sha256": sha256_file(ckpt_path),
-        "datalist_sha256": sha256_file(datalist_file),
+        "datalist_sha256": _datalist_hash(datalist),
     }
     records = _previous_records(manifest_file, settings)
     files = _with_datalist(source_files, datalist_file, dataset_dir)
@@ -323,6 +370,9 @@ def watermark_release(
             "release_dir": str(release_dir),
             "datalist_file": str(datalist_file),
             "generator_checkpoint": str(ckpt_path),
+            "method": network.method,
+            "left_out": left_out,
+            "skipped": [{"path": rel, "reason": reason} for rel, reason in skipped.items()],
             "counts": {
                 "files": len(files),
                 "selected": len(selected),
@@ -359,8 +409,8 @@ def watermark_release(
     mark_start = time.perf_counter()
     ours, decoys_now = [rel for rel in now if rel not in decoys], {rel: decoys[rel] for rel in now if rel in decoys}
     marks = [
-        _mark(network, ours, dataset_dir, release_dir, epsilon, image_size, batch_size, num_workers),
-        _mark(network, list(decoys_now), dataset_dir, release_dir, epsilon, image_size, 1, num_workers, decoys_now),
+        _mark(network, ours, dataset_dir, release_dir, batch_size, num_workers),
+        _mark(network, list(decoys_now), dataset_dir, release_dir, 1, num_workers, decoys_now),
     ]
     for record in tqdm(
         (record for mark in marks for record in mark),
@@ -393,8 +443,6 @@ def _mark(
     images: Sequence[str],
     dataset_dir: Path,
     release_dir: Path,
-    epsilon: float,
-    image_size: int,
     batch_size: int,
     num_workers: int,
     decoy_seeds: Mapping[str, int] | None = None,
@@ -406,9 +454,9 @@ def _mark(
     network.eval()
     generator = watermark_generator(network)
     device = next(network.parameters()).device
-    preprocessing = Compose([LoadXRayd("image"), ResizeLongestPadd("image", image_size)])
+    preprocessing = Compose([LoadXRayd("image"), ResizeLongestPadd("image", network.image_size)])
     dataset = Dataset([{"image": str(dataset_dir / rel), "relative": rel} for rel in images], preprocessing)
-    saver = SaveWatermarkedd("pred", release_dir, dataset_dir, epsilon)
+    saver = SaveWatermarkedd("pred", release_dir, dataset_dir, network.eps)
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         key_seed = None if decoy_seeds is None else decoy_seeds[batch["relative"][0]]
         key = nullcontext() if key_seed is None else generator.using_key(generator.other_key(key_seed))
@@ -437,5 +485,18 @@ def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
         f"{'kept' if manifest['budget_ok'] else 'EXCEEDED after lossy JPEG re-encoding'}); "
         f"{timings['total_s']:.1f} s ({timings['mark_s']:.1f} s marking); manifest {manifest_file}"
     )
+    for entry in manifest["skipped"]:
+        print(f"skipped (copied unmarked): {entry['path']}: {entry['reason']}")
+    for entry in manifest["left_out"]:
+        print(f"left out of the release: {entry['path']} ({entry['reason']})")
     if not manifest["complete"]:
         print(f"{counts['to_mark']} selected images are still to be marked: run again to finish the release")
+
+
+def run_release(**kwargs: Any) -> dict[str, Any]:
+    """Config entry point: :func:`watermark_release`; bad input ends the run on one clear line, and a release that
+    skipped unreadable images finishes but exits with status 1."""
+    manifest = exit_on_bad_input(watermark_release, "release", **kwargs)
+    if manifest["skipped"]:
+        raise SystemExit(f"release finished, but {len(manifest['skipped'])} unreadable image(s) were skipped (above)")
+    return manifest

@@ -23,18 +23,15 @@ from bundle.fileio import write_json  # noqa: E402
 #: paper's 1e-4 for pretrained ResNets. The generator is narrower than the paper's (64..1024) and runs at 256 px so
 #: that it trains on two CPU cores in minutes; all target samples train G (the demo set is small), and gamma is
 #: raised from 0.1 because the demo release has ~90 target images instead of CheXpert's ~20,000.
-#: ``keyed`` (the default, ``make demo``): keyed generators (an oriented grating per seed) and decoys in the release
-#: (a quarter of the non-target training images marked with other keys), which removes the Ind-W false positive of
-#: the paper's setting; its malicious signal needs every target image marked (gamma 1: 92 images) and the keyed
-#: head started at 95 % of the budget (``key_magnitude``; at 50 % the suspects' WSR varied from 0.44 to 0.87 with
-#: their seed). A keyed G's signs are fixed by its key and its validation metrics are flat from the first epoch, so
-#: it trains 3 epochs (docs/results.md, "Seed variance"). ``paper`` (``--paper``): the paper's unkeyed G, 12
-#: epochs, gamma 0.5.
-#: ``quick`` (``--quick``): the keyed pipeline at toy sizes (a random sign key; 64 px cannot hold a grating).
-#: ``suspect`` holds extra classifier keys for the two suspects (e.g. ``{"noise_prob": 0.5}``). The keyed demo's
-#: suspects train 8 epochs: at 5 their best epoch was the last one, and how strongly they learned the watermark
-#: depended on their seed (docs/results.md, "Seed variance").
-PAPER_GENERATOR = {
+#: ``xmark`` (the default, ``make demo``): the paper's X-Mark (unkeyed generator, EigenCAM conditioning, the
+#: four-part loss), 12 epochs, gamma 0.5.
+#: ``keyed_grating`` (``--method keyed_grating``): a research variant, not the paper's method. Its generator's signs
+#: follow a fixed secret grating (a keyed periodic pattern, SIG-like, visible: SSIM about 0.85 at full resolution),
+#: its head starts at 95 % of the budget, it trains 3 epochs, the whole target class is marked (gamma 1) and a
+#: quarter of the non-target training images carry other keys (decoys).
+#: ``quick`` (``--quick``): X-Mark at toy sizes, a smoke test of every stage (minutes, not meaningful).
+#: ``suspect`` holds extra classifier keys for the two suspects.
+XMARK_GENERATOR = {
     "image_size": 256,
     "generator_channels": "[16,32,64,128,256]",
     "residual_blur": 0,
@@ -45,10 +42,18 @@ PAPER_GENERATOR = {
 }
 FULL_SIZE = {"min_size": 1024, "max_size": 2048, "classifier": {"max_epochs": 5, "learning_rate": 0.001}}
 SETTINGS = {
-    "keyed": {
+    "xmark": {
+        **FULL_SIZE,
+        "generator": XMARK_GENERATOR,
+        "suspect": {},
+        "gamma": 0.5,
+        "decoy_fraction": 0.0,
+        "n_verify": 100,
+    },
+    "keyed_grating": {
         **FULL_SIZE,
         "generator": {
-            **PAPER_GENERATOR,
+            **XMARK_GENERATOR,
             "key_cells": 256,
             "key_pattern": "grating",
             "key_magnitude": 0.95,
@@ -57,14 +62,6 @@ SETTINGS = {
         "suspect": {"max_epochs": 8},
         "gamma": 1.0,
         "decoy_fraction": 0.25,
-        "n_verify": 100,
-    },
-    "paper": {
-        **FULL_SIZE,
-        "generator": PAPER_GENERATOR,
-        "suspect": {},
-        "gamma": 0.5,
-        "decoy_fraction": 0.0,
         "n_verify": 100,
     },
     "quick": {
@@ -79,13 +76,10 @@ SETTINGS = {
             "generator_fraction": 1.0,
             "batch_size": 8,
             "max_epochs": 1,
-            "key_cells": 16,
-            "key_pattern": "cells",
-            "key_magnitude": 0.95,
         },
         "suspect": {},
         "gamma": 1.0,
-        "decoy_fraction": 0.25,
+        "decoy_fraction": 0.0,
         "n_verify": 8,
     },
 }
@@ -113,18 +107,11 @@ def bundle_cmd(run_id: str, configs: list[str], **overrides: object) -> list[str
     return cmd
 
 
-def g_keys(setting: dict, key: str = "image_size") -> dict:
-    """The generator's architecture keys (as named in the target config) from a demo setting."""
-    g = setting["generator"]
-    return {key: g["image_size"], "generator_channels": g["generator_channels"], "residual_blur": g["residual_blur"]}
-
-
 def phantom_criteria(results: dict, evaluation: dict, benign_ba: float) -> dict:
-    """Issue 4's "done when" on phantoms, checked on this run: one row per criterion with its value and verdict.
+    """The phantom criteria, checked on this run: one row per criterion with its value and verdict.
 
-    The criteria's WSR is the evaluation's (share of watermarked non-target test images above the malicious model's
-    validation threshold: the metric of DESIGN.md, the paper and issue 4's evaluation). The black-box verification's
-    WSR at the fixed 0.5, a stricter figure, is listed under ``also`` with the same bound.
+    The headline WSR is the black-box verification's at the fixed 0.5 (a verifier does not know the suspect's
+    thresholds); the paper-style WSR at the malicious model's validation threshold is listed under ``also``.
     """
 
     def row(criterion: str, value: float, met: bool) -> dict:
@@ -133,22 +120,42 @@ def phantom_criteria(results: dict, evaluation: dict, benign_ba: float) -> dict:
     p = {name: results[name]["p_value"] for name in results}
     wsr, gap = evaluation["wsr"]["value"], evaluation["mean_ba"] - benign_ba
     return {
-        "source": "issue 4, done when (on phantoms)",
+        "source": "phantom criteria",
         "criteria": [
             row("Malicious p < 0.01", p["malicious"], p["malicious"] < 0.01),
-            row("Malicious WSR >= 0.9 (evaluation, validation threshold)", wsr, wsr >= 0.9),
+            row(
+                "Malicious WSR >= 0.9 at 0.5 (verification)",
+                results["malicious"]["wsr"],
+                results["malicious"]["wsr"] >= 0.9,
+            ),
             row("Ind-M p >= 0.05", p["ind_m"], p["ind_m"] >= 0.05),
             row("Ind-W p >= 0.05", p["ind_w"], p["ind_w"] >= 0.05),
             row("BA malicious - benign within 2 points", 100 * gap, abs(gap) <= 0.02),
         ],
         "also": [
-            row(
-                "Malicious WSR >= 0.9 at 0.5 (verification)",
-                results["malicious"]["wsr"],
-                results["malicious"]["wsr"] >= 0.9,
-            )
+            row("Malicious WSR >= 0.9 (evaluation, validation threshold)", wsr, wsr >= 0.9),
         ],
     }
+
+
+def plain_words(results: dict, controls: dict, method: str) -> list[str]:
+    """What the three scenarios found, one sentence each, with the control's warning where it applies."""
+
+    def verdict(name: str) -> str:
+        r, c = results[name], controls[name]
+        found = f"p = {r['p_value']:.2g}, WSR at 0.5 = {r['wsr']:.2f}"
+        if not c["owned"]:
+            return f"not verified ({found})"
+        warning = "" if c["specific"] else "; WARNING: the control says the reaction is not specific to this watermark"
+        return f"verified ({found}{warning})"
+
+    return [
+        f"Malicious: the model trained on the {method} release is {verdict('malicious')}.",
+        f"Ind-M: a model trained on the clean data is {verdict('ind_m')}"
+        + (" - a false accusation." if controls["ind_m"]["owned"] else "."),
+        f"Ind-W: the malicious model queried with an independent owner's {method} watermark is {verdict('ind_w')}"
+        + (" - another owner's watermark triggers it too." if controls["ind_w"]["owned"] else "."),
+    ]
 
 
 def main() -> None:
@@ -160,12 +167,17 @@ def main() -> None:
         "--gamma", type=float, help="share of the target class to watermark (default: the setting's; 1.0 keyed)"
     )
     choice = parser.add_mutually_exclusive_group()
-    choice.add_argument("--quick", action="store_true", help="tiny smoke-test setting (minutes, not meaningful)")
-    choice.add_argument("--paper", action="store_true", help="the paper's unkeyed generator instead of keyed ones")
+    choice.add_argument("--quick", action="store_true", help="X-Mark at toy sizes (minutes, not meaningful)")
+    choice.add_argument(
+        "--method",
+        choices=("xmark", "keyed_grating"),
+        default="xmark",
+        help="xmark: the paper's method (default); keyed_grating: the keyed research variant with decoys",
+    )
     args = parser.parse_args()
 
     out = (ROOT / args.out).resolve()
-    setting = SETTINGS["quick" if args.quick else "paper" if args.paper else "keyed"]
+    setting = SETTINGS["quick" if args.quick else args.method]
     n = setting.get("n", args.n)
     sizes = ["--min-size", str(setting["min_size"]), "--max-size", str(setting["max_size"])]
     sizes += ["--valid-fraction", "0.25", "--workers", "2"]
@@ -271,7 +283,6 @@ def main() -> None:
         gamma=setting["gamma"] if args.gamma is None else args.gamma,
         decoy_fraction=setting["decoy_fraction"],
         seed=seed,
-        **g_keys(setting),
     )
     run_stage("release", release_cmd, manifest)
 
@@ -286,7 +297,6 @@ def main() -> None:
             release_manifest=manifest,  # names the source, the release and the generator
             **data,
             **eval_keys,
-            **g_keys(setting, "generator_image_size"),
         ),
         malicious / "evaluation.json",
     )
@@ -310,7 +320,6 @@ def main() -> None:
             n_samples=setting["n_verify"],
             query_size=setting["classifier"].get("image_size", 224),
             seed=seed,
-            **g_keys(setting),
         )
         run_stage(f"verification '{name}'", cmd, folder / "verification.json")
         v = json.loads((folder / "verification.json").read_text())
@@ -347,7 +356,9 @@ def main() -> None:
             f"{'–' if versus is None else f'{versus:.2e}':>12}  "
             f"{r['verdict']}{note}"
         )
-    print(f"  -> {out / 'summary.json'}")
+    print(f"  -> {out / 'summary.json'}\n")
+    for line in plain_words(results, controls, "quick X-Mark" if args.quick else args.method):
+        print(f"  {line}")
 
     criteria = phantom_criteria(results, evaluation, benign_ba)
     write_json(out / "criteria.json", criteria)

@@ -8,12 +8,11 @@ budget eps; and the benign image and our watermark "as released": the residual m
 the release writes it, before re-quantisation) and the full-resolution result letterboxed straight to the query size,
 the way a classifier trained on the release reads it (the other probes, like the verification, resize G's
 model-resolution output). A suspect that learned *our* watermark reacts to the watermark only; one that learned
-"perturbed" reacts to the noise probes as well. Used for the Ind-W analysis in docs/results.md.
+"perturbed" reacts to the noise probes as well.
 
     python scripts/probe_suspect.py --suspect outputs/demo/models/suspect_malicious \\
         --generator outputs/demo/models/generator/model.pt \\
-        --other outputs/demo/models/generator_independent/model.pt \\
-        --image-size 256 --generator-channels 16,32,64,128,256
+        --other outputs/demo/models/generator_independent/model.pt
 """
 
 from __future__ import annotations
@@ -27,36 +26,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from monai.bundle import ConfigParser  # noqa: E402
-
 from bundle.data import LoadXRayd  # noqa: E402
 from bundle.data.labels import LABELS  # noqa: E402
 from bundle.fileio import write_json  # noqa: E402
-from bundle.networks.pipeline import WatermarkPipeline, load_pipeline  # noqa: E402
+from bundle.keyed.keys import flat_keyed_watermark  # noqa: E402
+from bundle.networks.checkpoint import load_watermark  # noqa: E402
+from bundle.networks.pipeline import WatermarkPipeline, is_keyed  # noqa: E402
 from bundle.transforms import full_resolution_residual, letterbox, letterbox_geometry  # noqa: E402
 from bundle.transforms.geometry import resize_square  # noqa: E402
-from bundle.verification import generator_key_cells, open_suspect, other_key_control, unkeyed_control  # noqa: E402
-from bundle.verification.key_vetting import flat_keyed_watermark  # noqa: E402
-from bundle.verification.verify import load_letterboxed, query_samples  # noqa: E402
-
-
-def build_generator(checkpoint: Path, args: argparse.Namespace) -> WatermarkPipeline:
-    """configs/verify.json's ``network_def`` with this run's widths, loaded from ``checkpoint``.
-
-    The number of residual blur passes and the budget are read from the checkpoint (one stored kernel per pass; the
-    ``budget`` buffer, or ``--epsilon`` for checkpoints older than it), so generators trained with different
-    settings can be compared.
-    """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
-    parser = ConfigParser()
-    parser.read_config(ROOT / "configs" / "verify.json")
-    parser["image_size"] = args.image_size
-    parser["surrogate_size"] = args.surrogate_size
-    parser["generator_channels"] = [int(c) for c in args.generator_channels.split(",")]
-    parser["epsilon"] = float(state["generator.budget"]) if "generator.budget" in state else args.epsilon
-    parser["residual_blur"] = sum(key.startswith("generator.residual_blur.") for key in state)
-    return load_pipeline(parser.get_parsed_content("network_def"), checkpoint)
+from bundle.verification import open_suspect, other_key_control, unkeyed_control  # noqa: E402
+from bundle.verification.queries import QuerySettings, load_letterboxed, query_samples  # noqa: E402
 
 
 def probes(x: torch.Tensor, generators: dict[str, WatermarkPipeline], eps: float, seed: int) -> dict[str, torch.Tensor]:
@@ -65,7 +44,7 @@ def probes(x: torch.Tensor, generators: dict[str, WatermarkPipeline], eps: float
     inside = (x > 0).to(x.dtype)  # the letterbox padding stays black, as in every watermark
     with torch.no_grad():
         marked = {name: g(x) for name, g in generators.items()}
-        if generator_key_cells(generators["watermark"]):
+        if is_keyed(generators["watermark"]):
             marked["our G with another key"] = other_key_control(generators["watermark"], x, rng)
             core = generators["watermark"].generator
             magnitude = float(torch.sigmoid(core.magnitude_offset))
@@ -110,11 +89,7 @@ def main() -> None:
     parser.add_argument("--other", type=Path, action="append", default=[], help="another generator (repeatable)")
     parser.add_argument("--datalist", type=Path, default=ROOT / "outputs/demo/phantoms/datalist.json")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--generator-channels", default="16,32,64,128,256")
-    parser.add_argument("--epsilon", type=float, default=16 / 255, help="budget of checkpoints that do not store it")
     parser.add_argument("--query-size", type=int, default=224)
-    parser.add_argument("--surrogate-size", type=int, default=224, help="input size of the generators' surrogate")
     parser.add_argument("--target-label", default="No Finding", choices=LABELS)
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
@@ -122,11 +97,15 @@ def main() -> None:
     args = parser.parse_args()
 
     k = LABELS.index(args.target_label)
-    generators = {"watermark": build_generator(args.generator, args)}
-    generators.update({f"other generator {p}": build_generator(p, args) for p in args.other})
-    eps = float(generators["watermark"].generator.eps)
-    items, chosen, _ = query_samples(args.datalist, args.split, None, args.target_label, args.n, args.seed)
-    x = load_letterboxed(items, chosen, args.image_size)
+    generators = {"watermark": load_watermark(args.generator)}
+    generators.update({f"other generator {p}": load_watermark(p) for p in args.other})
+    eps, image_size = generators["watermark"].eps, generators["watermark"].image_size
+    sizes = {name: g.image_size for name, g in generators.items() if g.image_size != image_size}
+    if sizes:
+        parser.error(f"every generator must work at our generator's {image_size} px; these do not: {sizes}")
+    queries = QuerySettings(args.target_label, args.split, args.n, args.seed, args.query_size)
+    items, chosen, _ = query_samples(args.datalist, None, queries)
+    x = load_letterboxed(items, chosen, image_size)
     batches = probes(x, generators, eps, args.seed)
     batches.update(released_probes(items, chosen, x, batches["watermark"], eps, args.query_size))
 

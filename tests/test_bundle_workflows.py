@@ -5,6 +5,8 @@ Like the MONAI model-zoo CI: the real configs, shrunk by overrides (image size, 
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import monai
@@ -14,6 +16,8 @@ from monai.bundle import ConfigWorkflow
 
 from bundle.data.chexpert import prepare_datalist
 from bundle.data.phantoms import write_phantom_dataset
+from bundle.networks.checkpoint import load_watermark
+from bundle.networks.generator import SSCLBWGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -113,7 +117,59 @@ def test_generator_training(phantoms, classifier, tmp_path, override):
     assert last["val_max_abs_diff"] <= 16 / 255 + 1e-6
     assert 0.0 <= last["val_wsr"] <= 1.0 and last["val_lpips"] >= 0.0
     state = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
-    assert any(k.startswith("generator.") for k in state) and any(k.startswith("surrogate.") for k in state)
+    assert set(state) == {"model", "watermark"}  # the weights, and the record that rebuilds the module
+    assert any(k.startswith("generator.") for k in state["model"]) and any(
+        k.startswith("surrogate.") for k in state["model"]
+    )
+    record = state["watermark"]
+    assert record["method"] == ("sscl_bw" if override else "xmark") and record["image_size"] == 64
+    assert record["target_label"] == "No Finding" and record["epsilon"] == pytest.approx(16 / 255)
+    assert record["network"]["surrogate"]["classifier"]["arch"] == "resnet18"
+
+
+def _bundle(*args: str) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ARGS`` from the bundle root."""
+    cmd = [sys.executable, "-m", "monai.bundle", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_an_sscl_bw_checkpoint_is_released_verified_and_exported_with_only_its_path(phantoms, classifier, tmp_path):
+    workflow = _generator_workflow(["train_sscl_bw.json"], phantoms, classifier, tmp_path / "g", max_epochs=1)
+    workflow.run()
+    ckpt = tmp_path / "g" / "model.pt"
+    generator = load_watermark(ckpt)
+    assert isinstance(generator.generator, SSCLBWGenerator) and generator.method == "sscl_bw"
+
+    release = _bundle(
+        "run", "watermarking", "--config_file", "configs/watermark.json", "--ckpt_path", str(ckpt),
+        "--dataset_dir", str(phantoms), "--release_dir", str(tmp_path / "release"),
+        "--manifest_file", str(tmp_path / "manifest.json"), "--gamma", "0.5", "--progress", "False",
+    )  # fmt: skip
+    assert release.returncode == 0, release.stderr[-3000:]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["method"] == "sscl_bw" and manifest["marked"]
+    assert manifest["settings"]["image_size"] == 64 and manifest["budget_ok"]
+
+    verified = _bundle(
+        "run", "verifying", "--config_file", "configs/verify.json", "--generator_ckpt", str(ckpt),
+        "--dataset_dir", str(phantoms), "--suspect", str(classifier), "--output_dir", str(tmp_path / "verify"),
+        "--n_samples", "4", "--query_size", "64", "--progress", "False",
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr[-3000:]
+    report = json.loads((tmp_path / "verify" / "verification.json").read_text())
+    assert report["generator"]["method"] == "sscl_bw" and report["generator"]["image_size"] == 64
+    assert report["n"] == 4 and 0.0 <= report["p_value"] <= 1.0
+
+    ts = tmp_path / "model.ts"
+    exported = _bundle(
+        "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--ckpt_path", str(ckpt),
+        "--key_in_ckpt", "model", "--config_file", "configs/inference.json", "--meta_file", "configs/metadata.json",
+        "--use_trace", "True", "--input_shape", "[1,1,64,64]",
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    x = torch.rand(2, 1, 64, 64) * (torch.rand(2, 1, 64, 64) > 0.1)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(ts))(x), generator(x), atol=1e-5, rtol=0)
 
 
 def test_generator_training_with_cosine_learning_rate(phantoms, classifier, tmp_path):

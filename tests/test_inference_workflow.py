@@ -16,13 +16,13 @@ from pydicom.data import get_testdata_file
 
 from bundle.data import load_xray
 from bundle.data.xray_writer import quantisation_step
+from bundle.networks.checkpoint import save_watermark
 from bundle.networks.classifier import ResizedClassifier, build_classifier
 from bundle.networks.generator import XMarkGenerator
 from bundle.networks.pipeline import WatermarkPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS = 64, [4, 8, 16, 32, 64]
-OVERRIDES = {"image_size": SIZE, "generator_channels": CHANNELS}
 
 
 def _pipeline(**key: object) -> WatermarkPipeline:
@@ -31,13 +31,14 @@ def _pipeline(**key: object) -> WatermarkPipeline:
     with torch.no_grad():  # large weights so that the residual uses the whole budget
         for p in generator.parameters():
             p.mul_(5.0)
-    return WatermarkPipeline(generator, ResizedClassifier(build_classifier("resnet18"), 224), "classifier.layer4")
+    surrogate = ResizedClassifier(build_classifier("resnet18"), 224)
+    return WatermarkPipeline(generator, surrogate, "classifier.layer4", image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(_pipeline().state_dict(), path)
+    save_watermark(_pipeline(), path)
     return path
 
 
@@ -58,7 +59,6 @@ def test_inference_watermarks_real_cr_radiograph(tmp_path, checkpoint):
         dataset_dir=str(inputs),
         output_dir=str(tmp_path / "out"),
         ckpt_path=str(checkpoint),
-        **OVERRIDES,
     )
     workflow.initialize()
     assert workflow.check_properties() in (None, [])
@@ -87,22 +87,52 @@ def test_inference_watermarks_real_cr_radiograph(tmp_path, checkpoint):
 @pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
 def test_exported_torchscript_matches_eager(tmp_path, checkpoint, keyed):
     key = {"key_cells": 128, "key_seed": 2, "key_pattern": "grating"} if keyed else {}
-    if keyed:  # inference.json builds an unkeyed generator: the checkpoint's key must come along
+    if keyed:  # the checkpoint alone says that the generator is keyed, and with which key
         checkpoint = tmp_path / "keyed.pt"
-        torch.save(_pipeline(**key).state_dict(), checkpoint)
+        save_watermark(_pipeline(**key), checkpoint)
     ts = tmp_path / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts)]
-    cmd += ["--ckpt_file", str(checkpoint), "--meta_file", "configs/metadata.json"]
-    cmd += ["--config_file", "configs/inference.json", "--use_trace", "True", "--input_shape", f"[1,1,{SIZE},{SIZE}]"]
-    cmd += ["--image_size", str(SIZE), "--generator_channels", json.dumps(CHANNELS)]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    cmd += ["--ckpt_file", str(checkpoint), "--ckpt_path", str(checkpoint), "--key_in_ckpt", "model"]
+    cmd += ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
+    cmd += ["--use_trace", "True", "--input_shape", f"[1,1,{SIZE},{SIZE}]"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(ts), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["version"]
     eager = _pipeline(**key).eval()
-    eager.load_state_dict(torch.load(checkpoint, weights_only=True))
     assert eager.generator.keyed == keyed
     x = torch.rand(2, 1, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), eager(x), atol=1e-5, rtol=0)
+
+
+def _infer(inputs: Path, output: Path, checkpoint: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    cmd += ["--dataset_dir", str(inputs), "--output_dir", str(output), "--ckpt_path", str(checkpoint)]
+    cmd += ["--progress", "False"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def test_unreadable_files_are_skipped_and_reported_and_overlapping_folders_refused(tmp_path, checkpoint):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray((np.arange(90 * 70).reshape(90, 70) * 9).astype(np.uint16)).save(inputs / "good.png")
+    (inputs / "broken.dcm").write_bytes(b"DICM but not really")
+    done = _infer(inputs, tmp_path / "out", checkpoint)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("1 input file(s) could not be read and were skipped: broken.dcm")
+    )
+    assert "skipped: " in done.stdout and "broken.dcm" in done.stdout
+    assert "watermarked 1 file(s)" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]  # everything else was written
+
+    for output in (inputs / "marked", tmp_path):  # inside the input, or holding it
+        refused = _infer(inputs, output, checkpoint)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert refused.stderr.strip().splitlines()[-1].startswith("inference failed: ValueError: output_dir")
+    assert sorted(p.name for p in inputs.iterdir()) == ["broken.dcm", "good.png"]  # nothing written into the source

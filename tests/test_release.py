@@ -19,6 +19,7 @@ from bundle.data.chexpert import prepare_datalist
 from bundle.data.phantoms import write_phantom_dataset
 from bundle.data.xray_io import LoadXRayd, load_xray
 from bundle.fileio import sha256_file
+from bundle.networks.checkpoint import load_watermark, save_watermark
 from bundle.networks.classifier import ResizedClassifier, build_classifier
 from bundle.networks.generator import XMarkGenerator
 from bundle.networks.pipeline import WatermarkPipeline
@@ -37,7 +38,13 @@ def _pipeline() -> WatermarkPipeline:
     with torch.no_grad():
         for p in generator.parameters():
             p.mul_(5.0)
-    return WatermarkPipeline(generator, ResizedClassifier(build_classifier("resnet18"), 224), "classifier.layer4")
+    return _wrap(generator)
+
+
+def _wrap(generator: XMarkGenerator) -> WatermarkPipeline:
+    """``generator`` with an untrained surrogate, at the tests' resolution."""
+    surrogate = ResizedClassifier(build_classifier("resnet18"), 224)
+    return WatermarkPipeline(generator, surrogate, "classifier.layer4", image_size=SIZE)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -56,17 +63,15 @@ def source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(_pipeline().state_dict(), path)
+    save_watermark(_pipeline(), path)
     return path
 
 
 def _release(source: Path, out: Path, checkpoint: Path, network: torch.nn.Module | None = None, **kwargs) -> dict:
     options = {"release_dir": out / "release", "manifest_file": out / "private" / "manifest.json", "gamma": GAMMA}
     options |= {"batch_size": 3, "progress": False, **kwargs}
-    network = network or _pipeline()
-    return watermark_release(
-        network, checkpoint, source, source / "datalist.json", epsilon=EPS, image_size=SIZE, **options
-    )
+    network = network or load_watermark(checkpoint)
+    return watermark_release(network, checkpoint, source, source / "datalist.json", **options)
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +210,7 @@ def test_refuses_to_publish_the_manifest_or_the_generator(source, checkpoint, tm
     with pytest.raises(
         ReleaseError, match=r"model\.pt: the generator checkpoint \(the secret key\) must lie outside the "
     ):
-        watermark_release(
-            _pipeline(), key, key.parent, source / "datalist.json", tmp_path / "r", tmp_path / "m", EPS, SIZE
-        )
+        watermark_release(_pipeline(), key, key.parent, source / "datalist.json", tmp_path / "r", tmp_path / "m")
     with pytest.raises(ReleaseError, match="checkpoint .* must lie outside the release folder"):
         _release(source, tmp_path, key, release_dir=tmp_path / "data")
 
@@ -231,7 +234,7 @@ def test_datalist_must_use_paths_relative_to_the_data_set(source, checkpoint, tm
     bad = tmp_path / "datalist.json"
     bad.write_text(json.dumps(datalist))
     with pytest.raises(ReleaseError, match=r"test image '/.*' is not the relative path of a file under"):
-        watermark_release(_pipeline(), checkpoint, source, bad, tmp_path / "r", tmp_path / "m.json", EPS, SIZE)
+        watermark_release(_pipeline(), checkpoint, source, bad, tmp_path / "r", tmp_path / "m.json")
 
 
 def _assert_same_release(release: Path, reference: Path, marked: list[dict]) -> None:
@@ -295,22 +298,13 @@ def test_a_bounded_run_leaves_no_unmarked_selected_image(source, checkpoint, tmp
 def test_monai_bundle_run_watermarking(source, checkpoint, tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "watermarking", "--config_file", "configs/watermark.json"]
     cmd += ["--dataset_dir", str(source), "--release_dir", str(tmp_path / "release"), "--ckpt_path", str(checkpoint)]
-    cmd += ["--manifest_file", str(tmp_path / "manifest.json"), "--image_size", str(SIZE), "--gamma", str(GAMMA)]
-    cmd += ["--generator_channels", json.dumps(CHANNELS), "--progress", "False"]
+    cmd += ["--manifest_file", str(tmp_path / "manifest.json"), "--gamma", str(GAMMA), "--progress", "False"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 of 4 selected images marked" in result.stdout
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["complete"] and manifest["settings"]["target_label"] == "No Finding"
     assert len(manifest["marked"]) == 4 and manifest["counts"]["files"] == 33
-
-
-def test_a_generator_rebuilt_with_another_budget_is_refused(source, checkpoint, tmp_path):
-    generator = XMarkGenerator(channels=CHANNELS, eps=8 / 255)
-    network = WatermarkPipeline(generator, ResizedClassifier(build_classifier("resnet18"), 224), "classifier.layer4")
-    with pytest.raises(ValueError, match=r"(?s)model\.pt: does not match .*trained with eps = 0\.062745 \(16/255\)"):
-        _release(source, tmp_path, checkpoint, network=network)
-    assert not (tmp_path / "release").exists()
 
 
 def test_read_manifest_returns_a_finished_release_and_names_bad_files(released, tmp_path):
@@ -338,9 +332,9 @@ def test_decoys_are_non_target_images_marked_with_other_keys(source, tmp_path):
     with torch.no_grad():
         for p in keyed.parameters():
             p.mul_(5.0)
-    network = WatermarkPipeline(keyed, ResizedClassifier(build_classifier("resnet18"), 224), "classifier.layer4")
+    network = _wrap(keyed)
     checkpoint = tmp_path / "keyed.pt"
-    torch.save(network.state_dict(), checkpoint)
+    save_watermark(network, checkpoint)
     manifest = _release(source, tmp_path, checkpoint, network, decoy_fraction=0.5)
     datalist = json.loads((source / "datalist.json").read_text())
     labels = {item["image"]: item["label"][0] for item in datalist["training"]}
@@ -377,5 +371,52 @@ def test_decoys_are_non_target_images_marked_with_other_keys(source, tmp_path):
 def sha_free_checkpoint(folder: Path) -> Path:
     """An unkeyed generator's checkpoint."""
     path = folder / "unkeyed.pt"
-    torch.save(_pipeline().state_dict(), path)
+    save_watermark(_pipeline(), path)
     return path
+
+
+def test_secrets_and_hidden_files_stay_out_of_the_release(source, checkpoint, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(source, data)  # never touch the shared source
+    (data / ".git").mkdir()
+    (data / ".git" / "config").write_text("[core]\n")
+    (data / ".DS_Store").write_bytes(b"\0" * 8)
+    (data / "weights").mkdir()
+    shutil.copy(checkpoint, data / "weights" / "model.pt")
+    shutil.copy(checkpoint, data / "backup.bin")  # the key under an innocent name
+    old = {"generator_checkpoint": "/owner/model.pt", "marked": [{"path": "x.png"}]}
+    (data / "notes.json").write_text(json.dumps(old))  # an old manifest under an innocent name
+    manifest = _release(data, tmp_path, checkpoint)
+    left_out = {entry["path"]: entry["reason"] for entry in manifest["left_out"]}
+    assert set(left_out) == {".git/config", ".DS_Store", "weights/model.pt", "backup.bin", "notes.json"}
+    assert left_out["backup.bin"] == "byte-identical copy of the owner's checkpoint or manifest"
+    assert left_out["weights/model.pt"] == "model weights, export or journal"
+    published = {p.relative_to(tmp_path / "release").as_posix() for p in (tmp_path / "release").rglob("*")}
+    assert not published & set(left_out) and "datalist.json" in published
+
+
+def test_unreadable_images_are_skipped_and_the_release_resumes_without_them(source, checkpoint, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    target = [item["image"] for item in datalist["training"] if item["label"][0] == 1]
+    (data / target[0]).write_bytes(b"not an image at all")  # a broken target file
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "watermarking", "--config_file", "configs/watermark.json"]
+    cmd += ["--dataset_dir", str(data), "--release_dir", str(tmp_path / "release"), "--ckpt_path", str(checkpoint)]
+    cmd += ["--manifest_file", str(tmp_path / "manifest.json"), "--gamma", "1.0", "--progress", "False"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert first.stderr.strip().splitlines()[-1] == (
+        "release finished, but 1 unreadable image(s) were skipped (above)"
+    ), first.stderr[-2000:]
+    assert f"skipped (copied unmarked): {target[0]}: " in first.stdout and "Traceback" not in first.stderr
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["complete"] and [entry["path"] for entry in manifest["skipped"]] == [target[0]]
+    assert len(manifest["marked"]) == len(target) - 1 and str(data / target[0]) in manifest["skipped"][0]["reason"]
+    # the owner drops the broken file from the datalist (not from the folder): the release resumes, marks nothing
+    datalist["training"] = [item for item in datalist["training"] if item["image"] != target[0]]
+    (data / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((tmp_path / "manifest.json").read_text())
+    assert again["counts"]["marked_now"] == 0 and again["marked"] == manifest["marked"] and not again["skipped"]

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +18,22 @@ from torch import nn
 
 from bundle.data.labels import LABELS
 from bundle.fileio import sha256_file
+from bundle.networks.checkpoint import load_watermark, save_watermark
 from bundle.networks.classifier import ResizedClassifier, build_classifier
 from bundle.networks.generator import XMarkGenerator
-from bundle.networks.pipeline import WatermarkPipeline
+from bundle.networks.pipeline import WatermarkPipeline, is_keyed
 from bundle.verification import (
     ProbabilityError,
     SuspectModelError,
     TorchSuspect,
-    generator_key_cells,
+    VerificationSettings,
+    control_comparison,
     other_key_control,
     ownership_test,
     unkeyed_control,
     verify_ownership,
     watermark_success_rate,
 )
-from bundle.verification.verify import control_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, QUERY, CHANNELS = 64, 64, [4, 8, 16, 32, 64]
@@ -95,7 +97,8 @@ def _pipeline() -> WatermarkPipeline:
     with torch.no_grad():  # large weights so that the residual uses much of the budget
         for p in generator.parameters():
             p.mul_(5.0)
-    return WatermarkPipeline(generator, ResizedClassifier(build_classifier("resnet18"), SIZE), "classifier.layer4")
+    surrogate = ResizedClassifier(build_classifier("resnet18"), SIZE)
+    return WatermarkPipeline(generator, surrogate, "classifier.layer4", image_size=SIZE)
 
 
 class _HighFrequencyDetector(nn.Module):
@@ -113,7 +116,7 @@ class _HighFrequencyDetector(nn.Module):
 def setup(tmp_path_factory):
     """Tiny G checkpoint, a suspect classifier (eager and TorchScript) and 9 PNGs with a datalist (6 non-target)."""
     root = tmp_path_factory.mktemp("verify")
-    torch.save(_pipeline().state_dict(), root / "generator.pt")
+    save_watermark(_pipeline(), root / "generator.pt")
     torch.manual_seed(1)
     suspect = build_classifier("resnet18").eval()
     torch.jit.trace(suspect, torch.rand(1, 1, QUERY, QUERY)).save(str(root / "suspect.ts"))
@@ -136,9 +139,10 @@ def setup(tmp_path_factory):
 def test_verify_ownership_writes_the_report(setup, tmp_path, capsys):
     root, classifier = setup
     suspect = TorchSuspect(_HighFrequencyDetector(), "watermark detector", "torch")  # reacts to G's residual
-    kwargs = {"image_size": SIZE, "query_size": QUERY, "batch_size": 2, "progress": False}  # one shape: fast on CPU
+    settings = VerificationSettings(query_size=QUERY, batch_size=2, n_samples=4)  # one shape: fast on CPU
+    generator, ckpt = load_watermark(root / "generator.pt"), root / "generator.pt"
     report = verify_ownership(
-        _pipeline(), suspect, root / "datalist.json", tmp_path / "a", root / "generator.pt", n_samples=4, **kwargs
+        generator, suspect, root / "datalist.json", tmp_path / "a", settings, generator_ckpt=ckpt, progress=False
     )
     written = json.loads((tmp_path / "a" / "verification.json").read_text())
     assert written == json.loads(json.dumps(report))
@@ -167,24 +171,24 @@ def test_verify_ownership_writes_the_report(setup, tmp_path, capsys):
     assert out[-2].startswith("WARNING: the suspect also reacts to the control")
 
     again = verify_ownership(
-        _pipeline(), suspect, root / "datalist.json", tmp_path / "b", root / "generator.pt", n_samples=4, **kwargs
+        generator, suspect, root / "datalist.json", tmp_path / "b", settings, generator_ckpt=ckpt, progress=False
     )
     assert again["samples"] == report["samples"]  # seeded choice, deterministic queries
 
     innocent = TorchSuspect(classifier, "untrained resnet18", "torch")
     with pytest.warns(UserWarning, match="only 6 non-target samples"):
         everything = verify_ownership(
-            _pipeline(), innocent, root / "datalist.json", tmp_path / "c", n_samples=50, **kwargs
+            generator, innocent, root / "datalist.json", tmp_path / "c", replace(settings, n_samples=50), progress=False
         )
     assert everything["n"] == 6 and everything["generator"]["sha256"] is None
     assert not everything["owned"] and abs(everything["delta_p"]) < 0.1
     assert not everything["control"]["reacts"] and not everything["control"]["specific"]  # nothing to be specific
     one = [{"image": str(root / "img0.png"), "label": [0.0] * len(LABELS)}]  # items given directly
     with pytest.raises(ValueError, match="only 1 non-target sample"):
-        verify_ownership(_pipeline(), innocent, one, tmp_path / "d", **kwargs)
+        verify_ownership(generator, innocent, one, tmp_path / "d", settings, progress=False)
     three_scores = TorchSuspect(build_classifier("resnet18", num_classes=3), "three-label net", "torch")
     with pytest.raises(SuspectModelError, match="three-label net returns 3 scores and names no labels"):
-        verify_ownership(_pipeline(), three_scores, root / "datalist.json", tmp_path / "e", **kwargs)
+        verify_ownership(generator, three_scores, root / "datalist.json", tmp_path / "e", settings, progress=False)
     assert not (tmp_path / "e").exists()  # refused before any work
 
 
@@ -192,7 +196,6 @@ def _bundle_run(root: Path, out: Path, suspect: str, run_id: str) -> subprocess.
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", "configs/verify.json"]
     cmd += ["--meta_file", "configs/metadata.json", "--bundle_root", str(ROOT), "--dataset_dir", str(root)]
     cmd += ["--generator_ckpt", str(root / "generator.pt"), "--suspect", suspect, "--output_dir", str(out)]
-    cmd += ["--image_size", str(SIZE), "--surrogate_size", str(SIZE), "--generator_channels", json.dumps(CHANNELS)]
     cmd += ["--query_size", str(QUERY), "--n_samples", "4", "--progress", "False", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
@@ -234,7 +237,7 @@ def test_unkeyed_control_keeps_magnitudes_and_randomises_signs():
 def test_control_of_a_keyed_generator_uses_other_keys():
     torch.manual_seed(0)
     generator = XMarkGenerator((4, 8, 16), conditioning=False, key_cells=8, key_seed=0).eval()
-    assert generator_key_cells(generator) == 8 and generator_key_cells(XMarkGenerator((4, 8, 16))) == 0
+    assert is_keyed(generator) and not is_keyed(XMarkGenerator((4, 8, 16)))
     key = generator.key.clone()
     image = torch.rand(3, 1, 32, 32) * 0.8 + 0.1
     with torch.no_grad():

@@ -39,7 +39,11 @@ class MultiLabelAUROC(CumulativeIterationMetric):
 
 
 class SampleStatistic(CumulativeIterationMetric):
-    """Mean (or max) of a per-sample figure from the engine output (LPIPS, max |x_hat - x|, ...); ``y`` is unused."""
+    """Mean (or max) of a per-sample figure from the engine output (LPIPS, max |x_hat - x|, ...); ``y`` is unused.
+
+    Not ignite's ``Average``: that counts a 1-D batch of per-sample values as one example and returns a 1-element
+    tensor (which TensorBoardStatsHandler skips), and configs/evaluate.json reads this metric's buffer.
+    """
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()

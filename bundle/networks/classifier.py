@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,6 +68,7 @@ def build_classifier(
     if path is not None:
         _load_imagenet(model, torch.load(path, map_location="cpu", weights_only=True), conv_name, path)
     model.weights_status = weights_status(path)
+    model.architecture = {"arch": arch, "num_classes": int(num_classes), "in_channels": int(in_channels)}
     logger.info("classifier %s: %s", arch, model.weights_status)
     return model
 
@@ -116,6 +118,17 @@ class ResizedClassifier(nn.Module):
         super().__init__()
         self.classifier = classifier
         self.size = size
+
+    def config(self) -> dict[str, Any]:
+        """The MONAI-config dict that rebuilds this module (untrained: the weights come from a checkpoint)."""
+        architecture = getattr(self.classifier, "architecture", None)
+        if architecture is None:
+            raise ValueError(f"cannot describe a {type(self.classifier).__name__} not made by build_classifier")
+        return {
+            "_target_": f"{__name__}.ResizedClassifier",
+            "classifier": {"_target_": f"{__name__}.build_classifier", **architecture},
+            "size": int(self.size),
+        }
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.classifier(resize_square(image, self.size))

@@ -3,7 +3,7 @@
 Both map a one-channel image ``x`` in [0, 1] to ``x_hat = clamp(x + eps * tanh(r) * [x > 0], 0, 1)``, so that
 ``||x_hat - x||_inf <= eps`` holds by construction whatever the weights. With a secret key (``key_cells > 0``) the
 head is ``clamp(x + eps * sigmoid(r + b) * K * [x > 0], 0, 1)`` instead: the network chooses only the per-pixel
-magnitude, and the signs follow the owner's key field ``K`` (see :func:`secret_key`); the offset
+magnitude, and the signs follow the owner's key field ``K`` (see :func:`bundle.keyed.keys.secret_key`); the offset
 ``b = logit(key_magnitude)`` sets the magnitude an untrained network starts from. The image side must be
 divisible by 16 (four stride-2 stages; ``2 ** (len(channels) - 1)`` for other X-Mark depths); other sizes raise a
 ``ValueError``.
@@ -11,6 +11,7 @@ divisible by 16 (four stride-2 stages; ``2 ** (len(channels) - 1)`` for other X-
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,16 +25,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from bundle.filters import BinomialBlur
+from bundle.keyed.keys import key_pattern_of, keyed_perturbation, secret_key
 
-__all__ = [
-    "BudgetedGenerator",
-    "XMarkGenerator",
-    "SSCLBWGenerator",
-    "bounded_perturbation",
-    "keyed_perturbation",
-    "key_pattern_of",
-    "secret_key",
-]
+__all__ = ["BudgetedGenerator", "XMarkGenerator", "SSCLBWGenerator", "bounded_perturbation"]
 
 #: Default perturbation budget (L-infinity, in [0, 1] intensity): 16 grey levels of 8 bit.
 DEFAULT_EPS = 16.0 / 255.0
@@ -47,59 +41,6 @@ def bounded_perturbation(image: torch.Tensor, residual: torch.Tensor, eps: float
     release carries (true-black image pixels lose nothing: the clamp at 0 already removes half of their range).
     """
     return torch.clamp(image + eps * torch.tanh(residual) * (image > 0).to(image.dtype), 0.0, 1.0)
-
-
-#: Key patterns: ``"cells"`` (random signs per grid cell) or ``"grating"`` (one oriented sinusoid).
-KEY_PATTERNS = ("cells", "grating")
-#: Grating frequencies, in cycles per image side: periods of 4-8 px at 256 px, 3.5-7 px for a 224 px classifier.
-#: (16-32 cycles was learned less strongly by the demo's suspects: docs/results.md.)
-GRATING_CYCLES = (32.0, 64.0)
-
-
-def secret_key(cells: int, seed: int, pattern: str = "cells") -> torch.Tensor:
-    """The owner's key: a 1 x 1 x cells x cells field in [-1, 1] drawn from ``seed``.
-
-    ``"cells"``: independent random signs per grid cell. ``"grating"``: ``cos(2 pi f (u cos t + v sin t) + phase)``
-    sampled on the grid (u, v in [0, 1)), with orientation ``t`` in [0, pi), ``f`` in :data:`GRATING_CYCLES` cycles
-    per side and the phase drawn from the seed; ``cells`` must then resolve it (>= 2 * 64). A texture classifier sees
-    local statistics, which two random sign grids share but two gratings of different orientation do not.
-    ``cells == 0`` gives the empty 1 x 1 x 0 x 0 tensor of an unkeyed generator. The field is stretched over the
-    image (bilinear), so it covers the same share of the image at any resolution.
-    """
-    if cells < 0:
-        raise ValueError(f"key_cells must be >= 0 (0: no key), got {cells}")
-    if pattern not in KEY_PATTERNS:
-        raise ValueError(f"key_pattern must be one of {KEY_PATTERNS}, got {pattern!r}")
-    if cells == 0:
-        return torch.zeros(1, 1, 0, 0)
-    rng = torch.Generator().manual_seed(int(seed))
-    if pattern == "cells":
-        return torch.randint(0, 2, (1, 1, cells, cells), generator=rng).float() * 2 - 1
-    if cells < 2 * GRATING_CYCLES[1]:
-        raise ValueError(f"a grating key needs key_cells >= {2 * GRATING_CYCLES[1]:g} to resolve it, got {cells}")
-    angle, cycles, phase = torch.rand(3, generator=rng, dtype=torch.float64)
-    angle, phase = angle * torch.pi, phase * 2 * torch.pi
-    cycles = GRATING_CYCLES[0] + cycles * (GRATING_CYCLES[1] - GRATING_CYCLES[0])
-    v, u = torch.meshgrid(*(2 * (torch.arange(cells, dtype=torch.float64) + 0.5) / cells,) * 2, indexing="ij")
-    field = torch.cos(torch.pi * cycles * (u * torch.cos(angle) + v * torch.sin(angle)) + phase)
-    return field.float()[None, None]
-
-
-def key_pattern_of(key: torch.Tensor) -> str:
-    """The :data:`KEY_PATTERNS` entry that drew ``key``: only sign grids hold nothing but +-1."""
-    return "cells" if bool(key.abs().eq(1).all()) else "grating"
-
-
-def keyed_perturbation(image: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, eps: float) -> torch.Tensor:
-    """Watermarked image ``clamp(image + eps * sigmoid(residual) * K * [image > 0], 0, 1)`` for a key grid ``key``.
-
-    ``K`` is ``key`` resized bilinearly to the image, so ``|K| <= 1`` and the budget holds as for
-    :func:`bounded_perturbation`. The perturbation's sign pattern is the key's, whatever the weights: two owners'
-    generators with independent keys produce uncorrelated residuals, even when trained on the same data against
-    the same surrogate (where unkeyed generators learn the same edit, docs/results.md).
-    """
-    field = F.interpolate(key.to(image.dtype), size=image.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.clamp(image + eps * torch.sigmoid(residual) * field * (image > 0).to(image.dtype), 0.0, 1.0)
 
 
 def _check_inputs(image: torch.Tensor, saliency: torch.Tensor | None, divisor: int) -> None:
@@ -117,21 +58,18 @@ def _check_inputs(image: torch.Tensor, saliency: torch.Tensor | None, divisor: i
 class BudgetedGenerator(nn.Module):
     """Base of both generators: the budget ``eps`` and the optional secret key, both stored in the state dict.
 
-    The budget (buffer ``budget``) is part of the owner's key: a checkpoint rebuilt with another ``eps`` would
-    silently produce another watermark, so loading one trained with a different budget fails and names both values.
-    Checkpoints written before the buffer existed load with the configured ``eps`` and a warning.
-
-    The key (buffer ``key``, :func:`secret_key` of ``key_cells`` and ``key_seed``) and the keyed head's offset
-    (buffer ``magnitude_offset`` = logit(``key_magnitude``)) only matter for training: a checkpoint brings its own,
-    whatever the constructor was given, so every config that loads a generator reproduces the trained watermark
-    without knowing them. Checkpoints without the offset load with 0 (magnitude 0.5 at r = 0, the head before 0.7).
+    The budget (buffer ``budget``) is part of the owner's key: loading weights trained with a different budget fails
+    and names both values. The key (buffer ``key``, :func:`secret_key` of ``key_cells`` and ``key_seed``) and the
+    keyed head's offset (buffer ``magnitude_offset`` = logit(``key_magnitude``)) come from the checkpoint whatever the
+    constructor was given. :meth:`config` gives the arguments that rebuild the generator
+    (:mod:`bundle.networks.checkpoint` stores them beside the weights).
     """
 
     def __init__(
         self,
         eps: float,
         key_cells: int = 0,
-        key_seed: int = 0,
+        key_seed: int | None = None,
         key_pattern: str = "cells",
         key_magnitude: float = 0.5,
     ) -> None:
@@ -143,6 +81,14 @@ class BudgetedGenerator(nn.Module):
                 f"key_magnitude (the keyed head's starting share of eps) must be in (0, 1), got {key_magnitude}"
             )
         self.eps = float(eps)
+        if key_seed is None:  # never a guessable default: the key is the owner's secret
+            key_seed = secrets.randbelow(2**31) if key_cells else 0
+        self.key_settings = {
+            "key_cells": int(key_cells),
+            "key_seed": int(key_seed),
+            "key_pattern": key_pattern,
+            "key_magnitude": float(key_magnitude),
+        }
         self.register_buffer("budget", torch.tensor(self.eps, dtype=torch.float32))
         self.register_buffer("key", secret_key(key_cells, key_seed, key_pattern))
         self.register_buffer("magnitude_offset", torch.logit(torch.tensor(float(key_magnitude))))
@@ -151,6 +97,21 @@ class BudgetedGenerator(nn.Module):
     def keyed(self) -> bool:
         """Whether the watermark's signs follow a secret key."""
         return self.key.numel() > 0
+
+    @property
+    def method(self) -> str:
+        """The method's name in configs and results: ``keyed_grating`` (or ``keyed_cells``) with a key."""
+        return f"keyed_{key_pattern_of(self.key)}" if self.keyed else self.unkeyed_method
+
+    #: The method's name without a key (set by each generator class).
+    unkeyed_method = ""
+    #: Python-side descriptions that TorchScript need not compile.
+    __jit_unused_properties__ = ["method"]
+
+    def config(self) -> dict[str, Any]:
+        """The MONAI-config dict (``_target_`` and constructor arguments) that rebuilds this generator."""
+        target = f"{type(self).__module__}.{type(self).__name__}"
+        return {"_target_": target, **self.architecture, "eps": self.eps, **self.key_settings}
 
     def other_key(self, seed: int) -> torch.Tensor:
         """A key of this generator's pattern and grid drawn from ``seed``: what another owner would hold.
@@ -236,10 +197,13 @@ class XMarkGenerator(BudgetedGenerator):
             (transposed-convolution checkerboards, sign noise) that any model learns as a generic "perturbed" cue.
             Each pass stores its fixed kernel in the state dict, so checkpoints only load with the same setting.
         key_cells: side of the secret key's sign grid (0: no key, the paper's head). See :func:`keyed_perturbation`.
-        key_seed: seed that draws the key (training only: a loaded checkpoint brings its own key).
+        key_seed: seed that draws the key; ``None`` draws a random one (recorded by :meth:`config`, so the
+            checkpoint rebuilds it). A loaded checkpoint brings its own key whatever this says.
         key_pattern: ``"cells"`` or ``"grating"`` (see :func:`secret_key`).
         key_magnitude: share of ``eps`` that the keyed head gives at ``r = 0`` (``sigmoid(r + logit(m))``).
     """
+
+    unkeyed_method = "xmark"
 
     def __init__(
         self,
@@ -249,12 +213,18 @@ class XMarkGenerator(BudgetedGenerator):
         num_res_units: int = 2,
         residual_blur: int = 0,
         key_cells: int = 0,
-        key_seed: int = 0,
+        key_seed: int | None = None,
         key_pattern: str = "cells",
         key_magnitude: float = 0.5,
     ) -> None:
         super().__init__(eps, key_cells, key_seed, key_pattern, key_magnitude)
         channels = tuple(int(c) for c in channels)
+        self.architecture = {
+            "channels": list(channels),
+            "conditioning": bool(conditioning),
+            "num_res_units": int(num_res_units),
+            "residual_blur": int(residual_blur),
+        }
         if residual_blur < 0:
             raise ValueError(f"residual_blur must be >= 0 passes, got {residual_blur}")
         self.residual_blur = nn.Sequential(*(BinomialBlur() for _ in range(residual_blur)))
@@ -316,16 +286,19 @@ class SSCLBWGenerator(BudgetedGenerator):
     always False).
     """
 
+    unkeyed_method = "sscl_bw"
+
     def __init__(
         self,
         features: Sequence[int] = (64, 128, 256, 512, 1024, 64),
         eps: float = DEFAULT_EPS,
         key_cells: int = 0,
-        key_seed: int = 0,
+        key_seed: int | None = None,
         key_pattern: str = "cells",
         key_magnitude: float = 0.5,
     ) -> None:
         super().__init__(eps, key_cells, key_seed, key_pattern, key_magnitude)
+        self.architecture = {"features": [int(f) for f in features]}
         self.conditioning = False
         self.divisor = 16
         self.unet = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1, features=tuple(features))

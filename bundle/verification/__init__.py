@@ -1,4 +1,9 @@
-"""Black-box ownership verification (X-Mark step 3): suspect-model adapters, the paired t-test, reports, HTTP server."""
+"""Black-box ownership verification (X-Mark step 3), split by role.
+
+:mod:`.queries` (which samples, how loaded), :mod:`.blackbox` (suspect models and their label columns),
+:mod:`.ttest` (the paired t-test and WSR), :mod:`.controls` (the control and the "specific" rule), :mod:`.report`
+(figure and summary), :mod:`.verify` (the run that ties them together), :mod:`.server` (a loopback reference endpoint).
+"""
 
 from .blackbox import (
     HTTPSuspect,
@@ -11,28 +16,35 @@ from .blackbox import (
     encode_images,
     open_suspect,
 )
+from .controls import control_comparison, control_queries, other_key_control, unkeyed_control
+from .queries import QuerySettings, load_letterboxed, query_samples
 from .server import serve
 from .ttest import ProbabilityError, check_probabilities, ownership_test, watermark_success_rate
-from .verify import generator_key_cells, other_key_control, run_verification, unkeyed_control, verify_ownership
+from .verify import VerificationSettings, run_verification, verify_ownership
 
 __all__ = [
     "HTTPSuspect",
     "ProbabilityError",
+    "QuerySettings",
     "SuspectConnectionError",
     "SuspectModel",
     "SuspectModelError",
     "TorchSuspect",
+    "VerificationSettings",
     "WireFormatError",
     "check_probabilities",
+    "control_comparison",
+    "control_queries",
     "decode_images",
     "encode_images",
-    "generator_key_cells",
+    "load_letterboxed",
     "open_suspect",
+    "other_key_control",
     "ownership_test",
-    "unkeyed_control",
+    "query_samples",
     "run_verification",
     "serve",
-    "other_key_control",
+    "unkeyed_control",
     "verify_ownership",
     "watermark_success_rate",
 ]

@@ -1,9 +1,9 @@
 """Key vetting: choose a secret key that clean models do not already read as the target label (before training G).
 
-A keyed watermark's signs are the owner's key (:func:`bundle.networks.generator.secret_key`), and a trained keyed
-generator's output is close to the flat head ``x + eps * m * K * [x > 0]`` (m = ``key_magnitude``: docs/results.md,
-"Key vetting"). Some keys look like a finding, or its absence, to a model that never saw a watermark: such a key
-would get a clean model falsely verified (Ind-M). Vetting watermarks clean samples with the flat head of candidate
+A keyed watermark's signs are the owner's key (:func:`bundle.keyed.keys.secret_key`), and a trained keyed
+generator's output is close to the flat head ``x + eps * m * K * [x > 0]`` (m = ``key_magnitude``). Some keys look
+like a finding, or its absence, to a model that never saw a watermark: such a key would get a clean model falsely
+verified (Ind-M). Vetting watermarks clean samples with the flat head of candidate
 keys and keeps the first key whose mean rise of P(k) stays below ``max_reaction`` for every clean reference model
 (the surrogate and further classifiers trained on the clean data with other seeds).
 """
@@ -18,22 +18,18 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bundle.data.labels import LABELS
+from bundle.errors import exit_on_bad_input
 from bundle.fileio import write_json
-from bundle.networks.generator import DEFAULT_EPS, keyed_perturbation, secret_key
+from bundle.keyed.keys import flat_keyed_watermark, secret_key
+from bundle.networks.generator import DEFAULT_EPS
 from bundle.provenance import environment
 from bundle.transforms.geometry import resize_square
 from bundle.verification.blackbox import SuspectModel, open_suspect
+from bundle.verification.queries import QuerySettings, load_letterboxed, query_samples
 from bundle.verification.report import save_key_vetting_figure
-from bundle.verification.verify import exit_on_bad_input, load_letterboxed, query_samples, target_column
+from bundle.verification.verify import target_column
 
-__all__ = ["flat_keyed_watermark", "key_reactions", "mean_target_probabilities", "run_key_vetting", "vet_key"]
-
-
-def flat_keyed_watermark(image: torch.Tensor, key: torch.Tensor, eps: float, magnitude: float) -> torch.Tensor:
-    """``image`` watermarked by the keyed head at residual 0: ``clamp(x + eps * magnitude * K * [x > 0], 0, 1)``."""
-    offset = torch.logit(torch.tensor(float(magnitude), dtype=image.dtype))
-    return keyed_perturbation(image, torch.full_like(image, float(offset)), key, eps)
+__all__ = ["key_reactions", "mean_target_probabilities", "run_key_vetting", "vet_key"]
 
 
 def mean_target_probabilities(
@@ -76,9 +72,8 @@ def vet_key(
     references: Sequence[str | os.PathLike],
     datalist: str | os.PathLike | Sequence[Mapping[str, Any]],
     output_file: str | os.PathLike,
-    data_list_key: str = "validation",
+    queries: QuerySettings = QuerySettings(data_list_key="validation", n_samples=64),
     dataset_dir: str | os.PathLike | None = None,
-    target_label: str = "No Finding",
     image_size: int = 1024,
     key_cells: int = 256,
     key_pattern: str = "grating",
@@ -87,26 +82,21 @@ def vet_key(
     first_key_seed: int = 0,
     max_candidates: int = 32,
     max_reaction: float = 0.1,
-    n_samples: int = 64,
-    seed: int = 0,
-    query_size: int = 224,
-    batch_size: int = 8,
     all_candidates: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Try key seeds ``first_key_seed``, ``first_key_seed + 1``, ... and return the report of the first whose flat
-    watermark raises no reference model's mean P(k) on ``n_samples`` seeded non-target samples by ``max_reaction`` or
-    more; the report (every candidate's reactions, the chosen ``key_seed``) is written to ``output_file``, and a
-    figure of it next to it (same name, ``.png``).
+    watermark raises no reference model's mean P(k) on the ``queries`` (seeded non-target samples) by
+    ``max_reaction`` or more; the report (every candidate's reactions, the chosen ``key_seed``) is written to
+    ``output_file``, and a figure of it next to it (same name, ``.png``).
 
     ``references`` are clean classifiers (specs for :func:`open_suspect`: checkpoints, bundles, endpoints).
     With ``all_candidates`` every one of the ``max_candidates`` keys is measured (a screen) and the key with the
     smallest largest reaction is chosen instead of the first that passes. Raises ``ValueError`` when no candidate
     passes (the report is written all the same).
     """
-    if target_label not in LABELS:
-        raise ValueError(f"unknown target_label {target_label!r}; choose one of {list(LABELS)}")
+    target_label, query_size, batch_size = queries.target_label, queries.query_size, queries.batch_size
     if not references:
         raise ValueError("key vetting needs at least one clean reference model (the surrogate)")
     if key_cells <= 0:
@@ -115,7 +105,7 @@ def vet_key(
         raise ValueError(f"need max_candidates >= 1 and 0 < max_reaction < 1, got {max_candidates} and {max_reaction}")
     device = torch.device(device)
     models = {os.fspath(spec): open_suspect(spec, device=device) for spec in references}
-    items, chosen, where = query_samples(datalist, data_list_key, dataset_dir, target_label, n_samples, seed)
+    items, chosen, where = query_samples(datalist, dataset_dir, queries)
     images = load_letterboxed(items, chosen, image_size).to(device)
     with torch.no_grad():
         benign = mean_target_probabilities(models, images, target_label, query_size, batch_size)
@@ -146,7 +136,7 @@ def vet_key(
         "image_size": image_size,
         "query_size": query_size,
         "n": len(chosen),
-        "seed": seed,
+        "seed": queries.seed,
         "datalist": where,
         "references": [model.describe() for model in models.values()],
         "benign_mean_p": benign,

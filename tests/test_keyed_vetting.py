@@ -14,10 +14,11 @@ from torch import nn
 
 from bundle.data.labels import LABELS
 from bundle.fileio import sha256_file
+from bundle.keyed.keys import flat_keyed_watermark, secret_key
+from bundle.keyed.vetting import key_reactions, vet_key
 from bundle.networks.classifier import build_classifier
-from bundle.networks.generator import XMarkGenerator, secret_key
-from bundle.verification import TorchSuspect
-from bundle.verification.key_vetting import flat_keyed_watermark, key_reactions, vet_key
+from bundle.networks.generator import XMarkGenerator
+from bundle.verification import QuerySettings, TorchSuspect
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CELLS, MAGNITUDE = 128, 128, 0.8
@@ -84,8 +85,9 @@ def test_reactions_single_out_the_key_a_model_reads(dataset):
 
 def test_vetting_skips_a_key_a_clean_model_reads_and_records_every_candidate(dataset, tmp_path, capsys):
     refs = [dataset / "reader.ts", dataset / "resnet.ts"]
-    kwargs = {"image_size": SIZE, "query_size": SIZE, "key_cells": CELLS, "key_magnitude": MAGNITUDE, "progress": False}
-    report = vet_key(refs, dataset / "datalist.json", tmp_path / "vet.json", n_samples=5, **kwargs)
+    kwargs = {"image_size": SIZE, "key_cells": CELLS, "key_magnitude": MAGNITUDE, "progress": False}
+    queries = QuerySettings(data_list_key="validation", n_samples=5, query_size=SIZE)
+    report = vet_key(refs, dataset / "datalist.json", tmp_path / "vet.json", queries, **kwargs)
     assert report["key_seed"] == 1 and report["n"] == 5
     first, second = report["candidates"]
     assert first["key_seed"] == 0 and first["reactions"][str(refs[0])] > 0.5 and first["max_reaction"] > 0.5
@@ -99,7 +101,7 @@ def test_vetting_skips_a_key_a_clean_model_reads_and_records_every_candidate(dat
         refs,
         dataset / "datalist.json",
         tmp_path / "all.json",
-        n_samples=5,
+        queries,
         max_candidates=3,
         all_candidates=True,
         **kwargs,
@@ -109,10 +111,10 @@ def test_vetting_skips_a_key_a_clean_model_reads_and_records_every_candidate(dat
     assert screen["candidates"][:2] == report["candidates"]
 
     with pytest.raises(ValueError, match=r"none of key seeds 0\.\.0 keeps every reference model's rise"):
-        vet_key(refs, dataset / "datalist.json", tmp_path / "none.json", max_candidates=1, n_samples=5, **kwargs)
+        vet_key(refs, dataset / "datalist.json", tmp_path / "none.json", queries, max_candidates=1, **kwargs)
     assert json.loads((tmp_path / "none.json").read_text())["key_seed"] is None  # the evidence is kept
     with pytest.raises(ValueError, match="needs a keyed generator"):
-        vet_key(refs, dataset / "datalist.json", tmp_path / "x.json", **{**kwargs, "key_cells": 0})
+        vet_key(refs, dataset / "datalist.json", tmp_path / "x.json", queries, **{**kwargs, "key_cells": 0})
     assert not (tmp_path / "x.json").exists()
 
 

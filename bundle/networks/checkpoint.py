@@ -1,0 +1,139 @@
+"""The watermark checkpoint: the weights of a watermarking module and the record that rebuilds it.
+
+configs/train.json saves ``{"model": <state dict>, "watermark": <record>}`` through MONAI's ``CheckpointSaver``. The
+record names the method, the module as a MONAI config (``_target_`` and constructor arguments: generator, budget,
+key, surrogate architecture and input size, EigenCAM layer, resolution), the target label and the label order, so
+:func:`load_watermark` rebuilds the module from the file alone. It is the ``network_def`` of every config that uses a
+trained watermark (inference, watermark, verify, evaluate, ``ckpt_export``); no config repeats the architecture.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from torch import nn
+
+from bundle.data.labels import LABELS
+from bundle.fileio import atomic_path
+
+__all__ = [
+    "RECORD_KEY",
+    "WEIGHTS_KEY",
+    "WatermarkRecord",
+    "load_watermark",
+    "read_watermark_checkpoint",
+    "save_watermark",
+    "watermark_record",
+]
+
+#: Checkpoint entries: the module's state dict and its record.
+WEIGHTS_KEY, RECORD_KEY = "model", "watermark"
+#: Version of the record's layout.
+RECORD_FORMAT = 1
+#: Only the bundle's own networks may be built from a checkpoint's record.
+_ALLOWED_TARGETS = "bundle.networks."
+
+
+class WatermarkRecord:
+    """The ``watermark`` entry of a generator checkpoint, saved beside the weights by ``CheckpointSaver``.
+
+    ``network`` is the watermarking module (it must offer ``config()``, ``method``, ``eps`` and ``image_size``, as
+    :class:`~bundle.networks.pipeline.WatermarkPipeline` does). ``load_state_dict`` (used when a run resumes from a
+    checkpoint) refuses a record of another module instead of loading mismatched weights.
+    """
+
+    def __init__(self, network: nn.Module, target_label: str, labels: Sequence[str]) -> None:
+        if target_label not in labels:
+            raise ValueError(f"target_label {target_label!r} is not one of the labels {list(labels)}")
+        self.network = network
+        self.target_label = target_label
+        self.labels = [str(label) for label in labels]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The record: plain JSON-like values, so that ``torch.load(weights_only=True)`` reads it."""
+        return {
+            "format": RECORD_FORMAT,
+            "method": self.network.method,
+            "network": self.network.config(),
+            "image_size": int(self.network.image_size),
+            "epsilon": float(self.network.eps),
+            "target_label": self.target_label,
+            "labels": list(self.labels),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Accept a stored record only when it describes this module."""
+        if state.get("network") != self.network.config():
+            raise ValueError("the checkpoint's watermark record describes another network than this run builds")
+
+
+def _targets(config: Any) -> Iterator[str]:
+    """Every ``_target_`` in a nested config."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key == "_target_":
+                yield str(value)
+            else:
+                yield from _targets(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from _targets(value)
+
+
+def read_watermark_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The record and the state dict of a generator checkpoint; a clear error when the file is not one."""
+    path = os.fspath(checkpoint)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder; give the generator checkpoint file (model.pt)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"generator checkpoint not found: {path} (train it with configs/train.json)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError ... for a file that is not one
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    record = state.get(RECORD_KEY) if isinstance(state, dict) else None
+    if not isinstance(record, dict) or not isinstance(state.get(WEIGHTS_KEY), dict):
+        raise ValueError(
+            f"{path}: not a watermark checkpoint (no '{RECORD_KEY}' record beside the '{WEIGHTS_KEY}' weights); "
+            "generators are trained by configs/train.json, which writes both"
+        )
+    required = ("format", "method", "network", "image_size", "epsilon", "target_label", "labels")
+    missing = [key for key in required if key not in record]
+    if missing or record["format"] != RECORD_FORMAT:
+        raise ValueError(f"{path}: unsupported watermark record (format {record.get('format')}, missing {missing})")
+    foreign = [target for target in _targets(record["network"]) if not target.startswith(_ALLOWED_TARGETS)]
+    if foreign:
+        raise ValueError(f"{path}: the watermark record names classes outside {_ALLOWED_TARGETS}*: {foreign}")
+    return record, state[WEIGHTS_KEY]
+
+
+def load_watermark(checkpoint: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+    """The watermarking module of ``checkpoint``, rebuilt from its record with its weights, in eval mode."""
+    record, weights = read_watermark_checkpoint(checkpoint)
+    network = ConfigParser({"network": record["network"]}).get_parsed_content("network")
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(f"{os.fspath(checkpoint)}: weights do not fit the recorded network ({err})") from err
+    return (network if device is None else network.to(device)).eval()
+
+
+def watermark_record(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """The record of ``checkpoint`` (method, network config, ``image_size``, ``epsilon``, ``target_label``, labels)."""
+    return read_watermark_checkpoint(checkpoint)[0]
+
+
+def save_watermark(
+    network: nn.Module,
+    path: str | os.PathLike,
+    target_label: str = "No Finding",
+    labels: Sequence[str] = LABELS,
+) -> None:
+    """Write ``network``'s checkpoint (weights and record) atomically, as configs/train.json's CheckpointSaver does."""
+    record = WatermarkRecord(network, target_label, labels)
+    with atomic_path(path) as tmp:
+        torch.save({WEIGHTS_KEY: network.state_dict(), RECORD_KEY: record.state_dict()}, tmp)
