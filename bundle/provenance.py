@@ -1,7 +1,8 @@
 """Where a run ran: the versions of the packages that decide its numbers, and the machine.
 
 Training repeats to the last bit on one machine but not on another CPU, whose vector units round differently
-(docs/results.md, "on a second machine"), so training records, release manifests and verification reports name both.
+(docs/research_log.md, "on a second machine"), so training records, release manifests and verification reports
+name both.
 """
 
 from __future__ import annotations

@@ -353,7 +353,7 @@ def watermark_release(
         "image_size": int(image_size),
         "decoy_fraction": float(decoy_fraction),
         "generator_sha256": sha256_file(ckpt_path),
-        "datalist_sha256": _datalist_hash(datalist),
+        "datalist_content_sha256": _datalist_hash(datalist),
     }
     records = _previous_records(manifest_file, settings)
     files = _with_datalist(source_files, datalist_file, dataset_dir)

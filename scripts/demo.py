@@ -250,7 +250,7 @@ def main() -> None:
 
     g = setting["generator"]
     if g.get("key_cells"):
-        # our key is vetted against the surrogate (a real release adds further clean references: docs/results.md,
+        # our key is vetted against the surrogate (a real release adds further clean references: docs/research_log.md,
         # "Key vetting"); the independent owner keeps an unvetted key of its own, never ours
         vetting = models / "key_vetting.json"
         vet_keys = {k: g[k] for k in ("image_size", "key_cells", "key_pattern", "key_magnitude")}

@@ -96,7 +96,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the table as JSON here")
     args = parser.parse_args()
 
-    k = LABELS.index(args.target_label)
     generators = {"watermark": load_watermark(args.generator)}
     generators.update({f"other generator {p}": load_watermark(p) for p in args.other})
     eps, image_size = generators["watermark"].eps, generators["watermark"].image_size
@@ -113,7 +112,7 @@ def main() -> None:
     for spec in args.suspect:
         suspect = open_suspect(spec)
         table[spec] = {
-            name: float(suspect.predict_proba(resize_square(images, args.query_size))[:, k].mean())
+            name: float(suspect.label_probability(resize_square(images, args.query_size), args.target_label).mean())
             for name, images in batches.items()
         }
     residual = (batches["watermark"] - x).flatten(1)

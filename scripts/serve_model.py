@@ -2,7 +2,8 @@
 
 Example: ``python scripts/serve_model.py --model models/classifier --port 8000``, then
 ``python -m monai.bundle run verifying --config_file configs/verify.json --suspect http://127.0.0.1:8000/``.
-Binds to 127.0.0.1 unless --host and --allow-remote say otherwise (the endpoint has no authentication).
+Binds to 127.0.0.1 unless --host and --allow-remote say otherwise (the endpoint has no authentication). Resources are
+bounded: --max-workers handler threads, --timeout seconds per socket operation and body, --max-body-bytes per request.
 """
 
 import argparse
@@ -13,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `bundle` importable when run as a script
 
 from bundle.verification import open_suspect, serve  # noqa: E402
+from bundle.verification.server import MAX_BODY_BYTES  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -24,10 +26,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
     parser.add_argument("--outputs", choices=("logits", "probabilities"), default="logits", help="what the model gives")
     parser.add_argument("--device", default="cpu", help="torch device of the model")
+    parser.add_argument("--max-workers", type=int, default=4, help="handler threads (more clients wait or get 503)")
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 above)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per socket operation and request body")
     args = parser.parse_args(argv)
     try:
         model = open_suspect(args.model, outputs=args.outputs, device=args.device)
-        server, thread = serve(model, args.host, args.port, allow_remote=args.allow_remote)
+        server, thread = serve(
+            model,
+            args.host,
+            args.port,
+            allow_remote=args.allow_remote,
+            max_workers=args.max_workers,
+            max_body_bytes=args.max_body_bytes,
+            timeout=args.timeout,
+        )
     except (ValueError, OSError) as exc:  # bad model path or file, refused host, port in use
         sys.exit(f"serve_model: error: {exc}")
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -232,3 +232,29 @@ def test_cli_writes_datalist_and_reports_errors(tmp_path):
     with pytest.raises(SystemExit, match="prepare_datalist: error: Split fractions"):
         main(["--csv", str(csv_path), "--out", str(out), "--val-fraction", "1.5"])
     assert Counter(p.suffix for p in tmp_path.iterdir()) == Counter({".csv": 1, ".json": 1})
+
+
+def test_cli_refuses_to_overwrite_an_input_csv(tmp_path, monkeypatch):
+    csv_path = write_csv(tmp_path / "train.csv", SMALL_ROWS)
+    test_csv = write_csv(tmp_path / "valid.csv", SMALL_ROWS[:1])
+    (tmp_path / "link.csv").symlink_to(csv_path)
+    (tmp_path / "sub").mkdir()
+    before = {path: path.read_bytes() for path in (csv_path, test_csv)}
+    script = str(REPO_ROOT / "scripts" / "prepare_datalist.py")
+    done = subprocess.run(
+        [sys.executable, script, "--csv", str(csv_path), "--out", str(csv_path)], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert f"prepare_datalist: error: output {csv_path} is the input CSV {csv_path}: refusing to overwrite it" in (
+        done.stderr
+    )
+    main = runpy.run_path(script)["main"]  # the other spellings of the same file, in-process
+    monkeypatch.chdir(tmp_path)
+    for out, extra in [
+        ("./train.csv", []),  # relative to the working directory
+        (str(tmp_path / "link.csv"), []),  # a symlink to it
+        (str(tmp_path / "sub" / ".." / "valid.csv"), ["--test-csv", str(test_csv)]),  # the test CSV
+    ]:
+        with pytest.raises(SystemExit, match="prepare_datalist: error: output .* refusing to overwrite it"):
+            main(["--csv", str(csv_path), "--out", out, *extra])
+    assert {path: path.read_bytes() for path in before} == before

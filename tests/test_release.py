@@ -1,6 +1,7 @@
 """Watermarking a data-set release: seeded selection, marked vs copied files, manifest, refusals, resume, bundle run."""
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -177,7 +178,11 @@ def test_manifest_is_private_and_names_every_marked_file(released, checkpoint):
         "image_size": SIZE,
         "decoy_fraction": 0.0,
         "generator_sha256": sha256_file(checkpoint),
-        "datalist_sha256": sha256_file(Path(manifest["dataset_dir"]) / "datalist.json"),
+        "datalist_content_sha256": hashlib.sha256(  # the content, so that a file that only lost bad items matches
+            json.dumps(
+                json.loads((Path(manifest["dataset_dir"]) / "datalist.json").read_text()), sort_keys=True
+            ).encode()
+        ).hexdigest(),
     }
     for record in manifest["marked"]:
         assert record["source_sha256"] == sha256_file(Path(manifest["dataset_dir"]) / record["path"])

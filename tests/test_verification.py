@@ -256,7 +256,7 @@ def test_control_of_a_keyed_generator_uses_other_keys():
 def test_the_watermark_must_beat_the_control_by_tau_to_be_specific():
     rng = np.random.default_rng(0)
     pb = np.clip(rng.normal(0.09, 0.05, 100), 0, 1)
-    # a clean model that reads any grating as the target, ours a little more (docs/results.md, "Control margin")
+    # a clean model that reads any grating as the target, ours a little more (docs/research_log.md, "Control margin")
     pc = np.clip(pb + 0.21 + rng.normal(0, 0.05, 100), 0, 1)
     pv = np.clip(pc + 0.14 + rng.normal(0, 0.05, 100), 0, 1)
     control = control_comparison(pb, pv, pc, tau=0.25, alpha=0.05, source="clean", keyed=True)

@@ -1,6 +1,5 @@
 """Tests for bundle.transforms.watermark: residual mapping to full resolution and the postprocessing transform."""
 
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -77,9 +76,12 @@ def test_save_watermarkedd_in_a_monai_pipeline(tmp_path):
     dataset_dir, output_dir = tmp_path / "data", tmp_path / "released"
     (dataset_dir / "p1" / "s1").mkdir(parents=True)
     (dataset_dir / "p2").mkdir()
+    projection = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # a real signed 16-bit file, relabelled DX
+    projection.Modality = "DX"
+    projection.save_as(dataset_dir / "p2" / "dx.dcm")
     files = [
         gradient_png(dataset_dir / "p1" / "s1" / "view1_frontal.png", (70, 50)),
-        Path(shutil.copy(get_testdata_file("CT_small.dcm"), dataset_dir / "p2" / "ct.dcm")),
+        dataset_dir / "p2" / "dx.dcm",
         dataset_dir / "p2" / "scan.nii.gz",
     ]
     nib.save(nib.Nifti1Image(np.arange(40 * 30, dtype=np.int16).reshape(40, 30), np.eye(4)), files[2])
@@ -101,7 +103,7 @@ def test_save_watermarkedd_in_a_monai_pipeline(tmp_path):
         source_image, source_meta = load_xray(source)
         assert image.shape == source_image.shape and meta.format == source_meta.format
         assert (meta.stored_dtype, meta.photometric) == (source_meta.stored_dtype, source_meta.photometric)
-    assert pydicom.dcmread(output_dir / "p2" / "ct.dcm").SOPInstanceUID == pydicom.dcmread(files[1]).SOPInstanceUID
+    assert pydicom.dcmread(output_dir / "p2" / "dx.dcm").SOPInstanceUID == pydicom.dcmread(files[1]).SOPInstanceUID
 
 
 def test_save_watermarkedd_needs_sources_inside_dataset_dir_and_geometry(tmp_path):

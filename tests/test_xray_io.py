@@ -1,6 +1,8 @@
 """Tests for bundle.data.xray_io on real files: pydicom-data's clinical DICOMs and files written here."""
 
+import gzip
 import json
+import tracemalloc
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,15 +13,15 @@ import pydicom
 import pytest
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import UID, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, RLELossless
 
-from bundle.data import LoadXRayd, XRayLoadError, XRayMeta, load_xray, to_stored
+from bundle.data import LoadXRayd, XRayLoadError, XRayMeta, load_xray, to_stored, xray_io
 
 # an asymmetric test image: every value distinct, so any flip or transpose is detected
 ASYMMETRIC = np.arange(5 * 7).reshape(5, 7)
@@ -40,13 +42,13 @@ def cr_uncompressed() -> tuple[np.ndarray, XRayMeta, pydicom.Dataset]:
 
 
 def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 0, **tags) -> Path:
-    """Write `pixels` as an Explicit VR Little Endian CT image with the given extra tags."""
+    """Write `pixels` as an Explicit VR Little Endian DX (digital radiograph) image with the given extra tags."""
     ds = DicomDataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.SOPClassUID = CTImageStorage
-    ds.Modality = "CT"
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.Modality = "DX"
     ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     for keyword, value in tags.items():
@@ -276,8 +278,10 @@ def test_colour_dicom_is_refused(tmp_path):
 
 
 def test_palette_colour_dicom_is_refused():
-    with pytest.raises(XRayLoadError, match="PALETTE COLOR"):
+    with pytest.raises(XRayLoadError, match="Modality US is not a projection radiograph"):  # ultrasound
         load_xray(get_testdata_file("OBXXXX1A.dcm"))
+    with pytest.raises(XRayLoadError, match="PALETTE COLOR"):
+        load_xray(get_testdata_file("OBXXXX1A.dcm"), allow_any_modality=True)
 
 
 # --- file-level errors ---
@@ -421,3 +425,100 @@ def test_load_xrayd_batches_in_a_dataloader(tmp_path, dataset_type):
     assert batch["image"].meta["filename_or_obj"] == [str(path) for path in paths]
     assert batch["image"].meta["xray"]["photometric"] == ["MONOCHROME1", "MONOCHROME2"]
     np.testing.assert_allclose(batch["image"][0, 0].numpy(), 1.0 - pixels / 4095.0, atol=1e-7)
+
+
+# --- hostile and unusual inputs ---
+
+
+def nifti_header_only(path: Path, shape: tuple[int, ...], dtype=np.int16) -> Path:
+    """A NIfTI-1 file whose header claims `shape` but which holds only 64 bytes of data (416 bytes in all)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_data_offset(352)
+    data = header.binaryblock + b"\0" * 4 + b"\0" * 64  # header, empty extension flag, a few voxels
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def test_nifti_header_claiming_a_huge_image_is_refused_before_reading(tmp_path):
+    huge = nifti_header_only(tmp_path / "huge.nii", (30000, 30000))
+    assert huge.stat().st_size == 416
+    tracemalloc.start()
+    try:
+        with pytest.raises(XRayLoadError, match=r"huge\.nii: header claims an image of shape \(30000, 30000\)"):
+            load_xray(huge)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20  # the 1.8 GB of claimed voxels were never allocated
+    with pytest.raises(XRayLoadError, match=r"huge\.nii\.gz: header claims an image of shape \(30000, 30000\)"):
+        load_xray(nifti_header_only(tmp_path / "huge.nii.gz", (30000, 30000)))
+    # under the pixel limit, but more data than the file holds
+    with pytest.raises(XRayLoadError, match=r"short\.nii: header claims \(3000, 2000\) voxels of int16, 12000352 b"):
+        load_xray(nifti_header_only(tmp_path / "short.nii", (3000, 2000)))
+    assert xray_io.MAX_PIXELS == 2**28
+
+
+def test_dicom_header_claiming_a_huge_image_is_refused(tmp_path):
+    path = write_dicom(tmp_path / "huge.dcm", np.ones((4, 4), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 30000, 30000
+    ds.save_as(path)
+    with pytest.raises(XRayLoadError, match=r"huge\.dcm: header claims an image of shape \(30000, 30000\)"):
+        load_xray(path)
+
+
+def test_bad_dicom_value_is_a_load_error_naming_the_file():
+    path = get_testdata_file("badVR.dcm")  # pydicom's test file: an IS element holding '1A'
+    with pytest.raises(XRayLoadError, match=r"badVR\.dcm: invalid DICOM header value \(ValueError: .*'1A'"):
+        load_xray(path, allow_any_modality=True)
+
+
+def test_directory_is_reported_as_a_directory(tmp_path):
+    (tmp_path / "scan.dcm").mkdir()
+    with pytest.raises(XRayLoadError, match=r"scan\.dcm: is a directory, not an image file"):
+        load_xray(tmp_path / "scan.dcm")
+
+
+def png_with_sbit(path: Path, pixels: np.ndarray, bits: int) -> Path:
+    """A grey PNG of `pixels` whose sBIT chunk declares `bits` significant bits."""
+    info = PngImagePlugin.PngInfo()
+    info.add(b"sBIT", bytes([bits]))
+    Image.fromarray(pixels).save(path, pnginfo=info)
+    data = path.read_bytes()
+    assert b"sBIT" in data[: data.index(b"IDAT")]
+    return path
+
+
+def test_png_sbit_gives_the_real_intensity_range(tmp_path):
+    pixels = (ASYMMETRIC * 117).astype(np.uint16)  # 12-bit data (0 .. 3978) in a 16-bit PNG
+    pixels[0, 0] = 4095
+    image, meta = load_xray(png_with_sbit(tmp_path / "x12.png", pixels, 12))
+    np.testing.assert_allclose(image, pixels / 4095.0, atol=1e-7)
+    assert (meta.bits_allocated, meta.bits_stored, meta.window_low, meta.window_high) == (16, 12, 0.0, 4095.0)
+    assert (meta.stored_dtype, meta.window_source) == ("uint16", "stored range")
+    np.testing.assert_array_equal(to_stored(image, meta), pixels)
+    np.testing.assert_array_equal(to_stored(np.ones_like(image), meta), 4095)  # never above the 12 bits
+    # values scaled up to the full 16 bits (as the PNG standard recommends) keep the full range
+    scaled = pixels << 4
+    image, meta = load_xray(png_with_sbit(tmp_path / "x12_scaled.png", scaled, 12))
+    assert (meta.bits_stored, meta.window_high) == (16, 65535.0)
+    np.testing.assert_allclose(image, scaled / 65535.0, atol=1e-7)
+
+
+def test_non_projection_modalities_are_refused_unless_allowed():
+    ct, dose = get_testdata_file("CT_small.dcm"), get_testdata_file("rtdose.dcm")
+    with pytest.raises(XRayLoadError, match=r"CT_small\.dcm: Modality CT is not a projection radiograph"):
+        load_xray(ct)
+    with pytest.raises(XRayLoadError, match=r"rtdose\.dcm: Modality RTDOSE is not a projection radiograph"):
+        load_xray(dose)
+    with pytest.raises(XRayLoadError, match="Modality CT"):
+        LoadXRayd("image")({"image": ct})
+    image, meta = load_xray(ct, allow_modalities=["ct"])
+    assert image.shape == meta.shape == (128, 128)
+    loaded = LoadXRayd("image", allow_any_modality=True)({"image": ct})["image"]
+    np.testing.assert_array_equal(loaded[0].numpy(), image)
+    with pytest.raises(XRayLoadError, match=r"rtdose\.dcm: multi-frame"):  # allowed, then refused for its shape
+        load_xray(dose, allow_any_modality=True)
+    assert {"CR", "DX"} <= xray_io.PROJECTION_MODALITIES and "CT" not in xray_io.PROJECTION_MODALITIES

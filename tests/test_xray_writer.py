@@ -1,10 +1,13 @@
 """Tests for bundle.data.xray_writer on real files: pydicom-data's clinical DICOMs and PNG/JPEG/NIfTI/ITK files."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import itk
@@ -15,7 +18,9 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 from pydicom.data import get_testdata_file
+from pydicom.encaps import generate_frames
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -26,17 +31,23 @@ from pydicom.uid import (
 from bundle.data import (
     XRayWriteError,
     check_output_path,
-    load_xray,
     max_stored_change,
     quantisation_step,
     to_stored,
     write_xray,
 )
+from bundle.data import load_xray as _load_xray
+from bundle.data.xray_writer import ContainerMismatchWarning, is_lossy, reencode_like
 from bundle.transforms import apply_watermark, letterbox, letterbox_geometry, unletterbox
 
 EPS = 16 / 255
 # an asymmetric test image: every value distinct, so any flip or transpose is detected
 ASYMMETRIC = np.arange(5 * 7).reshape(5, 7)
+
+
+def load_xray(path):
+    """The tests use MR/CT/US files of pydicom-data for their transfer syntaxes and intensity chains."""
+    return _load_xray(path, allow_any_modality=True)
 
 
 def copy_testdata(name: str, directory: Path) -> Path:
@@ -124,29 +135,57 @@ def test_cr_source_is_unchanged(cr_watermarked):
 def test_cr_jpeg2000_lossless_is_reencoded_in_its_syntax(tmp_path):
     source = copy_testdata("RG1_J2KR.dcm", tmp_path)
     watermarked, benign, geometry = sign_watermark(load_xray(source)[0], 128, seed=1)
-    report = apply_watermark(source, watermarked, benign, geometry, EPS, tmp_path / "out.dcm")
+    # Kakadu wrote the source: OpenJPEG keeps its COD and COM segments but writes its own QCD (guard bits)
+    with pytest.warns(ContainerMismatchWarning, match=r"out\.dcm: differs from its source .* JPEG 2000 QCD segment"):
+        report = apply_watermark(source, watermarked, benign, geometry, EPS, tmp_path / "out.dcm")
     written = pydicom.dcmread(report["path"])
     assert written.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    frame = next(generate_frames(written.PixelData, number_of_frames=1))
+    assert b"Kakadu-2.2" in frame[:200] and b"OpenJPEG" not in frame  # the source's COM segment
     assert_same_elements(pydicom.dcmread(source), written)
     np.testing.assert_array_equal(written.pixel_array, expected_stored(source, watermarked, benign, geometry))
     assert report["budget_ok"] and report["max_stored_change"] > 0
 
 
-def test_cr_lossy_jpeg2000_is_written_lossless(tmp_path):
+def test_cr_lossy_jpeg2000_stays_lossy_at_the_source_ratio(tmp_path):
     source = copy_testdata("RG1_J2KI.dcm", tmp_path)
     image, meta = load_xray(source)
+    assert is_lossy(meta)
     changed = image.copy()
     changed[:200, :300] = np.clip(changed[:200, :300] + EPS, 0, 1)
-    write_xray(changed, meta, source, tmp_path / "out.dcm")
+    with pytest.warns(ContainerMismatchWarning, match="JPEG 2000 QCD segment"):
+        write_xray(changed, meta, source, tmp_path / "out.dcm")
     original, written = pydicom.dcmread(source), pydicom.dcmread(tmp_path / "out.dcm")
-    assert written.file_meta.TransferSyntaxUID == JPEG2000Lossless  # was 1.2.840.10008.1.2.4.91 (JPEG 2000)
-    assert_same_elements(
-        original.file_meta, written.file_meta, ignore=("TransferSyntaxUID", "FileMetaInformationGroupLength")
-    )
+    assert written.file_meta.TransferSyntaxUID == JPEG2000  # 1.2.840.10008.1.2.4.91, as the source
+    assert_same_elements(original.file_meta, written.file_meta, ignore=())
     assert_same_elements(original, written)
-    assert written.LossyImageCompression == "01"  # the image did go through lossy compression once
-    np.testing.assert_array_equal(written.pixel_array, to_stored(changed, meta))
-    np.testing.assert_array_equal(written.pixel_array[200:], original.pixel_array[200:])
+    assert written.LossyImageCompression == "01"
+    # re-encoded at the source's own ratio (stored bits per codestream byte): the file keeps the source's size
+    assert abs(os.path.getsize(tmp_path / "out.dcm") / os.path.getsize(source) - 1) < 0.01
+    change = np.abs(written.pixel_array.astype(int) - to_stored(changed, meta))
+    window = meta.window_high - meta.window_low
+    assert np.percentile(change, 99) < 0.01 * window  # lossy, at roughly the source's quality
+    assert change[:200, :300].mean() < 0.1 * EPS * window  # the change is there
+
+
+def test_lossy_jpeg2000_written_by_openjpeg_matches_its_source(tmp_path):
+    """A lossy JPEG 2000 source that OpenJPEG wrote (pydicom, GDCM) gets back the same codestream header."""
+    ds = pydicom.dcmread(copy_testdata("RG1_UNCR.dcm", tmp_path))
+    pixels = ds.pixel_array[:512, :400].copy()
+    ds.Rows, ds.Columns = pixels.shape
+    ds.compress(JPEG2000, pixels, j2k_cr=[15], generate_instance_uid=False)
+    ds.save_as(tmp_path / "j2k.dcm")
+    image, meta = load_xray(tmp_path / "j2k.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContainerMismatchWarning)
+        write_xray(np.clip(image - EPS / 2, 0, 1), meta, tmp_path / "j2k.dcm", tmp_path / "out.dcm")
+
+    def main_header(path):
+        frame = next(generate_frames(pydicom.dcmread(path).PixelData, number_of_frames=1))
+        return frame[: frame.index(b"\xff\x90")]  # SOC to the first SOT
+
+    assert main_header(tmp_path / "out.dcm") == main_header(tmp_path / "j2k.dcm")
+    assert abs(os.path.getsize(tmp_path / "out.dcm") / os.path.getsize(tmp_path / "j2k.dcm") - 1) < 0.01
 
 
 # --- other DICOM transfer syntaxes and intensity chains ---
@@ -158,7 +197,6 @@ def test_cr_lossy_jpeg2000_is_written_lossless(tmp_path):
         ("MR_small_bigendian.dcm", ExplicitVRBigEndian),
         ("image_dfl.dcm", DeflatedExplicitVRLittleEndian),
         ("MR_small_RLE.dcm", RLELossless),
-        ("JPGLosslessP14SV1_1s_1f_8b.dcm", ExplicitVRLittleEndian),  # no JPEG Lossless encoder: written uncompressed
     ],
 )
 def test_dicom_transfer_syntaxes(tmp_path, name, syntax):
@@ -174,6 +212,22 @@ def test_dicom_transfer_syntaxes(tmp_path, name, syntax):
     expected = np.where(changed == image, original.pixel_array, to_stored(changed, meta))
     np.testing.assert_array_equal(written.pixel_array, expected)
     np.testing.assert_allclose(load_xray(out)[0], changed, atol=quantisation_step(meta))
+
+
+@pytest.mark.parametrize(
+    ("name", "syntax"),
+    [
+        ("JPGLosslessP14SV1_1s_1f_8b.dcm", "JPEG Lossless, Non-Hierarchical, First-Order Prediction"),
+        ("JPGExtended.dcm", "JPEG Extended"),  # 12-bit samples: Pillow's libjpeg is 8-bit
+        ("MR_small_jpeg_ls_lossless.dcm", "JPEG-LS Lossless"),
+    ],
+)
+def test_syntax_without_an_encoder_is_refused_not_changed(tmp_path, name, syntax):
+    source = copy_testdata(name, tmp_path)
+    image, meta = load_xray(source)
+    with pytest.raises(XRayWriteError, match=rf"{name}: .*{syntax}"):
+        write_xray(np.clip(image + 0.01, 0, 1), meta, source, tmp_path / "out" / name)
+    assert not (tmp_path / "out" / name).exists()
 
 
 def test_pixels_clipped_by_the_window_keep_their_stored_values(tmp_path):
@@ -238,6 +292,99 @@ def test_png_round_trip_is_exact_and_keeps_metadata(tmp_path, dtype, scale):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "changed.png")), to_stored(changed, meta))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "options"),
+    [
+        (np.uint8, {"compress_level": 1}),
+        (np.uint8, {"optimize": True}),
+        (np.uint16, {"compress_level": 9}),
+        (np.uint16, {"compress_level": 0}),  # stored blocks, as the phantoms are written
+    ],
+)
+def test_png_unchanged_image_is_written_back_byte_for_byte(tmp_path, dtype, options):
+    rng = np.random.default_rng(5)
+    scale = 255 if dtype == np.uint8 else 4000
+    pixels = np.clip(np.add.outer(np.arange(150), np.arange(130)) / 280 + rng.normal(0, 0.02, (150, 130)), 0, 1) * scale
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "site 7")
+    info.add(b"sBIT", bytes([8 if dtype == np.uint8 else 12]))
+    Image.fromarray(pixels.astype(dtype)).save(tmp_path / "x.png", pnginfo=info, dpi=(96, 96), **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContainerMismatchWarning)
+        reencode_like(tmp_path / "x.png", tmp_path / "out" / "x.png")
+    assert (tmp_path / "out" / "x.png").read_bytes() == (tmp_path / "x.png").read_bytes()
+
+
+def png_file(pixels: np.ndarray, idat: bytes, extra: list[tuple[bytes, bytes]], interlace: int = 0) -> bytes:
+    """A grey 8-bit PNG made by hand: IHDR, ``extra`` chunks, the given zlib stream in 100-byte IDAT chunks, IEND."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 8, 0, 0, 0, interlace)
+    chunks = [chunk(b"IHDR", ihdr)] + [chunk(k, v) for k, v in extra]
+    chunks += [chunk(b"IDAT", idat[i : i + 100]) for i in range(0, len(idat), 100)] + [chunk(b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
+
+
+def test_interlaced_png_with_a_fixed_filter_is_reproduced(tmp_path):
+    pixels = (np.add.outer(np.arange(37), np.arange(29)) * 3 % 251).astype(np.uint8)
+    passes = [
+        pixels[r::dr, c::dc]
+        for r, c, dr, dc in (
+            (0, 0, 8, 8),
+            (0, 4, 8, 8),
+            (4, 0, 8, 4),
+            (0, 2, 4, 4),
+            (2, 0, 4, 2),
+            (0, 1, 2, 2),
+            (1, 0, 2, 1),
+        )
+    ]
+    raw = b"".join(
+        bytes([2]) + (p[y].astype(int) - (p[y - 1] if y else 0)).astype(np.uint8).tobytes()
+        for p in passes
+        if p.size
+        for y in range(p.shape[0])
+    )  # filter "up" on every row
+    data = png_file(pixels, zlib.compress(raw, 9), [(b"tIME", bytes(7)), (b"gAMA", struct.pack(">I", 45455))], 1)
+    (tmp_path / "x.png").write_bytes(data)
+    image, meta = load_xray(tmp_path / "x.png")
+    np.testing.assert_array_equal(to_stored(image, meta), pixels)
+    reencode_like(tmp_path / "x.png", tmp_path / "same.png")
+    assert (tmp_path / "same.png").read_bytes() == data
+    changed = np.clip(image + 0.02, 0, 1)
+    write_xray(changed, meta, tmp_path / "x.png", tmp_path / "out.png")
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.info.get("interlace") == 1
+        np.testing.assert_array_equal(np.asarray(out), to_stored(changed, meta))
+
+
+def test_png_deflate_that_zlib_cannot_reproduce_is_warned(tmp_path):
+    pixels = (np.add.outer(np.arange(40), np.arange(30)) % 256).astype(np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    compressor = zlib.compressobj(9)
+    stream = compressor.compress(raw[:600]) + compressor.flush(zlib.Z_FULL_FLUSH) + compressor.compress(raw[600:])
+    (tmp_path / "x.png").write_bytes(png_file(pixels, stream + compressor.flush(), []))
+    image, meta = load_xray(tmp_path / "x.png")
+    with pytest.warns(ContainerMismatchWarning, match=r"no zlib setting reproduces the source's \(used level \d\)"):
+        write_xray(np.clip(image + 0.1, 0, 1), meta, tmp_path / "x.png", tmp_path / "out.png")
+    assert (tmp_path / "out.png").read_bytes()[41:43] == (tmp_path / "x.png").read_bytes()[41:43]  # zlib header
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "out.png")), to_stored(np.clip(image + 0.1, 0, 1), meta)
+    )
+
+
+def test_written_file_has_the_source_permissions_and_time(tmp_path):
+    Image.fromarray(ASYMMETRIC.astype(np.uint8)).save(tmp_path / "x.png")
+    os.chmod(tmp_path / "x.png", 0o640)
+    os.utime(tmp_path / "x.png", (1.5e9, 1.5e9))
+    image, meta = load_xray(tmp_path / "x.png")
+    write_xray(np.clip(image + 0.1, 0, 1), meta, tmp_path / "x.png", tmp_path / "out" / "x.png")
+    written = os.stat(tmp_path / "out" / "x.png")
+    assert (oct(written.st_mode & 0o7777), written.st_mtime) == ("0o640", 1.5e9)
+
+
 def test_equal_channel_rgb_png_stays_rgb(tmp_path):
     pixels = (ASYMMETRIC * 7).astype(np.uint8)
     Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(tmp_path / "rgb.png")
@@ -249,11 +396,22 @@ def test_equal_channel_rgb_png_stays_rgb(tmp_path):
     assert load_xray(tmp_path / "out.png")[1].photometric == "RGB"
 
 
-def test_jpeg_is_rewritten_at_quality_100_and_reported_lossy(tmp_path):
+def jpeg_head(data: bytes) -> list[bytes]:
+    """The segments of a JPEG stream from SOI up to its first SOS (exclusive)."""
+    segments, i = [], 2
+    while data[i + 1] != 0xDA:
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        segments.append(data[i : i + 2 + length])
+        i += 2 + length
+    return segments
+
+
+def test_jpeg_is_rewritten_with_the_source_tables_and_reported_lossy(tmp_path):
     rng = np.random.default_rng(0)
     pixels = np.clip(np.add.outer(np.arange(96), np.arange(80)) + rng.normal(0, 4, (96, 80)), 0, 255).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "x.jpg", quality=90)
     image, meta = load_xray(tmp_path / "x.jpg")
+    assert is_lossy(meta)
     watermarked, benign, geometry = sign_watermark(image, 32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -261,12 +419,53 @@ def test_jpeg_is_rewritten_at_quality_100_and_reported_lossy(tmp_path):
     assert report["lossy"] and report["format"] == "jpeg"
     warned = [str(w.message) for w in caught if "after lossy JPEG re-encoding" in str(w.message)]
     assert len(warned) == (0 if report["budget_ok"] else 1) and all("out.jpg" in message for message in warned)
-    with Image.open(tmp_path / "out.jpg") as written:
-        assert (written.format, written.mode) == ("JPEG", "L")
-        decoded = np.asarray(written).astype(int)
+    assert not [w for w in caught if issubclass(w.category, ContainerMismatchWarning)]
+    source, written = (tmp_path / "x.jpg").read_bytes(), (tmp_path / "out.jpg").read_bytes()
+    assert jpeg_head(written) == jpeg_head(source)  # JFIF, quantisation tables, frame header, Huffman tables
+    with Image.open(tmp_path / "out.jpg") as out:
+        assert (out.format, out.mode) == ("JPEG", "L")
+        decoded = np.asarray(out).astype(int)
     wanted = expected_stored(tmp_path / "x.jpg", watermarked, benign, geometry).astype(int)
-    assert np.abs(decoded - wanted).max() <= 3  # quality 100: a few grey levels
-    assert report["max_abs_change01"] <= EPS + 4 / 255
+    assert np.abs(decoded - wanted).max() <= 12  # quality 90 once more
+    assert report["max_abs_change01"] <= EPS + 12 / 255
+
+
+def test_jpeg_header_segments_are_the_source_own(tmp_path):
+    """EXIF, a comment, no JFIF segment, optimised Huffman tables, restart markers, 4:2:0: all as in the source."""
+    rng = np.random.default_rng(3)
+    grey = np.clip(np.add.outer(np.arange(120), np.arange(104)) + rng.normal(0, 6, (120, 104)), 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x010F] = "Vendor X"  # Make
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([grey] * 3, -1)).save(
+        buffer,
+        format="JPEG",
+        quality=80,
+        subsampling="4:2:0",
+        optimize=True,
+        exif=exif,
+        comment=b"site 7",
+        restart_marker_blocks=6,
+    )
+    head = jpeg_head(buffer.getvalue())
+    head = [segment for segment in head if not segment.startswith(b"\xff\xe0")]  # an encoder without JFIF
+    (tmp_path / "x.jpg").write_bytes(b"\xff\xd8" + b"".join(head) + buffer.getvalue()[2 + sum(map(len, head)) + 18 :])
+    assert jpeg_head((tmp_path / "x.jpg").read_bytes()) == head
+    image, meta = load_xray(tmp_path / "x.jpg")
+    assert meta.photometric == "RGB"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContainerMismatchWarning)
+        write_xray(np.clip(image + 0.05, 0, 1), meta, tmp_path / "x.jpg", tmp_path / "out.jpg")
+    written = jpeg_head((tmp_path / "out.jpg").read_bytes())
+    huffman = [segment[:1] == b"\xff" and segment[1] == 0xC4 for segment in head]
+    assert [s for s, h in zip(written, huffman, strict=True) if not h] == [
+        s for s, h in zip(head, huffman, strict=True) if not h
+    ]
+    assert [s[:2] for s in written] == [s[:2] for s in head]  # same marker sequence, optimised tables in place
+    with Image.open(tmp_path / "out.jpg") as out:
+        assert out.info["comment"] == b"site 7" and out.getexif()[0x010F] == "Vendor X"
+        decoded = np.asarray(out)
+    assert np.abs(decoded[..., 0].astype(int) - to_stored(np.clip(image + 0.05, 0, 1), meta)).max() <= 16
 
 
 # --- NIfTI / ITK ---

@@ -191,6 +191,15 @@ def build_datalist(
     return {"labels": list(LABELS), "metadata": metadata, **splits}
 
 
+def _refuse_overwriting_inputs(out_path: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
+    """Raise ValueError when ``out_path`` is the same file as an input (same resolved path, or a hard link to it)."""
+    out = Path(out_path)
+    for source in map(Path, inputs):
+        same = out.resolve() == source.resolve() or (out.exists() and source.exists() and os.path.samefile(out, source))
+        if same:
+            raise ValueError(f"output {out} is the input CSV {source}: refusing to overwrite it")
+
+
 def prepare_datalist(
     csv_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -202,7 +211,11 @@ def prepare_datalist(
     seed: int = 0,
     path_prefix_strip: str = "",
 ) -> dict[str, Any]:
-    """Read CheXpert CSV(s), split by patient and write the datalist JSON; returns the datalist."""
+    """Read CheXpert CSV(s), split by patient and write the datalist JSON; returns the datalist.
+
+    Refuses an ``out_path`` that is (or resolves to) one of the input CSVs, which it would overwrite.
+    """
+    _refuse_overwriting_inputs(out_path, [csv_path] if test_csv is None else [csv_path, test_csv])
     options = {"policy": policy, "frontal_only": frontal_only, "path_prefix_strip": path_prefix_strip}
     train_items = read_chexpert_csv(csv_path, **options)
     test_items = None if test_csv is None else read_chexpert_csv(test_csv, **options)

@@ -32,15 +32,26 @@ accept 3-D/4-D arrays whose extra dimensions are singletons.
 
 PNG/JPEG are read as MONOCHROME2. An RGB PNG/JPEG is accepted only when its three channels are identical (some
 public sets ship grey images as RGB); it is then recorded with ``photometric="RGB"`` so that a writer can replicate
-the channel. Integer NIfTI/ITK data use the full range of their dtype (after NIfTI ``scl_slope/scl_inter``), float
-data use the data min/max, recorded as the window.
+the channel. Integer PNG/JPEG/NIfTI/ITK data use the full range of their dtype (after NIfTI ``scl_slope/scl_inter``),
+float data use the data min/max, recorded as the window. A PNG whose ``sBIT`` chunk declares fewer significant bits
+than its depth (12-bit data in a 16-bit PNG) uses that many bits, like DICOM Bits Stored, when every value fits in them
+(values stored shifted up to the full depth, as the PNG standard recommends, keep the full range).
+
+Only projection radiographs are read by default: a DICOM whose Modality is not in :data:`PROJECTION_MODALITIES`
+(CT, MR, PT, NM, US, RTDOSE, SEG, ...: slices, dose grids or colour images that would load as flat grey) is refused
+unless ``allow_modalities`` names it or ``allow_any_modality=True``; a missing or empty Modality is accepted.
+
+Hostile files: every failure is an :class:`XRayLoadError` naming the file; an image whose header claims more than
+:data:`MAX_PIXELS` pixels, or (uncompressed NIfTI) more data than the file holds, is refused before any pixel is read.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 import warnings
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +68,22 @@ from PIL import Image
 from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-__all__ = ["XRayLoadError", "XRayMeta", "load_xray", "to_stored", "LoadXRay", "LoadXRayd"]
+__all__ = [
+    "MAX_PIXELS",
+    "PROJECTION_MODALITIES",
+    "XRayLoadError",
+    "XRayMeta",
+    "load_xray",
+    "to_stored",
+    "LoadXRay",
+    "LoadXRayd",
+]
+
+#: Largest image (pixels over all dimensions) that load_xray reads; checked on the header, before any pixel is read.
+MAX_PIXELS = 2**28
+#: DICOM Modality values read by default: projection X-ray (computed/digital radiography, film, mammography,
+#: angiography, fluoroscopy, dental) and OT (secondary captures, e.g. digitised films).
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "RG", "MG", "XA", "RF", "DF", "PX", "IO", "OT"})
 
 _EXTENSIONS: dict[str, str] = {
     ".dcm": "dicom",
@@ -167,12 +193,36 @@ def _dicom_lut_window(ds: pydicom.Dataset, bits_stored: int, signed: bool) -> tu
     return float(table.min()), float(table.max()), "stored range"
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, XRayMeta]:
+def _check_pixels(path: Path, shape: Iterable[int]) -> None:
+    """Refuse an image whose header claims more than MAX_PIXELS pixels, before its data are read."""
+    shape = tuple(int(n) for n in shape)
+    if math.prod(shape) > MAX_PIXELS:
+        raise XRayLoadError(
+            path, f"header claims an image of shape {shape}, more than the limit of {MAX_PIXELS} pixels (MAX_PIXELS)"
+        )
+    if sum(n > 1 for n in shape) > 2:
+        raise XRayLoadError(path, f"expected a 2-D image (extra dimensions of size 1 allowed), got shape {shape}")
+
+
+def _read_dicom(path: Path, modalities: Collection[str] | None) -> tuple[np.ndarray, XRayMeta]:
     """Stored pixels of a single-frame grayscale DICOM and the intensity chain its tags define."""
     with _failure(path, "not a readable DICOM file"), warnings.catch_warnings():
         # pydicom turns a premature end of file into a warning and returns what it read; treat it as the error it is
         warnings.filterwarnings("error", message="End of file reached", category=UserWarning)
         ds = pydicom.dcmread(path)
+    with _failure(path, "invalid DICOM header value"):  # pydicom converts raw values lazily, on first access
+        return _dicom_image(path, ds, modalities)
+
+
+def _dicom_image(path: Path, ds: pydicom.Dataset, modalities: Collection[str] | None) -> tuple[np.ndarray, XRayMeta]:
+    """The body of :func:`_read_dicom` once the file is parsed; ``modalities`` None accepts any Modality."""
+    modality = str(ds.get("Modality") or "").strip().upper()
+    if modalities is not None and modality and modality not in modalities:
+        raise XRayLoadError(
+            path,
+            f"Modality {modality} is not a projection radiograph (accepted: {', '.join(sorted(modalities))}); "
+            "pass allow_modalities or allow_any_modality=True to read it anyway",
+        )
     if "PixelData" not in ds:
         raise XRayLoadError(path, "no Pixel Data (7FE0,0010): not an image object, or the file is truncated")
     if int(ds.get("NumberOfFrames") or 1) > 1:
@@ -184,6 +234,7 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, XRayMeta]:
         )
     if ds.get("BitsAllocated") not in (8, 16, 32):
         raise XRayLoadError(path, f"unsupported Bits Allocated {ds.get('BitsAllocated')} (need 8, 16 or 32)")
+    _check_pixels(path, (ds.get("Rows") or 0, ds.get("Columns") or 0))
     syntax = ds.file_meta.get("TransferSyntaxUID")
     syntax_text = f"{syntax.name} ({syntax})" if syntax else "missing Transfer Syntax UID"
     with _failure(path, f"cannot decode Pixel Data with transfer syntax {syntax_text}"):
@@ -231,9 +282,24 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, XRayMeta]:
     return stored, meta
 
 
+def _png_significant_bits(path: Path) -> int | None:
+    """Significant bits of the grey (or first colour) channel from the PNG ``sBIT`` chunk; None without one."""
+    with open(path, "rb") as stream:
+        stream.seek(8)  # the PNG signature
+        while len(head := stream.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"sBIT":
+                return stream.read(length)[0] if length else None
+            if kind in (b"IDAT", b"IEND"):  # sBIT must come before the image data
+                return None
+            stream.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    return None
+
+
 def _read_pil(path: Path, fmt: str) -> tuple[np.ndarray, XRayMeta]:
     """Stored pixels of an 8/16-bit grayscale (or equal-channel RGB) PNG or JPEG."""
     with _failure(path, f"not a readable {fmt.upper()} file"), Image.open(path) as image:
+        _check_pixels(path, image.size[::-1])
         image.load()
         mode, content = image.mode, str(image.format).lower()
         pixels = np.asarray(image)
@@ -247,13 +313,28 @@ def _read_pil(path: Path, fmt: str) -> tuple[np.ndarray, XRayMeta]:
     if mode not in _GREY_MODES:
         raise XRayLoadError(path, f"unsupported image mode {mode!r}; need 8/16-bit grayscale (or RGB, equal channels)")
     stored = pixels.astype(_GREY_MODES[mode])
-    return stored, _plain_meta(path, fmt, stored, photometric, 1.0, 0.0)
+    bits = None
+    if fmt == "png":
+        with _failure(path, "cannot read the PNG chunks"):
+            bits = _png_significant_bits(path)
+        if not (bits and bits < stored.dtype.itemsize * 8 and stored.max() < 2**bits):
+            bits = None  # absent, or the values are scaled up to the full depth: keep the full range
+    return stored, _plain_meta(path, fmt, stored, photometric, 1.0, 0.0, bits)
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, XRayMeta]:
     """Stored voxels of a 2-D NIfTI image, transposed from nibabel's [i, j] to [j, i] (rows, columns)."""
     with _failure(path, "not a readable NIfTI file"):
         image = nib.load(path)
+        shape, dtype = image.header.get_data_shape(), image.header.get_data_dtype()
+        needed = int(image.dataobj.offset) + math.prod(shape) * dtype.itemsize
+    _check_pixels(path, shape)
+    size = path.stat().st_size
+    if not path.name.lower().endswith(".gz") and needed > size:
+        raise XRayLoadError(
+            path, f"header claims {shape} voxels of {dtype}, {needed} bytes with the header, but the file has {size}"
+        )
+    with _failure(path, "not a readable NIfTI file"):
         raw = np.asarray(image.dataobj.get_unscaled())
         slope, intercept = float(image.dataobj.slope), float(image.dataobj.inter)
     if raw.dtype.fields is not None:
@@ -265,6 +346,14 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, XRayMeta]:
 def _read_itk(path: Path) -> tuple[np.ndarray, XRayMeta]:
     """Stored pixels of a 2-D MetaImage/NRRD image as ITK's [j, i] array (rows, columns)."""
     with _failure(path, "not a readable ITK (MetaImage/NRRD) file"):
+        io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+        if io is None:
+            raise XRayLoadError(path, "not a readable ITK (MetaImage/NRRD) file (no ITK reader recognises it)")
+        io.SetFileName(str(path))
+        io.ReadImageInformation()
+        shape = [io.GetDimensions(axis) for axis in range(io.GetNumberOfDimensions())][::-1]
+    _check_pixels(path, shape)
+    with _failure(path, "not a readable ITK (MetaImage/NRRD) file"):
         image = itk.imread(str(path))
         components = image.GetNumberOfComponentsPerPixel()
         raw = itk.array_from_image(image)
@@ -274,11 +363,22 @@ def _read_itk(path: Path) -> tuple[np.ndarray, XRayMeta]:
     return stored, _plain_meta(path, "itk", stored, "MONOCHROME2", 1.0, 0.0)
 
 
-def _plain_meta(path: Path, fmt: str, stored: np.ndarray, photometric: str, slope: float, intercept: float) -> XRayMeta:
-    """Linear chain of a non-DICOM image: the dtype range for integers, the data range for floats."""
+def _plain_meta(
+    path: Path,
+    fmt: str,
+    stored: np.ndarray,
+    photometric: str,
+    slope: float,
+    intercept: float,
+    significant_bits: int | None = None,
+) -> XRayMeta:
+    """Linear chain of a non-DICOM image: the range of ``significant_bits`` (default: the dtype's) for integers,
+    the data range for floats."""
+    bits_stored = significant_bits
     if np.issubdtype(stored.dtype, np.integer):
         bits, signed = stored.dtype.itemsize * 8, bool(np.issubdtype(stored.dtype, np.signedinteger))
-        low, high = sorted(v * slope + intercept for v in _integer_range(bits, signed))
+        bits_stored = bits_stored or bits
+        low, high = sorted(v * slope + intercept for v in _integer_range(bits_stored, signed))
         source = "stored range"
     elif np.issubdtype(stored.dtype, np.floating):
         bits, signed = stored.dtype.itemsize * 8, True
@@ -296,7 +396,7 @@ def _plain_meta(path: Path, fmt: str, stored: np.ndarray, photometric: str, slop
         shape=(int(stored.shape[0]), int(stored.shape[1])),
         stored_dtype=stored.dtype.name,
         bits_allocated=bits,
-        bits_stored=bits,
+        bits_stored=bits_stored or bits,
         signed=signed,
         photometric=photometric,
         transfer_syntax="",
@@ -335,22 +435,42 @@ def find_xray_files(root: str | os.PathLike) -> list[Path]:
     )
 
 
-def load_xray(path: str | os.PathLike) -> tuple[np.ndarray, XRayMeta]:
-    """Read an X-ray as a float32 [rows, columns] image in [0, 1] (bright = attenuating) plus how to write it back."""
+def _accepted_modalities(allow_modalities: Iterable[str], allow_any_modality: bool) -> frozenset[str] | None:
+    """The DICOM Modality values to read (None: any)."""
+    if isinstance(allow_modalities, str):
+        allow_modalities = [allow_modalities]
+    extra = {str(modality).strip().upper() for modality in allow_modalities}
+    return None if allow_any_modality else PROJECTION_MODALITIES | extra
+
+
+def load_xray(
+    path: str | os.PathLike, *, allow_modalities: Iterable[str] = (), allow_any_modality: bool = False
+) -> tuple[np.ndarray, XRayMeta]:
+    """Read an X-ray as a float32 [rows, columns] image in [0, 1] (bright = attenuating) plus how to write it back.
+
+    DICOM Modality values beyond :data:`PROJECTION_MODALITIES` are refused unless listed in ``allow_modalities`` or
+    ``allow_any_modality`` is set. Every failure is an :class:`XRayLoadError` naming the file and the problem.
+    """
     path = Path(path)
-    if not path.is_file():
+    modalities = _accepted_modalities(allow_modalities, allow_any_modality)
+    if path.is_dir():
+        raise XRayLoadError(path, "is a directory, not an image file")
+    if not path.exists():
         raise XRayLoadError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise XRayLoadError(path, "file is empty")
-    fmt = _format_of(path)
-    if fmt == "dicom":
-        values, meta = _read_dicom(path)
-    elif fmt == "nifti":
-        values, meta = _read_nifti(path)
-    elif fmt == "itk":
-        values, meta = _read_itk(path)
-    else:
-        values, meta = _read_pil(path, fmt)
+    if not path.is_file():
+        raise XRayLoadError(path, "not a regular file")
+    with _failure(path, "cannot read the file"):  # the readers name their problems; this catches any they miss
+        if path.stat().st_size == 0:
+            raise XRayLoadError(path, "file is empty")
+        fmt = _format_of(path)
+        if fmt == "dicom":
+            values, meta = _read_dicom(path, modalities)
+        elif fmt == "nifti":
+            values, meta = _read_nifti(path)
+        elif fmt == "itk":
+            values, meta = _read_itk(path)
+        else:
+            values, meta = _read_pil(path, fmt)
     if meta.mapping != "lut":
         modality = values.astype(np.float64) * meta.rescale_slope + meta.rescale_intercept
         if meta.mapping == "sigmoid":
@@ -394,10 +514,19 @@ def to_stored(image01: np.ndarray, meta: XRayMeta) -> np.ndarray:
 
 
 class LoadXRay(Transform):
-    """Load an X-ray file as a 1 x H x W float32 MetaTensor in [0, 1]; its XRayMeta goes to meta["xray"]."""
+    """Load an X-ray file as a 1 x H x W float32 MetaTensor in [0, 1]; its XRayMeta goes to meta["xray"].
+
+    ``allow_modalities`` / ``allow_any_modality``: DICOM modalities read beyond projection radiographs (load_xray).
+    """
+
+    def __init__(self, allow_modalities: Iterable[str] = (), allow_any_modality: bool = False) -> None:
+        self.allow_modalities = tuple([allow_modalities] if isinstance(allow_modalities, str) else allow_modalities)
+        self.allow_any_modality = allow_any_modality
 
     def __call__(self, path: str | os.PathLike) -> MetaTensor:
-        image, meta = load_xray(path)
+        image, meta = load_xray(
+            path, allow_modalities=self.allow_modalities, allow_any_modality=self.allow_any_modality
+        )
         return MetaTensor(
             torch.from_numpy(image[None]),
             meta={"filename_or_obj": os.fspath(path), "xray": asdict(meta), "spatial_shape": meta.shape},
@@ -407,9 +536,15 @@ class LoadXRay(Transform):
 class LoadXRayd(MapTransform):
     """Dictionary version of LoadXRay: replaces each path under `keys` by its loaded 1 x H x W MetaTensor."""
 
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        allow_missing_keys: bool = False,
+        allow_modalities: Iterable[str] = (),
+        allow_any_modality: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadXRay()
+        self.loader = LoadXRay(allow_modalities, allow_any_modality)
 
     def __call__(self, data: Mapping[Hashable, str | os.PathLike]) -> dict[Hashable, MetaTensor]:
         d = dict(data)

@@ -1,4 +1,4 @@
-"""Validation-epoch handlers for the generator: a TensorBoard image grid and a JSON metrics history file."""
+"""What the generator's validation shows: a TensorBoard image grid and a JSON metrics history file."""
 
 from __future__ import annotations
 
@@ -26,6 +26,14 @@ def watermark_grid(image: torch.Tensor, watermarked: torch.Tensor, saliency: tor
     return make_grid(rows.flatten(0, 1), nrow=4, padding=2, pad_value=1.0)
 
 
+def watermark_grid_output(output: Any, max_samples: int = 4) -> list[torch.Tensor]:
+    """``[watermark_grid(...)]`` of an evaluator output (a batch dict, or decollated per-sample dicts): the
+    ``output_transform`` with which MONAI's ``TensorBoardImageHandler`` logs it as one RGB image."""
+    if isinstance(output, list):
+        output = {k: torch.stack([o[k] for o in output[:max_samples]]) for k in ("image", "pred", "saliency")}
+    return [watermark_grid(*(output[k][:max_samples].detach().float().cpu() for k in ("image", "pred", "saliency")))]
+
+
 class WatermarkGridHandler:
     """After each validation epoch, log :func:`watermark_grid` of the last batch's first ``max_samples`` samples."""
 
@@ -39,12 +47,7 @@ class WatermarkGridHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        out = engine.state.output
-        if isinstance(out, list):  # decollated: one dict per sample
-            out = {k: torch.stack([o[k] for o in out[: self.max_samples]]) for k in ("image", "pred", "saliency")}
-        grid = watermark_grid(
-            *(out[k][: self.max_samples].detach().float().cpu() for k in ("image", "pred", "saliency"))
-        )
+        (grid,) = watermark_grid_output(engine.state.output, self.max_samples)
         if self._writer is None:
             self._writer = SummaryWriter(log_dir=self.log_dir)
         self._writer.add_image(self.tag, grid, global_step=engine.state.epoch)
@@ -53,6 +56,9 @@ class WatermarkGridHandler:
 
 class MetricsFileWriter:
     """After each epoch, rewrite ``path`` (atomically) with ``info`` and the history of the engine's scalar metrics.
+
+    Not MONAI's ``MetricsSaver``: that writes the latest values as CSV, while this file keeps every epoch, the best
+    epoch and the run's ``info`` in one JSON document that the demo and the docs read.
 
     The ``info`` dict carries what a reader needs to judge the numbers, e.g. ``lpips_backbone: untrained``.
     For an evaluator run by ``ValidationHandler``, ``engine.state.epoch`` is the trainer's epoch.

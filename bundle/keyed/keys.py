@@ -64,7 +64,7 @@ def keyed_perturbation(image: torch.Tensor, residual: torch.Tensor, key: torch.T
     ``K`` is ``key`` resized bilinearly to the image, so ``|K| <= 1`` and the budget holds as for
     :func:`bounded_perturbation`. The perturbation's sign pattern is the key's, whatever the weights: two owners'
     generators with independent keys produce uncorrelated residuals, even when trained on the same data against
-    the same surrogate (where unkeyed generators learn the same edit, docs/results.md).
+    the same surrogate (where unkeyed generators learn the same edit, docs/research_log.md).
     """
     field = F.interpolate(key.to(image.dtype), size=image.shape[-2:], mode="bilinear", align_corners=False)
     return torch.clamp(image + eps * torch.sigmoid(residual) * field * (image > 0).to(image.dtype), 0.0, 1.0)

@@ -27,7 +27,6 @@ from bundle.transforms.geometry import resize_square
 from bundle.verification.blackbox import SuspectModel, open_suspect
 from bundle.verification.queries import QuerySettings, load_letterboxed, query_samples
 from bundle.verification.report import save_key_vetting_figure
-from bundle.verification.verify import target_column
 
 __all__ = ["key_reactions", "mean_target_probabilities", "run_key_vetting", "vet_key"]
 
@@ -41,8 +40,7 @@ def mean_target_probabilities(
     for name, model in references.items():
         total = 0.0
         for first in range(0, len(queries), batch_size):
-            probs = model.predict_proba(queries[first : first + batch_size])
-            total += float(probs[:, target_column(model, target_label, probs.shape[1])].sum())
+            total += float(model.label_probability(queries[first : first + batch_size], target_label).sum())
         means[name] = total / len(queries)
     return means
 

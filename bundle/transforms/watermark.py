@@ -20,9 +20,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor, ensure_tuple_rep
+from pydicom.uid import UID
 
 from ..data.xray_io import load_xray
-from ..data.xray_writer import XRayWriteError, check_output_path, max_stored_change, write_xray
+from ..data.xray_writer import XRayWriteError, check_output_path, is_lossy, max_stored_change, write_xray
 from .geometry import GEOMETRY_KEY, unletterbox
 
 __all__ = ["SaveWatermarkedd", "apply_watermark", "full_resolution_residual"]
@@ -62,8 +63,9 @@ def apply_watermark(
     ``[-epsilon, epsilon]`` after resizing as a guard only: bilinear resizing, antialiased or not, forms convex
     combinations (non-negative weights summing to one), so it cannot leave the input range. The written file is read
     back and ``max |written - source| <= epsilon + one quantisation step`` checked in [0, 1]; a lossless file that
-    fails is deleted and an XRayWriteError raised, a JPEG (lossy) one is kept with a warning. Returns a JSON-able
-    report.
+    fails is deleted and an XRayWriteError raised, one re-encoded with a lossy codec (JPEG, lossy JPEG 2000 or JPEG
+    baseline DICOM, written like its source: :func:`~bundle.data.xray_writer.is_lossy`) is kept with a warning.
+    Returns a JSON-able report.
     """
     source, out_path = Path(source_path), Path(out_path)
     if not 0.0 < epsilon <= 1.0:
@@ -81,14 +83,15 @@ def apply_watermark(
 
     change = max_stored_change(source, out_path)
     budget = epsilon + change["quantisation_step01"] + _FLOAT_TOLERANCE
-    lossy = meta.format == "jpeg"
+    lossy = is_lossy(meta)
     budget_ok = change["max_abs_change01"] <= budget
     if not budget_ok:
         problem = f"max |change| {change['max_abs_change01']:.6g} exceeds the budget {budget:.6g} (epsilon {epsilon})"
         if not lossy:
             out_path.unlink()
             raise XRayWriteError(out_path, f"{problem}; the file was removed")
-        warnings.warn(f"{out_path}: {problem} after lossy JPEG re-encoding", stacklevel=2)
+        codec = "JPEG" if meta.format == "jpeg" else UID(meta.transfer_syntax).name
+        warnings.warn(f"{out_path}: {problem} after lossy {codec} re-encoding", stacklevel=2)
     return {
         "source": str(source),
         "path": str(out_path),

@@ -22,17 +22,22 @@ Wire format (one POST per batch, JSON both ways, ``Content-Type: application/jso
                           "data": "<base64 of the little-endian float32 values in C order>"}}
     response: {"probabilities": [[p_1, ..., p_K], ...B rows], "labels": ["No Finding", ...K names]}
 
-Errors are :class:`SuspectModelError` (bad path, unloadable file, HTTP error status, malformed answer, wrong output
-shape; a ``ValueError``), :class:`SuspectConnectionError` (endpoint unreachable after the retries; an ``OSError``) and
-:class:`~bundle.verification.ttest.ProbabilityError` (NaN/inf or out-of-range outputs), each naming the model.
+Errors are :class:`SuspectModelError` (bad path, unloadable file, HTTP error status, malformed or oversized answer,
+wrong output shape; a ``ValueError``), :class:`SuspectConnectionError` (endpoint unreachable after the retries, or
+past the request deadline; an ``OSError``) and :class:`~bundle.verification.ttest.ProbabilityError` (NaN/inf or
+out-of-range outputs), each naming the model.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import http.client
 import json
 import os
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
@@ -63,6 +68,11 @@ __all__ = [
 ]
 
 OUTPUT_KINDS = ("logits", "probabilities")
+#: Wall-clock limit of one HTTP query, retries included (seconds), unless HTTPSuspect is told otherwise.
+DEFAULT_REQUEST_DEADLINE_S = 120.0
+#: Largest HTTP answer accepted (bytes), unless HTTPSuspect is told otherwise.
+DEFAULT_MAX_REPLY_BYTES = 64 * 1024 * 1024
+_CHUNK_BYTES = 64 * 1024
 _BUNDLE_CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 
 
@@ -96,7 +106,7 @@ def decode_images(payload: Any) -> torch.Tensor:
     if payload["dtype"] != "float32":
         raise WireFormatError(f"images.dtype must be 'float32', got {payload['dtype']!r}")
     try:
-        raw = base64.b64decode(payload["data"], validate=True)
+        raw = binascii.a2b_base64(payload["data"], strict_mode=True)  # reads an ASCII str in place, without a copy
     except (TypeError, ValueError) as err:
         raise WireFormatError(f"images.data is not valid base64 ({err})") from err
     if len(raw) != 4 * int(np.prod(shape)):
@@ -134,6 +144,24 @@ class SuspectModel(ABC):
                 f"suspect model {self.location} returned {probs.shape[1]} scores but names {len(self.labels)} labels"
             )
         return check_probabilities(probs, f"suspect model {self.location}")
+
+    def label_column(self, label: str, width: int) -> int:
+        """Column of ``label`` in this model's ``width`` scores: its own label order when it states one, else
+        :data:`~bundle.data.labels.LABELS` (which then must have ``width`` entries)."""
+        if self.labels is None and width != len(LABELS):
+            raise SuspectModelError(
+                f"suspect model {self.location} returns {width} scores and names no labels; "
+                f"without names only the {len(LABELS)} scores in the order {list(LABELS)} can be read"
+            )
+        labels = self.labels or LABELS
+        if label not in labels:
+            raise SuspectModelError(f"suspect model {self.location} has no label {label!r} (labels: {list(labels)})")
+        return list(labels).index(label)
+
+    def label_probability(self, images: torch.Tensor, label: str) -> np.ndarray:
+        """P(``label``) for each of the B x 1 x H x W ``images`` (a length-B float64 array)."""
+        probs = self.predict_proba(images)
+        return probs[:, self.label_column(label, probs.shape[1])]
 
     def describe(self) -> dict[str, Any]:
         """Kind, location, SHA-256 of the model file (None for an endpoint), label order and input size if known."""
@@ -186,42 +214,171 @@ class TorchSuspect(SuspectModel):
         return {**super().describe(), "outputs": self.outputs}
 
 
+class _Watchdog:
+    """Shuts down the sockets of a request when its deadline passes, waking any read or write blocked on them."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(seconds, 0.0), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shutdown(sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _watched_opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
+    """A urllib opener (proxies as usual) whose HTTP(S) connections put their sockets under ``watchdog``."""
+
+    def watched(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        class Watched(base):  # type: ignore[valid-type,misc]
+            def connect(self) -> None:
+                super().connect()
+                watchdog.watch(self.sock)
+
+        return Watched
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
+
+    class SecureHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)
+
+    return urllib.request.build_opener(Handler, SecureHandler)
+
+
+class _DeadlineExceeded(Exception):
+    """The request deadline passed after ``received`` reply bytes (turned into a SuspectConnectionError)."""
+
+    def __init__(self, received: int = 0) -> None:
+        super().__init__(received)
+        self.received = received
+
+
 class HTTPSuspect(SuspectModel):
     """A suspect behind an HTTP endpoint (wire format in the module docstring); ``retries`` re-sends after a failure.
 
-    Connection failures, timeouts and 5xx answers are retried; 4xx answers are not.
+    Connection failures, timeouts and 5xx answers are retried; 4xx answers are not. ``timeout`` bounds each socket
+    operation; ``request_deadline_s`` bounds one query in wall-clock time, retries included (a server that trickles
+    its answer is cut off), and ``max_reply_bytes`` bounds the answer, which is read in chunks.
     """
 
     kind = "http"
 
-    def __init__(self, url: str, timeout: float = 30.0, retries: int = 1) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 30.0,
+        retries: int = 1,
+        request_deadline_s: float = DEFAULT_REQUEST_DEADLINE_S,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+    ) -> None:
+        if not (timeout > 0 and request_deadline_s > 0 and max_reply_bytes > 0):
+            raise ValueError(
+                f"timeout, request_deadline_s and max_reply_bytes must be positive, got {timeout}, "
+                f"{request_deadline_s}, {max_reply_bytes}"
+            )
         super().__init__(url)
         self.url = url
         self.timeout = timeout
         self.retries = retries
+        self.request_deadline_s = request_deadline_s
+        self.max_reply_bytes = int(max_reply_bytes)
+
+    def _deadline_error(self, received: int) -> SuspectConnectionError:
+        return SuspectConnectionError(
+            f"suspect endpoint {self.url} did not answer within the request deadline of {self.request_deadline_s:g} s "
+            f"(request_deadline_s; {received} bytes of the reply received)"
+        )
+
+    def _read_reply(self, response: http.client.HTTPResponse, watchdog: _Watchdog, deadline: float) -> bytes:
+        """The body of ``response``, read in chunks and refused once it exceeds ``max_reply_bytes``."""
+        length = response.getheader("Content-Length", "")
+        if length.strip().isdigit() and int(length) > self.max_reply_bytes:
+            raise SuspectModelError(
+                f"suspect endpoint {self.url} announced a reply of {int(length)} bytes, more than "
+                f"max_reply_bytes={self.max_reply_bytes}"
+            )
+        body = bytearray()
+        try:
+            while chunk := response.read1(_CHUNK_BYTES):
+                body += chunk
+                if len(body) > self.max_reply_bytes:
+                    raise SuspectModelError(
+                        f"suspect endpoint {self.url} sent a reply of more than max_reply_bytes={self.max_reply_bytes}"
+                    )
+                if time.monotonic() > deadline:
+                    raise _DeadlineExceeded(len(body))
+        except (http.client.HTTPException, OSError):
+            if watchdog.expired:
+                raise _DeadlineExceeded(len(body)) from None
+            raise
+        if watchdog.expired:  # the watchdog's shutdown ends a reply without Content-Length like a normal close
+            raise _DeadlineExceeded(len(body))
+        return bytes(body)
 
     def _post(self, body: bytes) -> bytes:
         request = urllib.request.Request(
             self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
         )
+        deadline = time.monotonic() + self.request_deadline_s
         attempt = 0
         while True:
             attempt += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._deadline_error(0)
+            watchdog = _Watchdog(remaining)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
+                with _watched_opener(watchdog).open(request, timeout=min(self.timeout, remaining)) as response:
+                    return self._read_reply(response, watchdog, deadline)
+            except _DeadlineExceeded as err:
+                raise self._deadline_error(err.received) from None
             except urllib.error.HTTPError as err:  # the server answered with an error status
+                try:
+                    with err:
+                        detail = err.read(500).decode("utf-8", "replace").strip()
+                except (http.client.HTTPException, OSError):  # dropped, or cut off by the deadline
+                    detail = ""
+                if watchdog.expired:
+                    raise self._deadline_error(0) from err
                 if err.code < 500 or attempt > self.retries:
-                    detail = err.read(500).decode("utf-8", "replace").strip()
                     raise SuspectModelError(
                         f"suspect endpoint {self.url} answered HTTP {err.code} {err.reason}: {detail}"
                     ) from err
             except (http.client.HTTPException, OSError) as err:  # refused, timed out, dropped (URLError is an OSError)
+                if watchdog.expired:
+                    raise self._deadline_error(0) from err
                 if attempt > self.retries:
                     raise SuspectConnectionError(
                         f"suspect endpoint {self.url} unreachable after {attempt} attempt(s): "
                         f"{getattr(err, 'reason', err)}"
                     ) from err
+            finally:
+                watchdog.cancel()
 
     def _query(self, images: torch.Tensor) -> np.ndarray:
         raw = self._post(json.dumps({"images": encode_images(images)}).encode("utf-8"))
@@ -325,17 +482,26 @@ def open_suspect(
     config_file: str | os.PathLike | None = None,
     timeout: float = 30.0,
     retries: int = 1,
+    request_deadline_s: float = DEFAULT_REQUEST_DEADLINE_S,
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
 ) -> SuspectModel:
     """The black-box adapter for ``spec`` (URL, TorchScript file, classifier checkpoint or MONAI bundle directory).
 
     ``outputs`` (``"logits"`` or ``"probabilities"``), ``device`` and ``config_file`` concern local models; ``timeout``
-    (seconds per request) and ``retries`` concern endpoints.
+    (seconds per socket operation), ``retries``, ``request_deadline_s`` (seconds per query, retries included) and
+    ``max_reply_bytes`` concern endpoints (:class:`HTTPSuspect`).
     """
     if outputs not in OUTPUT_KINDS:
         raise ValueError(f"outputs must be one of {OUTPUT_KINDS}, got {outputs!r}")
     text = os.fspath(spec)
     if text.startswith(("http://", "https://")):
-        return HTTPSuspect(text, timeout=timeout, retries=retries)
+        return HTTPSuspect(
+            text,
+            timeout=timeout,
+            retries=retries,
+            request_deadline_s=request_deadline_s,
+            max_reply_bytes=max_reply_bytes,
+        )
     path = Path(text)
     if path.is_dir():
         if (path / "training_info.json").is_file():

@@ -21,19 +21,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bundle.data.labels import LABELS
 from bundle.errors import exit_on_bad_input
 from bundle.fileio import sha256_file, write_json
 from bundle.networks.pipeline import is_keyed
 from bundle.provenance import environment
 from bundle.transforms.geometry import resize_square
-from bundle.verification.blackbox import SuspectModel, SuspectModelError, open_suspect
+from bundle.verification.blackbox import SuspectModel, open_suspect
 from bundle.verification.controls import control_comparison, control_queries
 from bundle.verification.queries import QuerySettings, load_letterboxed, query_samples
 from bundle.verification.report import save_verification_figure, summary_lines
 from bundle.verification.ttest import ownership_test, watermark_success_rate
 
-__all__ = ["VerificationSettings", "run_verification", "target_column", "verify_ownership"]
+__all__ = ["VerificationSettings", "run_verification", "verify_ownership"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +53,6 @@ class VerificationSettings(QuerySettings):
         super().__post_init__()
         if not 0.0 < self.alpha < 1.0 or not 0.0 <= self.wsr_threshold <= 1.0:
             raise ValueError(f"need 0 < alpha < 1 and 0 <= wsr_threshold <= 1, got {self.alpha}, {self.wsr_threshold}")
-
-
-def target_column(suspect: SuspectModel, target_label: str, width: int) -> int:
-    """Column of ``target_label`` in the suspect's output (its own label order when it states one, else LABELS)."""
-    if suspect.labels is None and width != len(LABELS):
-        raise SuspectModelError(
-            f"suspect model {suspect.location} returns {width} scores and names no labels; "
-            f"without names only the {len(LABELS)} scores in the order {list(LABELS)} can be read"
-        )
-    labels = suspect.labels or LABELS
-    if target_label not in labels:
-        raise SuspectModelError(f"suspect model {suspect.location} has no label {target_label!r} (labels: {labels})")
-    return list(labels).index(target_label)
 
 
 def verify_ownership(
@@ -110,7 +96,7 @@ def verify_ownership(
             s.query_size,
         )
     probe = torch.full((1, 1, s.query_size, s.query_size), 0.5)  # fail now, not after watermarking every sample
-    target_column(suspect, s.target_label, suspect.predict_proba(probe).shape[1])
+    suspect.label_probability(probe, s.target_label)
     lap("open_suspect")
     generator = generator.to(device).eval()
     image_size, keyed = int(generator.image_size), is_keyed(generator)
@@ -141,8 +127,7 @@ def verify_ownership(
         for first in range(0, len(chosen), s.batch_size):
             rows = slice(first, first + s.batch_size)
             for name, images in queries.items():
-                probs = suspect.predict_proba(images[rows])
-                answers[name][rows] = probs[:, target_column(suspect, s.target_label, probs.shape[1])]
+                answers[name][rows] = suspect.label_probability(images[rows], s.target_label)
                 bar.update(len(images[rows]))
     pb, pv, pc = answers["pb"], answers["pv"], answers["pc"]
     lap("query")
