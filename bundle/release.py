@@ -21,12 +21,14 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import torch
 from monai.data import DataLoader, Dataset, decollate_batch
 from monai.transforms import Compose
@@ -37,6 +39,7 @@ from bundle.data.labels import LABELS
 from bundle.data.secrets import owner_file_hashes, secret_reason
 from bundle.data.selection import select_fraction, split_by_target
 from bundle.data.xray_io import LoadXRayd, load_xray
+from bundle.data.xray_writer import ContainerMismatchWarning, reencode_like
 from bundle.errors import exit_on_bad_input
 from bundle.fileio import atomic_path, sha256_file, write_json
 from bundle.networks.pipeline import watermark_generator
@@ -423,7 +426,17 @@ def watermark_release(
         _append_journal(journal, settings, record)
     mark_s = time.perf_counter() - mark_start
 
+    # a kind of file whose codec settings could not be reproduced: every file of that kind goes through the writer
+    mismatched = {_kind(files[rel]) for rel in records if records[rel].get("container_mismatch")}
+    reencoded = [rel for rel in to_copy if mismatched and _kind(files[rel]) in mismatched]
+    for rel in tqdm(reencoded, desc="re-encode", unit="file", disable=not progress):
+        try:
+            reencode_like(files[rel], release_dir / rel)
+        except (ValueError, OSError) as err:  # e.g. an unreadable image: its byte copy stays
+            warnings.warn(f"{rel}: kept as a byte copy, cannot re-encode it ({err})", stacklevel=2)
+
     counts = {
+        "reencoded": len(reencoded),
         "marked_now": len(now),
         "marked_already": len(to_write) - len(pending),
         "to_mark": len(pending) - len(now),
@@ -463,8 +476,15 @@ def _mark(
         with torch.no_grad(), key:
             batch["pred"] = network(batch["image"].as_tensor().to(device)).cpu()
         for item in decollate_batch(batch):
-            report = saver(item)["watermark"]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ContainerMismatchWarning)
+                report = saver(item)["watermark"]
+            mismatch = [str(w.message) for w in caught if issubclass(w.category, ContainerMismatchWarning)]
+            for w in caught:
+                if not issubclass(w.category, ContainerMismatchWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             yield {
+                **({"container_mismatch": mismatch[0]} if mismatch else {}),
                 "path": item["relative"],
                 **({} if key_seed is None else {"decoy_key_seed": key_seed}),
                 "source_sha256": sha256_file(report["source"]),
@@ -472,6 +492,17 @@ def _mark(
                 **{key: report[key] for key in ("format", "shape", "max_abs_change01", "max_stored_change")},
                 **{key: report[key] for key in ("quantisation_step01", "budget_ok", "lossy")},
             }
+
+
+def _kind(path: Path) -> str:
+    """Files that share one encoder setting: the extension, and for DICOM the transfer syntax too."""
+    suffix = path.suffix.lower()
+    if suffix != ".dcm":
+        return suffix
+    try:
+        return f"{suffix} {pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID}"
+    except Exception:  # an unreadable header: its own kind, never re-encoded with others
+        return f"{suffix} unreadable"
 
 
 def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
@@ -485,6 +516,11 @@ def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
         f"{'kept' if manifest['budget_ok'] else 'EXCEEDED after lossy JPEG re-encoding'}); "
         f"{timings['total_s']:.1f} s ({timings['mark_s']:.1f} s marking); manifest {manifest_file}"
     )
+    if counts.get("reencoded"):
+        print(
+            f"{counts['reencoded']} unmarked files re-encoded like the marked ones of their kind, whose codec settings "
+            "could not be reproduced (container_mismatch in the manifest)"
+        )
     for entry in manifest["skipped"]:
         print(f"skipped (copied unmarked): {entry['path']}: {entry['reason']}")
     for entry in manifest["left_out"]:

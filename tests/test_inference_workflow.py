@@ -66,6 +66,7 @@ def test_inference_watermarks_real_cr_radiograph(tmp_path, checkpoint):
 
     out = tmp_path / "out" / "chest" / "cr.dcm"
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()) == [
+        ".xmark-inference.jsonl",  # the journal a rerun resumes from
         "chest/cr.dcm",
         "small.png",
     ]
@@ -129,7 +130,14 @@ def test_unreadable_files_are_skipped_and_reported_and_overlapping_folders_refus
     )
     assert "skipped: " in done.stdout and "broken.dcm" in done.stdout
     assert "watermarked 1 file(s)" in done.stdout
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]  # everything else was written
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".xmark-inference.jsonl", "good.png"]
+    written = (tmp_path / "out" / "good.png").stat().st_ino  # a rewrite renames a new file in
+    (inputs / "broken.dcm").unlink()
+    again = _infer(inputs, tmp_path / "out", checkpoint)  # resumes: the journal says good.png is done
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "watermarked 0 file(s)" in again.stdout and "1 already written" in again.stdout
+    assert (tmp_path / "out" / "good.png").stat().st_ino == written
+    (inputs / "broken.dcm").write_bytes(b"DICM but not really")  # the source as it was, for the checks below
 
     for output in (inputs / "marked", tmp_path):  # inside the input, or holding it
         refused = _infer(inputs, output, checkpoint)

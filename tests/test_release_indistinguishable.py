@@ -33,6 +33,7 @@ import zlib
 from copy import deepcopy
 from pathlib import Path
 
+import itk
 import numpy as np
 import pydicom
 import pytest
@@ -49,6 +50,13 @@ from pydicom.uid import (
 )
 from scipy.ndimage import gaussian_filter
 
+from bundle.data.chexpert import prepare_datalist
+from bundle.data.phantoms import write_phantom_dataset
+from bundle.networks.checkpoint import load_watermark, save_watermark
+from bundle.networks.classifier import ResizedClassifier, build_classifier
+from bundle.networks.generator import XMarkGenerator
+from bundle.networks.pipeline import WatermarkPipeline
+from bundle.release import watermark_release
 from bundle.transforms import apply_watermark, letterbox, letterbox_geometry
 
 EPS = 16 / 255
@@ -388,3 +396,56 @@ def test_marked_files_are_marked_within_budget_and_without_container_warnings(re
         assert report["lossy"] == lossy
         if not lossy:
             assert report["budget_ok"], report
+
+
+def test_a_release_re_encodes_every_file_of_a_kind_whose_codec_it_cannot_reproduce(tmp_path):
+    """PNGs written by ITK (a deflate stream zlib does not reproduce): the marked ones cannot match their sources,
+    so the release writes every PNG through the same writer and marked and unmarked files share one container."""
+    data = tmp_path / "data"
+    write_phantom_dataset(data, n=16, seed=3, min_size=256, max_size=300, dicom_fraction=0.0)
+    prepare_datalist(data / "train.csv", data / "datalist.json", test_csv=data / "valid.csv")
+    for png in sorted(data.rglob("*.png")):  # the same pixels, re-saved by ITK's PNG writer
+        pixels = np.asarray(Image.open(png))
+        png.unlink()
+        itk.imwrite(itk.image_from_array(np.ascontiguousarray(pixels)), str(png))
+    torch.manual_seed(0)
+    generator = XMarkGenerator([4, 8, 16, 32, 64])
+    pipeline = WatermarkPipeline(
+        generator, ResizedClassifier(build_classifier("resnet18"), 64), "classifier.layer4", 64
+    )
+    save_watermark(pipeline, tmp_path / "g.pt")
+    manifest = watermark_release(
+        load_watermark(tmp_path / "g.pt"), tmp_path / "g.pt", data, data / "datalist.json",
+        tmp_path / "release", tmp_path / "manifest.json", gamma=1.0, progress=False,
+    )  # fmt: skip
+    assert manifest["marked"] and all("container_mismatch" in r for r in manifest["marked"])
+    marked = {r["path"] for r in manifest["marked"]}
+    pngs = sorted((tmp_path / "release").rglob("*.png"))
+    assert manifest["counts"]["reencoded"] == len(pngs) - len(marked) > 0
+    kinds = {}
+    for path in pngs:
+        categorical, _ = _png_features(path.read_bytes())
+        group = "marked" if path.relative_to(tmp_path / "release").as_posix() in marked else "copied"
+        seen = (categorical["chunks"], categorical["zlib_header"], categorical["first_block_type"])
+        kinds.setdefault(group, set()).add(seen + (categorical["idat_split"][0], _zlib_reproduces(path)))
+    assert kinds["marked"] == kinds["copied"], kinds
+    # the analyst's test that found the marked files before: only files written by zlib recompress to their bytes
+    assert all(_zlib_reproduces(path) for path in pngs)
+
+
+def _zlib_reproduces(path: Path) -> bool:
+    """Whether some zlib setting recompresses the PNG's decompressed IDAT data to exactly its IDAT stream."""
+    chunks, data, i = [], path.read_bytes(), 8
+    while i < len(data):
+        (length,) = struct.unpack(">I", data[i : i + 4])
+        chunks.append((data[i + 4 : i + 8], data[i + 8 : i + 8 + length]))
+        i += 12 + length
+    stream = b"".join(payload for kind, payload in chunks if kind == b"IDAT")
+    raw = zlib.decompress(stream)
+    for level in range(10):
+        for strategy in (zlib.Z_DEFAULT_STRATEGY, zlib.Z_FILTERED, zlib.Z_HUFFMAN_ONLY, zlib.Z_RLE):
+            for memory in (8, 9):
+                packer = zlib.compressobj(level, zlib.DEFLATED, 15, memory, strategy)
+                if packer.compress(raw) + packer.flush() == stream:
+                    return True
+    return False

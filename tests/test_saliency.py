@@ -1,4 +1,5 @@
-"""Tests of the batched torch EigenCAM against grad-cam 1.5.7's EigenCAM and of its fixed sign convention."""
+"""Tests of the batched torch EigenCAM against grad-cam 1.5.7's EigenCAM, of its fixed sign convention, and of the
+hook-free path that lets a WatermarkPipeline be scripted with the same numbers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import torch
 import torchvision
 from pytorch_grad_cam import EigenCAM as GradCamEigenCAM
 
-from bundle.saliency import EigenCAM, principal_projection, projection_to_saliency
+from bundle.networks.classifier import CAM_LAYERS, ResizedClassifier, build_classifier
+from bundle.networks.generator import XMarkGenerator
+from bundle.networks.pipeline import WatermarkPipeline
+from bundle.saliency import EigenCAM, eigencam_saliency, principal_projection, projection_to_saliency
 
 SIZE = 224
 
@@ -113,3 +117,92 @@ def test_gpu_matches_cpu(surrogate):
     gpu = EigenCAM(gpu_model.cuda().eval(), "layer4")(images.cuda())
     assert gpu.is_cuda
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
+
+
+# --- hook-free path: ResizedClassifier.cam_features and the scripted WatermarkPipeline -------------------------------
+
+
+@pytest.fixture(scope="module")
+def resized() -> dict[str, torch.nn.Module]:
+    """Seeded one-channel surrogates (64 px) of the three CAM_LAYERS families, in eval mode."""
+    torch.manual_seed(4)
+    return {
+        arch: ResizedClassifier(build_classifier(arch), 64).eval() for arch in ("resnet18", "vgg16_bn", "densenet121")
+    }
+
+
+def _hooked_activations(model: torch.nn.Module, layer: str, images: torch.Tensor) -> torch.Tensor:
+    """The layer's output captured by a forward hook during the full forward pass (the reference)."""
+    captured = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16_bn", "densenet121"])
+def test_cam_features_equal_the_hooked_layer(resized, arch):
+    model = resized[arch]
+    assert model.cam_layer == f"classifier.{CAM_LAYERS[arch]}"
+    images = torch.rand(2, 1, 96, 96, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        features = model.cam_features(images)
+    torch.testing.assert_close(features, _hooked_activations(model, model.cam_layer, images), rtol=0, atol=0)
+    cam = EigenCAM(model, model.cam_layer)
+    assert cam.hook_free
+    reference = eigencam_saliency(_hooked_activations(model, model.cam_layer, images), (96, 96))
+    torch.testing.assert_close(cam(images), reference, rtol=0, atol=0)
+
+
+def test_hook_free_eigencam_keeps_eval_mode_restoring_and_gradients(resized):
+    model = resized["resnet18"]
+    model.train()
+    model.classifier.bn1.eval()
+    stats = model.classifier.layer1[0].bn1.running_mean.clone()
+    try:
+        images = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+        EigenCAM(model, "classifier.layer4")(images, enable_grad=True).sum().backward()
+        assert images.grad is not None and images.grad.abs().sum() > 0
+        assert not model.classifier.layer4._forward_hooks
+        assert model.training and model.classifier.layer4.training and not model.classifier.bn1.training
+        torch.testing.assert_close(model.classifier.layer1[0].bn1.running_mean, stats, rtol=0, atol=0)
+        assert not EigenCAM(model, "classifier.layer4")(images.detach()).requires_grad
+    finally:
+        model.eval()
+
+
+def _pipeline(surrogate: torch.nn.Module, generator: torch.nn.Module | None = None) -> WatermarkPipeline:
+    torch.manual_seed(7)
+    generator = generator or XMarkGenerator([4, 8, 16, 32, 64], key_cells=4, key_seed=3, residual_blur=1)
+    with torch.no_grad():  # non-trivial generator weights, so the saliency conditioning shows in the output
+        for p in generator.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return WatermarkPipeline(generator, surrogate, surrogate.cam_layer, image_size=64).eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16_bn"])
+def test_scripted_pipeline_equals_eager(resized, arch):
+    pipeline = _pipeline(resized[arch])
+    keys = set(pipeline.state_dict())
+    assert pipeline.scriptable and all(k.startswith(("generator.", "surrogate.classifier.")) for k in keys)
+    scripted = torch.jit.script(pipeline)
+    images = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        eager = pipeline(images)
+        torch.testing.assert_close(scripted(images), eager, rtol=0, atol=1e-6)
+        # The saliency reaches the output: another map gives another watermark.
+        other = pipeline.generator(images, torch.zeros_like(images))
+    assert (eager - other).abs().max() > 0
+    assert set(scripted.state_dict()) == keys
+    assert callable(pipeline.saliency) and pipeline.saliency(images).shape == images.shape
+
+
+def test_pipeline_at_another_layer_stays_eager_only(resized):
+    surrogate = resized["resnet18"]
+    pipeline = WatermarkPipeline(XMarkGenerator([4, 8, 16, 32, 64]), surrogate, "classifier.layer3", 64).eval()
+    assert not pipeline.scriptable and not pipeline.saliency.hook_free
+    with torch.no_grad():
+        assert pipeline(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)

@@ -1,28 +1,64 @@
-"""End-of-run summary of a watermarking run over a folder: written, skipped, and a non-zero exit when skipped."""
+"""The journal and end-of-run summary of a watermarking run over a folder (configs/inference.json)."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from ignite.engine import Engine, Events
 
-from bundle.data.screening import ScreenedInputs
+from bundle.data.screening import JOURNAL_NAME, ScreenedInputs
+from bundle.fileio import sha256_file
 
-__all__ = ["InputSummary"]
+__all__ = ["InferenceJournal"]
 
 
-class InputSummary:
-    """At ``COMPLETED``: print how many files were written and skipped; exit with status 1 if any was skipped."""
+class InferenceJournal:
+    """After each iteration, append every written file to the output folder's journal (flushed and fsynced), so a
+    rerun skips it; at ``COMPLETED``, print the counts and exit with status 1 if unreadable files were skipped.
 
-    def __init__(self, inputs: ScreenedInputs, output_dir: str) -> None:
+    ``output_key`` names the per-sample report of :class:`~bundle.transforms.watermark.SaveWatermarkedd`.
+    """
+
+    def __init__(self, inputs: ScreenedInputs, output_key: str = "watermark") -> None:
         self.inputs = inputs
-        self.output_dir = output_dir
+        self.output_key = output_key
+        self.written = 0
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
+        engine.add_event_handler(Events.COMPLETED, self.summarise)
 
-    def __call__(self, engine: Engine) -> None:
-        written, skipped = len(self.inputs.readable), len(self.inputs.skipped)
-        print(f"watermarked {written} file(s) into {self.output_dir}; skipped {skipped} unreadable file(s)")
-        if skipped:
-            raise SystemExit(
-                f"{skipped} input file(s) could not be read and were skipped: " + ", ".join(self.inputs.skipped)
+    def record(self, engine: Engine) -> None:
+        """Journal the files this iteration wrote."""
+        output = engine.state.output
+        items = output if isinstance(output, list) else [output]
+        lines = []
+        for item in items:
+            report = item[self.output_key]
+            relative = Path(report["path"]).relative_to(self.inputs.output_dir).as_posix()
+            lines.append(
+                {
+                    "path": relative,
+                    "source_sha256": sha256_file(report["source"]),
+                    "output_sha256": sha256_file(report["path"]),
+                    "generator_sha256": self.inputs.generator_sha256,
+                }
             )
+        self.inputs.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.inputs.output_dir / JOURNAL_NAME, "a", encoding="utf-8") as stream:
+            stream.writelines(json.dumps(line) + "\n" for line in lines)
+            stream.flush()
+            os.fsync(stream.fileno())
+        self.written += len(lines)
+
+    def summarise(self, engine: Engine) -> None:
+        """Print written / unchanged / skipped; a run that skipped files ends with exit status 1."""
+        skipped = self.inputs.skipped
+        print(
+            f"watermarked {self.written} file(s) into {self.inputs.output_dir}; {len(self.inputs.unchanged)} "
+            f"already written by an earlier run with this checkpoint; skipped {len(skipped)} unreadable file(s)"
+        )
+        if skipped:
+            raise SystemExit(f"{len(skipped)} input file(s) could not be read and were skipped: " + ", ".join(skipped))

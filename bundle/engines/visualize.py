@@ -35,7 +35,12 @@ def watermark_grid_output(output: Any, max_samples: int = 4) -> list[torch.Tenso
 
 
 class WatermarkGridHandler:
-    """After each validation epoch, log :func:`watermark_grid` of the last batch's first ``max_samples`` samples."""
+    """After each validation epoch, log :func:`watermark_grid` of the last batch's first ``max_samples`` samples.
+
+    Not MONAI's ``TensorBoardImageHandler`` (which :func:`watermark_grid_output` would feed): that opens its event
+    file when it is built, so under DDP (configs/multi_gpu_train.json) every rank would write one; this handler opens
+    it at its first write, which only rank 0's evaluator reaches.
+    """
 
     def __init__(self, log_dir: str | os.PathLike, max_samples: int = 4, tag: str = "watermark") -> None:
         self.log_dir = str(log_dir)

@@ -135,5 +135,5 @@ def save_watermark(
 ) -> None:
     """Write ``network``'s checkpoint (weights and record) atomically, as configs/train.json's CheckpointSaver does."""
     record = WatermarkRecord(network, target_label, labels)
-    with atomic_path(path) as tmp:
-        torch.save({WEIGHTS_KEY: network.state_dict(), RECORD_KEY: record.state_dict()}, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as stream:  # a stream: no temporary name inside the archive
+        torch.save({WEIGHTS_KEY: network.state_dict(), RECORD_KEY: record.state_dict()}, stream)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import get_model
+from torchvision.models import VGG, DenseNet, ResNet, get_model
 
 from bundle.networks.pretrained import locate_imagenet_weights, weights_status
 from bundle.transforms.geometry import resize_square
@@ -112,12 +112,19 @@ class ResizedClassifier(nn.Module):
 
     Generators work at 256-1024 px while the surrogate was trained at 224 px; the resize is differentiable, so the
     watermark is optimised through the same downsampling a suspect model's pipeline applies.
+
+    :meth:`cam_features` gives the activations EigenCAM reads (the :data:`CAM_LAYERS` layer: ``layer4`` of a ResNet,
+    ``features`` of a VGG or DenseNet) without hooks, so that a pipeline using them can be scripted; ``cam_layer``
+    names that layer relative to this module (``"classifier.layer4"``), or is ``""`` for a classifier of another kind.
     """
 
     def __init__(self, classifier: nn.Module, size: int = 224) -> None:
         super().__init__()
         self.classifier = classifier
         self.size = size
+        self.cam_layer = _cam_layer_of(classifier)
+        # torchvision's DenseNet applies ReLU in place to its `features` output: a hook's tensor ends up rectified.
+        self.cam_relu = isinstance(classifier, DenseNet)
 
     def config(self) -> dict[str, Any]:
         """The MONAI-config dict that rebuilds this module (untrained: the weights come from a checkpoint)."""
@@ -132,3 +139,31 @@ class ResizedClassifier(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.classifier(resize_square(image, self.size))
+
+    @torch.jit.export
+    def cam_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Output of the ``cam_layer`` for ``image`` (B x C x h x w): the classifier's forward up to that layer.
+
+        The same modules in the same order as :meth:`forward`, so the numbers equal what a forward hook on that
+        layer holds after the forward pass (for a DenseNet, whose forward rectifies ``features`` in place, the
+        rectified map); the layers after it do not run. TorchScript-compatible (the architecture is told apart by
+        its attributes).
+        """
+        x = resize_square(image, self.size)
+        net = self.classifier
+        if hasattr(net, "layer4"):  # torchvision ResNet: stem, then four stages
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        if hasattr(net, "features"):  # torchvision VGG and DenseNet: the convolutional trunk
+            x = net.features(x)
+            return torch.relu(x) if self.cam_relu else x
+        raise ValueError("cam_features needs a torchvision ResNet, VGG or DenseNet classifier")
+
+
+def _cam_layer_of(classifier: nn.Module) -> str:
+    """The layer :meth:`ResizedClassifier.cam_features` computes, relative to the ``ResizedClassifier`` ("" if none)."""
+    if isinstance(classifier, ResNet):
+        return "classifier.layer4"
+    if isinstance(classifier, (VGG, DenseNet)):
+        return "classifier.features"
+    return ""

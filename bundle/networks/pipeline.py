@@ -8,12 +8,13 @@ the owner's secret key. Every config that uses a trained watermark builds it fro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from bundle.saliency import EigenCAM
+from bundle.saliency import EigenCAM, eigencam_saliency
 
 
 def module_target(module: nn.Module) -> str:
@@ -25,7 +26,11 @@ class WatermarkPipeline(nn.Module):
     """``x -> generator(x, EigenCAM(surrogate)(x))``; saliency is skipped for generators without conditioning.
 
     ``image_size`` is the side S of the letterboxed square the generator was trained at: every caller (release,
-    verification, inference) letterboxes its images to it.
+    verification, inference) letterboxes its images to it. ``saliency`` is the :class:`~bundle.saliency.EigenCAM`
+    over the surrogate at ``cam_layer`` (the training engines call it: eval mode, modes restored, gradients on
+    request). The module can be scripted (``torch.jit.script``, MONAI's ``ckpt_export``) when ``cam_layer`` is the
+    layer the surrogate's ``cam_features`` computes (a :class:`~bundle.networks.classifier.ResizedClassifier` at its
+    ``CAM_LAYERS`` layer): the scripted forward reads the surrogate in its current mode (export it in eval mode).
     """
 
     #: Python-side descriptions that TorchScript need not compile.
@@ -39,6 +44,8 @@ class WatermarkPipeline(nn.Module):
         self.image_size = int(image_size)
         self.saliency = EigenCAM(self.surrogate, cam_layer)
         self.conditioning = bool(getattr(generator, "conditioning", False))
+        #: Whether the scripted forward can compute :attr:`saliency`'s maps (from ``surrogate.cam_features``).
+        self.scriptable = self.saliency.hook_free
 
     @property
     def eps(self) -> float:
@@ -62,8 +69,36 @@ class WatermarkPipeline(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Watermarked image (B x 1 x S x S in [0, 1]) for ``image`` of the same shape."""
-        cam = self.saliency(image) if self.conditioning else None
+        cam: torch.Tensor | None = None
+        if self.conditioning:
+            if torch.jit.is_scripting():
+                if not self.scriptable:
+                    raise RuntimeError("the surrogate's cam_features do not compute this pipeline's cam_layer")
+                with torch.no_grad():
+                    cam = eigencam_saliency(self.surrogate.cam_features(image), (image.shape[-2], image.shape[-1]))
+            else:
+                cam = self._eager_saliency(image)
         return self.generator(image, cam)
+
+    @torch.jit.unused
+    def _eager_saliency(self, image: torch.Tensor) -> torch.Tensor:
+        """:attr:`saliency` of ``image``; TorchScript computes the same maps in :meth:`forward` without this object."""
+        return self.saliency(image)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; also takes a whole watermark checkpoint (weights beside their record).
+
+        MONAI's ``ckpt_export`` (as the model zoo's CI calls it, without ``key_in_ckpt``) hands the file's content
+        to the network as it is; the record must then describe this pipeline (see :mod:`bundle.networks.checkpoint`).
+        """
+        from bundle.networks.checkpoint import RECORD_KEY, WEIGHTS_KEY  # lazy: checkpoint imports the data layer
+
+        if isinstance(state_dict, Mapping) and set(state_dict) == {WEIGHTS_KEY, RECORD_KEY}:
+            record = state_dict[RECORD_KEY]
+            if not isinstance(record, Mapping) or record.get("network") != self.config():
+                raise ValueError("the checkpoint's watermark record describes another network than this pipeline")
+            state_dict = state_dict[WEIGHTS_KEY]
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def watermark_generator(module: nn.Module) -> nn.Module:
