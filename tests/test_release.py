@@ -120,6 +120,7 @@ def test_release_marks_the_selection_and_copies_everything_else(source, released
         "to_mark": 0,
         "copied_now": 29,
         "copied_already": 0,
+        "reencoded": 0,  # every marked file reproduced its source's codec settings
     }
     assert manifest["complete"] and manifest["budget_ok"] and manifest["decoys"] == []
 
