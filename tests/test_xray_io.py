@@ -13,6 +13,7 @@ import pydicom
 import pytest
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
+from monai.transforms import LoadImaged
 from PIL import Image, PngImagePlugin
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset as DicomDataset
@@ -21,7 +22,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, RLELossless
 
-from bundle.data import LoadXRayd, XRayLoadError, XRayMeta, load_xray, to_stored, xray_io
+from bundle.data import LoadXRayd, XRayLoadError, XRayMeta, XRayReader, load_xray, to_stored, xray_io
 
 # an asymmetric test image: every value distinct, so any flip or transpose is detected
 ASYMMETRIC = np.arange(5 * 7).reshape(5, 7)
@@ -412,6 +413,21 @@ def test_load_xrayd_gives_channel_first_meta_tensor(tmp_path):
     assert image.meta["filename_or_obj"] == str(tmp_path / "x.png")
     assert tuple(image.meta["spatial_shape"]) == (5, 7)
     assert XRayMeta(**image.meta["xray"]) == load_xray(tmp_path / "x.png")[1]
+
+
+def test_xray_reader_plugs_into_monai_load_image(tmp_path):
+    pixels = (ASYMMETRIC * 7).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    loader = LoadImaged("image", reader=XRayReader(), ensure_channel_first=True, image_only=True)
+    image = loader({"image": str(tmp_path / "x.png")}, reader=XRayReader())["image"]  # MONAI's own transform
+    ours = LoadXRayd("image")({"image": str(tmp_path / "x.png")})["image"]
+    assert image.shape == ours.shape == (1, 5, 7) and torch.equal(image.as_tensor(), ours.as_tensor())
+    assert XRayMeta(**image.meta["xray"]) == load_xray(tmp_path / "x.png")[1]
+    reader = XRayReader()
+    assert reader.verify_suffix("a.dcm") and reader.verify_suffix(["b.PNG", "c.nii.gz"])
+    assert not reader.verify_suffix(tmp_path / "notes.txt")
+    with pytest.raises(XRayLoadError, match=r"missing\.png"):  # the reader's own error reaches the caller
+        LoadXRayd("image")({"image": str(tmp_path / "missing.png")})
 
 
 @pytest.mark.parametrize("dataset_type", [Dataset, CacheDataset])

@@ -1,6 +1,15 @@
 """Data loading for the X-Mark bundle."""
 
-from .xray_io import LoadXRay, LoadXRayd, XRayLoadError, XRayMeta, find_xray_files, load_xray, to_stored
+from .xray_io import (
+    LoadXRay,
+    LoadXRayd,
+    XRayLoadError,
+    XRayMeta,
+    XRayReader,
+    find_xray_files,
+    load_xray,
+    to_stored,
+)
 from .xray_writer import XRayWriteError, check_output_path, max_stored_change, quantisation_step, write_xray
 
 __all__ = [
@@ -9,6 +18,7 @@ __all__ = [
     "XRayLoadError",
     "find_xray_files",
     "XRayMeta",
+    "XRayReader",
     "XRayWriteError",
     "check_output_path",
     "load_xray",

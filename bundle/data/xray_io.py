@@ -51,19 +51,20 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import itk
 import nibabel as nib
 import numpy as np
 import pydicom
-import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.data import ImageReader, MetaTensor
+from monai.transforms import LoadImage, LoadImaged, Transform
+from monai.utils import ensure_tuple
 from PIL import Image
 from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -77,6 +78,7 @@ __all__ = [
     "to_stored",
     "LoadXRay",
     "LoadXRayd",
+    "XRayReader",
 ]
 
 #: Largest image (pixels over all dimensions) that load_xray reads; checked on the header, before any pixel is read.
@@ -513,28 +515,63 @@ def to_stored(image01: np.ndarray, meta: XRayMeta) -> np.ndarray:
     return np.clip(np.rint(stored), low, high).astype(dtype)
 
 
-class LoadXRay(Transform):
-    """Load an X-ray file as a 1 x H x W float32 MetaTensor in [0, 1]; its XRayMeta goes to meta["xray"].
+class XRayReader(ImageReader):
+    """MONAI ``ImageReader`` over :func:`load_xray`: ``LoadImage``/``LoadImaged`` with it give the 1 x H x W float32
+    MetaTensor in [0, 1], with the file's :class:`XRayMeta` (as a dict) in ``meta["xray"]``.
 
-    ``allow_modalities`` / ``allow_any_modality``: DICOM modalities read beyond projection radiographs (load_xray).
+    One file at a time (a radiograph is one image). ``allow_modalities`` / ``allow_any_modality``: DICOM modalities
+    read beyond projection radiographs (:func:`load_xray`).
     """
 
     def __init__(self, allow_modalities: Iterable[str] = (), allow_any_modality: bool = False) -> None:
+        super().__init__()
         self.allow_modalities = tuple([allow_modalities] if isinstance(allow_modalities, str) else allow_modalities)
         self.allow_any_modality = allow_any_modality
 
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        """Whether every file has an X-ray extension this reader knows (DICOM also without one)."""
+        try:
+            return all(_format_of(Path(f)) for f in ensure_tuple(filename))
+        except (XRayLoadError, OSError):
+            return False
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> tuple[np.ndarray, XRayMeta]:
+        """The [0, 1] image and metadata of one file."""
+        paths = ensure_tuple(data)
+        if len(paths) != 1:
+            raise ValueError(f"XRayReader reads one X-ray file at a time, got {len(paths)}: {list(paths)[:3]}")
+        return load_xray(paths[0], allow_modalities=self.allow_modalities, allow_any_modality=self.allow_any_modality)
+
+    def get_data(self, img: tuple[np.ndarray, XRayMeta]) -> tuple[np.ndarray, dict]:
+        """The H x W image (no channel yet: ``ensure_channel_first`` adds it) and its metadata."""
+        image, meta = img
+        return image, {"xray": asdict(meta), "spatial_shape": meta.shape, "original_channel_dim": "no_channel"}
+
+
+@contextmanager
+def _default_readers_quiet() -> Iterator[None]:
+    """``LoadImage`` also builds MONAI's default readers (never used here: the runtime reader is ours); one of them
+    warns on every machine without nvImageCodec."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+        yield
+
+
+class LoadXRay(Transform):
+    """Load an X-ray file as a 1 x H x W float32 MetaTensor in [0, 1] (``LoadImage`` with :class:`XRayReader`)."""
+
+    def __init__(self, allow_modalities: Iterable[str] = (), allow_any_modality: bool = False) -> None:
+        self.reader = XRayReader(allow_modalities, allow_any_modality)
+        with _default_readers_quiet():
+            self.loader = LoadImage(reader=self.reader, image_only=True, ensure_channel_first=True)
+
     def __call__(self, path: str | os.PathLike) -> MetaTensor:
-        image, meta = load_xray(
-            path, allow_modalities=self.allow_modalities, allow_any_modality=self.allow_any_modality
-        )
-        return MetaTensor(
-            torch.from_numpy(image[None]),
-            meta={"filename_or_obj": os.fspath(path), "xray": asdict(meta), "spatial_shape": meta.shape},
-        )
+        # the runtime reader: its errors (XRayLoadError naming the file) reach the caller unwrapped
+        return self.loader(path, reader=self.reader)
 
 
-class LoadXRayd(MapTransform):
-    """Dictionary version of LoadXRay: replaces each path under `keys` by its loaded 1 x H x W MetaTensor."""
+class LoadXRayd(LoadImaged):
+    """Dictionary version of :class:`LoadXRay`: ``LoadImaged`` with :class:`XRayReader`."""
 
     def __init__(
         self,
@@ -543,11 +580,15 @@ class LoadXRayd(MapTransform):
         allow_modalities: Iterable[str] = (),
         allow_any_modality: bool = False,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.loader = LoadXRay(allow_modalities, allow_any_modality)
+        self.reader = XRayReader(allow_modalities, allow_any_modality)
+        with _default_readers_quiet():
+            super().__init__(
+                keys,
+                reader=self.reader,
+                image_only=True,
+                ensure_channel_first=True,
+                allow_missing_keys=allow_missing_keys,
+            )
 
-    def __call__(self, data: Mapping[Hashable, str | os.PathLike]) -> dict[Hashable, MetaTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.loader(d[key])
-        return d
+    def __call__(self, data: Mapping[Hashable, Any], reader: ImageReader | None = None) -> dict[Hashable, Any]:
+        return super().__call__(data, reader=reader or self.reader)
