@@ -26,8 +26,9 @@ demo: $(VENV)/.runtime
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 
+# Two workers (one per core), a test file per worker so module fixtures are built once.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(VENV)/.dev
 	$(PY) scripts/bench_data.py

@@ -1,5 +1,7 @@
 """Shared test setup."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,7 +9,13 @@ import torch
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Small models on a shared 2-core CPU: one torch thread avoids OpenMP spin-waiting between tiny kernels."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the bundle runs a test starts, too (two test workers share 2 cores)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the quick demo (the longest file, minutes) first, so that the two `make test` workers end together."""
+    items.sort(key=lambda item: item.path.name != "test_demo.py")  # stable: the rest keep their order
