@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from bundle.data import find_xray_files, load_xray  # noqa: E402
-from bundle.data.phantoms import write_phantom_dataset  # noqa: E402
-from bundle.losses.classification import MaskedBCEWithLogitsLoss  # noqa: E402
-from bundle.networks.classifier import build_classifier  # noqa: E402
-from bundle.transforms import letterbox, letterbox_geometry  # noqa: E402
+from xmark_bundle.data import find_xray_files, load_xray  # noqa: E402
+from xmark_bundle.data.phantoms import write_phantom_dataset  # noqa: E402
+from xmark_bundle.losses.classification import MaskedBCEWithLogitsLoss  # noqa: E402
+from xmark_bundle.networks.classifier import build_classifier  # noqa: E402
+from xmark_bundle.transforms import letterbox, letterbox_geometry  # noqa: E402
 
 
 def rate(count: int, seconds: float) -> str:

@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bundle.networks.generator import SSCLBWGenerator, XMarkGenerator  # noqa: E402
-from bundle.saliency import EigenCAM  # noqa: E402
+from xmark_bundle.networks.generator import SSCLBWGenerator, XMarkGenerator  # noqa: E402
+from xmark_bundle.saliency import EigenCAM  # noqa: E402
 
 GENERATORS: dict[str, Callable[[], nn.Module]] = {"X-Mark": XMarkGenerator, "SSCL-BW": SSCLBWGenerator}
 MAX_MAC_RATIO = 0.30
@@ -87,7 +87,7 @@ def bench_eigencam(batch: int, size: int) -> None:
         t_ref = seconds_per_call(lambda: reference(input_tensor=images, targets=None), repeats=3, warmup=True)
         gap = (ours(images)[:, 0] - torch.from_numpy(reference(input_tensor=images, targets=None))).abs().amax()
     print(f"\nEigenCAM, ResNet18 layer4, batch {batch}, {size} px (CPU, forward pass included)")
-    print(f"  torch (bundle.saliency): {batch / t_ours:8.1f} img/s")
+    print(f"  torch (xmark_bundle.saliency): {batch / t_ours:8.1f} img/s")
     print(f"  grad-cam 1.5.7         : {batch / t_ref:8.1f} img/s")
     print(f"  speed-up {t_ref / t_ours:.2f}x; max |difference| {gap:.2e} (grad-cam's sign may be flipped)")
 

@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundle.data.chexpert import prepare_datalist  # noqa: E402
-from bundle.data.phantoms import write_phantom_dataset  # noqa: E402
-from bundle.networks.classifier import ResizedClassifier, build_classifier  # noqa: E402
-from bundle.networks.generator import XMarkGenerator  # noqa: E402
-from bundle.networks.pipeline import WatermarkPipeline  # noqa: E402
-from bundle.verification import verify_ownership  # noqa: E402
+from xmark_bundle.data.chexpert import prepare_datalist  # noqa: E402
+from xmark_bundle.data.phantoms import write_phantom_dataset  # noqa: E402
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier  # noqa: E402
+from xmark_bundle.networks.generator import XMarkGenerator  # noqa: E402
+from xmark_bundle.networks.pipeline import WatermarkPipeline  # noqa: E402
+from xmark_bundle.verification import verify_ownership  # noqa: E402
 
 
 def main() -> None:

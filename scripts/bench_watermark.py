@@ -2,7 +2,7 @@
 
 Files: copies of pydicom-data's RG1_UNCR.dcm (a real CR chest film, 1955 x 1841, MONOCHROME1, 15 bit) and
 phantoms of about 2500 px (DICOM). "plain" is ``load_xray`` + ``write_xray`` of the unchanged image; "release" is
-:func:`bundle.release.watermark_release` marking every file (load, letterbox, G at the model resolution, residual
+:func:`xmark_bundle.release.watermark_release` marking every file (load, letterbox, G at the model resolution, residual
 mapped back, write, re-read for the budget check, SHA-256 of source and output). G is a randomly initialised X-Mark
 pipeline of the default width (channels 64..1024, ResNet18 surrogate): its speed does not depend on training.
 
@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 from pydicom.data import get_testdata_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `bundle` importable when run as a script
-from bundle.data.labels import LABELS  # noqa: E402
-from bundle.data.phantoms import write_phantom_dataset  # noqa: E402
-from bundle.data.xray_io import find_xray_files, load_xray  # noqa: E402
-from bundle.data.xray_writer import write_xray  # noqa: E402
-from bundle.fileio import write_json  # noqa: E402
-from bundle.networks.classifier import ResizedClassifier, build_classifier  # noqa: E402
-from bundle.networks.generator import XMarkGenerator  # noqa: E402
-from bundle.networks.pipeline import WatermarkPipeline  # noqa: E402
-from bundle.release import watermark_release  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `xmark_bundle` importable when run as a script
+from xmark_bundle.data.labels import LABELS  # noqa: E402
+from xmark_bundle.data.phantoms import write_phantom_dataset  # noqa: E402
+from xmark_bundle.data.xray_io import find_xray_files, load_xray  # noqa: E402
+from xmark_bundle.data.xray_writer import write_xray  # noqa: E402
+from xmark_bundle.fileio import write_json  # noqa: E402
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier  # noqa: E402
+from xmark_bundle.networks.generator import XMarkGenerator  # noqa: E402
+from xmark_bundle.networks.pipeline import WatermarkPipeline  # noqa: E402
+from xmark_bundle.release import watermark_release  # noqa: E402
 
 
 def make_dataset(root: Path, copies: int, phantoms: int) -> list[str]:

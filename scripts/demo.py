@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.fileio import write_json  # noqa: E402
+from xmark_bundle.fileio import write_json  # noqa: E402
 
 #: Demo sizes. Classifiers start from scratch (no ImageNet weights offline), so they use lr 1e-3 instead of the
 #: paper's 1e-4 for pretrained ResNets. The generator is narrower than the paper's (64..1024) and runs at 256 px so

@@ -1,6 +1,6 @@
 """Write the bundle's released ``models/model.pt`` for the MONAI model zoo: an UNTRAINED stand-in watermark checkpoint.
 
-The file is a watermark checkpoint in the bundle's own format (:func:`bundle.networks.checkpoint.save_watermark`:
+The file is a watermark checkpoint in the bundle's own format (:func:`xmark_bundle.networks.checkpoint.save_watermark`:
 weights beside the record that rebuilds the network), so ``configs/inference.json``'s ``network_def``
 (``load_watermark(@ckpt_path)``) loads it and the zoo's checks (``verify_net_in_out``, ``ckpt_export``) run on it.
 Its weights are random (seeded): it adds a bounded but meaningless perturbation and proves nothing about anyone's
@@ -25,15 +25,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # make `bundle` importable when run as a script
+sys.path.insert(0, str(ROOT))  # make `xmark_bundle` importable when run as a script
 
 import torch  # noqa: E402
 
-from bundle.data.labels import LABELS  # noqa: E402
-from bundle.networks.checkpoint import save_watermark  # noqa: E402
-from bundle.networks.classifier import CAM_LAYERS, ResizedClassifier, build_classifier  # noqa: E402
-from bundle.networks.generator import DEFAULT_EPS, XMarkGenerator  # noqa: E402
-from bundle.networks.pipeline import WatermarkPipeline  # noqa: E402
+from xmark_bundle.data.labels import LABELS  # noqa: E402
+from xmark_bundle.networks.checkpoint import save_watermark  # noqa: E402
+from xmark_bundle.networks.classifier import CAM_LAYERS, ResizedClassifier, build_classifier  # noqa: E402
+from xmark_bundle.networks.generator import DEFAULT_EPS, XMarkGenerator  # noqa: E402
+from xmark_bundle.networks.pipeline import WatermarkPipeline  # noqa: E402
 
 
 def stand_in_pipeline(

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `bundle` importable when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `xmark_bundle` importable when run as a script
 
-from bundle.data.labels import LABELS  # noqa: E402
-from bundle.data.phantoms import TARGET_PREVALENCE, write_phantom_dataset  # noqa: E402
+from xmark_bundle.data.labels import LABELS  # noqa: E402
+from xmark_bundle.data.phantoms import TARGET_PREVALENCE, write_phantom_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

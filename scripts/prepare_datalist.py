@@ -10,9 +10,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `bundle` importable when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `xmark_bundle` importable when run as a script
 
-from bundle.data.chexpert import POLICIES, prepare_datalist  # noqa: E402
+from xmark_bundle.data.chexpert import POLICIES, prepare_datalist  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,16 +26,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.data import LoadXRayd  # noqa: E402
-from bundle.data.labels import LABELS  # noqa: E402
-from bundle.fileio import write_json  # noqa: E402
-from bundle.keyed.keys import flat_keyed_watermark  # noqa: E402
-from bundle.networks.checkpoint import load_watermark  # noqa: E402
-from bundle.networks.pipeline import WatermarkPipeline, is_keyed  # noqa: E402
-from bundle.transforms import full_resolution_residual, letterbox, letterbox_geometry  # noqa: E402
-from bundle.transforms.geometry import resize_square  # noqa: E402
-from bundle.verification import open_suspect, other_key_control, unkeyed_control  # noqa: E402
-from bundle.verification.queries import QuerySettings, load_letterboxed, query_samples  # noqa: E402
+from xmark_bundle.data import LoadXRayd  # noqa: E402
+from xmark_bundle.data.labels import LABELS  # noqa: E402
+from xmark_bundle.fileio import write_json  # noqa: E402
+from xmark_bundle.keyed.keys import flat_keyed_watermark  # noqa: E402
+from xmark_bundle.networks.checkpoint import load_watermark  # noqa: E402
+from xmark_bundle.networks.pipeline import WatermarkPipeline, is_keyed  # noqa: E402
+from xmark_bundle.transforms import full_resolution_residual, letterbox, letterbox_geometry  # noqa: E402
+from xmark_bundle.transforms.geometry import resize_square  # noqa: E402
+from xmark_bundle.verification import open_suspect, other_key_control, unkeyed_control  # noqa: E402
+from xmark_bundle.verification.queries import QuerySettings, load_letterboxed, query_samples  # noqa: E402
 
 
 def probes(x: torch.Tensor, generators: dict[str, WatermarkPipeline], eps: float, seed: int) -> dict[str, torch.Tensor]:

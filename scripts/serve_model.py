@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `bundle` importable when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `xmark_bundle` importable when run as a script
 
-from bundle.verification import open_suspect, serve  # noqa: E402
-from bundle.verification.server import MAX_BODY_BYTES  # noqa: E402
+from xmark_bundle.verification import open_suspect, serve  # noqa: E402
+from xmark_bundle.verification.server import MAX_BODY_BYTES  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> None:

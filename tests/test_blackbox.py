@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from bundle.data.labels import LABELS
-from bundle.fileio import sha256_file
-from bundle.networks.classifier import build_classifier
-from bundle.verification import (
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.fileio import sha256_file
+from xmark_bundle.networks.classifier import build_classifier
+from xmark_bundle.verification import (
     ProbabilityError,
     SuspectConnectionError,
     SuspectModelError,
@@ -80,7 +80,11 @@ def test_all_kinds_give_the_same_probabilities(tmp_path, classifier, images, exp
     bundle_dir = tmp_path / "monai_bundle"
     (bundle_dir / "configs").mkdir(parents=True)
     (bundle_dir / "models").mkdir()
-    network_def = {"_target_": "bundle.networks.classifier.build_classifier", "arch": "resnet18", "num_classes": 6}
+    network_def = {
+        "_target_": "xmark_bundle.networks.classifier.build_classifier",
+        "arch": "resnet18",
+        "num_classes": 6,
+    }
     (bundle_dir / "configs" / "inference.json").write_text(json.dumps({"network_def": network_def}))
     torch.save({"model": classifier.state_dict()}, bundle_dir / "models" / "model.pt")  # CheckpointSaver form
 

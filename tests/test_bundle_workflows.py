@@ -14,10 +14,10 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from bundle.data.chexpert import prepare_datalist
-from bundle.data.phantoms import write_phantom_dataset
-from bundle.networks.checkpoint import load_watermark
-from bundle.networks.generator import SSCLBWGenerator
+from xmark_bundle.data.chexpert import prepare_datalist
+from xmark_bundle.data.phantoms import write_phantom_dataset
+from xmark_bundle.networks.checkpoint import load_watermark
+from xmark_bundle.networks.generator import SSCLBWGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

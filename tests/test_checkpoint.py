@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from bundle.data.labels import LABELS
-from bundle.networks.checkpoint import (
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.networks.checkpoint import (
     WatermarkRecord,
     load_watermark,
     read_watermark_checkpoint,
     save_watermark,
     watermark_record,
 )
-from bundle.networks.classifier import ResizedClassifier, build_classifier
-from bundle.networks.generator import SSCLBWGenerator, XMarkGenerator
-from bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
+from xmark_bundle.networks.generator import SSCLBWGenerator, XMarkGenerator
+from xmark_bundle.networks.pipeline import WatermarkPipeline
 
 SIZE = 64
 
@@ -84,7 +84,8 @@ def test_files_that_are_not_watermark_checkpoints_are_refused_with_their_name(tm
     record = WatermarkRecord(pipeline, "No Finding", LABELS).state_dict()
     record["network"]["generator"]["_target_"] = "os.system"  # a record may build only the bundle's networks
     torch.save({"model": pipeline.state_dict(), "watermark": record}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError, match=r"foreign\.pt: the watermark record names classes outside bundle\.networks"):
+    outside = r"foreign\.pt: the watermark record names classes outside xmark_bundle\.networks"
+    with pytest.raises(ValueError, match=outside):
         read_watermark_checkpoint(tmp_path / "foreign.pt")
     record = WatermarkRecord(pipeline, "No Finding", LABELS).state_dict()
     record["network"]["generator"]["channels"] = [4, 8, 32]  # weights that do not fit the recorded network

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from monai.data import load_decathlon_datalist
 
-from bundle.data.chexpert import (
+from xmark_bundle.data.chexpert import (
     CheXpertCSVError,
     build_datalist,
     label_prevalence,
@@ -21,7 +21,7 @@ from bundle.data.chexpert import (
     read_chexpert_csv,
     split_by_patient,
 )
-from bundle.data.labels import LABELS
+from xmark_bundle.data.labels import LABELS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_CSV = importlib.resources.files("torchxrayvision") / "data" / "chexpert_train.csv.gz"

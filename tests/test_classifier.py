@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from bundle.networks.classifier import CAM_LAYERS, build_classifier
+from xmark_bundle.networks.classifier import CAM_LAYERS, build_classifier
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg16_bn"])

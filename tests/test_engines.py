@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bundle.engines.metrics import MultiLabelAUROC, per_label_auroc
-from bundle.engines.report import (
+from xmark_bundle.engines.metrics import MultiLabelAUROC, per_label_auroc
+from xmark_bundle.engines.report import (
     classification_report,
     f1_optimal_threshold,
     write_classification_report,
     write_evaluation_report,
 )
-from bundle.losses.classification import MaskedBCEWithLogitsLoss
+from xmark_bundle.losses.classification import MaskedBCEWithLogitsLoss
 
 
 def test_masked_bce_ignores_negative_targets():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bundle.fileio import atomic_path, write_json
+from xmark_bundle.fileio import atomic_path, write_json
 
 
 def test_write_json_replaces_atomically(tmp_path):

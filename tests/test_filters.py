@@ -1,10 +1,10 @@
-"""bundle.filters: the shared 5x5 binomial low-pass."""
+"""xmark_bundle.filters: the shared 5x5 binomial low-pass."""
 
 from __future__ import annotations
 
 import torch
 
-from bundle.filters import binomial_blur
+from xmark_bundle.filters import binomial_blur
 
 
 def test_binomial_blur_keeps_constants_and_removes_checkerboards():

@@ -7,8 +7,8 @@ import torch
 from monai.networks.nets import BasicUNet, UNet
 from torch.utils.flop_counter import FlopCounterMode
 
-from bundle.keyed.keys import GRATING_CYCLES, key_pattern_of, keyed_perturbation, secret_key
-from bundle.networks.generator import DEFAULT_EPS, SSCLBWGenerator, XMarkGenerator, bounded_perturbation
+from xmark_bundle.keyed.keys import GRATING_CYCLES, key_pattern_of, keyed_perturbation, secret_key
+from xmark_bundle.networks.generator import DEFAULT_EPS, SSCLBWGenerator, XMarkGenerator, bounded_perturbation
 
 CHANNELS = (8, 16, 32, 64)
 FEATURES = (8, 8, 16, 16, 32, 8)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.data import DataLoader, Dataset, MetaTensor, decollate_batch
 from monai.transforms import Compose, EnsureTyped, Invertd, Resize, Resized, ScaleIntensityRanged, SpatialPadd
 
-from bundle.transforms import GEOMETRY_KEY, ResizeLongestPadd, letterbox, letterbox_geometry, unletterbox
+from xmark_bundle.transforms import GEOMETRY_KEY, ResizeLongestPadd, letterbox, letterbox_geometry, unletterbox
 
 
 def smooth_image(height: int, width: int) -> torch.Tensor:

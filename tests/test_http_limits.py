@@ -1,6 +1,6 @@
 """Bounded network I/O on 127.0.0.1: the HTTP client's deadline and reply limit, the reference server's limits.
 
-Every server here is real (raw sockets or bundle.verification.serve) and bound to loopback; every loop is bounded.
+Every server here is real (raw sockets or xmark_bundle.verification.serve) and bound to loopback; every loop is bounded.
 """
 
 import http.client
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.verification import (
+from xmark_bundle.verification import (
     HTTPSuspect,
     SuspectConnectionError,
     SuspectModelError,

@@ -14,12 +14,12 @@ from monai.bundle import ConfigWorkflow
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from bundle.data import load_xray
-from bundle.data.xray_writer import quantisation_step
-from bundle.networks.checkpoint import save_watermark
-from bundle.networks.classifier import ResizedClassifier, build_classifier
-from bundle.networks.generator import XMarkGenerator
-from bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.data import load_xray
+from xmark_bundle.data.xray_writer import quantisation_step
+from xmark_bundle.networks.checkpoint import save_watermark
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
+from xmark_bundle.networks.generator import XMarkGenerator
+from xmark_bundle.networks.pipeline import WatermarkPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS = 64, [4, 8, 16, 32, 64]

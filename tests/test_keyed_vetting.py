@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from bundle.data.labels import LABELS
-from bundle.fileio import sha256_file
-from bundle.keyed.keys import flat_keyed_watermark, secret_key
-from bundle.keyed.vetting import key_reactions, vet_key
-from bundle.networks.classifier import build_classifier
-from bundle.networks.generator import XMarkGenerator
-from bundle.verification import QuerySettings, TorchSuspect
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.fileio import sha256_file
+from xmark_bundle.keyed.keys import flat_keyed_watermark, secret_key
+from xmark_bundle.keyed.vetting import key_reactions, vet_key
+from xmark_bundle.networks.classifier import build_classifier
+from xmark_bundle.networks.generator import XMarkGenerator
+from xmark_bundle.verification import QuerySettings, TorchSuspect
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CELLS, MAGNITUDE = 128, 128, 0.8

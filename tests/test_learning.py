@@ -3,8 +3,8 @@ unkeyed generator's watermark differs from image to image.
 
 Small and fixed on purpose: a frozen, untrained ResNet18 surrogate at 64 px, a tiny X-Mark generator, 16 smooth
 images (the 8 target ones darker, so that G can tell the classes apart), trained by
-:class:`bundle.engines.watermark.WatermarkTrainer` for 40 steps with the classification terms Lt + Lnt alone. With the
-default weights (LPIPS 10, Laplacian 3) the same 40 steps leave Lnt where it was (0.576 -> 0.572 measured): at this
+:class:`xmark_bundle.engines.watermark.WatermarkTrainer` for 40 steps with the classification terms Lt + Lnt alone. With
+the default weights (LPIPS 10, Laplacian 3) the same 40 steps leave Lnt where it was (0.576 -> 0.572 measured): at this
 scale the perceptual terms dominate the first steps, so they are switched off to test the optimisation itself.
 """
 
@@ -14,11 +14,11 @@ from monai.data import DataLoader
 from monai.inferers import SimpleInferer
 from torch.nn import functional as F
 
-from bundle.engines.watermark import WatermarkTrainer
-from bundle.losses.watermark import LPIPSLoss, XMarkLoss
-from bundle.networks.classifier import ResizedClassifier, build_classifier
-from bundle.networks.generator import XMarkGenerator
-from bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.engines.watermark import WatermarkTrainer
+from xmark_bundle.losses.watermark import LPIPSLoss, XMarkLoss
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
+from xmark_bundle.networks.generator import XMarkGenerator
+from xmark_bundle.networks.pipeline import WatermarkPipeline
 
 SIZE, K, STEPS = 64, 0, 40
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from bundle.losses.watermark import (
+from xmark_bundle.losses.watermark import (
     LaplacianPyramidLoss,
     LPIPSLoss,
     XMarkLoss,

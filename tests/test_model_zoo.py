@@ -4,8 +4,8 @@ The zoo verifies a bundle with the real ``monai.bundle`` functions: required fil
 ``verify_metadata`` against the schema that ``metadata.json`` names, ``verify_net_in_out`` of ``network_def`` in
 ``configs/inference.json`` at the default ``n = p = any = 1``, and ``ckpt_export`` of ``models/model.pt`` without
 tracing and without ``key_in_ckpt`` (TorchScript by scripting). Here the same functions run on a tiny watermark
-checkpoint (generator widths 4..64, 64 px) written with :func:`~bundle.networks.checkpoint.save_watermark`, passed as
-the ``ckpt_path`` override. The zoo's pre-commit ``pretty-format-json`` hook (4-space indent, key order kept) must
+checkpoint (generator widths 4..64, 64 px) written with :func:`~xmark_bundle.networks.checkpoint.save_watermark`, passed
+as the ``ckpt_path`` override. The zoo's pre-commit ``pretty-format-json`` hook (4-space indent, key order kept) must
 leave every JSON file unchanged.
 
 The schema is a verbatim copy kept in ``tests/data/meta_schema_20240725.json`` so that no test downloads:
@@ -26,11 +26,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 
-from bundle.data.labels import LABELS
-from bundle.networks.checkpoint import load_watermark, read_watermark_checkpoint, save_watermark
-from bundle.networks.classifier import ResizedClassifier, build_classifier
-from bundle.networks.generator import XMarkGenerator
-from bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.networks.checkpoint import load_watermark, read_watermark_checkpoint, save_watermark
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
+from xmark_bundle.networks.generator import XMarkGenerator
+from xmark_bundle.networks.pipeline import WatermarkPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "configs" / "metadata.json"
@@ -114,14 +114,14 @@ def test_required_packages_cover_the_runtime_imports():
     distributions = importlib_metadata.packages_distributions()
     own_fields = {"torch", "numpy", "monai"}  # metadata.json's pytorch_version, numpy_version, monai_version
     missing, imported = [], set()
-    for module in _third_party_imports(ROOT / "bundle"):
-        assert module in distributions, f"bundle/ imports {module!r}, which no installed distribution provides"
+    for module in _third_party_imports(ROOT / "xmark_bundle"):
+        assert module in distributions, f"xmark_bundle/ imports {module!r}, which no installed distribution provides"
         # A module's own name counts too: `itk` comes from itk-core, itk-io, ..., installed by the meta-package itk.
         providers = {d.lower().replace("_", "-") for d in distributions[module]} | {module.lower()}
         imported |= providers
         if not providers & (listed | own_fields):
             missing.append(f"{module} ({', '.join(sorted(providers))})")
-    assert not missing, f"imported by bundle/ but not in required_packages_version: {missing}"
+    assert not missing, f"imported by xmark_bundle/ but not in required_packages_version: {missing}"
     assert "grad-cam" not in imported  # a test requirement only
 
 

@@ -30,11 +30,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from bundle.data.chexpert import prepare_datalist
-from bundle.data.labels import LABELS
-from bundle.data.phantoms import write_phantom_dataset
-from bundle.data.selection import balanced_generator_set
-from bundle.networks.checkpoint import load_watermark
+from xmark_bundle.data.chexpert import prepare_datalist
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.data.phantoms import write_phantom_dataset
+from xmark_bundle.data.selection import balanced_generator_set
+from xmark_bundle.networks.checkpoint import load_watermark
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -52,7 +52,7 @@ RECORD = {
         "lambda engine: @loss_history.append(float(engine.state.output[0]['loss'])))"
     ],
     "+finalize": [
-        "$bundle.fileio.write_json(@loss_record, "
+        "$xmark_bundle.fileio.write_json(@loss_record, "
         "{'rank': int(os.environ.get('RANK', 0)), 'pid': os.getpid(), 'losses': @loss_history, "
         "'train_handlers': [type(h).__name__ for h in @train#trainer#train_handlers], "
         "'val_handlers': [type(h).__name__ for h in @validate#evaluator#val_handlers or []]})"

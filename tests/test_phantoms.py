@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import ExplicitVRLittleEndian
 
-from bundle.data.labels import LABELS
-from bundle.data.phantoms import (
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.data.phantoms import (
     CHEXPERT_COLUMNS,
     FINDINGS,
     TARGET_PREVALENCE,
@@ -22,7 +22,7 @@ from bundle.data.phantoms import (
     sample_labels,
     write_phantom_dataset,
 )
-from bundle.data.xray_io import load_xray
+from xmark_bundle.data.xray_io import load_xray
 
 N, SEED, MIN_SIZE, MAX_SIZE = 16, 7, 256, 320
 OPTIONS = {"dicom_fraction": 0.5, "min_size": MIN_SIZE, "max_size": MAX_SIZE, "valid_fraction": 0.2}

@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from bundle.provenance import cpu_name, environment, package_versions
+from xmark_bundle.provenance import cpu_name, environment, package_versions
 
 
 def test_package_versions_name_installed_and_missing_packages():

@@ -16,16 +16,16 @@ import torch
 from monai.transforms import Compose
 from PIL import Image
 
-from bundle.data.chexpert import prepare_datalist
-from bundle.data.phantoms import write_phantom_dataset
-from bundle.data.xray_io import LoadXRayd, load_xray
-from bundle.fileio import sha256_file
-from bundle.networks.checkpoint import load_watermark, save_watermark
-from bundle.networks.classifier import ResizedClassifier, build_classifier
-from bundle.networks.generator import XMarkGenerator
-from bundle.networks.pipeline import WatermarkPipeline
-from bundle.release import ReleaseError, read_manifest, select_marked, watermark_release
-from bundle.transforms.geometry import ResizeLongestPadd
+from xmark_bundle.data.chexpert import prepare_datalist
+from xmark_bundle.data.phantoms import write_phantom_dataset
+from xmark_bundle.data.xray_io import LoadXRayd, load_xray
+from xmark_bundle.fileio import sha256_file
+from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
+from xmark_bundle.networks.generator import XMarkGenerator
+from xmark_bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.release import ReleaseError, read_manifest, select_marked, watermark_release
+from xmark_bundle.transforms.geometry import ResizeLongestPadd
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS, EPS, GAMMA = 64, [4, 8, 16, 32, 64], 16 / 255, 0.5

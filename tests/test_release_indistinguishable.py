@@ -4,7 +4,7 @@ A small mixed data set is built the way an archive holds it (one encoder setting
 X-ray-like content): 8-bit PNG at a non-default zlib level with text and pHYs chunks, 12-bit data in 16-bit PNG with
 an sBIT chunk, grey JPEG at quality 85 and equal-channel RGB JPEG with 4:2:0 subsampling, and DICOM CR images
 uncompressed, RLE, JPEG 2000 lossless, JPEG 2000 lossy (fixed compression ratio) and JPEG baseline. Half of each
-group is marked through the release's writer path (:func:`~bundle.transforms.watermark.apply_watermark`, with a
+group is marked through the release's writer path (:func:`~xmark_bundle.transforms.watermark.apply_watermark`, with a
 bounded smooth residual standing in for G's), the other half copied byte for byte as the release copies
 (``shutil.copy2``). A data user's view of each file is then reduced to container features, computed here with parsers
 independent of the writer:
@@ -50,14 +50,14 @@ from pydicom.uid import (
 )
 from scipy.ndimage import gaussian_filter
 
-from bundle.data.chexpert import prepare_datalist
-from bundle.data.phantoms import write_phantom_dataset
-from bundle.networks.checkpoint import load_watermark, save_watermark
-from bundle.networks.classifier import ResizedClassifier, build_classifier
-from bundle.networks.generator import XMarkGenerator
-from bundle.networks.pipeline import WatermarkPipeline
-from bundle.release import watermark_release
-from bundle.transforms import apply_watermark, letterbox, letterbox_geometry
+from xmark_bundle.data.chexpert import prepare_datalist
+from xmark_bundle.data.phantoms import write_phantom_dataset
+from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
+from xmark_bundle.networks.generator import XMarkGenerator
+from xmark_bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.release import watermark_release
+from xmark_bundle.transforms import apply_watermark, letterbox, letterbox_geometry
 
 EPS = 16 / 255
 PER_GROUP = 16  # files per format group, half of them marked
@@ -145,7 +145,7 @@ def _write_source(group: str, index: int, rng: np.random.Generator, folder: Path
 
 def _mark(source: Path, target: Path, seed: int) -> dict:
     """Mark ``source`` as the release does: a bounded smooth model-resolution residual through apply_watermark."""
-    from bundle.data.xray_io import load_xray
+    from xmark_bundle.data.xray_io import load_xray
 
     image = load_xray(source)[0]
     geometry = letterbox_geometry(image.shape, MODEL_SIZE)
@@ -190,7 +190,7 @@ def release(tmp_path_factory):
             if index in marked:
                 out[group].append((target, True, _mark(source, target, seed=index)))
             else:
-                shutil.copy2(source, target)  # as bundle.release copies
+                shutil.copy2(source, target)  # as xmark_bundle.release copies
                 out[group].append((target, False, None))
     return out
 

@@ -9,10 +9,10 @@ import torch
 import torchvision
 from pytorch_grad_cam import EigenCAM as GradCamEigenCAM
 
-from bundle.networks.classifier import CAM_LAYERS, ResizedClassifier, build_classifier
-from bundle.networks.generator import XMarkGenerator
-from bundle.networks.pipeline import WatermarkPipeline
-from bundle.saliency import EigenCAM, eigencam_saliency, principal_projection, projection_to_saliency
+from xmark_bundle.networks.classifier import CAM_LAYERS, ResizedClassifier, build_classifier
+from xmark_bundle.networks.generator import XMarkGenerator
+from xmark_bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.saliency import EigenCAM, eigencam_saliency, principal_projection, projection_to_saliency
 
 SIZE = 224
 

@@ -16,13 +16,13 @@ from PIL import Image
 from scipy import stats
 from torch import nn
 
-from bundle.data.labels import LABELS
-from bundle.fileio import sha256_file
-from bundle.networks.checkpoint import load_watermark, save_watermark
-from bundle.networks.classifier import ResizedClassifier, build_classifier
-from bundle.networks.generator import XMarkGenerator
-from bundle.networks.pipeline import WatermarkPipeline, is_keyed
-from bundle.verification import (
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.fileio import sha256_file
+from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
+from xmark_bundle.networks.generator import XMarkGenerator
+from xmark_bundle.networks.pipeline import WatermarkPipeline, is_keyed
+from xmark_bundle.verification import (
     ProbabilityError,
     SuspectModelError,
     TorchSuspect,

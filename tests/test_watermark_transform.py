@@ -1,4 +1,4 @@
-"""Tests for bundle.transforms.watermark: residual mapping to full resolution and the postprocessing transform."""
+"""Tests for xmark_bundle.transforms.watermark: residual mapping to full resolution and the postprocessing transform."""
 
 from pathlib import Path
 
@@ -12,8 +12,8 @@ from monai.transforms import Compose
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from bundle.data import LoadXRayd, XRayWriteError, load_xray
-from bundle.transforms import ResizeLongestPadd, SaveWatermarkedd, apply_watermark, letterbox, letterbox_geometry
+from xmark_bundle.data import LoadXRayd, XRayWriteError, load_xray
+from xmark_bundle.transforms import ResizeLongestPadd, SaveWatermarkedd, apply_watermark, letterbox, letterbox_geometry
 
 EPS = 16 / 255
 

@@ -1,4 +1,4 @@
-"""Tests for bundle.data.xray_io on real files: pydicom-data's clinical DICOMs and files written here."""
+"""Tests for xmark_bundle.data.xray_io on real files: pydicom-data's clinical DICOMs and files written here."""
 
 import gzip
 import json
@@ -22,7 +22,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, RLELossless
 
-from bundle.data import LoadXRayd, XRayLoadError, XRayMeta, XRayReader, load_xray, to_stored, xray_io
+from xmark_bundle.data import LoadXRayd, XRayLoadError, XRayMeta, XRayReader, load_xray, to_stored, xray_io
 
 # an asymmetric test image: every value distinct, so any flip or transpose is detected
 ASYMMETRIC = np.arange(5 * 7).reshape(5, 7)

@@ -1,4 +1,4 @@
-"""Tests for bundle.data.xray_writer on real files: pydicom-data's clinical DICOMs and PNG/JPEG/NIfTI/ITK files."""
+"""xmark_bundle.data.xray_writer on real files: pydicom-data's clinical DICOMs and PNG/JPEG/NIfTI/ITK files."""
 
 import hashlib
 import io
@@ -28,7 +28,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from bundle.data import (
+from xmark_bundle.data import (
     XRayWriteError,
     check_output_path,
     max_stored_change,
@@ -36,9 +36,9 @@ from bundle.data import (
     to_stored,
     write_xray,
 )
-from bundle.data import load_xray as _load_xray
-from bundle.data.xray_writer import ContainerMismatchWarning, is_lossy, reencode_like
-from bundle.transforms import apply_watermark, letterbox, letterbox_geometry, unletterbox
+from xmark_bundle.data import load_xray as _load_xray
+from xmark_bundle.data.xray_writer import ContainerMismatchWarning, is_lossy, reencode_like
+from xmark_bundle.transforms import apply_watermark, letterbox, letterbox_geometry, unletterbox
 
 EPS = 16 / 255
 # an asymmetric test image: every value distinct, so any flip or transpose is detected

@@ -1,10 +1,10 @@
 """Watermark a data set for release: G marks a seeded share gamma of the training split's target-class images.
 
 The release mirrors ``dataset_dir`` under ``release_dir`` with the same relative paths and formats. The marked images
-are written by :func:`~bundle.transforms.watermark.apply_watermark` (G at model resolution, the residual mapped back
-onto the full-resolution file, re-quantised, the budget checked on the written file); every other file (images of all
-splits, ``train.csv``/``valid.csv``, the datalist, anything else) is copied byte for byte. Relative paths are kept, so
-the CSVs and the datalist need no rewriting: their released copies equal the sources. Labels never change
+are written by :func:`~xmark_bundle.transforms.watermark.apply_watermark` (G at model resolution, the residual mapped
+back onto the full-resolution file, re-quantised, the budget checked on the written file); every other file (images of
+all splits, ``train.csv``/``valid.csv``, the datalist, anything else) is copied byte for byte. Relative paths are kept,
+so the CSVs and the datalist need no rewriting: their released copies equal the sources. Labels never change
 (clean-label). A datalist kept outside ``dataset_dir`` is copied to the release's top level.
 
 Every file appears atomically. The owner's private manifest (outside the release) lists each marked file with the
@@ -35,17 +35,17 @@ from monai.transforms import Compose
 from torch import nn
 from tqdm import tqdm
 
-from bundle.data.labels import LABELS
-from bundle.data.secrets import owner_file_hashes, secret_reason
-from bundle.data.selection import select_fraction, split_by_target
-from bundle.data.xray_io import LoadXRayd, load_xray
-from bundle.data.xray_writer import ContainerMismatchWarning, reencode_like
-from bundle.errors import exit_on_bad_input
-from bundle.fileio import atomic_path, sha256_file, write_json
-from bundle.networks.pipeline import watermark_generator
-from bundle.provenance import environment
-from bundle.transforms.geometry import ResizeLongestPadd
-from bundle.transforms.watermark import SaveWatermarkedd
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.data.secrets import owner_file_hashes, secret_reason
+from xmark_bundle.data.selection import select_fraction, split_by_target
+from xmark_bundle.data.xray_io import LoadXRayd, load_xray
+from xmark_bundle.data.xray_writer import ContainerMismatchWarning, reencode_like
+from xmark_bundle.errors import exit_on_bad_input
+from xmark_bundle.fileio import atomic_path, sha256_file, write_json
+from xmark_bundle.networks.pipeline import watermark_generator
+from xmark_bundle.provenance import environment
+from xmark_bundle.transforms.geometry import ResizeLongestPadd
+from xmark_bundle.transforms.watermark import SaveWatermarkedd
 
 __all__ = ["ReleaseError", "read_manifest", "run_release", "select_decoys", "select_marked", "watermark_release"]
 
@@ -164,7 +164,7 @@ def _source_files(
     dataset_dir: Path, owner_files: Sequence[Path]
 ) -> tuple[dict[str, Path], list[dict[str, str]]]:
     """The files under ``dataset_dir`` that may be published (relative POSIX path -> path, sorted), and those left
-    out with the reason (:func:`~bundle.data.secrets.secret_reason`; ``owner_files``: checkpoint and manifest)."""
+    out with the reason (:func:`~xmark_bundle.data.secrets.secret_reason`; ``owner_files``: checkpoint and manifest)."""
     hashes = owner_file_hashes(owner_files)
     files, left_out = {}, []
     for path in sorted(dataset_dir.rglob("*")):
@@ -319,7 +319,7 @@ def watermark_release(
     """Write the watermarked release of ``dataset_dir`` into ``release_dir`` and the owner's manifest; return it.
 
     ``network`` is the watermarking module loaded from ``ckpt_path`` (by
-    :func:`~bundle.networks.checkpoint.load_watermark`, on its device); the manifest records that file's
+    :func:`~xmark_bundle.networks.checkpoint.load_watermark`, on its device); the manifest records that file's
     SHA-256. G runs on inputs letterboxed to its ``image_size``, in batches of ``batch_size``; the budget is its
     ``eps``. ``max_marked`` bounds the files marked in this
     run (the manifest then says ``"complete": false`` and the next run goes on). Resumes an interrupted run.

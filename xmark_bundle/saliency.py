@@ -5,7 +5,7 @@ Same math as ``pytorch_grad_cam.EigenCAM`` (grad-cam 1.5.7, one target layer, ``
 the input size and min-max normalise. Unlike grad-cam, the sign of the principal component is fixed (see
 :func:`principal_projection`), so the map never flips to the inverse region. Everything after the layer
 (:func:`eigencam_saliency`) is TorchScript-compatible: a scripted
-:class:`~bundle.networks.pipeline.WatermarkPipeline` computes the same maps from its surrogate's ``cam_features``.
+:class:`~xmark_bundle.networks.pipeline.WatermarkPipeline` computes the same maps from its surrogate's ``cam_features``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class EigenCAM:
     B x 1 x H x W maps in [0, 1] on the input's device; gradients are off unless ``enable_grad=True``. The layer's
     output is read without hooks when ``model`` computes it itself, i.e. when it has a ``cam_features(images)``
     method and its ``cam_layer`` attribute names ``target_layer`` (as
-    :class:`~bundle.networks.classifier.ResizedClassifier` does): only the layers up to the target run, with the
+    :class:`~xmark_bundle.networks.classifier.ResizedClassifier` does): only the layers up to the target run, with the
     same numbers. Otherwise the full model runs and a forward hook, removed before returning, captures the output.
     """
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from bundle.fileio import write_json
+from xmark_bundle.fileio import write_json
 
 from .labels import LABELS
 

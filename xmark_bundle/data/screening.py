@@ -3,7 +3,7 @@
 The run refuses overlapping input and output folders, skips unreadable files with a one-line reason instead of
 stopping halfway, and leaves out files that an earlier run with the same checkpoint already wrote (its journal,
 ``.xmark-inference.jsonl`` in the output folder, records each written file's source and output SHA-256). The run's
-summary (:class:`bundle.engines.summary.InferenceJournal`) repeats the counts and exits non-zero when files were
+summary (:class:`xmark_bundle.engines.summary.InferenceJournal`) repeats the counts and exits non-zero when files were
 skipped.
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bundle.data.xray_io import find_xray_files, load_xray
-from bundle.fileio import sha256_file
+from xmark_bundle.data.xray_io import find_xray_files, load_xray
+from xmark_bundle.fileio import sha256_file
 
 __all__ = ["JOURNAL_NAME", "ScreenedInputs", "read_journal", "screen_inputs"]
 

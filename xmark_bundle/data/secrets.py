@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from bundle.fileio import sha256_file
+from xmark_bundle.fileio import sha256_file
 
 __all__ = ["SECRET_NAMES", "SECRET_SUFFIXES", "owner_file_hashes", "secret_reason"]
 

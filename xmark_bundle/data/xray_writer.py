@@ -1,10 +1,11 @@
 """Write a [0, 1] X-ray back in its source file's own format, stored type, bit depth, intensity mapping and codec.
 
 The source file is the template: every header field is copied from it and only the pixel values change. Values go
-through :func:`~bundle.data.xray_io.to_stored` with the source's :class:`~bundle.data.xray_io.XRayMeta`, except that
-a pixel whose value equals the source's loaded value keeps its stored value bit for bit (``to_stored`` cannot recover
-pixels clipped by a DICOM window or lying on a flat LUT run). Files appear atomically under their final name, with the
-source's permission bits and modification time (as a byte-for-byte copy made with ``shutil.copy2`` has them).
+through :func:`~xmark_bundle.data.xray_io.to_stored` with the source's :class:`~xmark_bundle.data.xray_io.XRayMeta`,
+except that a pixel whose value equals the source's loaded value keeps its stored value bit for bit (``to_stored``
+cannot recover pixels clipped by a DICOM window or lying on a flat LUT run). Files appear atomically under their final
+name, with the source's permission bits and modification time (as a byte-for-byte copy made with ``shutil.copy2`` has
+them).
 
 A released file that was written here must not stand out from the files copied byte for byte beside it (DESIGN.md
 section 6): same container, transfer syntax and codec parameters as its source. So the encoders are driven by what

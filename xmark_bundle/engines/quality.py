@@ -16,8 +16,8 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
 
-from bundle.data.xray_io import load_xray
-from bundle.transforms.geometry import letterbox, letterbox_geometry
+from xmark_bundle.data.xray_io import load_xray
+from xmark_bundle.transforms.geometry import letterbox, letterbox_geometry
 
 #: PSNR of identical images is infinite; reports cap it here so that they stay valid JSON.
 PSNR_CAP = 100.0

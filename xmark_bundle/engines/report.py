@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.engines.metrics import per_label_auroc
-from bundle.fileio import sha256_file, write_json
+from xmark_bundle.engines.metrics import per_label_auroc
+from xmark_bundle.fileio import sha256_file, write_json
 
 
 def f1_optimal_threshold(scores: np.ndarray, target: np.ndarray) -> float:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ignite.engine import Engine, Events
 
-from bundle.data.screening import JOURNAL_NAME, ScreenedInputs
-from bundle.fileio import sha256_file
+from xmark_bundle.data.screening import JOURNAL_NAME, ScreenedInputs
+from xmark_bundle.fileio import sha256_file
 
 __all__ = ["InferenceJournal"]
 
@@ -18,7 +18,7 @@ class InferenceJournal:
     """After each iteration, append every written file to the output folder's journal (flushed and fsynced), so a
     rerun skips it; at ``COMPLETED``, print the counts and exit with status 1 if unreadable files were skipped.
 
-    ``output_key`` names the per-sample report of :class:`~bundle.transforms.watermark.SaveWatermarkedd`.
+    ``output_key`` names the per-sample report of :class:`~xmark_bundle.transforms.watermark.SaveWatermarkedd`.
     """
 
     def __init__(self, inputs: ScreenedInputs, output_key: str = "watermark") -> None:

@@ -10,7 +10,7 @@ from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-from bundle.fileio import write_json
+from xmark_bundle.fileio import write_json
 
 
 def watermark_grid(image: torch.Tensor, watermarked: torch.Tensor, saliency: torch.Tensor, gain: float = 10.0):

@@ -16,7 +16,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from bundle.losses.watermark import LaplacianPyramidLoss
+from xmark_bundle.losses.watermark import LaplacianPyramidLoss
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -40,8 +40,8 @@ class WatermarkTrainer(SupervisedTrainer):
     """SupervisedTrainer whose step trains the generator ``network`` against a frozen ``surrogate``.
 
     ``saliency`` maps a benign batch to B x 1 x S x S maps in [0, 1] (EigenCAM of the surrogate) and is evaluated
-    under ``no_grad``; ``loss_function`` is :class:`bundle.losses.watermark.XMarkLoss` and returns a dict of terms,
-    all of which go into ``engine.state.output`` for logging.
+    under ``no_grad``; ``loss_function`` is :class:`xmark_bundle.losses.watermark.XMarkLoss` and returns a dict of
+    terms, all of which go into ``engine.state.output`` for logging.
     """
 
     def __init__(self, *args: Any, surrogate: nn.Module, saliency: Callable[[torch.Tensor], torch.Tensor], **kwargs):

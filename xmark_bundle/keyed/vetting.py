@@ -1,6 +1,6 @@
 """Key vetting: choose a secret key that clean models do not already read as the target label (before training G).
 
-A keyed watermark's signs are the owner's key (:func:`bundle.keyed.keys.secret_key`), and a trained keyed
+A keyed watermark's signs are the owner's key (:func:`xmark_bundle.keyed.keys.secret_key`), and a trained keyed
 generator's output is close to the flat head ``x + eps * m * K * [x > 0]`` (m = ``key_magnitude``). Some keys look
 like a finding, or its absence, to a model that never saw a watermark: such a key would get a clean model falsely
 verified (Ind-M). Vetting watermarks clean samples with the flat head of candidate
@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bundle.errors import exit_on_bad_input
-from bundle.fileio import write_json
-from bundle.keyed.keys import flat_keyed_watermark, secret_key
-from bundle.networks.generator import DEFAULT_EPS
-from bundle.provenance import environment
-from bundle.transforms.geometry import resize_square
-from bundle.verification.blackbox import SuspectModel, open_suspect
-from bundle.verification.queries import QuerySettings, load_letterboxed, query_samples
-from bundle.verification.report import save_key_vetting_figure
+from xmark_bundle.errors import exit_on_bad_input
+from xmark_bundle.fileio import write_json
+from xmark_bundle.keyed.keys import flat_keyed_watermark, secret_key
+from xmark_bundle.networks.generator import DEFAULT_EPS
+from xmark_bundle.provenance import environment
+from xmark_bundle.transforms.geometry import resize_square
+from xmark_bundle.verification.blackbox import SuspectModel, open_suspect
+from xmark_bundle.verification.queries import QuerySettings, load_letterboxed, query_samples
+from xmark_bundle.verification.report import save_key_vetting_figure
 
 __all__ = ["key_reactions", "mean_target_probabilities", "run_key_vetting", "vet_key"]
 

@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import get_model
 
-from bundle.filters import binomial_blur
-from bundle.networks.pretrained import locate_imagenet_weights, weights_status
+from xmark_bundle.filters import binomial_blur
+from xmark_bundle.networks.pretrained import locate_imagenet_weights, weights_status
 
 __all__ = [
     "laplacian_pyramid",

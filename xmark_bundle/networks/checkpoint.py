@@ -17,8 +17,8 @@ import torch
 from monai.bundle import ConfigParser
 from torch import nn
 
-from bundle.data.labels import LABELS
-from bundle.fileio import atomic_path
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.fileio import atomic_path
 
 __all__ = [
     "RECORD_KEY",
@@ -35,15 +35,15 @@ WEIGHTS_KEY, RECORD_KEY = "model", "watermark"
 #: Version of the record's layout.
 RECORD_FORMAT = 1
 #: Only the bundle's own networks may be built from a checkpoint's record.
-_ALLOWED_TARGETS = "bundle.networks."
+_ALLOWED_TARGETS = "xmark_bundle.networks."
 
 
 class WatermarkRecord:
     """The ``watermark`` entry of a generator checkpoint, saved beside the weights by ``CheckpointSaver``.
 
     ``network`` is the watermarking module (it must offer ``config()``, ``method``, ``eps`` and ``image_size``, as
-    :class:`~bundle.networks.pipeline.WatermarkPipeline` does). ``load_state_dict`` (used when a run resumes from a
-    checkpoint) refuses a record of another module instead of loading mismatched weights.
+    :class:`~xmark_bundle.networks.pipeline.WatermarkPipeline` does). ``load_state_dict`` (used when a run resumes from
+    a checkpoint) refuses a record of another module instead of loading mismatched weights.
     """
 
     def __init__(self, network: nn.Module, target_label: str, labels: Sequence[str]) -> None:

@@ -2,7 +2,7 @@
 
 These are the paper's surrogate and suspect models (ResNet18/34, VGG16-BN/19-BN). Unlike MONAI's ``resnet18`` they keep
 torchvision's stride-2 stem, so FLOPs match the paper. ImageNet weights come only from a local file (see
-:mod:`bundle.networks.pretrained`); the three colour filters of the first convolution are summed into one.
+:mod:`xmark_bundle.networks.pretrained`); the three colour filters of the first convolution are summed into one.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torchvision.models import VGG, DenseNet, ResNet, get_model
 
-from bundle.networks.pretrained import locate_imagenet_weights, weights_status
-from bundle.transforms.geometry import resize_square
+from xmark_bundle.networks.pretrained import locate_imagenet_weights, weights_status
+from xmark_bundle.transforms.geometry import resize_square
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Both map a one-channel image ``x`` in [0, 1] to ``x_hat = clamp(x + eps * tanh(r) * [x > 0], 0, 1)``, so that
 ``||x_hat - x||_inf <= eps`` holds by construction whatever the weights. With a secret key (``key_cells > 0``) the
 head is ``clamp(x + eps * sigmoid(r + b) * K * [x > 0], 0, 1)`` instead: the network chooses only the per-pixel
-magnitude, and the signs follow the owner's key field ``K`` (see :func:`bundle.keyed.keys.secret_key`); the offset
+magnitude, and the signs follow the owner's key field ``K`` (see :func:`xmark_bundle.keyed.keys.secret_key`); the offset
 ``b = logit(key_magnitude)`` sets the magnitude an untrained network starts from. The image side must be
 divisible by 16 (four stride-2 stages; ``2 ** (len(channels) - 1)`` for other X-Mark depths); other sizes raise a
 ``ValueError``.
@@ -24,8 +24,8 @@ from monai.networks.nets import BasicUNet
 from torch import nn
 from torch.nn import functional as F
 
-from bundle.filters import BinomialBlur
-from bundle.keyed.keys import key_pattern_of, keyed_perturbation, secret_key
+from xmark_bundle.filters import BinomialBlur
+from xmark_bundle.keyed.keys import key_pattern_of, keyed_perturbation, secret_key
 
 __all__ = ["BudgetedGenerator", "XMarkGenerator", "SSCLBWGenerator", "bounded_perturbation"]
 
@@ -62,7 +62,7 @@ class BudgetedGenerator(nn.Module):
     and names both values. The key (buffer ``key``, :func:`secret_key` of ``key_cells`` and ``key_seed``) and the
     keyed head's offset (buffer ``magnitude_offset`` = logit(``key_magnitude``)) come from the checkpoint whatever the
     constructor was given. :meth:`config` gives the arguments that rebuild the generator
-    (:mod:`bundle.networks.checkpoint` stores them beside the weights).
+    (:mod:`xmark_bundle.networks.checkpoint` stores them beside the weights).
     """
 
     def __init__(

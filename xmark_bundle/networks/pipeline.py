@@ -2,7 +2,7 @@
 
 Its state dict holds both the generator and the frozen surrogate (``generator.*``, ``surrogate.*``), and
 :meth:`WatermarkPipeline.config` the arguments that rebuild it, so one checkpoint (``models/model.pt``, written by
-configs/train.json and read by :func:`bundle.networks.checkpoint.load_watermark`) fully determines the watermark:
+configs/train.json and read by :func:`xmark_bundle.networks.checkpoint.load_watermark`) fully determines the watermark:
 the owner's secret key. Every config that uses a trained watermark builds it from that checkpoint alone.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bundle.saliency import EigenCAM, eigencam_saliency
+from xmark_bundle.saliency import EigenCAM, eigencam_saliency
 
 
 def module_target(module: nn.Module) -> str:
@@ -26,11 +26,11 @@ class WatermarkPipeline(nn.Module):
     """``x -> generator(x, EigenCAM(surrogate)(x))``; saliency is skipped for generators without conditioning.
 
     ``image_size`` is the side S of the letterboxed square the generator was trained at: every caller (release,
-    verification, inference) letterboxes its images to it. ``saliency`` is the :class:`~bundle.saliency.EigenCAM`
+    verification, inference) letterboxes its images to it. ``saliency`` is the :class:`~xmark_bundle.saliency.EigenCAM`
     over the surrogate at ``cam_layer`` (the training engines call it: eval mode, modes restored, gradients on
     request). The module can be scripted (``torch.jit.script``, MONAI's ``ckpt_export``) when ``cam_layer`` is the
-    layer the surrogate's ``cam_features`` computes (a :class:`~bundle.networks.classifier.ResizedClassifier` at its
-    ``CAM_LAYERS`` layer): the scripted forward reads the surrogate in its current mode (export it in eval mode).
+    layer the surrogate's ``cam_features`` computes (a :class:`~xmark_bundle.networks.classifier.ResizedClassifier` at
+    its ``CAM_LAYERS`` layer): the scripted forward reads the surrogate in its current mode (export it in eval mode).
     """
 
     #: Python-side descriptions that TorchScript need not compile.
@@ -89,9 +89,10 @@ class WatermarkPipeline(nn.Module):
         """``nn.Module.load_state_dict``; also takes a whole watermark checkpoint (weights beside their record).
 
         MONAI's ``ckpt_export`` (as the model zoo's CI calls it, without ``key_in_ckpt``) hands the file's content
-        to the network as it is; the record must then describe this pipeline (see :mod:`bundle.networks.checkpoint`).
+        to the network as it is; the record must then describe this pipeline (see
+        :mod:`xmark_bundle.networks.checkpoint`).
         """
-        from bundle.networks.checkpoint import RECORD_KEY, WEIGHTS_KEY  # lazy: checkpoint imports the data layer
+        from xmark_bundle.networks.checkpoint import RECORD_KEY, WEIGHTS_KEY  # lazy: checkpoint imports the data layer
 
         if isinstance(state_dict, Mapping) and set(state_dict) == {WEIGHTS_KEY, RECORD_KEY}:
             record = state_dict[RECORD_KEY]

@@ -2,8 +2,8 @@
 
 The generator works on the letterboxed ``S x S`` image. The released file is made from the ORIGINAL full-resolution
 image, never from a resampled copy: ``delta = watermarked - benign`` at model resolution, padding removed and resized
-to the stored grid (:func:`~bundle.transforms.geometry.unletterbox`), added in [0, 1] intensity, re-quantised to the
-file's stored type by :func:`~bundle.data.xray_writer.write_xray`, and the budget checked on the written file.
+to the stored grid (:func:`~xmark_bundle.transforms.geometry.unletterbox`), added in [0, 1] intensity, re-quantised to
+the file's stored type by :func:`~xmark_bundle.data.xray_writer.write_xray`, and the budget checked on the written file.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def apply_watermark(
     combinations (non-negative weights summing to one), so it cannot leave the input range. The written file is read
     back and ``max |written - source| <= epsilon + one quantisation step`` checked in [0, 1]; a lossless file that
     fails is deleted and an XRayWriteError raised, one re-encoded with a lossy codec (JPEG, lossy JPEG 2000 or JPEG
-    baseline DICOM, written like its source: :func:`~bundle.data.xray_writer.is_lossy`) is kept with a warning.
+    baseline DICOM, written like its source: :func:`~xmark_bundle.data.xray_writer.is_lossy`) is kept with a warning.
     Returns a JSON-able report.
     """
     source, out_path = Path(source_path), Path(out_path)

@@ -14,7 +14,7 @@ file where there is one). :func:`open_suspect` picks the adapter from ``spec``:
 - any other file: a TorchScript module (``torch.jit.load``).
 
 Torch models output logits (sigmoid applied) unless ``outputs="probabilities"``. Their label order is taken to be
-:data:`bundle.data.labels.LABELS` (our classifiers' order); an HTTP endpoint states its own order.
+:data:`xmark_bundle.data.labels.LABELS` (our classifiers' order); an HTTP endpoint states its own order.
 
 Wire format (one POST per batch, JSON both ways, ``Content-Type: application/json``)::
 
@@ -24,7 +24,7 @@ Wire format (one POST per batch, JSON both ways, ``Content-Type: application/jso
 
 Errors are :class:`SuspectModelError` (bad path, unloadable file, HTTP error status, malformed or oversized answer,
 wrong output shape; a ``ValueError``), :class:`SuspectConnectionError` (endpoint unreachable after the retries, or
-past the request deadline; an ``OSError``) and :class:`~bundle.verification.ttest.ProbabilityError` (NaN/inf or
+past the request deadline; an ``OSError``) and :class:`~xmark_bundle.verification.ttest.ProbabilityError` (NaN/inf or
 out-of-range outputs), each naming the model.
 """
 
@@ -50,10 +50,10 @@ import torch
 from monai.bundle import ConfigParser
 from torch import nn
 
-from bundle.data.labels import LABELS
-from bundle.fileio import sha256_file
-from bundle.networks.classifier import load_classifier
-from bundle.verification.ttest import check_probabilities
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.fileio import sha256_file
+from xmark_bundle.networks.classifier import load_classifier
+from xmark_bundle.verification.ttest import check_probabilities
 
 __all__ = [
     "HTTPSuspect",
@@ -147,7 +147,7 @@ class SuspectModel(ABC):
 
     def label_column(self, label: str, width: int) -> int:
         """Column of ``label`` in this model's ``width`` scores: its own label order when it states one, else
-        :data:`~bundle.data.labels.LABELS` (which then must have ``width`` entries)."""
+        :data:`~xmark_bundle.data.labels.LABELS` (which then must have ``width`` entries)."""
         if self.labels is None and width != len(LABELS):
             raise SuspectModelError(
                 f"suspect model {self.location} returns {width} scores and names no labels; "

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bundle.networks.pipeline import is_keyed, watermark_generator
-from bundle.verification.ttest import ownership_test
+from xmark_bundle.networks.pipeline import is_keyed, watermark_generator
+from xmark_bundle.verification.ttest import ownership_test
 
 __all__ = ["control_comparison", "control_description", "control_queries", "other_key_control", "unkeyed_control"]
 

@@ -16,10 +16,10 @@ import torch
 from monai.data import load_decathlon_datalist
 from monai.transforms import Compose
 
-from bundle.data import LoadXRayd
-from bundle.data.labels import LABELS
-from bundle.data.selection import select_fraction, split_by_target
-from bundle.transforms import ResizeLongestPadd
+from xmark_bundle.data import LoadXRayd
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.data.selection import select_fraction, split_by_target
+from xmark_bundle.transforms import ResizeLongestPadd
 
 __all__ = ["QuerySettings", "choose_non_target", "datalist_items", "load_letterboxed", "query_samples"]
 

@@ -1,6 +1,6 @@
 """Human-facing output of a verification run: the paired-probability figure and the short stdout summary.
 
-The JSON record is written by :func:`bundle.fileio.write_json`; these two render the same result for people.
+The JSON record is written by :func:`xmark_bundle.fileio.write_json`; these two render the same result for people.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from bundle.fileio import atomic_path
+from xmark_bundle.fileio import atomic_path
 
 __all__ = ["save_verification_figure", "summary_lines"]
 

@@ -1,5 +1,5 @@
 """Reference HTTP endpoint for black-box verification: serves any ``predict_proba`` model in the wire format of
-:mod:`bundle.verification.blackbox` (POST JSON to ``/`` or ``/predict``; JSON out).
+:mod:`xmark_bundle.verification.blackbox` (POST JSON to ``/`` or ``/predict``; JSON out).
 
 It stands in for a suspect's prediction API in loopback tests and demos. It has no authentication, so it binds to
 loopback addresses only unless ``allow_remote=True``. Its resources are bounded: at most ``max_workers`` handler
@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from bundle.data.labels import LABELS
-from bundle.verification.blackbox import decode_images
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.verification.blackbox import decode_images
 
 __all__ = ["MAX_BODY_BYTES", "serve"]
 
@@ -202,9 +202,12 @@ class _PredictHandler(BaseHTTPRequestHandler):
         if status != 200:
             self.send_header("Connection", "close")
             self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        try:
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client left before its answer: nothing to tell it
+            self.close_connection = True
 
     def finish(self) -> None:
         super().finish()

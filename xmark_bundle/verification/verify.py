@@ -1,9 +1,9 @@
 """Black-box ownership verification of a suspect model (X-Mark step 3), as one function the config and Python call.
 
 Follow a suspect from configs/verify.json: :mod:`.queries` picks and loads the samples, the watermark (loaded from
-its checkpoint by :func:`bundle.networks.checkpoint.load_watermark`) marks them, :mod:`.blackbox` asks the suspect,
-:mod:`.ttest` decides, :mod:`.controls` says whether the reaction is specific to our watermark, and :mod:`.report`
-writes the figure and the summary.
+its checkpoint by :func:`xmark_bundle.networks.checkpoint.load_watermark`) marks them, :mod:`.blackbox` asks the
+suspect, :mod:`.ttest` decides, :mod:`.controls` says whether the reaction is specific to our watermark, and
+:mod:`.report` writes the figure and the summary.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bundle.errors import exit_on_bad_input
-from bundle.fileio import sha256_file, write_json
-from bundle.networks.pipeline import is_keyed
-from bundle.provenance import environment
-from bundle.transforms.geometry import resize_square
-from bundle.verification.blackbox import SuspectModel, open_suspect
-from bundle.verification.controls import control_comparison, control_queries
-from bundle.verification.queries import QuerySettings, load_letterboxed, query_samples
-from bundle.verification.report import save_verification_figure, summary_lines
-from bundle.verification.ttest import ownership_test, watermark_success_rate
+from xmark_bundle.errors import exit_on_bad_input
+from xmark_bundle.fileio import sha256_file, write_json
+from xmark_bundle.networks.pipeline import is_keyed
+from xmark_bundle.provenance import environment
+from xmark_bundle.transforms.geometry import resize_square
+from xmark_bundle.verification.blackbox import SuspectModel, open_suspect
+from xmark_bundle.verification.controls import control_comparison, control_queries
+from xmark_bundle.verification.queries import QuerySettings, load_letterboxed, query_samples
+from xmark_bundle.verification.report import save_verification_figure, summary_lines
+from xmark_bundle.verification.ttest import ownership_test, watermark_success_rate
 
 __all__ = ["VerificationSettings", "run_verification", "verify_ownership"]
 
@@ -42,7 +42,7 @@ N_EXAMPLES = 3
 
 @dataclass(frozen=True)
 class VerificationSettings(QuerySettings):
-    """The queries (:class:`~bundle.verification.queries.QuerySettings`) and the test: margin ``tau``, level
+    """The queries (:class:`~xmark_bundle.verification.queries.QuerySettings`) and the test: margin ``tau``, level
     ``alpha``, and the fixed threshold of the black-box WSR."""
 
     tau: float = 0.25
@@ -69,7 +69,7 @@ def verify_ownership(
 ) -> dict[str, Any]:
     """Test whether ``suspect`` was trained on data watermarked by ``generator`` (G); write and return the report.
 
-    ``generator`` is the watermarking module (:func:`~bundle.networks.checkpoint.load_watermark` of
+    ``generator`` is the watermarking module (:func:`~xmark_bundle.networks.checkpoint.load_watermark` of
     ``generator_ckpt``, whose SHA-256 the report records): it maps B x 1 x S x S images in [0, 1] (S = its
     ``image_size``) to their watermarked versions. ``suspect`` is a :class:`SuspectModel` or a spec for
     :func:`open_suspect` (``suspect_options`` are passed to it). ``datalist`` is a MONAI datalist JSON (paths
@@ -173,5 +173,5 @@ def verify_ownership(
 
 
 def run_verification(**kwargs: Any) -> dict[str, Any]:
-    """Config entry point: :func:`verify_ownership` through :func:`~bundle.errors.exit_on_bad_input`."""
+    """Config entry point: :func:`verify_ownership` through :func:`~xmark_bundle.errors.exit_on_bad_input`."""
     return exit_on_bad_input(verify_ownership, "verification", **kwargs)
