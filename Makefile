@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= outputs/demo
 
-.PHONY: venv venv-dev demo test lint bench clean
+.PHONY: venv venv-dev demo test test-monailabel lint bench clean
 
 $(VENV)/.runtime: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ lint: $(VENV)/.dev
 # Two workers (one per core), a test file per worker so module fixtures are built once.
 test: lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+
+# MONAI Label 0.8.5 needs numpy < 2 (the bundle pins numpy 2): its tests run in their own environment, not in make test.
+# SAM2_BUILD_CUDA=0: monailabel pulls in sam2, whose source build would otherwise compile CUDA kernels.
+MLVENV := .venv-monailabel
+$(MLVENV)/.ready: requirements.txt requirements-monailabel.txt constraints-monailabel.txt
+	test -x $(MLVENV)/bin/python || $(PYTHON) -m venv $(MLVENV)
+	$(MLVENV)/bin/python -m pip install -q --upgrade pip
+	SAM2_BUILD_CUDA=0 $(MLVENV)/bin/python -m pip install -q -r requirements-monailabel.txt -c constraints-monailabel.txt
+	touch $@
+
+test-monailabel: $(MLVENV)/.ready
+	$(MLVENV)/bin/python -m pytest -q -p no:cacheprovider tests/ecosystem
 
 bench: $(VENV)/.dev
 	$(PY) scripts/bench_data.py

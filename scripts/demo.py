@@ -237,6 +237,10 @@ def main() -> None:
             **setting["generator"],
             **key,
         )
+        unfinished = ckpt / "model.pt"  # an interrupted run of this stage; train.json refuses to overwrite a checkpoint
+        if unfinished.exists() and not (ckpt / "training_info.json").exists():
+            print(f"[demo] removing {unfinished.relative_to(out)}: left by an interrupted run of this stage")
+            unfinished.unlink()
         run_stage(f"watermark generator '{name}'", cmd, ckpt / "training_info.json")
         metrics = json.loads((ckpt / "logs" / "metrics.json").read_text())
         best = next(row for row in metrics["history"] if row["epoch"] == metrics["best"]["epoch"])

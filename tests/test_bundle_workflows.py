@@ -127,6 +127,31 @@ def test_generator_training(phantoms, classifier, tmp_path, override):
     assert record["network"]["surrogate"]["classifier"]["arch"] == "resnet18"
 
 
+def test_training_starts_from_init_ckpt_and_never_replaces_a_trained_generator(phantoms, classifier, tmp_path):
+    first = _generator_workflow([], phantoms, classifier, tmp_path / "g1", max_epochs=1)
+    first.run()
+    trained = tmp_path / "g1" / "model.pt"
+    before = trained.read_bytes()
+    refused = r"training failed: FileExistsError: .*g1/model\.pt already holds the trained xmark watermark"
+    with pytest.raises(SystemExit, match=refused):
+        _generator_workflow([], phantoms, classifier, tmp_path / "g1", max_epochs=1)  # a rerun into the same folder
+    assert trained.read_bytes() == before
+
+    # init_ckpt: train.json's own CheckpointLoader (lr 0: the weights stay those loaded)
+    second = _generator_workflow(
+        [], phantoms, classifier, tmp_path / "g2", max_epochs=1, init_ckpt=str(trained), learning_rate=0.0
+    )
+    second.run()
+    loaded = torch.load(tmp_path / "g2" / "model.pt", weights_only=True)["model"]
+    start = torch.load(trained, weights_only=True)["model"]
+    assert all(torch.equal(loaded[k], start[k]) for k in start if k.startswith("generator.") and "num_batches" not in k)
+
+    items = [{"image": str(p), "label": str(p)} for p in sorted(phantoms.rglob("*.png"))[:4]]  # as MONAI Label sends
+    unflagged = r"training failed: ValueError: train#dataset#data: 4 of 4 items have no is_target flag"
+    with pytest.raises(SystemExit, match=unflagged):
+        _generator_workflow([], phantoms, classifier, tmp_path / "g3", **{"train#dataset#data": items})
+
+
 def _bundle(*args: str) -> subprocess.CompletedProcess:
     """``python -m monai.bundle ARGS`` from the bundle root."""
     cmd = [sys.executable, "-m", "monai.bundle", *args]

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -144,3 +144,43 @@ def test_unreadable_files_are_skipped_and_reported_and_overlapping_folders_refus
         assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         assert refused.stderr.strip().splitlines()[-1].startswith("inference failed: ValueError: output_dir")
     assert sorted(p.name for p in inputs.iterdir()) == ["broken.dcm", "good.png"]  # nothing written into the source
+
+
+@pytest.mark.parametrize("save", [True, False], ids=["saved", "not_saved"])
+def test_pred_is_the_released_image_on_the_source_grid(tmp_path, checkpoint, save):
+    """The config's pieces as MONAI Label and MONAI Deploy use them (preprocessing, network, postprocessing, each
+    taken from the parsed config): ``pred`` holds the watermarked image on the source's grid (MONAI's x, y order) in
+    its stored type, the pixels of the file that SaveWatermarkedd writes; a source outside dataset_dir is written next
+    to the output."""
+    source = tmp_path / "elsewhere" / "cr.dcm"  # outside dataset_dir, as an image from MONAI Label's datastore
+    source.parent.mkdir()
+    shutil.copy(get_testdata_file("RG1_UNCR.dcm"), source)
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser.update(
+        {
+            "bundle_root": str(ROOT),
+            "ckpt_path": str(checkpoint),
+            "dataset_dir": str(tmp_path / "in"),
+            "output_dir": str(tmp_path / "out"),
+            "save_watermarked": save,
+        }
+    )
+    data = parser.get_parsed_content("preprocessing")({"image": str(source)})
+    network, device = parser.get_parsed_content("network"), parser.get_parsed_content("device")
+    with torch.no_grad():
+        data["pred"] = network(data["image"][None].to(device))[0].cpu()
+    data = parser.get_parsed_content("postprocessing")(data)
+
+    pred = data["pred"]
+    stored = pydicom.dcmread(source).pixel_array
+    assert isinstance(pred, np.ndarray) and pred.dtype == stored.dtype and pred.shape == stored.shape[::-1]  # x, y
+    assert tuple(data["image"].meta["spatial_shape"]) == pred.shape  # what MONAI Label's Restored compares with
+    change = np.abs(pred.T.astype(np.int64) - stored).max()
+    assert 0 < change <= np.ceil(16 / 255 * (2**15 - 1)) + 1  # the budget in 15-bit stored units (linear mapping)
+    written = tmp_path / "out" / "cr.dcm"
+    if save:
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cr.dcm"]
+        np.testing.assert_array_equal(pydicom.dcmread(written).pixel_array, pred.T)
+    else:
+        assert not (tmp_path / "out").exists()

@@ -106,12 +106,12 @@ def test_save_watermarkedd_in_a_monai_pipeline(tmp_path):
     assert pydicom.dcmread(output_dir / "p2" / "dx.dcm").SOPInstanceUID == pydicom.dcmread(files[1]).SOPInstanceUID
 
 
-def test_save_watermarkedd_needs_sources_inside_dataset_dir_and_geometry(tmp_path):
-    source = gradient_png(tmp_path / "x.png", (30, 20))
+def test_save_watermarkedd_writes_an_outside_source_next_to_the_output_and_needs_geometry(tmp_path):
+    source = gradient_png(tmp_path / "x.png", (30, 20))  # not inside dataset_dir (as from MONAI Label's datastore)
     item = ResizeLongestPadd("image", spatial_size=16)(LoadXRayd("image")({"image": str(source)}))
     item["pred"] = item["image"].clone()
     transform = SaveWatermarkedd("pred", output_dir=tmp_path / "out", dataset_dir=tmp_path / "data", epsilon=EPS)
-    with pytest.raises(XRayWriteError, match=r"x\.png: is not inside dataset_dir"):
-        transform(item)
+    assert transform(item)["watermark"]["path"] == str(tmp_path / "out" / "x.png")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
     with pytest.raises(ValueError, match="xmark_geometry"):
         transform(LoadXRayd("image")({"image": str(source)}) | {"pred": item["pred"]})

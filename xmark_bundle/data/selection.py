@@ -52,6 +52,23 @@ def with_target_flag(items: Sequence[dict[str, Any]], target_index: int) -> list
     return [{**items[i], "is_target": flag[i]} for i in sorted(flag)]
 
 
+def require_target_flags(items: Sequence[dict[str, Any]], split: str) -> None:
+    """Fail clearly when the items of ``split`` ("train", "validate") of a generator run lack ``is_target`` (1.0 / 0.0).
+
+    configs/train.json adds the flag from each image's labels (:func:`balanced_generator_set`); a caller that replaces
+    the datalist (MONAI Label's train task sets ``train#dataset#data`` to ``{"image", "label"}`` pairs) must add it.
+    """
+    bad = [i for i, item in enumerate(items) if item.get("is_target") not in (0, 1)]
+    if bad:
+        example = {k: items[bad[0]][k] for k in list(items[bad[0]])[:3]}
+        raise ValueError(
+            f"{split}#dataset#data: {len(bad)} of {len(items)} items have no is_target flag (1.0 target, 0.0 "
+            f"non-target), e.g. item {bad[0]} {example}; a generator learns from target and non-target images, so "
+            "every item needs it (train.json adds it from the image's labels, as in a datalist from "
+            "scripts/prepare_datalist.py)"
+        )
+
+
 def non_target_items(items: Sequence[dict[str, Any]], target_index: int) -> list[dict[str, Any]]:
     """The items whose label k is certainly absent (== 0): the queries for WSR and ownership verification."""
     return [items[i] for i in split_by_target(items, target_index)[1]]

@@ -543,9 +543,15 @@ class XRayReader(ImageReader):
         return load_xray(paths[0], allow_modalities=self.allow_modalities, allow_any_modality=self.allow_any_modality)
 
     def get_data(self, img: tuple[np.ndarray, XRayMeta]) -> tuple[np.ndarray, dict]:
-        """The H x W image (no channel yet: ``ensure_channel_first`` adds it) and its metadata."""
+        """The H x W image (no channel yet: ``ensure_channel_first`` adds it) and its metadata.
+
+        ``spatial_shape`` is the file's size in MONAI's (x, y) order, ``(W, H)``, as MONAI's own readers report it and
+        MONAI Label's ``Restored`` compares it with a ``pred`` in that order (:class:`RestoreWatermarkedd`); the
+        array itself is rows x columns, like ``meta["xray"]["shape"]``.
+        """
         image, meta = img
-        return image, {"xray": asdict(meta), "spatial_shape": meta.shape, "original_channel_dim": "no_channel"}
+        size = tuple(meta.shape[::-1])
+        return image, {"xray": asdict(meta), "spatial_shape": size, "original_channel_dim": "no_channel"}
 
 
 @contextmanager

@@ -97,6 +97,7 @@ __all__ = [
     "max_stored_change",
     "quantisation_step",
     "reencode_like",
+    "stored_values",
     "write_xray",
 ]
 
@@ -786,10 +787,40 @@ def write_xray(
     an XRayWriteError. The written file has the source's permission bits and modification time.
     """
     source, out_path = Path(source), Path(out_path)
+    check_output_path(source, out_path)
+    stored, save = _stored_values(image01, meta, source, source_image01, out_path)
+    with atomic_path(out_path) as tmp:
+        problems = save(stored, tmp)
+        shutil.copystat(source, tmp)  # as shutil.copy2 leaves the files copied beside it
+    if problems:
+        warnings.warn(
+            f"{out_path}: differs from its source {source} in {'; '.join(problems)}; a data user could tell it from "
+            "the files copied byte for byte (write every file of this kind with reencode_like instead)",
+            ContainerMismatchWarning,
+            stacklevel=2,
+        )
+    return out_path
+
+
+def stored_values(
+    image01: np.ndarray, meta: XRayMeta, source: str | os.PathLike, *, source_image01: np.ndarray | None = None
+) -> np.ndarray:
+    """The stored pixel values (the source's dtype, ``H x W``) that :func:`write_xray` writes for ``image01``.
+
+    For a caller that hands the watermarked image on, in the file's own values, instead of writing a file (MONAI
+    Label's ``pred``): a pixel whose value equals the source's keeps its stored value bit for bit, the others go
+    through :func:`~xmark_bundle.data.xray_io.to_stored`.
+    """
+    return _stored_values(image01, meta, Path(source), source_image01, Path(source))[0]
+
+
+def _stored_values(
+    image01: np.ndarray, meta: XRayMeta, source: Path, source_image01: np.ndarray | None, where: Path
+) -> tuple[np.ndarray, Saver]:
+    """:func:`stored_values` and the source format's saver (``where`` names the file an error is about)."""
     image01 = np.asarray(image01)
     if image01.shape != tuple(meta.shape):
-        raise XRayWriteError(out_path, f"image shape {image01.shape} differs from the source's {tuple(meta.shape)}")
-    check_output_path(source, out_path)
+        raise XRayWriteError(where, f"image shape {image01.shape} differs from the source's {tuple(meta.shape)}")
     stored_source, save = _OPENERS[meta.format](source)
     if stored_source.shape != image01.shape or stored_source.dtype.name != meta.stored_dtype:
         raise XRayWriteError(
@@ -802,18 +833,7 @@ def write_xray(
     keep = image01 == source_image01
     if meta.window_source == "data range":
         keep |= (source_image01 == 0.0) | (source_image01 == 1.0)
-    stored = np.where(keep, stored_source, to_stored(image01, meta)).astype(np.dtype(meta.stored_dtype))
-    with atomic_path(out_path) as tmp:
-        problems = save(stored, tmp)
-        shutil.copystat(source, tmp)  # as shutil.copy2 leaves the files copied beside it
-    if problems:
-        warnings.warn(
-            f"{out_path}: differs from its source {source} in {'; '.join(problems)}; a data user could tell it from "
-            "the files copied byte for byte (write every file of this kind with reencode_like instead)",
-            ContainerMismatchWarning,
-            stacklevel=2,
-        )
-    return out_path
+    return np.where(keep, stored_source, to_stored(image01, meta)).astype(np.dtype(meta.stored_dtype)), save
 
 
 def reencode_like(source: str | os.PathLike, out_path: str | os.PathLike) -> Path:

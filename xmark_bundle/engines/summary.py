@@ -36,7 +36,9 @@ class InferenceJournal:
         items = output if isinstance(output, list) else [output]
         lines = []
         for item in items:
-            report = item[self.output_key]
+            report = item.get(self.output_key)
+            if report is None:  # saving switched off (save_watermarked false): nothing to journal
+                continue
             relative = Path(report["path"]).relative_to(self.inputs.output_dir).as_posix()
             lines.append(
                 {

@@ -26,6 +26,7 @@ __all__ = [
     "WatermarkRecord",
     "load_watermark",
     "read_watermark_checkpoint",
+    "refuse_to_replace",
     "save_watermark",
     "watermark_record",
 ]
@@ -137,3 +138,26 @@ def save_watermark(
     record = WatermarkRecord(network, target_label, labels)
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:  # a stream: no temporary name inside the archive
         torch.save({WEIGHTS_KEY: network.state_dict(), RECORD_KEY: record.state_dict()}, stream)
+
+
+def refuse_to_replace(checkpoint: str | os.PathLike) -> None:
+    """Stop a training run before it would overwrite an existing generator checkpoint.
+
+    The generator that marked a release is what proves the release's use later (its weights, and for a keyed method
+    its key): a fresh training run must not replace it, whatever started the run (a rerun, MONAI Label's train task
+    pointed at the bundle's ``models/``). The error names the file, what it holds, and the way out.
+    """
+    path = os.fspath(checkpoint)
+    if not os.path.exists(path):
+        return
+    try:
+        record = watermark_record(path)
+        held = f"the trained {record['method']} watermark for '{record['target_label']}'"
+        generator = record["network"].get("generator", {})
+        held += f" (key seed {generator.get('key_seed')})" if generator.get("key_cells") else ""
+    except (OSError, ValueError):
+        held = "a file that is not a watermark checkpoint"
+    raise FileExistsError(
+        f"{path} already holds {held}; training would overwrite it, and the generator that marked a release is what "
+        "verifies it. Train into another ckpt_dir, or move the file away first."
+    )

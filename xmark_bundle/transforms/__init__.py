@@ -7,15 +7,23 @@ The only intensity step the configs need is MONAI's clip to [0, 1]:
 """
 
 from .geometry import GEOMETRY_KEY, ResizeLongestPadd, letterbox, letterbox_geometry, unletterbox
-from .watermark import SaveWatermarkedd, apply_watermark, full_resolution_residual
+from .watermark import (
+    RestoreWatermarkedd,
+    SaveWatermarkedd,
+    apply_watermark,
+    full_resolution_residual,
+    watermark_source,
+)
 
 __all__ = [
     "GEOMETRY_KEY",
     "ResizeLongestPadd",
+    "RestoreWatermarkedd",
     "SaveWatermarkedd",
     "apply_watermark",
     "full_resolution_residual",
     "letterbox",
     "letterbox_geometry",
     "unletterbox",
+    "watermark_source",
 ]

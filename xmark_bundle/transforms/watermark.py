@@ -22,11 +22,18 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor, ensure_tuple_rep
 from pydicom.uid import UID
 
-from ..data.xray_io import load_xray
-from ..data.xray_writer import XRayWriteError, check_output_path, is_lossy, max_stored_change, write_xray
+from ..data.xray_io import XRayMeta, load_xray
+from ..data.xray_writer import (
+    XRayWriteError,
+    check_output_path,
+    is_lossy,
+    max_stored_change,
+    stored_values,
+    write_xray,
+)
 from .geometry import GEOMETRY_KEY, unletterbox
 
-__all__ = ["SaveWatermarkedd", "apply_watermark", "full_resolution_residual"]
+__all__ = ["RestoreWatermarkedd", "SaveWatermarkedd", "apply_watermark", "full_resolution_residual", "watermark_source"]
 
 _FLOAT_TOLERANCE = 1e-6
 """Slack of the budget check for float32 arithmetic on images in [0, 1]."""
@@ -49,6 +56,28 @@ def full_resolution_residual(
     return unletterbox(watermarked - benign, geometry).clamp(-epsilon, epsilon)
 
 
+def watermark_source(
+    source_path: str | os.PathLike,
+    watermarked: torch.Tensor,
+    benign: torch.Tensor,
+    geometry: Mapping[str, Any],
+    epsilon: float,
+) -> tuple[np.ndarray, np.ndarray, XRayMeta]:
+    """The full-resolution watermarked image of ``source_path`` in [0, 1], the source's own [0, 1] image, and its
+    metadata: the model-resolution residual ``watermarked - benign`` mapped onto the file's grid and added."""
+    if not 0.0 < epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in (0, 1] (an L-inf budget in [0, 1] intensity), got {epsilon}.")
+    watermarked, benign = _channel_first(watermarked, "watermarked"), _channel_first(benign, "benign")
+    if watermarked.shape != benign.shape:
+        raise ValueError(f"watermarked {tuple(watermarked.shape)} and benign {tuple(benign.shape)} shapes differ.")
+    image01, meta = load_xray(source_path)
+    expected = tuple(int(s) for s in geometry["original_shape"])
+    if expected != tuple(meta.shape):
+        raise XRayWriteError(source_path, f"is {meta.shape[0]}x{meta.shape[1]}, but the geometry is for {expected}")
+    residual = full_resolution_residual(watermarked, benign, geometry, epsilon)[0].numpy()
+    return np.clip(image01 + residual, 0.0, 1.0), image01, meta
+
+
 def apply_watermark(
     source_path: str | os.PathLike,
     watermarked: torch.Tensor,
@@ -68,18 +97,9 @@ def apply_watermark(
     Returns a JSON-able report.
     """
     source, out_path = Path(source_path), Path(out_path)
-    if not 0.0 < epsilon <= 1.0:
-        raise ValueError(f"epsilon must be in (0, 1] (an L-inf budget in [0, 1] intensity), got {epsilon}.")
     check_output_path(source, out_path)
-    watermarked, benign = _channel_first(watermarked, "watermarked"), _channel_first(benign, "benign")
-    if watermarked.shape != benign.shape:
-        raise ValueError(f"watermarked {tuple(watermarked.shape)} and benign {tuple(benign.shape)} shapes differ.")
-    image01, meta = load_xray(source)
-    expected = tuple(int(s) for s in geometry["original_shape"])
-    if expected != tuple(meta.shape):
-        raise XRayWriteError(source, f"is {meta.shape[0]}x{meta.shape[1]}, but the geometry is for {expected}")
-    residual = full_resolution_residual(watermarked, benign, geometry, epsilon)[0].numpy()
-    write_xray(np.clip(image01 + residual, 0.0, 1.0), meta, source, out_path, source_image01=image01)
+    marked01, image01, meta = watermark_source(source, watermarked, benign, geometry, epsilon)
+    write_xray(marked01, meta, source, out_path, source_image01=image01)
 
     change = max_stored_change(source, out_path)
     budget = epsilon + change["quantisation_step01"] + _FLOAT_TOLERANCE
@@ -104,12 +124,23 @@ def apply_watermark(
     }
 
 
+def _letterboxed(data: Mapping[Hashable, Any], key: Hashable, transform: MapTransform) -> MetaTensor:
+    """The benign letterboxed input under ``key``: a MetaTensor whose meta carry the letterbox geometry."""
+    benign = data[key]
+    if not isinstance(benign, MetaTensor) or GEOMETRY_KEY not in benign.meta:
+        name = type(transform).__name__
+        raise ValueError(f"{name} needs '{key}' as a MetaTensor with meta['{GEOMETRY_KEY}'] (from ResizeLongestPadd).")
+    return benign
+
+
 class SaveWatermarkedd(MapTransform):
     """Postprocessing: write each watermarked prediction as a full-resolution file mirroring its source's path.
 
     ``keys`` hold the generator outputs (``1 x S x S``), ``image_keys`` the benign letterboxed inputs whose meta carry
     ``filename_or_obj`` and ``xmark_geometry``. The output goes to ``output_dir / (source relative to dataset_dir)``
-    with the source's name and format; the report of :func:`apply_watermark` is stored under ``output_keys``.
+    with the source's name and format, or to ``output_dir / name`` for a source outside ``dataset_dir`` (an image
+    that MONAI Label hands over from its own datastore); the report of :func:`apply_watermark` is stored under
+    ``output_keys``.
     """
 
     def __init__(
@@ -132,15 +163,43 @@ class SaveWatermarkedd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key, image_key, output_key in self.key_iterator(d, self.image_keys, self.output_keys):
-            benign = d[image_key]
-            if not isinstance(benign, MetaTensor) or GEOMETRY_KEY not in benign.meta:
-                raise ValueError(f"SaveWatermarkedd needs '{image_key}' as a MetaTensor with meta['{GEOMETRY_KEY}'].")
+            benign = _letterboxed(d, image_key, self)
             source = Path(benign.meta["filename_or_obj"])
-            try:
-                relative = Path(os.path.abspath(source)).relative_to(self.dataset_dir)
-            except ValueError:
-                raise XRayWriteError(source, f"is not inside dataset_dir {self.dataset_dir}") from None
-            d[output_key] = apply_watermark(
-                source, d[key], benign, benign.meta[GEOMETRY_KEY], self.epsilon, self.output_dir / relative
-            )
+            absolute = Path(os.path.abspath(source))
+            relative = absolute.relative_to(self.dataset_dir) if absolute.is_relative_to(self.dataset_dir) else None
+            out_path = self.output_dir / (relative or source.name)
+            d[output_key] = apply_watermark(source, d[key], benign, benign.meta[GEOMETRY_KEY], self.epsilon, out_path)
+        return d
+
+
+class RestoreWatermarkedd(MapTransform):
+    """Postprocessing: replace each generator output by the watermarked image on its source's grid, in the source's
+    stored values and type, the pixels that :class:`SaveWatermarkedd` writes.
+
+    For a caller that writes or shows the result itself (MONAI Label): not the ``S x S`` letterboxed output stretched
+    to the source's shape, padding included. The result is the file's pixel array in MONAI's (x, y) order, ``W x H``,
+    without a channel dimension, as MONAI Label's ``Restored`` (which keeps it: its shape is the image's
+    ``spatial_shape``) and its ITK writer (which transposes it back to rows x columns) take it. The meta of the
+    benign image (``image_keys``) goes to ``<key>_meta_dict``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        epsilon: float,
+        image_keys: KeysCollection = "image",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.epsilon = epsilon
+        self.image_keys = ensure_tuple_rep(image_keys, len(self.keys))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, image_key in self.key_iterator(d, self.image_keys):
+            benign = _letterboxed(d, image_key, self)
+            source = benign.meta["filename_or_obj"]
+            marked01, image01, meta = watermark_source(source, d[key], benign, benign.meta[GEOMETRY_KEY], self.epsilon)
+            d[key] = np.ascontiguousarray(stored_values(marked01, meta, source, source_image01=image01).T)
+            d[f"{key}_meta_dict"] = dict(benign.meta)
         return d
