@@ -87,25 +87,20 @@ def select_decoys(datalist: Mapping[str, Any], target_label: str, fraction: floa
     return {image: int(key_seed) for image, key_seed in zip(chosen, key_seeds, strict=True)}
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it (both resolved)."""
-    return path == folder or folder in path.parents
-
-
 def _check_locations(dataset_dir: Path, release_dir: Path, manifest_file: Path, ckpt_path: Path) -> None:
     """Refuse a release that would write into the source, or publish the manifest or the generator (the secret key)."""
     if not dataset_dir.is_dir():
         raise ReleaseError(dataset_dir, "dataset_dir is not a folder")
-    if _inside(release_dir, dataset_dir) or _inside(dataset_dir, release_dir):
+    if release_dir.is_relative_to(dataset_dir) or dataset_dir.is_relative_to(release_dir):
         raise ReleaseError(
             release_dir, f"release_dir must lie outside the source data set {dataset_dir} and not contain it"
         )
     for folder, what in ((release_dir, "release folder"), (dataset_dir, "source data set")):
-        if _inside(manifest_file, folder):
+        if manifest_file.is_relative_to(folder):
             raise ReleaseError(
                 manifest_file, f"the private manifest must lie outside the {what} {folder} (it would be published)"
             )
-        if _inside(ckpt_path, folder):
+        if ckpt_path.is_relative_to(folder):
             raise ReleaseError(
                 ckpt_path, f"the generator checkpoint (the secret key) must lie outside the {what} {folder}"
             )
@@ -180,7 +175,7 @@ def _source_files(
 
 def _with_datalist(files: Mapping[str, Path], datalist_file: Path, dataset_dir: Path) -> dict[str, Path]:
     """The release's files: ``files``, plus the datalist at the top level when it lies outside ``dataset_dir``."""
-    if _inside(datalist_file, dataset_dir):
+    if datalist_file.is_relative_to(dataset_dir):
         return dict(files)
     if datalist_file.name in files:
         raise ReleaseError(datalist_file, f"its copy in the release would replace {dataset_dir / datalist_file.name}")

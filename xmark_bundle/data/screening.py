@@ -38,11 +38,6 @@ class ScreenedInputs:
     unchanged: list[str] = field(default_factory=list)
 
 
-def _overlap(a: Path, b: Path) -> bool:
-    """Whether one of two resolved folders is, or lies inside, the other."""
-    return a == b or a in b.parents or b in a.parents
-
-
 def read_journal(output_dir: Path) -> dict[str, dict[str, Any]]:
     """The journal's records by relative path (later lines win; a line torn by an interruption ends it)."""
     path, records = output_dir / JOURNAL_NAME, {}
@@ -82,7 +77,7 @@ def screen_inputs(
     source, target = Path(dataset_dir).resolve(), Path(output_dir).resolve()
     if not source.is_dir():
         raise NotADirectoryError(f"{source}: dataset_dir is not a folder")
-    if _overlap(source, target):
+    if source.is_relative_to(target) or target.is_relative_to(source):  # one is, or lies inside, the other
         raise ValueError(f"output_dir {target} and dataset_dir {source} overlap; choose an output folder outside it")
     screened = ScreenedInputs(source, target, None if checkpoint is None else sha256_file(checkpoint))
     journal = read_journal(target)
