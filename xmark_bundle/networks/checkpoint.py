@@ -113,13 +113,18 @@ def read_watermark_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, 
 
 
 def load_watermark(checkpoint: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
-    """The watermarking module of ``checkpoint``, rebuilt from its record with its weights, in eval mode."""
+    """The watermarking module of ``checkpoint``, rebuilt from its record with its weights, in eval mode.
+
+    The record travels with the module as ``watermark_record`` (a config reads the target label from it instead of
+    loading the file a second time).
+    """
     record, weights = read_watermark_checkpoint(checkpoint)
     network = ConfigParser({"network": record["network"]}).get_parsed_content("network")
     try:
         network.load_state_dict(weights)
     except RuntimeError as err:
         raise ValueError(f"{os.fspath(checkpoint)}: weights do not fit the recorded network ({err})") from err
+    network.watermark_record = record
     return (network if device is None else network.to(device)).eval()
 
 

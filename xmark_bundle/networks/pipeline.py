@@ -35,6 +35,8 @@ class WatermarkPipeline(nn.Module):
 
     #: Python-side descriptions that TorchScript need not compile.
     __jit_unused_properties__ = ["eps", "method"]
+    #: set by :func:`~xmark_bundle.networks.checkpoint.load_watermark`: the checkpoint's record (a plain dict)
+    __jit_ignored_attributes__ = ["watermark_record"]
 
     def __init__(self, generator: nn.Module, surrogate: nn.Module, cam_layer: str, image_size: int = 1024) -> None:
         super().__init__()
