@@ -56,6 +56,9 @@ def test_ownership_test_matches_the_textbook_paired_t_test():
     assert result["delta_p"] == pytest.approx(np.mean(pv) - np.mean(pb))
     assert result["n"] == n and result["tau"] == tau and result["alpha"] == 0.05
 
+    # Wilcoxon signed-rank beside it: all six differences Pv - Pb - tau are positive, the exact one-sided p is 1/2^6
+    assert all(v - b - tau > 0 for b, v in zip(pb, pv, strict=True)) and result["wilcoxon_p"] == pytest.approx(1 / 64)
+
     weak = ownership_test(pb, [v - 0.2 for v in pv], tau=tau)  # lift of about 0.3 only: not beyond tau
     assert 0.05 < weak["p_value"] < 1 and not weak["owned"] and weak["verdict"].startswith("not verified")
 
@@ -70,6 +73,7 @@ def test_constant_differences_give_the_limit_of_the_test():
     assert below_tau["p_value"] == 1.0 and not below_tau["owned"]
     above_tau = ownership_test(pb, pb + 0.4)
     assert above_tau["p_value"] == 0.0 and above_tau["owned"]
+    assert exactly_tau["wilcoxon_p"] == 1.0  # no difference left after dropping the zeros
     assert json.dumps(above_tau, allow_nan=False)  # the record stays valid JSON
 
 

@@ -111,7 +111,8 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         f"mean Pb = {report['mean_pb']:.3f}, mean Pv = {report['mean_pv']:.3f}, dP = mean(Pv - Pb) = "
         f"{report['delta_p']:+.3f}",
         f"WSR (Pv >= {report['wsr_threshold']:g}) = {100 * report['wsr']:.1f} %",
-        f"paired t-test H1: Pb + {report['tau']:g} < Pv: t = {statistic}, p = {report['p_value']:.3g}",
+        f"paired t-test H1: Pb + {report['tau']:g} < Pv: t = {statistic}, p = {report['p_value']:.3g} "
+        f"(Wilcoxon signed-rank p = {report['wilcoxon_p']:.3g})",
         f"VERDICT: {report['verdict']}",
         *_control_lines(report),
     ]

@@ -4,6 +4,11 @@ For n benign non-target queries, ``Pb`` is the suspect model's target-label prob
 of its watermarked version. The test is ``H0: Pb + tau = Pv`` against ``H1: Pb + tau < Pv``, computed exactly as
 ``scipy.stats.ttest_rel(pb + tau, pv, alternative="less")``; ownership is claimed when ``p < alpha``.
 
+Beside it, ``wilcoxon_p``: the one-sided Wilcoxon signed-rank test of the same hypothesis on the paired differences
+``Pv - (Pb + tau)`` (``scipy.stats.wilcoxon(..., alternative="greater")``), which does not assume them normal: model
+probabilities pile up at 0 and 1. It is reported, not used for the verdict (the paper's test decides); pairs whose
+difference is zero are dropped (scipy's default), and with none left ``wilcoxon_p = 1``.
+
 Constant differences: when every paired difference ``Pv - Pb`` equals the same ``d`` (within ``1e-12``, e.g. a
 saturated model answering 0 for benign and 1 for watermarked images), the sample variance is zero and the t statistic
 is undefined (scipy gives NaN or +-inf and warns about precision loss). The limit of the test is used instead:
@@ -17,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import ttest_rel
+from scipy.stats import ttest_rel, wilcoxon
 
 __all__ = ["ProbabilityError", "check_probabilities", "ownership_test", "watermark_success_rate"]
 
@@ -47,7 +52,8 @@ def check_probabilities(values: ArrayLike, source: str) -> np.ndarray:
 def ownership_test(
     pb: ArrayLike, pv: ArrayLike, tau: float = 0.25, alpha: float = 0.05, source: str = "suspect model"
 ) -> dict[str, Any]:
-    """One-sided paired t-test of ``Pb + tau < Pv``: p-value, statistic, ``delta_p = mean(Pv - Pb)`` and the verdict.
+    """One-sided paired t-test of ``Pb + tau < Pv``: p-value, statistic, ``delta_p = mean(Pv - Pb)``, the verdict, and
+    the Wilcoxon signed-rank p of the same hypothesis beside it (module docstring).
 
     ``source`` names the model in error messages. Raises :class:`ProbabilityError` for unusable probabilities.
     """
@@ -72,6 +78,10 @@ def ownership_test(
     else:
         result = ttest_rel(shifted, pv, alternative="less")
         statistic, p_value = float(result.statistic), float(result.pvalue)
+    beyond = pv - shifted
+    wilcoxon_p = 1.0 if not np.any(np.abs(beyond) > CONSTANT_TOLERANCE) else float(
+        wilcoxon(beyond, alternative="greater").pvalue
+    )
     owned = p_value < alpha
     verdict = (
         f"verified: trained on the protected data (p = {p_value:.3g} < alpha = {alpha})"
@@ -84,6 +94,7 @@ def ownership_test(
         "verdict": verdict,
         "p_value": p_value,
         "statistic": statistic,
+        "wilcoxon_p": wilcoxon_p,
         "delta_p": float(differences.mean()),
         "mean_pb": float(pb.mean()),
         "mean_pv": float(pv.mean()),
