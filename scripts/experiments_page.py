@@ -1,0 +1,44 @@
+"""Write docs/experiments.md from docs/experiments/<name>/results.json, or check (--check) that it is up to date."""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `xmark_bundle` importable when run as a script
+
+from xmark_bundle.experiments import ResultsError, read_all_results, render_page  # noqa: E402
+from xmark_bundle.fileio import atomic_path  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 when the page and the JSON files disagree")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="the docs folder (default: the bundle's)")
+    args = parser.parse_args(argv)
+    try:
+        page = render_page(read_all_results(args.docs / "experiments"))
+    except ResultsError as err:
+        print(f"experiments page: {err}", file=sys.stderr)
+        return 1
+    target = args.docs / "experiments.md"
+    if args.check:
+        current = target.read_text(encoding="utf-8") if target.is_file() else None
+        if current != page:
+            print(
+                f"{target} does not match docs/experiments/*/results.json "
+                f"({'missing' if current is None else 'differs'}); regenerate it: python scripts/experiments_page.py",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{target}: up to date")
+        return 0
+    with atomic_path(target) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
