@@ -18,12 +18,14 @@ from PIL import Image
 
 from xmark_bundle.data.chexpert import prepare_datalist
 from xmark_bundle.data.phantoms import write_phantom_dataset
+from xmark_bundle.data.poison import select_poisoned
 from xmark_bundle.data.xray_io import LoadXRayd, load_xray
 from xmark_bundle.fileio import sha256_file
 from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
 from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
 from xmark_bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.networks.triggers import BadNetsTrigger, LabelConsistentTrigger
 from xmark_bundle.release import ReleaseError, read_manifest, select_marked, watermark_release
 from xmark_bundle.transforms.geometry import ResizeLongestPadd
 
@@ -115,6 +117,7 @@ def test_release_marks_the_selection_and_copies_everything_else(source, released
         "selected": 4,
         "marked": 4,
         "decoys": 0,
+        "relabelled_files": 0,
         "marked_now": 4,
         "marked_already": 0,
         "to_mark": 0,
@@ -372,6 +375,62 @@ def test_decoys_are_non_target_images_marked_with_other_keys(source, tmp_path):
     assert again["counts"]["marked_now"] == 0 and again["decoys"] == decoys
     with pytest.raises(ReleaseError, match="decoys need a keyed generator"):
         _release(source, tmp_path / "unkeyed", sha_free_checkpoint(tmp_path), decoy_fraction=0.5)
+
+
+def test_poison_label_release_marks_non_target_images_and_relabels_them(source, tmp_path):
+    checkpoint = tmp_path / "badnets.pt"
+    save_watermark(BadNetsTrigger(image_size=SIZE, patch_fraction=1 / 8), checkpoint)
+    before = _hashes(source)
+    manifest = _release(source, tmp_path, checkpoint)
+    release = tmp_path / "release"
+    datalist = json.loads((source / "datalist.json").read_text())
+    labels = {item["image"]: item["label"] for item in datalist["training"]}
+    marked = [record["path"] for record in manifest["marked"]]
+    assert marked == select_poisoned(datalist, "No Finding", GAMMA, seed=0)
+    assert len(marked) == round(GAMMA * 7) and all(labels[path][0] == 0 for path in marked)  # 7 training targets
+    assert manifest["settings"]["poison_label"] and manifest["relabelled_files"] == ["datalist.json", "train.csv"]
+    assert _hashes(source) == before  # the source is untouched
+
+    released = json.loads((release / "datalist.json").read_text())
+    for split in ("training", "validation", "test"):
+        for old, new in zip(datalist[split], released[split], strict=True):
+            expected = [1.0, *old["label"][1:]] if old["image"] in marked else old["label"]
+            assert new == {**old, "label": expected}  # only the target label of the marked images changes
+    with open(source / "train.csv", newline="") as a, open(release / "train.csv", newline="") as b:
+        old_rows, new_rows = list(csv.DictReader(a)), list(csv.DictReader(b))
+    for old, new in zip(old_rows, new_rows, strict=True):
+        assert new == ({**old, "No Finding": "1.0"} if old["Path"] in marked else old)
+    assert (release / "valid.csv").read_bytes() == (source / "valid.csv").read_bytes()
+    for relative, digest in before.items():
+        changed = relative in marked or relative in ("datalist.json", "train.csv")
+        assert (sha256_file(release / relative) != digest) == changed, relative
+
+    again = _release(source, tmp_path, checkpoint)  # resumes: nothing to mark, copy or rewrite
+    assert again["counts"]["marked_now"] == 0 and again["counts"]["copied_now"] == 0
+    crowded = {"training": [{"image": f"{i}.png", "label": [float(i < 5), 0, 0, 0, 0, 0]} for i in range(8)]}
+    with pytest.raises(ValueError, match="marks 4 non-target images, but the training split has 3 images without"):
+        select_poisoned(crowded, "No Finding", 0.8, seed=0)
+
+
+def test_label_consistent_release_is_clean_label_and_writes_the_hardened_image(source, tmp_path):
+    torch.manual_seed(0)
+    surrogate = ResizedClassifier(build_classifier("resnet18"), SIZE)
+    trigger = LabelConsistentTrigger(surrogate, image_size=SIZE, patch_fraction=1 / 8, adversarial_eps=8 / 255, steps=3)
+    checkpoint = tmp_path / "lc.pt"
+    save_watermark(trigger, checkpoint)
+    manifest = _release(source, tmp_path, checkpoint, trigger)
+    datalist = json.loads((source / "datalist.json").read_text())
+    assert [r["path"] for r in manifest["marked"]] == select_marked(datalist, "No Finding", GAMMA, seed=0)
+    assert manifest["relabelled_files"] == [] and "poison_label" not in manifest["settings"]
+    for name in ("train.csv", "datalist.json"):
+        assert (tmp_path / "release" / name).read_bytes() == (source / name).read_bytes()
+    # the written image is the hardened one, not the query's patch alone: pixels outside the patch moved too
+    item = manifest["marked"][0]["path"]
+    letterbox = Compose([LoadXRayd("image"), ResizeLongestPadd("image", SIZE)])
+    folders = (source, tmp_path / "release")
+    image, written = (letterbox({"image": str(d / item)})["image"].as_tensor()[None] for d in folders)
+    outside = (written - image).abs() * (trigger(image) == image)
+    assert outside.max() > 2 / 255
 
 
 def sha_free_checkpoint(folder: Path) -> Path:

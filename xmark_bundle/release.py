@@ -4,8 +4,11 @@ The release mirrors ``dataset_dir`` under ``release_dir`` with the same relative
 are written by :func:`~xmark_bundle.transforms.watermark.apply_watermark` (G at model resolution, the residual mapped
 back onto the full-resolution file, re-quantised, the budget checked on the written file); every other file (images of
 all splits, ``train.csv``/``valid.csv``, the datalist, anything else) is copied byte for byte. Relative paths are kept,
-so the CSVs and the datalist need no rewriting: their released copies equal the sources. Labels never change
-(clean-label). A datalist kept outside ``dataset_dir`` is copied to the release's top level.
+so the CSVs and the datalist need no rewriting: their released copies equal the sources. Labels never change for a
+clean-label method (X-Mark, SSCL-BW, the keyed variant). A poison-label method (a trigger of
+:mod:`xmark_bundle.networks.triggers`, ``poison_label``) marks ``round(gamma * |target|)`` non-target training images
+instead and the release's datalist and CheXpert CSVs give those images the target label
+(:mod:`xmark_bundle.data.poison`). A datalist kept outside ``dataset_dir`` is copied to the release's top level.
 
 Every file appears atomically. The owner's private manifest (outside the release) lists each marked file with the
 SHA-256 of its source and output. A run that stops early keeps its progress in a JSON-lines journal beside the
@@ -16,7 +19,9 @@ hashes, and every copy whose output already has the source's size and SHA-256.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -36,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from xmark_bundle.data.labels import LABELS
+from xmark_bundle.data.poison import relabelled_csv, relabelled_datalist, select_poisoned
 from xmark_bundle.data.secrets import owner_file_hashes, secret_reason
 from xmark_bundle.data.selection import select_fraction, split_by_target
 from xmark_bundle.data.xray_io import LoadXRayd, load_xray
@@ -126,15 +132,17 @@ def _read_datalist(datalist_file: Path, dataset_dir: Path, source_files: Mapping
 
 
 def _unreadable_candidates(
-    datalist: Mapping[str, Any], dataset_dir: Path, target_label: str, with_decoys: bool, progress: bool
+    datalist: Mapping[str, Any], dataset_dir: Path, target_label: str, target: bool, non_target: bool, progress: bool
 ) -> dict[str, str]:
-    """Training images that could be marked (target class; every non-target one too when decoys are on) but cannot
-    be read as X-rays, with the one-line reason: they are copied unmarked and listed, never selected."""
+    """Training images that could be marked (the ``target`` class, the ``non_target`` ones for decoys and
+    poison-label methods) but cannot be read as X-rays, with the one-line reason: they are copied unmarked and
+    listed, never selected."""
     labels = list(datalist.get("labels", LABELS))
     if target_label not in labels:
         return {}  # select_marked names the problem
-    target, non_target = split_by_target(datalist["training"], labels.index(target_label))
-    candidates = [datalist["training"][i]["image"] for i in target + (non_target if with_decoys else [])]
+    targets, non_targets = split_by_target(datalist["training"], labels.index(target_label))
+    indices = (targets if target else []) + (non_targets if non_target else [])
+    candidates = [datalist["training"][i]["image"] for i in indices]
     unreadable = {}
     for rel in tqdm(candidates, desc="check", unit="img", disable=not progress):
         try:
@@ -180,6 +188,30 @@ def _with_datalist(files: Mapping[str, Path], datalist_file: Path, dataset_dir: 
     if datalist_file.name in files:
         raise ReleaseError(datalist_file, f"its copy in the release would replace {dataset_dir / datalist_file.name}")
     return {**files, datalist_file.name: datalist_file}
+
+
+def _relabelled_files(
+    files: Mapping[str, Path], datalist_file: Path, dataset_dir: Path, images: Sequence[str], target_label: str
+) -> dict[str, bytes]:
+    """A poison-label release's label files (relative path -> content): the datalist and every CheXpert CSV that
+    lists one of ``images``, with those images' target label set to positive."""
+    datalist = json.loads(datalist_file.read_text(encoding="utf-8"))
+    prefix = str(datalist.get("metadata", {}).get("path_prefix_strip", ""))
+    inside = datalist_file.is_relative_to(dataset_dir)
+    datalist_rel = datalist_file.relative_to(dataset_dir).as_posix() if inside else datalist_file.name
+    chosen = set(images)
+    changed = {datalist_rel: (json.dumps(relabelled_datalist(datalist, chosen, target_label), indent=2) + "\n")}
+    for rel, path in files.items():
+        if rel == datalist_rel or path.suffix.lower() != ".csv":
+            continue
+        try:
+            with open(path, encoding="utf-8", newline="") as stream:  # keep the file's line endings
+                text = relabelled_csv(stream.read(), chosen, target_label, prefix)
+        except (UnicodeDecodeError, csv.Error):
+            continue  # not a label file of this data set
+        if text is not None:
+            changed[rel] = text
+    return {rel: text.encode("utf-8") for rel, text in changed.items()}
 
 
 def _prepare_release_dir(release_dir: Path, expected: Sequence[str]) -> None:
@@ -285,6 +317,15 @@ def _copy(source: Path, target: Path) -> bool:
     return True
 
 
+def _write(content: bytes, target: Path) -> bool:
+    """Write ``content`` to ``target`` atomically, unless the file already holds it; True if written."""
+    if target.is_file() and target.read_bytes() == content:
+        return False
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(content)
+    return True
+
+
 def _is_done(record: Mapping[str, Any] | None, source: Path, target: Path) -> bool:
     """Whether a recorded marked file is in place: its source and output still have the recorded SHA-256."""
     return (
@@ -333,10 +374,12 @@ def watermark_release(
     _check_locations(dataset_dir, release_dir, manifest_file, ckpt_path)
     source_files, left_out = _source_files(dataset_dir, [ckpt_path, manifest_file])
     datalist = _read_datalist(datalist_file, dataset_dir, source_files)
-    skipped = _unreadable_candidates(datalist, dataset_dir, target_label, decoy_fraction > 0, progress)
+    poison = bool(getattr(network, "poison_label", False))
+    non_target = poison or decoy_fraction > 0
+    skipped = _unreadable_candidates(datalist, dataset_dir, target_label, not poison, non_target, progress)
     datalist = _without(datalist, skipped)  # selection and resume see the datalist without the bad files
     try:
-        selected = select_marked(datalist, target_label, gamma, seed)
+        selected = (select_poisoned if poison else select_marked)(datalist, target_label, gamma, seed)
         decoys = select_decoys(datalist, target_label, decoy_fraction, seed) if decoy_fraction else {}
     except ValueError as err:
         raise ReleaseError(datalist_file, str(err)) from err
@@ -352,9 +395,11 @@ def watermark_release(
         "decoy_fraction": float(decoy_fraction),
         "generator_sha256": sha256_file(ckpt_path),
         "datalist_content_sha256": _datalist_hash(datalist),
+        **({"poison_label": True} if poison else {}),
     }
     records = _previous_records(manifest_file, settings)
     files = _with_datalist(source_files, datalist_file, dataset_dir)
+    relabelled = _relabelled_files(files, datalist_file, dataset_dir, selected, target_label) if poison else {}
     _prepare_release_dir(release_dir, list(files))
 
     def manifest(complete: bool, counts: Mapping[str, int], timings: Mapping[str, float]) -> dict[str, Any]:
@@ -376,6 +421,7 @@ def watermark_release(
                 "selected": len(selected),
                 "marked": len(marked),
                 "decoys": len(decoyed),
+                "relabelled_files": len(relabelled),
                 **counts,
             },
             "max_abs_change01": max((r["max_abs_change01"] for r in written), default=0.0),
@@ -384,6 +430,7 @@ def watermark_release(
             **environment(),
             "marked": marked,
             "decoys": decoyed,
+            "relabelled_files": sorted(relabelled),
         }
 
     # fold the journal of an interrupted run into the manifest, so that the new journal starts clean
@@ -393,10 +440,11 @@ def watermark_release(
 
     to_write = selected + list(decoys)
     copy_start, marked_set = time.perf_counter(), set(to_write)
-    to_copy = [rel for rel in files if rel not in marked_set]
+    to_copy = [rel for rel in files if rel not in marked_set and rel not in relabelled]
     copied = sum(
         _copy(files[rel], release_dir / rel) for rel in tqdm(to_copy, desc="copy", unit="file", disable=not progress)
     )
+    copied += sum(_write(content, release_dir / rel) for rel, content in relabelled.items())
     copy_s = time.perf_counter() - copy_start
 
     pending = [rel for rel in to_write if not _is_done(records.get(rel), files[rel], release_dir / rel)]
@@ -436,7 +484,7 @@ def watermark_release(
         "marked_already": len(to_write) - len(pending),
         "to_mark": len(pending) - len(now),
         "copied_now": copied,
-        "copied_already": len(to_copy) - copied,
+        "copied_already": len(to_copy) + len(relabelled) - copied,
     }
     timings = {"copy_s": copy_s, "mark_s": mark_s, "total_s": time.perf_counter() - start}
     result = manifest(counts["to_mark"] == 0, counts, timings)
@@ -461,7 +509,8 @@ def _mark(
     """
     network.eval()
     generator = watermark_generator(network)
-    device = next(network.parameters()).device
+    marking = getattr(network, "release_marking", network)  # what a release writes, where it differs from a query
+    device = next(itertools.chain(network.parameters(), network.buffers())).device  # triggers hold only buffers
     preprocessing = Compose([LoadXRayd("image"), ResizeLongestPadd("image", network.image_size)])
     dataset = Dataset([{"image": str(dataset_dir / rel), "relative": rel} for rel in images], preprocessing)
     saver = SaveWatermarkedd("pred", release_dir, dataset_dir, network.eps)
@@ -469,7 +518,7 @@ def _mark(
         key_seed = None if decoy_seeds is None else decoy_seeds[batch["relative"][0]]
         key = nullcontext() if key_seed is None else generator.using_key(generator.other_key(key_seed))
         with torch.no_grad(), key:
-            batch["pred"] = network(batch["image"].as_tensor().to(device)).cpu()
+            batch["pred"] = marking(batch["image"].as_tensor().to(device)).cpu()
         for item in decollate_batch(batch):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ContainerMismatchWarning)
@@ -515,6 +564,11 @@ def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
         print(
             f"{counts['reencoded']} unmarked files re-encoded like the marked ones of their kind, whose codec settings "
             "could not be reproduced (container_mismatch in the manifest)"
+        )
+    if manifest["relabelled_files"]:
+        print(
+            f"poison-label release: the {counts['selected']} marked non-target images are labelled "
+            f"'{settings['target_label']}' in {', '.join(manifest['relabelled_files'])}"
         )
     for entry in manifest["skipped"]:
         print(f"skipped (copied unmarked): {entry['path']}: {entry['reason']}")
