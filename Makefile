@@ -21,7 +21,7 @@ venv: $(VENV)/.runtime
 venv-dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
-	$(PY) scripts/demo.py --out $(DEMO_DIR)
+	$(PY) scripts/experiment.py run demo --out $(DEMO_DIR)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -22,4 +22,4 @@ def one_thread():
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Start the quick demo (the longest file, minutes) first, so that the two `make test` workers end together."""
-    items.sort(key=lambda item: item.path.name != "test_demo.py")  # stable: the rest keep their order
+    items.sort(key=lambda item: item.path.name != "test_experiment_runner.py")  # stable: the rest keep their order

@@ -1,0 +1,110 @@
+"""Run a declared experiment (configs/experiments/NAME.json) as monai.bundle runs, resumably, and report it.
+
+`python scripts/experiment.py run demo` is `make demo`. Every stage prints a progress line and is skipped when its
+output exists, so a rerun resumes. `--publish` also writes docs/experiments/NAME/results.json and regenerates
+docs/experiments.md (refused when the run's data seed is the development seed: tables come from fresh data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # make `xmark_bundle` importable when run as a script
+
+from xmark_bundle.experiments import ExperimentError, load_experiment, plain_words, run_experiment, tables  # noqa: E402
+from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results  # noqa: E402
+from xmark_bundle.experiments.stages import StageFailed  # noqa: E402
+from xmark_bundle.fileio import write_json  # noqa: E402
+
+
+def _commit() -> str:
+    """The checked-out commit, marked ``-dirty`` when the working tree has changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+
+
+def _print_summary(collected: dict, out: Path) -> None:
+    for table in tables(collected):
+        print(f"\n  {table['title']}")
+        for row in table["rows"]:
+            cells = []
+            for column in table["columns"]:
+                cell = row["cells"].get(column)
+                if cell is None:
+                    continue
+                values = cell.get("per_seed", [cell.get("value")])
+                shown = ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values)
+                cells.append(f"{column} {shown}")
+            print(f"    {row['label']}: " + "; ".join(cells))
+    print()
+    for line in plain_words(collected):
+        print(f"  {line}")
+    print(f"\n  every number: {out / 'collected.json'}; reports under {out / 'verification'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run (or resume) an experiment")
+    run.add_argument("name", help="the experiment: configs/experiments/NAME.json")
+    run.add_argument("--out", type=Path, help="output folder (default outputs/experiments/NAME)")
+    run.add_argument("--method", action="append", help="run only this declared method (repeatable)")
+    run.add_argument("--publish", action="store_true", help="write docs/experiments/NAME/results.json and the page")
+    args = parser.parse_args(argv)
+
+    try:
+        experiment = load_experiment(ROOT / "configs" / "experiments" / f"{args.name}.json")
+        experiment = experiment.only(args.method)
+    except ExperimentError as err:
+        print(f"experiment: {err}", file=sys.stderr)
+        return 2
+    if args.publish and experiment.data_seed == int(experiment.seeds["development"]):
+        print(f"experiment: {args.name} runs on the development seed; its tables cannot be published", file=sys.stderr)
+        return 2
+    out = (args.out or Path("outputs") / "experiments" / args.name).resolve()
+    start = time.perf_counter()
+    try:
+        collected = run_experiment(experiment, ROOT, out)
+    except StageFailed as err:
+        print(f"[{args.name}] {err}", file=sys.stderr)
+        return 1
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\n[{args.name}] finished in {minutes:.1f} min (stages already done were skipped)")
+    _print_summary(collected, out)
+    if args.publish:
+        folder = ROOT / "docs" / "experiments" / args.name
+        results = {
+            "format": RESULTS_FORMAT,
+            "name": args.name,
+            "title": experiment.title,
+            "description": experiment.description,
+            "commands": [shlex.join(["python", "scripts/experiment.py", *(argv or sys.argv[1:])])],
+            "commit": _commit(),
+            "seeds": {
+                "development": int(experiment.seeds["development"]),
+                "report": experiment.data_seed,
+                "suspects": list(experiment.seeds["suspects"]),
+            },
+            "wall_time_s": {"all stages": round(sum(collected["stage_times_s"].values()), 1)},
+            "tables": tables(collected),
+            "figures": [],
+            "reading": "to be written from the tables above",
+        }
+        write_json(folder / "results.json", results)
+        load_results(folder / "results.json")
+        subprocess.run([sys.executable, "scripts/experiments_page.py"], cwd=ROOT, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""`scripts/experiment.py run quick` (the stages of `make demo` at toy sizes) runs every stage and resumes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_path):
+    out = tmp_path / "quick"
+    cmd = [sys.executable, "scripts/experiment.py", "run", "quick", "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    collected = json.loads((out / "collected.json").read_text())
+    assert list(collected["methods"]) == ["xmark"]  # badnets is declared but not run by default
+    xmark = collected["methods"]["xmark"]
+    suspect = xmark["suspects"]["suspect_seed1"]
+    for scenario in (suspect["malicious"], suspect["ind_w"], xmark["ind_m"]["resnet18_seed1"]):
+        report = json.loads(Path(scenario["report"]).read_text())
+        assert scenario["p_value"] == report["p_value"] and scenario["n"] == report["n"] == 8
+        assert (Path(scenario["report"]).parent / "verification.png").stat().st_size > 0
+    # Malicious and Ind-M use our watermark, Ind-W the independent owner's (own surrogate, own seed)
+    ours = json.loads(Path(suspect["malicious"]["report"]).read_text())["generator"]["checkpoint"]
+    other = json.loads(Path(suspect["ind_w"]["report"]).read_text())["generator"]["checkpoint"]
+    assert ours == str(out / "models/xmark/watermark/model.pt") and other != ours
+    infos = [
+        json.loads((out / "models/xmark" / g / "training_info.json").read_text())
+        for g in ("watermark", "watermark_independent")
+    ]
+    assert [info["method"] for info in infos] == ["xmark", "xmark"] and infos[0]["seed"] != infos[1]["seed"]
+    assert infos[0]["surrogate_ckpt"] != infos[1]["surrogate_ckpt"]
+    manifest = json.loads((out / "models/xmark/release_manifest.json").read_text())
+    assert manifest["method"] == "xmark" and manifest["marked"] and manifest["budget_ok"] and not manifest["decoys"]
+    assert 0 <= suspect["mean_ba"] <= 1 and suspect["release_quality"]["n_files"] == len(manifest["marked"])
+    stages = first.stdout.count(": done in ")
+    assert stages == len(collected["stage_times_s"]) == 15, first.stdout[-2000:]
+    assert "xmark, Ind-W (suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped
+    assert again.returncode == 0 and again.stdout.count(": already done (") == stages, again.stdout[-2000:]
+    assert json.loads((out / "collected.json").read_text()) == collected
+
+    refused = subprocess.run([*cmd, "--publish"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "runs on the development seed" in refused.stderr
+    unknown = subprocess.run([*cmd, "--method", "sig"], cwd=ROOT, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "declares no method ['sig']" in unknown.stderr

@@ -1,0 +1,112 @@
+"""Experiment declarations (checked on load) and the tables made from collected numbers."""
+
+import json
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from xmark_bundle.experiments import ExperimentError, false_accusations, load_experiment, plain_words, tables
+from xmark_bundle.experiments.page import render_page
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_declared_experiments_load_and_keep_opt_in_methods_out_by_default():
+    demo = load_experiment(ROOT / "configs/experiments/demo.json")
+    assert list(demo.only(None).methods) == ["xmark"] and "keyed_grating" in demo.methods
+    assert list(demo.only(["keyed_grating"]).methods) == ["keyed_grating"]
+    assert demo.methods["xmark"].kind == "generator" and demo.query_size == 128
+    with pytest.raises(ExperimentError, match=r"declares no method \['sig'\]"):
+        demo.only(["sig"])
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"name": "other"}, "the file must be called other.json"),
+        ({"seeds": {"data": 1, "development": 0, "suspects": []}}, "non-empty list 'suspects'"),
+        ({"methods": {"m": {"kind": "magic"}}}, "kind must be one of"),
+        ({"methods": {"m": {"kind": "trigger", "gama": 0.1}}}, r"unknown keys \['gama'\]"),
+        ({"benign": []}, "at least one benign model"),
+    ],
+)
+def test_a_bad_declaration_names_the_file_and_the_problem(change, problem, tmp_path):
+    raw = {**json.loads((ROOT / "configs/experiments/quick.json").read_text()), **change}
+    path = tmp_path / "quick.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ExperimentError, match=problem) as caught:
+        load_experiment(path)
+    assert str(path) in str(caught.value)
+
+
+def test_false_accusation_interval_is_clopper_pearson():
+    runs = {f"m{i}": {"owned": i < 2} for i in range(20)}
+    found = false_accusations(runs)
+    assert (found["k"], found["n"], found["rate"]) == (2, 20, 0.1)
+    # the exact interval from its definition: Beta quantiles
+    assert found["low"] == pytest.approx(stats.beta.ppf(0.025, 2, 19))
+    assert found["high"] == pytest.approx(stats.beta.ppf(0.975, 3, 18))
+    none = false_accusations({f"m{i}": {"owned": False} for i in range(20)})
+    assert none["low"] == 0 and none["high"] == pytest.approx(1 - 0.025 ** (1 / 20))
+
+
+def _scenario(p: float, owned: bool, specific: bool = False) -> dict:
+    return {
+        "p_value": p,
+        "wilcoxon_p": p,
+        "delta_p": 0.5 if owned else 0.0,
+        "wsr": 0.9 if owned else 0.1,
+        "owned": owned,
+        "control": {"specific": specific},
+    }
+
+
+def test_tables_hold_every_seed_and_every_benign_model_and_render():
+    suspect = {
+        "mean_ba": 0.8,
+        "mean_auroc": 0.9,
+        "lpips_backbone": "untrained",
+        "wsr_at_validation_threshold": {"value": 0.95, "clean_positive_rate": 0.06},
+        "release_quality": {"mean_psnr": 30.0, "mean_ssim": 0.9, "mean_lpips": 0.01},
+        "malicious": _scenario(1e-5, True),
+        "ind_w": _scenario(0.5, False),
+    }
+    collected = {
+        "benign": {
+            "resnet18_seed1": {"mean_ba": 0.79, "mean_auroc": 0.88},
+            "vgg_seed2": {"mean_ba": 0.7, "mean_auroc": 0.8},
+        },
+        "methods": {
+            "xmark": {
+                "gamma": 0.5,
+                "suspects": {"suspect_seed1": suspect, "suspect_seed2": {**suspect, "mean_ba": 0.7}},
+                "ind_m": {"resnet18_seed1": _scenario(0.01, True), "vgg_seed2": _scenario(0.9, False)},
+            }
+        },
+    }
+    table1, table2 = tables(collected)
+    row = table1["rows"][1]
+    assert row["cells"]["BA"] == {"per_seed": [0.8, 0.7]} and "untrained trunk" in table1["notes"]
+    assert table1["rows"][0]["cells"]["BA"] == {"per_seed": [0.79, 0.7]}
+    cells = table2["rows"][0]["cells"]
+    assert cells["false accusations"] == {"value": "1 of 2"} and cells["Ind-M p"] == {"per_seed": [0.01, 0.9]}
+    assert cells["Malicious specific"] == {"value": "0 of 2"}
+    page = render_page(
+        [
+            {
+                "name": "t",
+                "title": "T",
+                "commit": "c",
+                "seeds": {"development": 0, "report": 1},
+                "wall_time_s": {},
+                "commands": [],
+                "tables": [table1, table2],
+                "reading": "r",
+            }
+        ]
+    )
+    assert "| xmark (γ 0.5) | 0.750 ± 0.071 (0.800, 0.700)" in page
+    words = plain_words(collected)
+    assert "xmark, Ind-M: 1 of 2 models trained on the clean data are verified - a false accusation." in words
+    assert any("WARNING: the control says" in line for line in words)

@@ -1,0 +1,123 @@
+"""A declared experiment (``configs/experiments/<name>.json``): data, recipes, methods and seeds, checked on load.
+
+Keys: ``name``, ``title``, ``description``; ``phantoms`` (``n``, ``min_size``, ``max_size``: the phantom set, made
+with ``seeds.data``); ``seeds`` (``data``: the phantom seed this run uses, ``development``: the phantom seed the
+settings were chosen on, ``suspects``: the malicious suspects' seeds); ``classifier`` (overrides of
+configs/train_classifier.json for the surrogates and suspects; ``image_size`` is also the query size); ``suspect``
+(extra overrides for suspects only); ``methods`` (name -> ``kind`` ``generator`` (configs/train.json plus
+``configs`` override files and ``settings``) or ``trigger`` (configs/trigger.json with ``settings``), ``gamma``,
+``decoy_fraction``, ``vet_key``, ``default``: false for a method that runs only when asked for); ``benign`` (a list
+of ``{"arch", "seeds"}``: models trained on the clean data); ``verification`` (overrides of configs/verify.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Experiment", "ExperimentError", "Method", "load_experiment"]
+
+KINDS = ("generator", "trigger")
+
+
+class ExperimentError(ValueError):
+    """A declaration that cannot be run; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {problem}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One watermarking method of an experiment and how its release is made."""
+
+    name: str
+    kind: str
+    configs: tuple[str, ...] = ()
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    gamma: float = 0.1
+    decoy_fraction: float = 0.0
+    vet_key: bool = False
+    default: bool = True
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A declared experiment (see the module docstring for the keys)."""
+
+    name: str
+    title: str
+    description: str
+    phantoms: Mapping[str, Any]
+    seeds: Mapping[str, Any]
+    classifier: Mapping[str, Any]
+    suspect: Mapping[str, Any]
+    methods: Mapping[str, Method]
+    benign: tuple[tuple[str, int], ...]
+    verification: Mapping[str, Any]
+    source: Path
+
+    @property
+    def data_seed(self) -> int:
+        return int(self.seeds["data"])
+
+    @property
+    def query_size(self) -> int:
+        return int(self.classifier.get("image_size", 224))
+
+    def only(self, methods: list[str] | None) -> Experiment:
+        """This experiment restricted to ``methods`` (names it declares; None: the methods run by default)."""
+        if methods is None:
+            methods = [name for name, method in self.methods.items() if method.default]
+        unknown = [m for m in methods if m not in self.methods]
+        if unknown:
+            raise ExperimentError(self.source, f"declares no method {unknown}; it has {sorted(self.methods)}")
+        return Experiment(**{**self.__dict__, "methods": {m: self.methods[m] for m in methods}})
+
+
+def load_experiment(path: str | os.PathLike) -> Experiment:
+    """Read and check a declaration; every problem is an :class:`ExperimentError` naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExperimentError(path, f"cannot be read as JSON ({err})") from err
+    required = ("name", "title", "phantoms", "seeds", "classifier", "methods", "benign")
+    missing = [key for key in required if key not in raw]
+    if missing:
+        raise ExperimentError(path, f"lacks {missing}")
+    if raw["name"] != path.stem:
+        raise ExperimentError(path, f"names experiment {raw['name']!r}; the file must be called {raw['name']}.json")
+    seeds = raw["seeds"]
+    if not {"data", "development", "suspects"} <= set(seeds) or not seeds["suspects"]:
+        raise ExperimentError(path, "seeds needs 'data', 'development' and a non-empty list 'suspects'")
+    methods = {}
+    for name, spec in raw["methods"].items():
+        if spec.get("kind") not in KINDS:
+            raise ExperimentError(path, f"method {name!r}: kind must be one of {KINDS}, got {spec.get('kind')!r}")
+        unknown = set(spec) - {"kind", "configs", "settings", "gamma", "decoy_fraction", "vet_key", "default"}
+        if unknown:
+            raise ExperimentError(path, f"method {name!r}: unknown keys {sorted(unknown)}")
+        methods[name] = Method(name=name, **{**spec, "configs": tuple(spec.get("configs", ()))})
+    if not methods:
+        raise ExperimentError(path, "declares no method")
+    benign = tuple((str(group["arch"]), int(seed)) for group in raw["benign"] for seed in group["seeds"])
+    if not benign:
+        raise ExperimentError(path, "needs at least one benign model (Ind-M)")
+    return Experiment(
+        name=raw["name"],
+        title=raw["title"],
+        description=raw.get("description", ""),
+        phantoms=raw["phantoms"],
+        seeds=seeds,
+        classifier=raw["classifier"],
+        suspect=raw.get("suspect", {}),
+        methods=methods,
+        benign=benign,
+        verification=raw.get("verification", {}),
+        source=path,
+    )

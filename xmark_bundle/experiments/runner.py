@@ -1,0 +1,207 @@
+"""Run a declared experiment as ``monai.bundle`` runs: data, surrogates, each method's watermarks and release,
+suspects, benign models, evaluations and the three verification scenarios, then collect what they measured.
+
+Layout under the output folder: ``phantoms/`` (the data and its datalist), ``models/surrogate``,
+``models/surrogate_independent`` (the independent owner's), ``models/benign/<arch>_seed<k>``, and per method
+``models/<method>/{watermark,watermark_independent,release_manifest.json,suspect_seed<k>}``,
+``release/<method>/`` and ``verification/<method>/<scenario>_<model>/``. Every stage is skipped when its output
+exists, so an interrupted run resumes; ``collected.json`` holds every number the tables are made of.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from xmark_bundle.experiments.plan import Experiment, Method
+from xmark_bundle.experiments.stages import Stages, bundle_cmd
+from xmark_bundle.fileio import write_json
+
+__all__ = ["INDEPENDENT_OFFSET", "run_experiment"]
+
+#: The independent owner's surrogate and watermark seeds are the data seed plus this offset (never a suspect's seed).
+INDEPENDENT_OFFSET = 1000
+CLASSIFIER = ["configs/train_classifier.json"]
+EVALUATE = CLASSIFIER + ["configs/evaluate_classifier.json"]
+
+
+class _Run:
+    """One run of ``experiment`` into ``out``."""
+
+    def __init__(self, experiment: Experiment, root: Path, out: Path) -> None:
+        self.x, self.root, self.out = experiment, root, out
+        self.stages = Stages(root, out, experiment.name)
+        self.phantoms, self.models = out / "phantoms", out / "models"
+        self.data = {"dataset_dir": self.phantoms, "datalist_file": self.phantoms / "datalist.json"}
+        self.eval_keys = {k: v for k, v in experiment.classifier.items() if k != "max_epochs"}
+
+    def make_data(self) -> None:
+        """The phantom set of the data seed and its datalist."""
+        p, seed, py = self.x.phantoms, self.x.data_seed, sys.executable
+        sizes = ["--min-size", str(p["min_size"]), "--max-size", str(p["max_size"]), "--valid-fraction", "0.25"]
+        cmd = [py, "scripts/make_phantoms.py", "--out", str(self.phantoms), "--n", str(p["n"]), "--seed", str(seed)]
+        self.stages.run("phantoms", [*cmd, *sizes, "--workers", "2"], self.phantoms / "valid.csv")
+        datalist = [py, "scripts/prepare_datalist.py", "--csv", str(self.phantoms / "train.csv"), "--test-csv"]
+        datalist += [str(self.phantoms / "valid.csv"), "--out", str(self.data["datalist_file"]), "--seed", str(seed)]
+        self.stages.run("datalist", datalist, self.data["datalist_file"])
+
+    def classifier(self, name: str, ckpt: Path, data_dir: Path, seed: int, evaluate: bool, **recipe: Any) -> Path:
+        """Train (and evaluate on the clean test split) a classifier on ``data_dir``; its checkpoint folder."""
+        data = {"dataset_dir": data_dir, "datalist_file": data_dir / "datalist.json"}
+        overrides = {**self.x.classifier, **recipe, **data}
+        cmd = bundle_cmd("training", CLASSIFIER, ckpt_dir=ckpt, seed=seed, **overrides)
+        self.stages.run(f"classifier '{name}'", cmd, ckpt / "training_info.json")
+        if evaluate:
+            keys = {**self.eval_keys, **{k: v for k, v in recipe.items() if k != "max_epochs"}}
+            cmd = bundle_cmd("run", EVALUATE, ckpt_dir=ckpt, **self.data, **keys)
+            self.stages.run(f"evaluation '{name}'", cmd, ckpt / "classification_report.json")
+        return ckpt
+
+    def watermark(self, method: Method, folder: Path, surrogate: Path, seed: int, vetting: bool) -> Path:
+        """Make ``method``'s watermark checkpoint in ``folder`` (a trained generator or a trigger)."""
+        name = f"{method.name} watermark '{folder.name}'"
+        common = {"ckpt_dir": folder, "seed": seed, **method.settings}
+        if method.kind == "trigger":
+            cmd = bundle_cmd("making", ["configs/trigger.json"], surrogate_ckpt=surrogate / "model.pt", **common)
+            self.stages.run(name, cmd, folder / "model.pt")
+            return folder / "model.pt"
+        key: dict[str, Any] = {}
+        if method.settings.get("key_cells"):
+            key = {"key_seed": self._vetted_key(method, folder, surrogate) if vetting else seed + 1}
+        unfinished = folder / "model.pt"  # left by an interrupted run: train.json refuses to overwrite a checkpoint
+        if unfinished.exists() and not (folder / "training_info.json").exists():
+            print(f"[{self.x.name}] removing {unfinished}: left by an interrupted run of this stage")
+            unfinished.unlink()
+        configs = ["configs/train.json", *method.configs]
+        overrides = {**self.data, **common, **key, "output_dir": folder / "logs"}
+        cmd = bundle_cmd("training", configs, surrogate_ckpt=surrogate / "model.pt", **overrides)
+        self.stages.run(name, cmd, folder / "training_info.json")
+        return folder / "model.pt"
+
+    def _vetted_key(self, method: Method, folder: Path, surrogate: Path) -> int:
+        """Our key seed, vetted against the surrogate (configs/vet_key.json)."""
+        vetting = folder.parent / "key_vetting.json"
+        vet = {k: method.settings[k] for k in ("image_size", "key_cells", "key_pattern", "key_magnitude")}
+        configs = ["configs/train.json", "configs/vet_key.json"]
+        cmd = bundle_cmd(
+            "vetting", configs, **self.data, surrogate_ckpt=surrogate / "model.pt", key_vetting_file=vetting
+        )
+        self.stages.run(f"{method.name} key vetting", [*cmd, "--seed", str(self.x.data_seed), *_flags(vet)], vetting)
+        return int(json.loads(vetting.read_text())["key_seed"])
+
+    def release(self, method: Method, checkpoint: Path) -> tuple[Path, Path]:
+        """The method's release of the phantoms and its private manifest."""
+        release, manifest = self.out / "release" / method.name, self.models / method.name / "release_manifest.json"
+        cmd = bundle_cmd(
+            "watermarking",
+            ["configs/watermark.json"],
+            **self.data,
+            release_dir=release,
+            manifest_file=manifest,
+            ckpt_path=checkpoint,
+            gamma=method.gamma,
+            decoy_fraction=method.decoy_fraction,
+            seed=self.x.data_seed,
+            progress=False,
+        )
+        self.stages.run(f"{method.name} release", cmd, manifest)
+        return release, manifest
+
+    def evaluate_suspect(self, method: str, suspect: Path, manifest: Path) -> dict[str, Any]:
+        """The suspect's clean-test accuracy, its WSR at its validation threshold and the release's quality."""
+        configs = EVALUATE + ["configs/evaluate.json"]
+        cmd = bundle_cmd("run", configs, ckpt_dir=suspect, release_manifest=manifest, **self.data, **self.eval_keys)
+        self.stages.run(f"{method} evaluation '{suspect.name}'", cmd, suspect / "evaluation.json")
+        return json.loads((suspect / "evaluation.json").read_text())
+
+    def verify(self, method: str, scenario: str, suspect: Path, watermark: Path) -> dict[str, Any]:
+        """Verify ``suspect`` with ``watermark`` (configs/verify.json); the numbers the tables need."""
+        folder = self.out / "verification" / method / f"{scenario}_{suspect.name}"
+        overrides = {**self.data, "suspect": suspect, "generator_ckpt": watermark, "output_dir": folder}
+        overrides |= {"query_size": self.x.query_size, "seed": self.x.data_seed, "progress": False}
+        cmd = bundle_cmd("verifying", ["configs/verify.json"], **{**overrides, **self.x.verification})
+        self.stages.run(f"{method} verification {scenario} '{suspect.name}'", cmd, folder / "verification.json")
+        report = json.loads((folder / "verification.json").read_text())
+        keep = ("p_value", "wilcoxon_p", "delta_p", "wsr", "verdict", "owned", "n", "control")
+        return {key: report.get(key) for key in keep} | {"report": str(folder / "verification.json")}
+
+
+def _flags(overrides: dict[str, Any]) -> list[str]:
+    """``--key value`` pairs for a command line."""
+    return [part for key, value in overrides.items() for part in (f"--{key}", str(value))]
+
+
+def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, Any]:
+    """Run (or resume) every stage of ``experiment`` under ``out``; write and return ``collected.json``."""
+    run, x = _Run(experiment, root, out), experiment
+    run.make_data()
+    seed = x.data_seed
+    surrogate = run.classifier("surrogate", run.models / "surrogate", run.phantoms, seed, evaluate=True)
+    independent_surrogate = run.classifier(
+        "surrogate_independent", run.models / "surrogate_independent", run.phantoms, seed + INDEPENDENT_OFFSET, False
+    )
+    collected: dict[str, Any] = {
+        "experiment": x.name,
+        "seeds": dict(x.seeds),
+        "surrogate": _report(surrogate),
+        "benign": {},
+        "methods": {},
+    }
+    benign_models = []
+    for arch, benign_seed in x.benign:
+        folder = run.models / "benign" / f"{arch}_seed{benign_seed}"
+        run.classifier(folder.name, folder, run.phantoms, benign_seed, evaluate=True, arch=arch, **x.suspect)
+        benign_models.append(folder)
+        collected["benign"][folder.name] = {"arch": arch, "seed": benign_seed, **_report(folder)}
+    for method in x.methods.values():
+        folder = run.models / method.name
+        ours = run.watermark(method, folder / "watermark", surrogate, seed, vetting=method.vet_key)
+        other = run.watermark(
+            method, folder / "watermark_independent", independent_surrogate, seed + INDEPENDENT_OFFSET, False
+        )
+        release, manifest = run.release(method, ours)
+        entry: dict[str, Any] = {"kind": method.kind, "gamma": method.gamma, "suspects": {}, "ind_m": {}}
+        entry["release"] = _release_summary(manifest)
+        for suspect_seed in x.seeds["suspects"]:
+            suspect = run.classifier(
+                f"{method.name} suspect seed {suspect_seed}",
+                folder / f"suspect_seed{suspect_seed}",
+                release,
+                suspect_seed,
+                evaluate=False,
+                **x.suspect,
+            )
+            evaluation = run.evaluate_suspect(method.name, suspect, manifest)
+            entry["suspects"][suspect.name] = {
+                "seed": suspect_seed,
+                "mean_ba": evaluation["mean_ba"],
+                "mean_auroc": evaluation["mean_auroc"],
+                "wsr_at_validation_threshold": evaluation["wsr"],
+                "release_quality": {k: v for k, v in evaluation["release_quality"].items() if k != "files"},
+                "lpips_backbone": evaluation.get("lpips_backbone"),
+                "malicious": run.verify(method.name, "malicious", suspect, ours),
+                "ind_w": run.verify(method.name, "ind_w", suspect, other),
+            }
+        for benign in benign_models:
+            entry["ind_m"][benign.name] = run.verify(method.name, "ind_m", benign, ours)
+        collected["methods"][method.name] = entry
+    collected["stage_times_s"] = dict(run.stages.times)
+    write_json(out / "collected.json", collected)
+    return collected
+
+
+def _report(ckpt: Path) -> dict[str, Any]:
+    """BA and AUROC of a classifier's clean test evaluation (empty when it was not evaluated)."""
+    path = ckpt / "classification_report.json"
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    return {"mean_ba": report["mean_ba"], "mean_auroc": report["mean_auroc"]}
+
+
+def _release_summary(manifest: Path) -> dict[str, Any]:
+    """What the release marked and whether every file kept the budget."""
+    m = json.loads(manifest.read_text())
+    return {"counts": m["counts"], "max_abs_change01": m["max_abs_change01"], "budget_ok": m["budget_ok"]}
