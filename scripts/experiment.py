@@ -17,7 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # make `xmark_bundle` importable when run as a script
 
-from xmark_bundle.experiments import ExperimentError, load_experiment, plain_words, run_experiment, tables  # noqa: E402
+from xmark_bundle.experiments import (  # noqa: E402
+    Experiment,
+    ExperimentError,
+    load_experiment,
+    plain_words,
+    run_experiment,
+    tables,
+)
 from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results  # noqa: E402
 from xmark_bundle.experiments.stages import StageFailed  # noqa: E402
 from xmark_bundle.fileio import write_json  # noqa: E402
@@ -52,6 +59,34 @@ def _print_summary(collected: dict, out: Path) -> None:
     print(f"\n  every number: {out / 'collected.json'}; reports under {out / 'verification'}")
 
 
+def publish(experiment: Experiment, collected: dict, argv: list[str]) -> None:
+    """Write docs/experiments/<name>/results.json for each published part of the experiment, then the page."""
+    all_tables = tables(collected)
+    parts = experiment.publish or {experiment.name: tuple(range(len(all_tables)))}
+    for name, indexes in parts.items():
+        folder = ROOT / "docs" / "experiments" / name
+        results = {
+            "format": RESULTS_FORMAT,
+            "name": name,
+            "title": f"{experiment.title}: {', '.join(all_tables[i]['title'].split(':')[0] for i in indexes)}",
+            "description": experiment.description,
+            "commands": [shlex.join(["python", "scripts/experiment.py", *argv])],
+            "commit": _commit(),
+            "seeds": {
+                "development": int(experiment.seeds["development"]),
+                "report": experiment.data_seed,
+                "suspects": list(experiment.seeds["suspects"]),
+            },
+            "wall_time_s": {"all stages": round(sum(collected["stage_times_s"].values()), 1)},
+            "tables": [all_tables[i] for i in indexes],
+            "figures": [],
+            "reading": "(not yet written: the tables are new)",
+        }
+        write_json(folder / "results.json", results)
+        load_results(folder / "results.json")
+    subprocess.run([sys.executable, "scripts/experiments_page.py"], cwd=ROOT, check=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,27 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n[{args.name}] finished in {minutes:.1f} min (stages already done were skipped)")
     _print_summary(collected, out)
     if args.publish:
-        folder = ROOT / "docs" / "experiments" / args.name
-        results = {
-            "format": RESULTS_FORMAT,
-            "name": args.name,
-            "title": experiment.title,
-            "description": experiment.description,
-            "commands": [shlex.join(["python", "scripts/experiment.py", *(argv or sys.argv[1:])])],
-            "commit": _commit(),
-            "seeds": {
-                "development": int(experiment.seeds["development"]),
-                "report": experiment.data_seed,
-                "suspects": list(experiment.seeds["suspects"]),
-            },
-            "wall_time_s": {"all stages": round(sum(collected["stage_times_s"].values()), 1)},
-            "tables": tables(collected),
-            "figures": [],
-            "reading": "to be written from the tables above",
-        }
-        write_json(folder / "results.json", results)
-        load_results(folder / "results.json")
-        subprocess.run([sys.executable, "scripts/experiments_page.py"], cwd=ROOT, check=True)
+        publish(experiment, collected, argv or sys.argv[1:])
     return 0
 
 

@@ -7,7 +7,9 @@ configs/train_classifier.json for the surrogates and suspects; ``image_size`` is
 (extra overrides for suspects only); ``methods`` (name -> ``kind`` ``generator`` (configs/train.json plus
 ``configs`` override files and ``settings``) or ``trigger`` (configs/trigger.json with ``settings``), ``gamma``,
 ``decoy_fraction``, ``vet_key``, ``default``: false for a method that runs only when asked for); ``benign`` (a list
-of ``{"arch", "seeds"}``: models trained on the clean data); ``verification`` (overrides of configs/verify.json).
+of ``{"arch", "seeds"}``: models trained on the clean data); ``verification`` (overrides of configs/verify.json);
+``publish`` (optional: results name -> indexes of the tables it holds; default: one results.json named like the
+experiment with every table).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Experiment:
     benign: tuple[tuple[str, int], ...]
     verification: Mapping[str, Any]
     source: Path
+    publish: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def data_seed(self) -> int:
@@ -120,4 +123,5 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         benign=benign,
         verification=raw.get("verification", {}),
         source=path,
+        publish={name: tuple(int(i) for i in indexes) for name, indexes in raw.get("publish", {}).items()},
     )

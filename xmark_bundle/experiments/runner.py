@@ -36,6 +36,11 @@ class _Run:
         self.phantoms, self.models = out / "phantoms", out / "models"
         self.data = {"dataset_dir": self.phantoms, "datalist_file": self.phantoms / "datalist.json"}
         self.eval_keys = {k: v for k, v in experiment.classifier.items() if k != "max_epochs"}
+        # the surrogate sees images at the size it was trained at (train.json and trigger.json default to 224 px)
+        self.surrogate_keys = {
+            "surrogate_size": experiment.query_size,
+            "surrogate_arch": experiment.classifier.get("arch", "resnet18"),
+        }
 
     def make_data(self) -> None:
         """The phantom set of the data seed and its datalist."""
@@ -62,9 +67,10 @@ class _Run:
     def watermark(self, method: Method, folder: Path, surrogate: Path, seed: int, vetting: bool) -> Path:
         """Make ``method``'s watermark checkpoint in ``folder`` (a trained generator or a trigger)."""
         name = f"{method.name} watermark '{folder.name}'"
-        common = {"ckpt_dir": folder, "seed": seed, **method.settings}
+        common = {"ckpt_dir": folder, "seed": seed, **self.surrogate_keys, **method.settings}
         if method.kind == "trigger":
-            cmd = bundle_cmd("making", ["configs/trigger.json"], surrogate_ckpt=surrogate / "model.pt", **common)
+            trigger = {"method": method.name, **common}
+            cmd = bundle_cmd("making", ["configs/trigger.json"], surrogate_ckpt=surrogate / "model.pt", **trigger)
             self.stages.run(name, cmd, folder / "model.pt")
             return folder / "model.pt"
         key: dict[str, Any] = {}
@@ -84,6 +90,7 @@ class _Run:
         """Our key seed, vetted against the surrogate (configs/vet_key.json)."""
         vetting = folder.parent / "key_vetting.json"
         vet = {k: method.settings[k] for k in ("image_size", "key_cells", "key_pattern", "key_magnitude")}
+        vet |= self.surrogate_keys
         configs = ["configs/train.json", "configs/vet_key.json"]
         cmd = bundle_cmd(
             "vetting", configs, **self.data, surrogate_ckpt=surrogate / "model.pt", key_vetting_file=vetting
