@@ -1,7 +1,9 @@
 """Image quality of a watermarked release against its source: PSNR, SSIM and LPIPS per marked file.
 
 PSNR and SSIM are computed at full resolution in [0, 1] intensity (the stored values through each file's own
-mapping); LPIPS, a network metric, on both images letterboxed to ``lpips_size`` (1024 px by default).
+mapping) and, with ``model_size``, on both images resized as a model of that input size sees them (the letterbox's
+content, without its padding, which would count as unchanged pixels); LPIPS, a network metric, on both images
+letterboxed to ``lpips_size`` (1024 px by default).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ def release_quality(
     release_dir: str | os.PathLike,
     lpips: nn.Module,
     lpips_size: int = 1024,
+    model_size: int | None = None,
 ) -> dict[str, Any]:
-    """Mean/max PSNR, SSIM, LPIPS and max |release - source| over ``relative_paths`` (the marked files)."""
+    """Mean/max PSNR, SSIM (also at ``model_size``: ``psnr_model``, ``ssim_model``), LPIPS and max |release - source|
+    over ``relative_paths`` (the marked files)."""
     if not relative_paths:
         raise ValueError("no marked files to compare: the release manifest lists none")
     psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=2, data_range=1.0)
@@ -45,18 +49,26 @@ def release_quality(
         geometry = letterbox_geometry(src.shape, lpips_size)
         small = [letterbox(t[0], geometry)[None].to(device) for t in (a, b)]
         with torch.no_grad():
-            rows.append(
-                {
-                    "path": rel,
-                    "psnr": min(float(psnr(b, a).mean()), PSNR_CAP),
-                    "ssim": float(ssim(b, a).mean()),
-                    "lpips": float(lpips(small[1], small[0]).mean()),
-                    "max_abs_change": float(np.abs(rel_img - src).max()),
-                }
-            )
+            row = {
+                "path": rel,
+                "psnr": min(float(psnr(b, a).mean()), PSNR_CAP),
+                "ssim": float(ssim(b, a).mean()),
+                "lpips": float(lpips(small[1], small[0]).mean()),
+                "max_abs_change": float(np.abs(rel_img - src).max()),
+            }
+            if model_size is not None:
+                content = letterbox_geometry(src.shape, model_size)
+                top, bottom, left, right = content["pad"]
+                seen = [
+                    letterbox(t, content)[..., top : model_size - bottom, left : model_size - right] for t in (a, b)
+                ]
+                row["psnr_model"] = min(float(psnr(seen[1], seen[0]).mean()), PSNR_CAP)
+                row["ssim_model"] = float(ssim(seen[1], seen[0]).mean())
+        rows.append(row)
+    keys = ["psnr", "ssim", "lpips", "max_abs_change"] + (["psnr_model", "ssim_model"] if model_size else [])
     summary = {
         f"{stat}_{key}": float(fn([r[key] for r in rows]))
-        for key in ("psnr", "ssim", "lpips", "max_abs_change")
+        for key in keys
         for stat, fn in (("mean", np.mean), ("max", np.max))
     }
-    return {**summary, "n_files": len(rows), "lpips_size": lpips_size, "files": rows}
+    return {**summary, "n_files": len(rows), "lpips_size": lpips_size, "model_size": model_size, "files": rows}

@@ -90,7 +90,7 @@ class _Run:
         """Our key seed, vetted against the surrogate (configs/vet_key.json)."""
         vetting = folder.parent / "key_vetting.json"
         vet = {k: method.settings[k] for k in ("image_size", "key_cells", "key_pattern", "key_magnitude")}
-        vet |= self.surrogate_keys
+        vet |= {**self.surrogate_keys, "query_size": self.x.query_size}
         configs = ["configs/train.json", "configs/vet_key.json"]
         cmd = bundle_cmd(
             "vetting", configs, **self.data, surrogate_ckpt=surrogate / "model.pt", key_vetting_file=vetting

@@ -1,0 +1,28 @@
+"""Release quality against the source: PSNR/SSIM at full resolution and as the model sees the image (no padding)."""
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xmark_bundle.data.xray_io import load_xray
+from xmark_bundle.engines.quality import release_quality
+from xmark_bundle.losses.watermark import LPIPSLoss
+
+
+def test_a_uniform_change_has_the_same_psnr_at_full_and_at_model_resolution(tmp_path):
+    rows, cols = np.meshgrid(np.linspace(0, 1, 300), np.linspace(0, 1, 200), indexing="ij")
+    source = np.round((0.3 + 0.4 * rows * cols) * 65535).astype(np.uint16)
+    for folder, image in (("src", source), ("rel", source + 655)):  # +655 grey levels everywhere: 0.01 in [0, 1]
+        (tmp_path / folder).mkdir()
+        Image.fromarray(image).save(tmp_path / folder / "a.png")
+    a, b = (load_xray(tmp_path / f / "a.png")[0].astype(np.float64) for f in ("src", "rel"))
+    expected = -10 * math.log10(np.mean((b - a) ** 2))
+    quality = release_quality(["a.png"], tmp_path / "src", tmp_path / "rel", LPIPSLoss(reduction="none"), 256, 64)
+    assert quality["mean_psnr"] == pytest.approx(expected, abs=0.01) and quality["model_size"] == 64
+    # the letterbox's padding (21 of 64 columns here) would count as unchanged pixels and add 1.7 dB
+    assert quality["mean_psnr_model"] == pytest.approx(expected, abs=0.1)
+    assert quality["mean_ssim_model"] > 0.99 and quality["files"][0]["ssim_model"] == quality["mean_ssim_model"]
+    without = release_quality(["a.png"], tmp_path / "src", tmp_path / "rel", LPIPSLoss(reduction="none"), 256)
+    assert "mean_psnr_model" not in without and without["mean_psnr"] == quality["mean_psnr"]
