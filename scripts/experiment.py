@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from xmark_bundle.experiments import (  # noqa: E402
     tables,
 )
 from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results  # noqa: E402
+from xmark_bundle.experiments.runner import FIGURE  # noqa: E402
 from xmark_bundle.experiments.stages import StageFailed  # noqa: E402
 from xmark_bundle.fileio import write_json  # noqa: E402
 
@@ -56,10 +58,10 @@ def _print_summary(collected: dict, out: Path) -> None:
     print()
     for line in plain_words(collected):
         print(f"  {line}")
-    print(f"\n  every number: {out / 'collected.json'}; reports under {out / 'verification'}")
+    print(f"\n  every number: {out / 'collected.json'}; figure: {out / FIGURE}; reports under {out / 'verification'}")
 
 
-def publish(experiment: Experiment, collected: dict, argv: list[str]) -> None:
+def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str]) -> None:
     """Write docs/experiments/<name>/results.json for each published part of the experiment, then the page."""
     all_tables = tables(collected)
     parts = experiment.publish or {experiment.name: tuple(range(len(all_tables)))}
@@ -79,9 +81,12 @@ def publish(experiment: Experiment, collected: dict, argv: list[str]) -> None:
             },
             "wall_time_s": {"all stages": round(sum(collected["stage_times_s"].values()), 1)},
             "tables": [all_tables[i] for i in indexes],
-            "figures": [],
+            "figures": [FIGURE] if 1 in indexes else [],
             "reading": "(not yet written: the tables are new)",
         }
+        if 1 in indexes:  # the figure shows Table 2's scenarios
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / FIGURE, folder / FIGURE)
         write_json(folder / "results.json", results)
         load_results(folder / "results.json")
     subprocess.run([sys.executable, "scripts/experiments_page.py"], cwd=ROOT, check=True)
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n[{args.name}] finished in {minutes:.1f} min (stages already done were skipped)")
     _print_summary(collected, out)
     if args.publish:
-        publish(experiment, collected, argv or sys.argv[1:])
+        publish(experiment, collected, out, argv or sys.argv[1:])
     return 0
 
 

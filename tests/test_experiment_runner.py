@@ -34,6 +34,7 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     manifest = json.loads((out / "models/xmark/release_manifest.json").read_text())
     assert manifest["method"] == "xmark" and manifest["marked"] and manifest["budget_ok"] and not manifest["decoys"]
     assert 0 <= suspect["mean_ba"] <= 1 and suspect["release_quality"]["n_files"] == len(manifest["marked"])
+    assert (out / "scenarios.png").stat().st_size > 0
     stages = first.stdout.count(": done in ")
     assert stages == len(collected["stage_times_s"]) == 15, first.stdout[-2000:]
     assert "xmark, Ind-W (suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout

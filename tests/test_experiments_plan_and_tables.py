@@ -4,9 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from scipy import stats
 
 from xmark_bundle.experiments import ExperimentError, false_accusations, load_experiment, plain_words, tables
+from xmark_bundle.experiments.figures import save_scenarios_figure
 from xmark_bundle.experiments.page import render_page
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +64,7 @@ def _scenario(p: float, owned: bool, specific: bool = False) -> dict:
     }
 
 
-def test_tables_hold_every_seed_and_every_benign_model_and_render():
+def test_tables_hold_every_seed_and_every_benign_model_and_render(tmp_path):
     suspect = {
         "mean_ba": 0.8,
         "mean_auroc": 0.9,
@@ -107,6 +109,9 @@ def test_tables_hold_every_seed_and_every_benign_model_and_render():
         ]
     )
     assert "| xmark (γ 0.5) | 0.750 ± 0.071 (0.800, 0.700)" in page
+    save_scenarios_figure(collected, tmp_path / "scenarios.png")
+    with Image.open(tmp_path / "scenarios.png") as figure:
+        assert figure.format == "PNG" and figure.size[0] > 300
     words = plain_words(collected)
     assert "xmark, Ind-M: 1 of 2 models trained on the clean data are verified - a false accusation." in words
     assert any("WARNING: the control says" in line for line in words)

@@ -5,7 +5,8 @@ Layout under the output folder: ``phantoms/`` (the data and its datalist), ``mod
 ``models/surrogate_independent`` (the independent owner's), ``models/benign/<arch>_seed<k>``, and per method
 ``models/<method>/{watermark,watermark_independent,release_manifest.json,suspect_seed<k>}``,
 ``release/<method>/`` and ``verification/<method>/<scenario>_<model>/``. Every stage is skipped when its output
-exists, so an interrupted run resumes; ``collected.json`` holds every number the tables are made of.
+exists, so an interrupted run resumes; ``collected.json`` holds every number the tables are made of and
+``scenarios.png`` shows the verifications (:mod:`~xmark_bundle.experiments.figures`).
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xmark_bundle.experiments.figures import save_scenarios_figure
 from xmark_bundle.experiments.plan import Experiment, Method
 from xmark_bundle.experiments.stages import Stages, bundle_cmd
 from xmark_bundle.fileio import write_json
 
-__all__ = ["INDEPENDENT_OFFSET", "run_experiment"]
+__all__ = ["FIGURE", "INDEPENDENT_OFFSET", "run_experiment"]
 
 #: The independent owner's surrogate and watermark seeds are the data seed plus this offset (never a suspect's seed).
 INDEPENDENT_OFFSET = 1000
+#: The scenarios figure beside collected.json (and in a published results folder).
+FIGURE = "scenarios.png"
 CLASSIFIER = ["configs/train_classifier.json"]
 EVALUATE = CLASSIFIER + ["configs/evaluate_classifier.json"]
 
@@ -196,6 +200,7 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         collected["methods"][method.name] = entry
     collected["stage_times_s"] = dict(run.stages.times)
     write_json(out / "collected.json", collected)
+    save_scenarios_figure(collected, out / FIGURE)
     return collected
 
 
