@@ -115,3 +115,29 @@ def test_tables_hold_every_seed_and_every_benign_model_and_render(tmp_path):
     words = plain_words(collected)
     assert "xmark, Ind-M: 1 of 2 models trained on the clean data are verified - a false accusation." in words
     assert any("WARNING: the control says" in line for line in words)
+
+
+def test_suspect_variants_get_rows_of_their_own_and_ind_m_is_counted_once():
+    suspect = {
+        "mean_ba": 0.8,
+        "mean_auroc": 0.9,
+        "wsr_at_validation_threshold": {"value": 0.95, "clean_positive_rate": 0.06},
+        "release_quality": {"mean_psnr": 30.0, "mean_ssim": 0.9, "mean_lpips": 0.01},
+        "malicious": _scenario(1e-5, True),
+        "ind_w": _scenario(0.5, False),
+    }
+    method = {
+        "gamma": 0.1,
+        "suspects": {
+            "suspect_seed1": {**suspect, "variant": ""},
+            "suspect_vgg_seed1": {**suspect, "variant": "vgg", "mean_ba": 0.6},
+            "suspect_vgg_seed2": {**suspect, "variant": "vgg", "mean_ba": 0.7},
+        },
+        "ind_m": {"b1": _scenario(0.9, False)},
+    }
+    table1, table2 = tables({"benign": {"b1": {"mean_ba": 0.8, "mean_auroc": 0.9}}, "methods": {"badnets": method}})
+    assert [row["label"] for row in table1["rows"][1:]] == ["badnets (γ 0.1)", "badnets, vgg suspects (γ 0.1)"]
+    assert table1["rows"][2]["cells"]["BA"] == {"per_seed": [0.6, 0.7]}
+    first, second = table2["rows"]
+    assert first["cells"]["false accusations"] == {"value": "0 of 1"} and "false accusations" not in second["cells"]
+    assert second["cells"]["Malicious specific"] == {"value": "0 of 2"}

@@ -37,11 +37,24 @@ def test_unconditioned_xmark_is_monai_residual_unet():
     net.load_state_dict({**dict(zip(ours, theirs.values(), strict=True)), **{b: getattr(net, b) for b in buffers}})
     x, _ = _images()
     with torch.no_grad():
-        torch.testing.assert_close(net(x), bounded_perturbation(x, unet(x), DEFAULT_EPS), rtol=0, atol=1e-6)
+        expected = torch.clamp(x + DEFAULT_EPS * torch.tanh(unet(x)) * (x > 0), 0, 1)  # the paper's head, written out
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(bounded_perturbation(x, unet(x), DEFAULT_EPS), expected, rtol=0, atol=1e-6)
 
 
 def test_ssclbw_is_monai_basic_unet():
-    assert _param_count(SSCLBWGenerator(FEATURES)) == _param_count(BasicUNet(2, 1, 1, FEATURES))
+    torch.manual_seed(0)
+    net, unet = SSCLBWGenerator(FEATURES).eval(), BasicUNet(2, 1, 1, FEATURES).eval()
+    buffers = ("budget", "key", "magnitude_offset")
+    ours = {k: v for k, v in net.state_dict().items() if k not in buffers}
+    assert [v.shape for v in ours.values()] == [v.shape for v in unet.state_dict().values()]
+    net.load_state_dict(
+        {**dict(zip(ours, unet.state_dict().values(), strict=True)), **{b: getattr(net, b) for b in buffers}}
+    )
+    x, _ = _images()
+    with torch.no_grad():
+        expected = torch.clamp(x + DEFAULT_EPS * torch.tanh(unet(x)) * (x > 0), 0, 1)
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("make", [lambda: XMarkGenerator(CHANNELS), lambda: SSCLBWGenerator(FEATURES)])

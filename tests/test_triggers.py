@@ -51,6 +51,20 @@ def test_trigger_changes_only_content_within_its_budget_and_depends_on_its_seed(
         trigger(torch.rand(1, 1, SIZE // 2, SIZE // 2))
 
 
+def test_blended_and_wanet_follow_their_definitions():
+    image = _letterboxed()
+    blended = make_trigger("blended", image_size=SIZE, seed=2, alpha=0.2)
+    content = image > 0
+    expected = image + 0.2 * (blended.pattern - image)
+    torch.testing.assert_close(blended(image)[content], expected[content], rtol=0, atol=1e-6)
+    # bilinear sampling is exact on a linear image: a horizontal ramp reads back the field's x coordinate
+    wanet = make_trigger("wanet", image_size=SIZE, seed=2)
+    ramp = (0.2 + 0.6 * torch.linspace(0, 1, SIZE)).expand(1, 1, SIZE, SIZE).contiguous()
+    torch.testing.assert_close(wanet(ramp)[0, 0], 0.2 + 0.6 * (wanet.grid[0, ..., 0] + 1) / 2, rtol=0, atol=1e-5)
+    moved = (wanet.grid[0, ..., 0] - torch.linspace(-1, 1, SIZE)[None, :]).abs() * (SIZE - 1) / 2  # in pixels
+    assert 0.05 < float(moved.mean()) < 1.0  # the paper's subtle warp: under a pixel on average
+
+
 def test_badnets_patch_sits_in_the_content_corner_and_survives_downscaling():
     image = _letterboxed(1)
     trigger = BadNetsTrigger(image_size=SIZE, patch_fraction=1 / 8)

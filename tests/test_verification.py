@@ -162,6 +162,9 @@ def test_verify_ownership_writes_the_report(setup, tmp_path, capsys):
     assert written["delta_p"] == pytest.approx(np.mean(pv - pb))
     assert written["wsr"] == pytest.approx(np.mean(pv >= 0.5))
     assert written["owned"] and written["p_value"] < 0.01 and written["wsr"] == 1.0 and written["delta_p"] > 0.5
+    # the p-values from their textbook definitions (scipy), on the report's own samples
+    assert written["p_value"] == pytest.approx(stats.ttest_rel(pb + 0.25, pv, alternative="less").pvalue, rel=1e-9)
+    assert written["wilcoxon_p"] == pytest.approx(stats.wilcoxon(pv - pb - 0.25, alternative="greater").pvalue)
     with Image.open(tmp_path / "a" / "verification.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 800
     out = capsys.readouterr().out.strip().splitlines()

@@ -4,12 +4,14 @@ Keys: ``name``, ``title``, ``description``; ``phantoms`` (``n``, ``min_size``, `
 with ``seeds.data``); ``seeds`` (``data``: the phantom seed this run uses, ``development``: the phantom seed the
 settings were chosen on, ``suspects``: the malicious suspects' seeds); ``classifier`` (overrides of
 configs/train_classifier.json for the surrogates and suspects; ``image_size`` is also the query size); ``suspect``
-(extra overrides for suspects only); ``methods`` (name -> ``kind`` ``generator`` (configs/train.json plus
-``configs`` override files and ``settings``) or ``trigger`` (configs/trigger.json with ``settings``), ``gamma``,
-``decoy_fraction``, ``vet_key``, ``default``: false for a method that runs only when asked for); ``benign`` (a list
-of ``{"arch", "seeds"}``: models trained on the clean data); ``verification`` (overrides of configs/verify.json);
-``publish`` (optional: results name -> indexes of the tables it holds; default: one results.json named like the
-experiment with every table).
+(extra overrides for suspects only); ``suspect_variants`` (optional: name -> overrides of one kind of malicious
+suspect, e.g. another ``arch`` or ``image_size``; each is trained for every suspect seed and queried at its own
+size); ``methods`` (name -> ``kind`` ``generator`` (configs/train.json plus ``configs`` override files and
+``settings``) or ``trigger`` (configs/trigger.json with ``settings``), ``gamma``, ``decoy_fraction``, ``vet_key``,
+``default``: false for a method that runs only when asked for); ``benign`` (a list of ``{"arch", "seeds",
+"overrides"}``: models trained on the clean data, ``overrides`` optional); ``verification`` (overrides of
+configs/verify.json); ``publish`` (optional: results name -> indexes of the tables it holds; default: one
+results.json named like the experiment with every table).
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ class Experiment:
     classifier: Mapping[str, Any]
     suspect: Mapping[str, Any]
     methods: Mapping[str, Method]
-    benign: tuple[tuple[str, int], ...]
+    benign: tuple[tuple[str, int, Mapping[str, Any]], ...]
     verification: Mapping[str, Any]
     source: Path
     publish: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    suspect_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"": {}})
 
     @property
     def data_seed(self) -> int:
@@ -108,9 +111,15 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         methods[name] = Method(name=name, **{**spec, "configs": tuple(spec.get("configs", ()))})
     if not methods:
         raise ExperimentError(path, "declares no method")
-    benign = tuple((str(group["arch"]), int(seed)) for group in raw["benign"] for seed in group["seeds"])
+    benign = tuple(
+        (str(group["arch"]), int(seed), dict(group.get("overrides", {})))
+        for group in raw["benign"]
+        for seed in group["seeds"]
+    )
     if not benign:
         raise ExperimentError(path, "needs at least one benign model (Ind-M)")
+    if not raw.get("suspect_variants", {"": {}}):
+        raise ExperimentError(path, "suspect_variants, when given, names at least one kind of suspect")
     return Experiment(
         name=raw["name"],
         title=raw["title"],
@@ -124,4 +133,5 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         verification=raw.get("verification", {}),
         source=path,
         publish={name: tuple(int(i) for i in indexes) for name, indexes in raw.get("publish", {}).items()},
+        suspect_variants=raw.get("suspect_variants", {"": {}}),
     )

@@ -120,18 +120,20 @@ class _Run:
         self.stages.run(f"{method.name} release", cmd, manifest)
         return release, manifest
 
-    def evaluate_suspect(self, method: str, suspect: Path, manifest: Path) -> dict[str, Any]:
+    def evaluate_suspect(self, method: str, suspect: Path, manifest: Path, **recipe: Any) -> dict[str, Any]:
         """The suspect's clean-test accuracy, its WSR at its validation threshold and the release's quality."""
         configs = EVALUATE + ["configs/evaluate.json"]
-        cmd = bundle_cmd("run", configs, ckpt_dir=suspect, release_manifest=manifest, **self.data, **self.eval_keys)
+        keys = {**self.eval_keys, **{k: v for k, v in recipe.items() if k != "max_epochs"}}
+        cmd = bundle_cmd("run", configs, ckpt_dir=suspect, release_manifest=manifest, **self.data, **keys)
         self.stages.run(f"{method} evaluation '{suspect.name}'", cmd, suspect / "evaluation.json")
         return json.loads((suspect / "evaluation.json").read_text())
 
-    def verify(self, method: str, scenario: str, suspect: Path, watermark: Path) -> dict[str, Any]:
-        """Verify ``suspect`` with ``watermark`` (configs/verify.json); the numbers the tables need."""
+    def verify(self, method: str, scenario: str, suspect: Path, watermark: Path, query_size: int) -> dict[str, Any]:
+        """Verify ``suspect`` (queried at ``query_size``) with ``watermark`` (configs/verify.json); the numbers the
+        tables need."""
         folder = self.out / "verification" / method / f"{scenario}_{suspect.name}"
         overrides = {**self.data, "suspect": suspect, "generator_ckpt": watermark, "output_dir": folder}
-        overrides |= {"query_size": self.x.query_size, "seed": self.x.data_seed, "progress": False}
+        overrides |= {"query_size": query_size, "seed": self.x.data_seed, "progress": False}
         cmd = bundle_cmd("verifying", ["configs/verify.json"], **{**overrides, **self.x.verification})
         self.stages.run(f"{method} verification {scenario} '{suspect.name}'", cmd, folder / "verification.json")
         report = json.loads((folder / "verification.json").read_text())
@@ -161,11 +163,14 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         "methods": {},
     }
     benign_models = []
-    for arch, benign_seed in x.benign:
-        folder = run.models / "benign" / f"{arch}_seed{benign_seed}"
-        run.classifier(folder.name, folder, run.phantoms, benign_seed, evaluate=True, arch=arch, **x.suspect)
-        benign_models.append(folder)
-        collected["benign"][folder.name] = {"arch": arch, "seed": benign_seed, **_report(folder)}
+    for arch, benign_seed, overrides in x.benign:
+        size = overrides.get("image_size")
+        name = f"{arch}_seed{benign_seed}" if size is None else f"{arch}_{size}px_seed{benign_seed}"
+        folder = run.models / "benign" / name
+        recipe = {**x.suspect, "arch": arch, **overrides}
+        run.classifier(folder.name, folder, run.phantoms, benign_seed, evaluate=True, **recipe)
+        benign_models.append((folder, recipe.get("image_size", x.query_size)))
+        collected["benign"][folder.name] = {"arch": arch, "seed": benign_seed, **overrides, **_report(folder)}
     for method in x.methods.values():
         folder = run.models / method.name
         ours = run.watermark(method, folder / "watermark", surrogate, seed, vetting=method.vet_key)
@@ -175,28 +180,27 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         release, manifest = run.release(method, ours)
         entry: dict[str, Any] = {"kind": method.kind, "gamma": method.gamma, "suspects": {}, "ind_m": {}}
         entry["release"] = _release_summary(manifest)
-        for suspect_seed in x.seeds["suspects"]:
-            suspect = run.classifier(
-                f"{method.name} suspect seed {suspect_seed}",
-                folder / f"suspect_seed{suspect_seed}",
-                release,
-                suspect_seed,
-                evaluate=False,
-                **x.suspect,
-            )
-            evaluation = run.evaluate_suspect(method.name, suspect, manifest)
-            entry["suspects"][suspect.name] = {
-                "seed": suspect_seed,
-                "mean_ba": evaluation["mean_ba"],
-                "mean_auroc": evaluation["mean_auroc"],
-                "wsr_at_validation_threshold": evaluation["wsr"],
-                "release_quality": {k: v for k, v in evaluation["release_quality"].items() if k != "files"},
-                "lpips_backbone": evaluation.get("lpips_backbone"),
-                "malicious": run.verify(method.name, "malicious", suspect, ours),
-                "ind_w": run.verify(method.name, "ind_w", suspect, other),
-            }
-        for benign in benign_models:
-            entry["ind_m"][benign.name] = run.verify(method.name, "ind_m", benign, ours)
+        for variant, overrides in x.suspect_variants.items():
+            recipe = {**x.suspect, **overrides}
+            query_size = int(recipe.get("image_size", x.query_size))
+            for suspect_seed in x.seeds["suspects"]:
+                name = f"suspect_seed{suspect_seed}" if not variant else f"suspect_{variant}_seed{suspect_seed}"
+                label = f"{method.name} suspect {variant + ' ' if variant else ''}seed {suspect_seed}"
+                suspect = run.classifier(label, folder / name, release, suspect_seed, evaluate=False, **recipe)
+                evaluation = run.evaluate_suspect(method.name, suspect, manifest, **recipe)
+                entry["suspects"][suspect.name] = {
+                    "seed": suspect_seed,
+                    "variant": variant,
+                    "mean_ba": evaluation["mean_ba"],
+                    "mean_auroc": evaluation["mean_auroc"],
+                    "wsr_at_validation_threshold": evaluation["wsr"],
+                    "release_quality": {k: v for k, v in evaluation["release_quality"].items() if k != "files"},
+                    "lpips_backbone": evaluation.get("lpips_backbone"),
+                    "malicious": run.verify(method.name, "malicious", suspect, ours, query_size),
+                    "ind_w": run.verify(method.name, "ind_w", suspect, other, query_size),
+                }
+        for benign, query_size in benign_models:
+            entry["ind_m"][benign.name] = run.verify(method.name, "ind_m", benign, ours, query_size)
         collected["methods"][method.name] = entry
     collected["stage_times_s"] = dict(run.stages.times)
     write_json(out / "collected.json", collected)

@@ -22,6 +22,18 @@ def _seeds(values: list[float]) -> dict[str, list[float]]:
     return {"per_seed": [float(v) for v in values]}
 
 
+def _variants(method: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
+    """The method's suspects grouped by their kind (``variant``; "" when the experiment declares one kind)."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for suspect in method["suspects"].values():
+        groups.setdefault(str(suspect.get("variant", "")), []).append(suspect)
+    return groups
+
+
+def _label(name: str, variant: str) -> str:
+    return f"{name}, {variant} suspects" if variant else name
+
+
 def false_accusations(ind_m: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """How many benign models the watermark verified, of how many, with the Clopper-Pearson 95 % interval."""
     n = len(ind_m)
@@ -47,27 +59,27 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
     )
     lpips_untrained = False
     for name, method in collected["methods"].items():
-        suspects = list(method["suspects"].values())
-        lpips_untrained |= any(s.get("lpips_backbone") == "untrained" for s in suspects)
-        quality = suspects[0]["release_quality"]  # the same release for every suspect
-        cells = {
-            "BA": _seeds([s["mean_ba"] for s in suspects]),
-            "mean AUROC": _seeds([s["mean_auroc"] for s in suspects]),
-            "WSR at 0.5": _seeds([s["malicious"]["wsr"] for s in suspects]),
-            "WSR at val. threshold": _seeds([s["wsr_at_validation_threshold"]["value"] for s in suspects]),
-            "clean over that threshold": _seeds(
-                [s["wsr_at_validation_threshold"]["clean_positive_rate"] for s in suspects]
-            ),
-            quality_columns[0]: {"value": round(float(quality["mean_psnr"]), 2)},
-            quality_columns[1]: {"value": round(float(quality["mean_ssim"]), 4)},
-            **{
-                column: {"value": round(float(quality[key]), 4)}
-                for column, key in zip(quality_columns[2:4], ("mean_psnr_model", "mean_ssim_model"), strict=True)
-                if key in quality
-            },
-            quality_columns[4]: {"value": round(float(quality["mean_lpips"]), 5)},
-        }
-        rows1.append({"label": f"{name} (γ {method['gamma']})", "cells": cells})
+        for variant, suspects in _variants(method).items():
+            lpips_untrained |= any(s.get("lpips_backbone") == "untrained" for s in suspects)
+            quality = suspects[0]["release_quality"]  # the same release for every suspect
+            cells = {
+                "BA": _seeds([s["mean_ba"] for s in suspects]),
+                "mean AUROC": _seeds([s["mean_auroc"] for s in suspects]),
+                "WSR at 0.5": _seeds([s["malicious"]["wsr"] for s in suspects]),
+                "WSR at val. threshold": _seeds([s["wsr_at_validation_threshold"]["value"] for s in suspects]),
+                "clean over that threshold": _seeds(
+                    [s["wsr_at_validation_threshold"]["clean_positive_rate"] for s in suspects]
+                ),
+                quality_columns[0]: {"value": round(float(quality["mean_psnr"]), 2)},
+                quality_columns[1]: {"value": round(float(quality["mean_ssim"]), 4)},
+                **{
+                    column: {"value": round(float(quality[key]), 4)}
+                    for column, key in zip(quality_columns[2:4], ("mean_psnr_model", "mean_ssim_model"), strict=True)
+                    if key in quality
+                },
+                quality_columns[4]: {"value": round(float(quality["mean_lpips"]), 5)},
+            }
+            rows1.append({"label": f"{_label(name, variant)} (γ {method['gamma']})", "cells": cells})
     notes1 = (
         "BA, AUROC: clean test split. WSR at 0.5: the malicious verification's queries. Quality: the released marked "
         "files against their sources, at full resolution and as the watermark's model sees them; LPIPS at 1024 px."
@@ -88,23 +100,27 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
     rows2 = []
     for name, method in collected["methods"].items():
-        suspects, benign_runs = list(method["suspects"].values()), list(method["ind_m"].values())
+        benign_runs = list(method["ind_m"].values())
         falsely = false_accusations(method["ind_m"])
-        cells = {
-            "Malicious ΔP": _seeds([s["malicious"]["delta_p"] for s in suspects]),
-            "Malicious p": _seeds([s["malicious"]["p_value"] for s in suspects]),
-            "Malicious Wilcoxon p": _seeds([s["malicious"]["wilcoxon_p"] for s in suspects]),
-            "Malicious specific": {
-                "value": f"{sum(bool(s['malicious']['control']['specific']) for s in suspects)} of {len(suspects)}"
-            },
-            "Ind-W ΔP": _seeds([s["ind_w"]["delta_p"] for s in suspects]),
-            "Ind-W p": _seeds([s["ind_w"]["p_value"] for s in suspects]),
-            "Ind-M ΔP": _seeds([r["delta_p"] for r in benign_runs]),
-            "Ind-M p": _seeds([r["p_value"] for r in benign_runs]),
-            "false accusations": {"value": f"{falsely['k']} of {falsely['n']}"},
-            "95 % interval": {"value": f"{falsely['low']:.3f}–{falsely['high']:.3f}"},
-        }
-        rows2.append({"label": name, "cells": cells})
+        for first, (variant, suspects) in enumerate(_variants(method).items()):
+            cells = {
+                "Malicious ΔP": _seeds([s["malicious"]["delta_p"] for s in suspects]),
+                "Malicious p": _seeds([s["malicious"]["p_value"] for s in suspects]),
+                "Malicious Wilcoxon p": _seeds([s["malicious"]["wilcoxon_p"] for s in suspects]),
+                "Malicious specific": {
+                    "value": f"{sum(bool(s['malicious']['control']['specific']) for s in suspects)} of {len(suspects)}"
+                },
+                "Ind-W ΔP": _seeds([s["ind_w"]["delta_p"] for s in suspects]),
+                "Ind-W p": _seeds([s["ind_w"]["p_value"] for s in suspects]),
+            }
+            if first == 0:  # Ind-M is the method's, whatever the suspects: once per method
+                cells |= {
+                    "Ind-M ΔP": _seeds([r["delta_p"] for r in benign_runs]),
+                    "Ind-M p": _seeds([r["p_value"] for r in benign_runs]),
+                    "false accusations": {"value": f"{falsely['k']} of {falsely['n']}"},
+                    "95 % interval": {"value": f"{falsely['low']:.3f}–{falsely['high']:.3f}"},
+                }
+            rows2.append({"label": _label(name, variant), "cells": cells})
     notes2 = (
         "Malicious and Ind-W: one cell value per suspect seed; Ind-M: one per benign model. p: one-sided paired t-test "
         "of Pb + τ < Pv (τ 0.25), verified when p < 0.05; specific: the control (a perturbation of the watermark's "
