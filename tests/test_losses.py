@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import socket
 
+import lpips
 import pytest
 import torch
 import torchvision
@@ -131,6 +132,12 @@ def test_lpips_values_gradients_and_eval_mode(untrained_lpips):
     assert untrained_lpips(x, x) == 0
     distance = untrained_lpips(x_hat, x)
     assert distance > 0
+    # lpips' own LPIPS with the same weights, fed what its README asks for: 3-channel images in [-1, 1]
+    reference = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    reference.load_state_dict(untrained_lpips.metric.state_dict())
+    with torch.no_grad():
+        expected = reference(2 * x_hat.repeat(1, 3, 1, 1) - 1, 2 * x.repeat(1, 3, 1, 1) - 1).mean()
+    torch.testing.assert_close(distance.detach(), expected, rtol=1e-5, atol=1e-7)
     distance.backward()
     assert x_hat.grad.abs().sum() > 0
     untrained_lpips.train()

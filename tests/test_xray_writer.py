@@ -582,4 +582,18 @@ def test_max_stored_change_of_identical_files(tmp_path):
     change = max_stored_change(source, copy)
     assert (change["max_stored_change"], change["max_abs_change01"]) == (0.0, 0.0)
     _, meta = load_xray(source)
-    assert change["quantisation_step01"] == pytest.approx(meta.rescale_slope / (meta.window_high - meta.window_low))
+    step = meta.rescale_slope / (meta.window_high - meta.window_low)
+    assert change["quantisation_step01"] == pytest.approx(step)
+    # one stored pixel raised by 37, inside the window before and after: 37 stored units, 37 steps in [0, 1]
+    ds = pydicom.dcmread(source)
+    pixels = ds.pixel_array.copy()
+    modality = pixels.astype(np.float64) * meta.rescale_slope + meta.rescale_intercept
+    margin = 50 * meta.rescale_slope
+    inside = (modality > meta.window_low + margin) & (modality < meta.window_high - margin)
+    row, col = np.argwhere(inside)[0]
+    pixels[row, col] += 37
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "changed.dcm")
+    changed = max_stored_change(source, tmp_path / "changed.dcm")
+    assert changed["max_stored_change"] == 37.0
+    assert changed["max_abs_change01"] == pytest.approx(37 * step, abs=1e-7)  # [0, 1] images are float32
