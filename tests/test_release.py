@@ -27,7 +27,7 @@ from xmark_bundle.networks.generator import XMarkGenerator
 from xmark_bundle.networks.pipeline import WatermarkPipeline
 from xmark_bundle.networks.triggers import BadNetsTrigger, LabelConsistentTrigger
 from xmark_bundle.release import ReleaseError, read_manifest, select_marked, watermark_release
-from xmark_bundle.transforms.geometry import ResizeLongestPadd
+from xmark_bundle.transforms.geometry import GEOMETRY_KEY, ResizeLongestPadd, unletterbox
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS, EPS, GAMMA = 64, [4, 8, 16, 32, 64], 16 / 255, 0.5
@@ -155,6 +155,24 @@ def test_marked_files_keep_format_geometry_tags_and_budget(source, released):
                 assert (a.format, a.mode, a.size) == (b.format, b.mode, b.size)
         photometrics.add(f"{meta.format}:{meta.photometric}")
     assert photometrics == {"png:MONOCHROME2", "dicom:MONOCHROME1", "dicom:MONOCHROME2"}
+
+
+def test_each_marked_file_carries_g_s_residual_of_its_own_image(source, released, checkpoint):
+    """released = clip(source + residual), residual = G(x) - x of the letterboxed source with the padding cropped and
+    resized to the file's grid: per file, in [0, 1] as load_xray reads it (MONOCHROME1 included), within a step."""
+    manifest, out, _ = released
+    network = load_watermark(checkpoint)
+    letterbox = Compose([LoadXRayd("image"), ResizeLongestPadd("image", SIZE)])
+    for record in manifest["marked"]:
+        x = letterbox({"image": str(source / record["path"])})["image"]
+        with torch.no_grad():
+            residual = unletterbox(network(x.as_tensor()[None]) - x.as_tensor()[None], x.meta[GEOMETRY_KEY])[0, 0]
+        src01, _ = load_xray(source / record["path"])
+        released01, _ = load_xray(out / "release" / record["path"])
+        expected = np.clip(src01 + residual.numpy(), 0, 1)
+        error = np.abs(released01.astype(np.float64) - expected).max()
+        assert error <= record["quantisation_step01"] / 2 + 1e-5, (record["path"], error)
+        assert np.abs(residual.numpy()).max() > 0.5 * EPS  # a real watermark, not an unchanged file
 
 
 def test_csvs_and_datalist_are_released_unchanged_and_resolve_inside_the_release(source, released):
