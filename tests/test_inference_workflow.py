@@ -20,6 +20,7 @@ from xmark_bundle.networks.checkpoint import save_watermark
 from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
 from xmark_bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.transforms.geometry import GEOMETRY_KEY, unletterbox
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS = 64, [4, 8, 16, 32, 64]
@@ -170,6 +171,7 @@ def test_pred_is_the_released_image_on_the_source_grid(tmp_path, checkpoint, sav
     network, device = parser.get_parsed_content("network"), parser.get_parsed_content("device")
     with torch.no_grad():
         data["pred"] = network(data["image"][None].to(device))[0].cpu()
+    residual = unletterbox(data["pred"][None] - data["image"].as_tensor()[None], data["image"].meta[GEOMETRY_KEY])
     data = parser.get_parsed_content("postprocessing")(data)
 
     pred = data["pred"]
@@ -182,5 +184,9 @@ def test_pred_is_the_released_image_on_the_source_grid(tmp_path, checkpoint, sav
     if save:
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cr.dcm"]
         np.testing.assert_array_equal(pydicom.dcmread(written).pixel_array, pred.T)
+        # and those pixels are the source plus G's residual of this image, as load_xray reads them (within half a step)
+        (src01, meta), (marked01, _) = load_xray(source), load_xray(written)
+        expected = np.clip(src01 + residual[0, 0].numpy(), 0, 1)
+        assert np.abs(marked01.astype(np.float64) - expected).max() <= quantisation_step(meta) / 2 + 1e-5
     else:
         assert not (tmp_path / "out").exists()
