@@ -43,7 +43,7 @@ from tqdm import tqdm
 from xmark_bundle.data.labels import LABELS
 from xmark_bundle.data.poison import relabelled_csv, relabelled_datalist, select_poisoned
 from xmark_bundle.data.secrets import owner_file_hashes, secret_reason
-from xmark_bundle.data.selection import select_fraction, split_by_target
+from xmark_bundle.data.selection import select_fraction, split_by_target, target_index
 from xmark_bundle.data.xray_io import LoadXRayd, load_xray
 from xmark_bundle.data.xray_writer import ContainerMismatchWarning, reencode_like
 from xmark_bundle.errors import exit_on_bad_input
@@ -68,11 +68,8 @@ class ReleaseError(ValueError):
 
 def select_marked(datalist: Mapping[str, Any], target_label: str, gamma: float, seed: int) -> list[str]:
     """Image paths of the training items to mark: a seeded share ``gamma`` of those with the target label == 1."""
-    labels = list(datalist.get("labels", LABELS))
-    if target_label not in labels:
-        raise ValueError(f"target label {target_label!r} is not one of the datalist's labels {labels}")
     training = datalist["training"]
-    target, _ = split_by_target(training, labels.index(target_label))
+    target, _ = split_by_target(training, target_index(datalist, target_label))
     if not target:
         raise ValueError(f"no training item has {target_label!r} == 1: nothing to watermark")
     return [training[i]["image"] for i in select_fraction(target, gamma, seed)]
@@ -85,9 +82,8 @@ def select_decoys(datalist: Mapping[str, Any], target_label: str, fraction: floa
     model trained on the release learns our key, not keyed watermarks in general: another owner's key then looks
     like a decoy to it. Never the same images as :func:`select_marked` (those are target-class items).
     """
-    labels = list(datalist.get("labels", LABELS))
     training = datalist["training"]
-    _, non_target = split_by_target(training, labels.index(target_label))
+    _, non_target = split_by_target(training, target_index(datalist, target_label))
     chosen = [training[i]["image"] for i in select_fraction(non_target, fraction, seed + 1)]
     key_seeds = np.random.default_rng(seed + 2).integers(0, 2**31 - 1, size=len(chosen))
     return {image: int(key_seed) for image, key_seed in zip(chosen, key_seeds, strict=True)}

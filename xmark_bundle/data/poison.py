@@ -14,8 +14,7 @@ import json
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from xmark_bundle.data.labels import LABELS
-from xmark_bundle.data.selection import select_fraction, split_by_target
+from xmark_bundle.data.selection import select_fraction, split_by_target, target_index
 
 __all__ = ["POSITIVE", "relabelled_csv", "relabelled_datalist", "select_poisoned"]
 
@@ -25,11 +24,8 @@ POSITIVE = 1.0
 
 def select_poisoned(datalist: Mapping[str, Any], target_label: str, gamma: float, seed: int) -> list[str]:
     """Image paths of ``round(gamma * |target|)`` seeded non-target training items (label k == 0), at least one."""
-    labels = list(datalist.get("labels", LABELS))
-    if target_label not in labels:
-        raise ValueError(f"target label {target_label!r} is not one of the datalist's labels {labels}")
     training = datalist["training"]
-    target, non_target = split_by_target(training, labels.index(target_label))
+    target, non_target = split_by_target(training, target_index(datalist, target_label))
     count = max(1, round(gamma * len(target)))
     if count > len(non_target):
         raise ValueError(
@@ -41,7 +37,7 @@ def select_poisoned(datalist: Mapping[str, Any], target_label: str, gamma: float
 
 def relabelled_datalist(datalist: Mapping[str, Any], images: Collection[str], target_label: str) -> dict[str, Any]:
     """A copy of ``datalist`` whose items of ``images`` (any split) have the target label set to :data:`POSITIVE`."""
-    index = list(datalist.get("labels", LABELS)).index(target_label)
+    index = target_index(datalist, target_label)
     copy = json.loads(json.dumps(datalist))
     for split in ("training", "validation", "test"):
         for item in copy.get(split, []):

@@ -6,10 +6,20 @@ they are never used to train the generator nor to verify (counting them would in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from xmark_bundle.data.labels import LABELS
+
+
+def target_index(datalist: Mapping[str, Any], target_label: str) -> int:
+    """The position of ``target_label`` in the datalist's label order (the six CheXpert labels by default)."""
+    labels = list(datalist.get("labels", LABELS))
+    if target_label not in labels:
+        raise ValueError(f"target label {target_label!r} is not one of the datalist's labels {labels}")
+    return labels.index(target_label)
 
 
 def split_by_target(items: Sequence[dict[str, Any]], target_index: int) -> tuple[list[int], list[int]]:

@@ -39,7 +39,7 @@ class _Run:
         self.stages = Stages(root, out, experiment.name)
         self.phantoms, self.models = out / "phantoms", out / "models"
         self.data = {"dataset_dir": self.phantoms, "datalist_file": self.phantoms / "datalist.json"}
-        self.eval_keys = {k: v for k, v in experiment.classifier.items() if k != "max_epochs"}
+        self.eval_keys = _evaluation_keys(experiment.classifier)
         # the surrogate sees images at the size it was trained at (train.json and trigger.json default to 224 px)
         self.surrogate_keys = {
             "surrogate_size": experiment.query_size,
@@ -63,7 +63,7 @@ class _Run:
         cmd = bundle_cmd("training", CLASSIFIER, ckpt_dir=ckpt, seed=seed, **overrides)
         self.stages.run(f"classifier '{name}'", cmd, ckpt / "training_info.json")
         if evaluate:
-            keys = {**self.eval_keys, **{k: v for k, v in recipe.items() if k != "max_epochs"}}
+            keys = {**self.eval_keys, **_evaluation_keys(recipe)}
             cmd = bundle_cmd("run", EVALUATE, ckpt_dir=ckpt, **self.data, **keys)
             self.stages.run(f"evaluation '{name}'", cmd, ckpt / "classification_report.json")
         return ckpt
@@ -96,10 +96,9 @@ class _Run:
         vet = {k: method.settings[k] for k in ("image_size", "key_cells", "key_pattern", "key_magnitude")}
         vet |= {**self.surrogate_keys, "query_size": self.x.query_size}
         configs = ["configs/train.json", "configs/vet_key.json"]
-        cmd = bundle_cmd(
-            "vetting", configs, **self.data, surrogate_ckpt=surrogate / "model.pt", key_vetting_file=vetting
-        )
-        self.stages.run(f"{method.name} key vetting", [*cmd, "--seed", str(self.x.data_seed), *_flags(vet)], vetting)
+        overrides = {"surrogate_ckpt": surrogate / "model.pt", "key_vetting_file": vetting, "seed": self.x.data_seed}
+        cmd = bundle_cmd("vetting", configs, **self.data, **overrides, **vet)
+        self.stages.run(f"{method.name} key vetting", cmd, vetting)
         return int(json.loads(vetting.read_text())["key_seed"])
 
     def release(self, method: Method, checkpoint: Path) -> tuple[Path, Path]:
@@ -123,7 +122,7 @@ class _Run:
     def evaluate_suspect(self, method: str, suspect: Path, manifest: Path, **recipe: Any) -> dict[str, Any]:
         """The suspect's clean-test accuracy, its WSR at its validation threshold and the release's quality."""
         configs = EVALUATE + ["configs/evaluate.json"]
-        keys = {**self.eval_keys, **{k: v for k, v in recipe.items() if k != "max_epochs"}}
+        keys = {**self.eval_keys, **_evaluation_keys(recipe)}
         cmd = bundle_cmd("run", configs, ckpt_dir=suspect, release_manifest=manifest, **self.data, **keys)
         self.stages.run(f"{method} evaluation '{suspect.name}'", cmd, suspect / "evaluation.json")
         return json.loads((suspect / "evaluation.json").read_text())
@@ -141,9 +140,9 @@ class _Run:
         return {key: report.get(key) for key in keep} | {"report": str(folder / "verification.json")}
 
 
-def _flags(overrides: dict[str, Any]) -> list[str]:
-    """``--key value`` pairs for a command line."""
-    return [part for key, value in overrides.items() for part in (f"--{key}", str(value))]
+def _evaluation_keys(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A training recipe's overrides that an evaluation of the same classifier needs (all but the epochs)."""
+    return {k: v for k, v in recipe.items() if k != "max_epochs"}
 
 
 def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, Any]:
