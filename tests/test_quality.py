@@ -1,5 +1,6 @@
 """Release quality against the source: PSNR/SSIM at full resolution and as the model sees the image (no padding)."""
 
+import json
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from xmark_bundle.data.xray_io import load_xray
-from xmark_bundle.engines.quality import PSNR_CAP, release_quality
+from xmark_bundle.engines.quality import PSNR_CAP, manifest_release_quality, release_quality
 from xmark_bundle.losses.watermark import LPIPSLoss
 
 
@@ -47,3 +48,25 @@ def test_ssim_is_the_standard_one_and_an_unchanged_release_scores_perfectly(tmp_
     same = release_quality(["a.png"], tmp_path / "src", tmp_path / "same", lpips, 256, 64)
     assert same["mean_psnr"] == same["mean_psnr_model"] == PSNR_CAP and same["mean_ssim"] == pytest.approx(1.0)
     assert same["mean_lpips"] == pytest.approx(0.0, abs=1e-7) and same["max_max_abs_change"] == 0.0
+
+
+def test_a_manifests_release_quality_is_computed_once_and_recomputed_when_the_manifest_changes(tmp_path):
+    rows, cols = np.meshgrid(np.linspace(0, 1, 120), np.linspace(0, 1, 90), indexing="ij")
+    source = np.round((0.3 + 0.4 * rows * cols) * 65535).astype(np.uint16)
+    for folder, image in (("src", source), ("rel", source + 655)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(image).save(tmp_path / folder / "a.png")
+    manifest = {"dataset_dir": "src", "release_dir": "rel", "generator_checkpoint": "g.pt", "complete": True}
+    manifest["marked"] = [{"path": "a.png"}]
+    manifest_file = tmp_path / "release_manifest.json"
+    manifest_file.write_text(json.dumps(manifest))
+    lpips = LPIPSLoss(reduction="none")
+    first = manifest_release_quality(manifest_file, tmp_path / "src", tmp_path / "rel", lpips, 64)
+    assert (tmp_path / "release_manifest.quality.json").is_file() and first["n_files"] == 1
+    Image.fromarray(source + 6550).save(tmp_path / "rel" / "a.png")  # ten times the change, same manifest: reused
+    assert manifest_release_quality(manifest_file, tmp_path / "src", tmp_path / "rel", lpips, 64) == first
+    manifest_file.write_text(json.dumps({**manifest, "note": "a new release"}))
+    again = manifest_release_quality(manifest_file, tmp_path / "src", tmp_path / "rel", lpips, 64)
+    assert again["mean_psnr"] == pytest.approx(first["mean_psnr"] - 20, abs=0.05)
+    other_size = manifest_release_quality(manifest_file, tmp_path / "src", tmp_path / "rel", lpips, 32)
+    assert other_size["model_size"] == 32

@@ -8,6 +8,7 @@ letterboxed to ``lpips_size`` (1024 px by default).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
 
 from xmark_bundle.data.xray_io import load_xray
+from xmark_bundle.fileio import sha256_file, write_json
+from xmark_bundle.release import read_manifest
 from xmark_bundle.transforms.geometry import letterbox, letterbox_geometry
 
 #: PSNR of identical images is infinite; reports cap it here so that they stay valid JSON.
@@ -72,3 +75,36 @@ def release_quality(
         for stat, fn in (("mean", np.mean), ("max", np.max))
     }
     return {**summary, "n_files": len(rows), "lpips_size": lpips_size, "model_size": model_size, "files": rows}
+
+
+def manifest_release_quality(
+    manifest_file: str | os.PathLike,
+    source_dir: str | os.PathLike,
+    release_dir: str | os.PathLike,
+    lpips: nn.Module,
+    model_size: int | None = None,
+) -> dict[str, Any]:
+    """:func:`release_quality` of the files a release manifest lists as marked (decoys included), kept beside the
+    manifest in ``<manifest>.quality.json`` and reused while the manifest, the folders, the model size and the LPIPS
+    trunk are the same: every suspect trained on one release is evaluated against the same release."""
+    manifest_file = Path(manifest_file)
+    manifest = read_manifest(manifest_file)
+    key = {
+        "manifest_sha256": sha256_file(manifest_file),
+        "source_dir": os.path.abspath(source_dir),
+        "release_dir": os.path.abspath(release_dir),
+        "model_size": model_size,
+        "lpips_backbone": getattr(lpips, "backbone_status", None),
+    }
+    cache = manifest_file.with_name(manifest_file.stem + ".quality.json")
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == key:
+            return kept["quality"]
+    files = [f["path"] for f in manifest["marked"] + manifest.get("decoys", [])]
+    quality = release_quality(files, source_dir, release_dir, lpips, model_size=model_size)
+    try:
+        write_json(cache, {"key": key, "quality": quality})
+    except OSError as err:  # a read-only manifest folder: the numbers stand, only the reuse is lost
+        print(f"release quality not kept beside {manifest_file}: {err}")
+    return quality

@@ -1,0 +1,60 @@
+"""A stage runs its printed command line: forked from the preloaded runner (or as a subprocess), with the same
+argv, working folder and exit code, and nothing it changes reaches the next stage."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STAGE = """
+import json, os, sys
+preloaded = "monai.bundle" in sys.modules
+import xmark_bundle.experiments.stages as stages
+seen = {"argv": sys.argv[1:], "cwd": os.getcwd(), "name": __name__, "leak": os.environ.get("XMARK_TEST_LEAK"),
+        "attribute": getattr(stages, "leaked", None), "preloaded": preloaded}
+os.environ["XMARK_TEST_LEAK"] = "set by a stage"
+stages.leaked = "set by a stage"
+with open(sys.argv[1], "a") as f:
+    f.write(json.dumps(seen) + "\\n")
+if sys.argv[2] == "exit":
+    sys.exit(3)
+if sys.argv[2] == "raise":
+    raise ValueError("a stage that fails")
+"""
+
+DRIVER = """
+import json, sys
+from pathlib import Path
+from xmark_bundle.experiments.stages import run_command
+script, log, cwd = sys.argv[1:4]
+codes = [run_command([sys.executable, script, log, how], Path(cwd)) for how in ("ok", "ok", "exit", "raise")]
+codes.append(run_command([sys.executable, "-m", "json.tool", "--bogus-option"], Path(cwd)))
+codes.append(run_command(["false"], Path(cwd)))
+print(json.dumps(codes))
+"""
+
+
+@pytest.mark.parametrize("isolation", ["fork", "subprocess"])
+def test_a_stage_runs_its_command_line_and_changes_nothing_for_the_next(tmp_path, isolation):
+    script, log, cwd = tmp_path / "stage.py", tmp_path / "seen.jsonl", tmp_path / "work"
+    script.write_text(textwrap.dedent(STAGE))
+    cwd.mkdir()
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    if isolation == "subprocess":
+        env["XMARK_STAGE_SUBPROCESS"] = "1"
+    cmd = [sys.executable, "-c", DRIVER, str(script), str(log), str(cwd)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [0, 0, 3, 1, 2, 1]
+    assert "ValueError: a stage that fails" in done.stderr and "--bogus-option" in done.stderr
+    seen = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [s["argv"] for s in seen] == [[str(log), how] for how in ("ok", "ok", "exit", "raise")]
+    assert {s["preloaded"] for s in seen} == {isolation == "fork"}  # forked from the runner that imported MONAI
+    assert {s["cwd"] for s in seen} == {str(cwd)} and {s["name"] for s in seen} == {"__main__"}
+    # the second stage sees neither the environment nor the module state the first one changed
+    assert {s["leak"] for s in seen} == {None} and {s["attribute"] for s in seen} == {None}
