@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= outputs/demo
 
-.PHONY: venv venv-dev demo test test-monailabel lint bench clean
+.PHONY: venv venv-dev demo test test-monailabel test-deploy lint bench clean
 
 $(VENV)/.runtime: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,18 @@ $(MLVENV)/.ready: requirements.txt requirements-monailabel.txt constraints-monai
 	touch $@
 
 test-monailabel: $(MLVENV)/.ready
-	$(MLVENV)/bin/python -m pytest -q -p no:cacheprovider tests/ecosystem
+	$(MLVENV)/bin/python -m pytest -q -p no:cacheprovider tests/ecosystem/test_monailabel.py
+
+# MONAI Deploy App SDK 4.0 (Holoscan 4.6; its Triton client needs protobuf < 7): its own environment as well.
+DEPVENV := .venv-deploy
+$(DEPVENV)/.ready: requirements.txt requirements-deploy.txt constraints-deploy.txt
+	test -x $(DEPVENV)/bin/python || $(PYTHON) -m venv $(DEPVENV)
+	$(DEPVENV)/bin/python -m pip install -q --upgrade pip
+	$(DEPVENV)/bin/python -m pip install -q -r requirements-deploy.txt -c constraints-deploy.txt
+	touch $@
+
+test-deploy: $(DEPVENV)/.ready
+	$(DEPVENV)/bin/python -m pytest -q -p no:cacheprovider tests/ecosystem/test_monai_deploy.py
 
 bench: $(VENV)/.dev
 	$(PY) scripts/bench_data.py

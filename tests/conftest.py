@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
-#: tests with an ecosystem package that conflicts with the pinned environment (make test-monailabel builds its own)
-collect_ignore = [] if importlib.util.find_spec("monailabel") else ["ecosystem"]
+#: tests with an ecosystem package that conflicts with the pinned environment (make test-monailabel and make
+#: test-deploy build their own)
+ECOSYSTEM = {"ecosystem/test_monailabel.py": "monailabel", "ecosystem/test_monai_deploy.py": "holoscan"}
+collect_ignore = [test for test, package in ECOSYSTEM.items() if not importlib.util.find_spec(package)]
 
 
 @pytest.fixture(autouse=True, scope="session")

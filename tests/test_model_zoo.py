@@ -18,7 +18,9 @@ from __future__ import annotations
 import ast
 import json
 import shutil
+import subprocess
 import sys
+import zipfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -179,6 +181,32 @@ def test_torchscript_export_as_the_zoo_runs_it(checkpoint, tmp_path):
         expected = eager(images)
         torch.testing.assert_close(scripted(images), expected, rtol=0, atol=1e-6)
     assert (expected - images).abs().max() > 0
+
+
+def test_deploy_export_carries_the_checkpoints_settings_and_nothing_that_needs_model_pt(checkpoint, tmp_path):
+    """scripts/export_deploy.py: what MONAI Deploy's operator reads from model.ts (make test-deploy runs the SDK)."""
+    out = tmp_path / "map" / "model.ts"
+    done = subprocess.run(
+        [sys.executable, "scripts/export_deploy.py", "--ckpt", str(checkpoint), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in out.parent.iterdir()] == ["model.ts"]  # no temporary folder left beside it
+    with zipfile.ZipFile(out) as archive:  # the operator looks for <file name>/extra/<config>.json
+        names = set(archive.namelist())
+        deploy = json.loads(archive.read("model/extra/deploy.json"))
+    assert {"model/extra/inference.json", "model/extra/metadata.json"} <= names
+    record, _ = read_watermark_checkpoint(checkpoint)
+    assert deploy["image_size"] == record["image_size"] == SIZE and deploy["epsilon"] == record["epsilon"]
+    static = json.loads((ROOT / "configs" / "deploy.json").read_text())
+    assert {k: v for k, v in deploy.items() if k not in ("image_size", "epsilon")} == static
+    parser = ConfigParser()
+    parser.read_config([str(INFERENCE), str(ROOT / "configs" / "deploy.json")])
+    parser.update({"image_size": deploy["image_size"], "epsilon": deploy["epsilon"], "ckpt_path": "/nonexistent.pt"})
+    for item in ("preprocessing", "postprocessing", "inferer"):  # what the operator parses: no checkpoint is read
+        assert parser.get_parsed_content(item) is not None
 
 
 def test_pipeline_loads_a_whole_checkpoint_only_with_its_record(checkpoint):

@@ -538,3 +538,22 @@ def test_non_projection_modalities_are_refused_unless_allowed():
     with pytest.raises(XRayLoadError, match=r"rtdose\.dcm: multi-frame"):  # allowed, then refused for its shape
         load_xray(dose, allow_any_modality=True)
     assert {"CR", "DX"} <= xray_io.PROJECTION_MODALITIES and "CT" not in xray_io.PROJECTION_MODALITIES
+
+
+def test_load_xrayd_passes_an_image_the_reader_loaded_through_as_monai_deploy_hands_it(tmp_path):
+    """MONAI Deploy's inference operator gives the preprocessing a MetaTensor built from its input Image (rows x
+    columns, the loader's meta); LoadXRayd must give what it gives for the file itself."""
+    path = cr_chest("RG1_UNCR.dcm")
+    from_file = LoadXRayd("image")({"image": path})["image"]
+    in_memory = MetaTensor.ensure_torch_and_prune_meta(from_file[0].numpy(), dict(from_file.meta))
+    passed = LoadXRayd("image")({"image": in_memory, "other": path})["image"]
+    assert passed.shape == from_file.shape == (1, *from_file.meta["xray"]["shape"])
+    assert torch.equal(passed.as_tensor(), from_file.as_tensor()) and passed.meta["filename_or_obj"] == path
+    both = LoadXRayd(["image", "second"])({"image": in_memory, "second": path})
+    assert torch.equal(both["second"].as_tensor(), from_file.as_tensor())
+    with pytest.raises(ValueError, match="no X-ray metadata"):
+        LoadXRayd("image")({"image": MetaTensor(from_file.as_tensor())})
+    with pytest.raises(ValueError, match="has shape"):
+        LoadXRayd("image")({"image": MetaTensor(from_file[:, :-1], meta=dict(from_file.meta))})
+    with pytest.raises(ValueError, match="outside"):
+        LoadXRayd("image")({"image": MetaTensor(from_file * 4095, meta=dict(from_file.meta))})

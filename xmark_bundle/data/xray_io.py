@@ -577,7 +577,14 @@ class LoadXRay(Transform):
 
 
 class LoadXRayd(LoadImaged):
-    """Dictionary version of :class:`LoadXRay`: ``LoadImaged`` with :class:`XRayReader`."""
+    """Dictionary version of :class:`LoadXRay`: ``LoadImaged`` with :class:`XRayReader`.
+
+    An in-memory image (a MetaTensor, as MONAI Deploy's inference operator hands its preprocessing) passes through
+    when its meta is the reader's (``meta["xray"]``: loaded by :class:`XRayReader`, e.g. by a Deploy loader
+    operator); it gains a channel when it has none. Its pixels must be the [0, 1] image of the file named in
+    ``filename_or_obj``, because the release and the postprocessing map the watermark back through that file's own
+    intensity chain; any other in-memory image is refused with an error saying so.
+    """
 
     def __init__(
         self,
@@ -597,4 +604,36 @@ class LoadXRayd(LoadImaged):
             )
 
     def __call__(self, data: Mapping[Hashable, Any], reader: ImageReader | None = None) -> dict[Hashable, Any]:
-        return super().__call__(data, reader=reader or self.reader)
+        d = dict(data)
+        for key in self.key_iterator(d):  # LoadImaged's loop (image_only): a path is read, a loaded image passes
+            in_memory = not isinstance(d[key], (str, os.PathLike))
+            d[key] = _loaded_image(d[key], key) if in_memory else self._loader(d[key], reader or self.reader)
+        return d
+
+
+def _loaded_image(image: Any, key: Hashable) -> MetaTensor:
+    """A 1 x H x W float32 MetaTensor of an image already loaded by :class:`XRayReader` (its meta kept)."""
+    meta = getattr(image, "meta", None)
+    if not isinstance(meta, Mapping) or "xray" not in meta or "filename_or_obj" not in meta:
+        raise ValueError(
+            f"LoadXRayd: the in-memory '{key}' has no X-ray metadata (meta['xray'] and filename_or_obj, as XRayReader "
+            "writes them); load the file with XRayReader (or give its path), since the watermark is mapped back "
+            "through that file's own intensity chain"
+        )
+    rows, cols = (int(n) for n in meta["xray"]["shape"])
+    array = image.as_tensor().float()
+    if tuple(array.shape) == (rows, cols):
+        array = array[None]
+    if tuple(array.shape) != (1, rows, cols):
+        raise ValueError(
+            f"LoadXRayd: the in-memory '{key}' of {meta['filename_or_obj']} has shape {tuple(image.shape)}; its file "
+            f"is {rows} x {cols} (rows x columns), expected that or 1 x {rows} x {cols}"
+        )
+    if array.numel() and (float(array.min()) < 0.0 or float(array.max()) > 1.0):
+        raise ValueError(
+            f"LoadXRayd: the in-memory '{key}' of {meta['filename_or_obj']} has values outside [0, 1]; give the "
+            "XRayReader's [0, 1] image, not the stored pixel values"
+        )
+    out = MetaTensor(array, meta=dict(meta))
+    out.meta["original_channel_dim"] = "no_channel"
+    return out
