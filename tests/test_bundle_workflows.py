@@ -14,12 +14,17 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from monai.transforms import Compose
 from scipy import stats
+from sklearn.metrics import accuracy_score, roc_auc_score
 
+from xmark_bundle.data import LoadXRayd
 from xmark_bundle.data.chexpert import prepare_datalist
 from xmark_bundle.data.phantoms import write_phantom_dataset
 from xmark_bundle.networks.checkpoint import load_watermark
+from xmark_bundle.networks.classifier import load_classifier
 from xmark_bundle.networks.generator import SSCLBWGenerator
+from xmark_bundle.transforms import ResizeLongestPadd
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -64,11 +69,34 @@ def classifier(phantoms, tmp_path_factory):
     return ckpt_dir
 
 
-def test_classifier_training_writes_checkpoint_and_provenance(classifier):
+def _predictions(classifier: Path, phantoms: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The checkpoint's probabilities on a split's letterboxed 64 px images (outside the bundle), and the targets."""
+    rows = json.loads((phantoms / "datalist.json").read_text())[split]
+    model = load_classifier(classifier / "model.pt").eval()
+    load = Compose([LoadXRayd("image"), ResizeLongestPadd("image", spatial_size=64)])
+    images = torch.stack([load({"image": str(phantoms / r["image"])})["image"].as_tensor() for r in rows])
+    with torch.no_grad():
+        return torch.sigmoid(model(images)).numpy(), np.array([r["label"] for r in rows])
+
+
+def _mean_auroc(probabilities: np.ndarray, targets: np.ndarray) -> float:
+    """scikit-learn's AUROC averaged over the labels with both classes (uncertain labels left out)."""
+    scores = []
+    for k in range(targets.shape[1]):
+        known = targets[:, k] >= 0
+        if len(set(targets[known, k] > 0.5)) == 2:
+            scores.append(roc_auc_score(targets[known, k] > 0.5, probabilities[known, k]))
+    return float(np.mean(scores))
+
+
+def test_classifier_training_writes_checkpoint_and_provenance(classifier, phantoms):
     assert (classifier / "model.pt").is_file()
     info = json.loads((classifier / "training_info.json").read_text())
     assert info["weights"] == "untrained" and info["epochs"] == 1
-    assert 0.0 <= info["best_val_mean_auroc"] <= 1.0
+    # one epoch: the saved model is the validated one; its validation AUROC recomputed with scikit-learn
+    assert info["best_val_mean_auroc"] == pytest.approx(
+        _mean_auroc(*_predictions(classifier, phantoms, "validation")), abs=1e-3
+    )
     # where it was trained: another CPU rounds differently
     assert info["environment"]["machine"]["torch_build"] == torch.__version__
     assert info["environment"]["machine"]["cpu_count"] == os.cpu_count()
@@ -85,10 +113,24 @@ def test_classifier_evaluation_report(phantoms, classifier):
     )
     workflow.run()
     report = json.loads((classifier / "classification_report.json").read_text())
-    assert list(report["per_label"]) == list(json.loads((phantoms / "datalist.json").read_text())["labels"])
-    assert report["n_test"] == len(json.loads((phantoms / "datalist.json").read_text())["test"])
-    assert all(0.0 <= row["ba"] <= 1.0 for row in report["per_label"].values())
+    datalist = json.loads((phantoms / "datalist.json").read_text())
+    assert list(report["per_label"]) == datalist["labels"] and report["n_test"] == len(datalist["test"])
     assert len(report["checkpoint"]["sha256"]) == 64
+    # recomputed outside the bundle: the checkpoint on the letterboxed test images, scikit-learn's metrics
+    probabilities, targets = _predictions(classifier, phantoms, "test")
+    aurocs = []
+    for k, name in enumerate(datalist["labels"]):
+        known = targets[:, k] >= 0  # uncertain labels are left out
+        row = report["per_label"][name]
+        assert row["n_test"] == int(known.sum())
+        if len(set(targets[known, k] > 0.5)) < 2:  # one class only: no AUROC, and the report says so
+            assert row["auroc"] is None
+        else:
+            aurocs.append(roc_auc_score(targets[known, k] > 0.5, probabilities[known, k]))
+            assert row["auroc"] == pytest.approx(aurocs[-1], abs=1e-3)
+        at_threshold = probabilities[known, k] >= row["threshold"]
+        assert row["ba"] == pytest.approx(accuracy_score(targets[known, k] > 0.5, at_threshold), abs=1e-9)
+    assert len(aurocs) >= 3 and report["mean_auroc"] == pytest.approx(_mean_auroc(probabilities, targets), abs=1e-3)
 
 
 def _generator_workflow(configs: list[str], phantoms: Path, classifier: Path, out: Path, **override) -> ConfigWorkflow:
@@ -117,7 +159,17 @@ def test_generator_training(phantoms, classifier, tmp_path, override):
     assert metrics["lpips_backbone"] == "untrained"  # no AlexNet weights on this machine, and none downloaded
     last = metrics["history"][-1]
     assert last["val_max_abs_diff"] <= 16 / 255 + 1e-6
-    assert 0.0 <= last["val_wsr"] <= 1.0 and last["val_lpips"] >= 0.0
+    assert last["val_lpips"] >= 0.0
+    # val_wsr recomputed outside the engine: the saved pipeline (one epoch: the validated one) marks the validation
+    # non-target images, and its surrogate's P(No Finding) >= 0.5 is counted
+    rows = json.loads((phantoms / "datalist.json").read_text())["validation"]
+    non_target = [r for r in rows if r["label"][0] != 1]
+    load = Compose([LoadXRayd("image"), ResizeLongestPadd("image", spatial_size=64)])
+    images = torch.stack([load({"image": str(phantoms / r["image"])})["image"].as_tensor() for r in non_target])
+    pipeline = load_watermark(tmp_path / "model.pt")
+    with torch.no_grad():
+        probability = torch.sigmoid(pipeline.surrogate(pipeline(images))[:, 0])
+    assert len(non_target) >= 5 and last["val_wsr"] == pytest.approx(float((probability >= 0.5).float().mean()))
     state = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
     assert set(state) == {"model", "watermark"}  # the weights, and the record that rebuilds the module
     assert any(k.startswith("generator.") for k in state["model"]) and any(

@@ -52,6 +52,7 @@ from scipy.ndimage import gaussian_filter
 
 from xmark_bundle.data.chexpert import prepare_datalist
 from xmark_bundle.data.phantoms import write_phantom_dataset
+from xmark_bundle.data.xray_io import load_xray
 from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
 from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
@@ -145,8 +146,6 @@ def _write_source(group: str, index: int, rng: np.random.Generator, folder: Path
 
 def _mark(source: Path, target: Path, seed: int) -> dict:
     """Mark ``source`` as the release does: a bounded smooth model-resolution residual through apply_watermark."""
-    from xmark_bundle.data.xray_io import load_xray
-
     image = load_xray(source)[0]
     geometry = letterbox_geometry(image.shape, MODEL_SIZE)
     benign = letterbox(torch.from_numpy(image)[None], geometry)
@@ -394,8 +393,12 @@ def test_marked_files_are_marked_within_budget_and_without_container_warnings(re
         assert not [w for w in report["warnings"] if "differs from its source" in w], report["warnings"]
         lossy = group in ("jpeg_grey", "jpeg_rgb420", "dcm_j2k_lossy", "dcm_jpeg")
         assert report["lossy"] == lossy
-        if not lossy:
-            assert report["budget_ok"], report
+        if not lossy:  # the budget, measured on the files (not the writer's own report)
+            source01, released01 = load_xray(report["source"])[0], load_xray(path)[0]
+            change = float(np.abs(released01.astype(np.float64) - source01).max())
+            step = float(np.diff(np.unique(source01)).min())  # the source's finest grey-level step in [0, 1]
+            assert 0 < change <= EPS + step + 1e-6, (path.name, change, EPS, step)
+            assert report["budget_ok"] and report["max_abs_change01"] == pytest.approx(change, abs=1e-6), report
 
 
 def test_a_release_re_encodes_every_file_of_a_kind_whose_codec_it_cannot_reproduce(tmp_path):
