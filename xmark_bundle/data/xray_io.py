@@ -605,10 +605,13 @@ class LoadXRayd(LoadImaged):
 
     def __call__(self, data: Mapping[Hashable, Any], reader: ImageReader | None = None) -> dict[Hashable, Any]:
         d = dict(data)
-        for key in self.key_iterator(d):  # LoadImaged's loop (image_only): a path is read, a loaded image passes
-            in_memory = not isinstance(d[key], (str, os.PathLike))
-            d[key] = _loaded_image(d[key], key) if in_memory else self._loader(d[key], reader or self.reader)
-        return d
+        keys = list(self.key_iterator(d))
+        in_memory = [key for key in keys if not isinstance(d[key], (str, os.PathLike))]
+        if not in_memory:  # LoadImaged itself (MONAI Label sets image_only=False on it, for one)
+            return super().__call__(d, reader=reader or self.reader)
+        if len(in_memory) < len(keys):
+            raise ValueError(f"LoadXRayd: {in_memory} are loaded images and the other keys paths; give one kind")
+        return {**d, **{key: _loaded_image(d[key], key) for key in in_memory}}
 
 
 def _loaded_image(image: Any, key: Hashable) -> MetaTensor:

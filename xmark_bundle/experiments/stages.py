@@ -87,7 +87,10 @@ def _preload() -> None:
         importlib.import_module(name)
     package = importlib.import_module("xmark_bundle")
     for info in pkgutil.walk_packages(package.__path__, "xmark_bundle."):
-        importlib.import_module(info.name)
+        try:
+            importlib.import_module(info.name)
+        except ImportError:  # an optional dependency missing here: the stage that needs it imports (and fails) itself
+            continue
     _preload.done = True  # type: ignore[attr-defined]
 
 
