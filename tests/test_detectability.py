@@ -32,7 +32,7 @@ def data(tmp_path_factory) -> Path:
 def _release(data: Path, folder: Path, pattern: float) -> tuple[Path, Path]:
     """A copy of ``data`` whose every second target training file is 'marked' with a checkerboard of ``pattern``."""
     shutil.copytree(data, folder)
-    paths, _ = candidates(folder, {"marked": []}, "No Finding")
+    paths = [r["image"] for r in json.loads((data / "datalist.json").read_text())["training"] if r["label"][0] == 1]
     marked = paths[::2]
     for rel in marked:
         image, meta = load_xray(data / rel)
@@ -46,6 +46,7 @@ def _release(data: Path, folder: Path, pattern: float) -> tuple[Path, Path]:
 def test_an_obvious_pattern_is_found_and_an_unchanged_copy_is_not(data, tmp_path):
     obvious = detectability(*_release(data, tmp_path / "obvious", 0.2))
     assert obvious["n_marked"] >= 8 and obvious["n_candidates"] - obvious["n_marked"] >= 8
+    assert obvious["pool"] == "target class"
     pixels = obvious["pixels"]
     assert pixels["high_pass_energy_auroc"] > 0.95 and pixels["pyramid_logistic_regression_auroc"] > 0.9, pixels
     assert pixels["small_cnn_auroc"] > 0.8, pixels
@@ -83,3 +84,10 @@ def test_the_script_writes_the_report_with_the_suspects_view(data, tmp_path):
     report = json.loads(out.read_text())
     assert report["suspect"]["checkpoint"] == str(checkpoint) and "high-pass" in done.stdout
     assert report["pixels"]["high_pass_energy_auroc"] > 0.95
+
+
+def test_with_every_target_marked_the_pool_is_every_training_file(data, tmp_path):
+    rows = json.loads((data / "datalist.json").read_text())["training"]
+    targets = [r["image"] for r in rows if r["label"][0] == 1]
+    paths, marked, pool = candidates(data, {"marked": [{"path": p} for p in targets]}, "No Finding")
+    assert pool.startswith("all training files") and len(paths) == len(rows) and marked.sum() == len(targets)

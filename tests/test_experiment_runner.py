@@ -35,8 +35,13 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     assert manifest["method"] == "xmark" and manifest["marked"] and manifest["budget_ok"] and not manifest["decoys"]
     assert 0 <= suspect["mean_ba"] <= 1 and suspect["release_quality"]["n_files"] == len(manifest["marked"])
     assert (out / "scenarios.png").stat().st_size > 0
+    # detectability (declared): gamma 1 marks every target image, so every training file is a candidate
+    detected = xmark["detectability"]
+    assert detected["pool"].startswith("all training files") and detected["n_marked"] == len(manifest["marked"])
+    assert detected["suspect"]["checkpoint"] == str(out / "models/xmark/suspect_seed1/model.pt")
+    assert detected["container"]["marked_files_whose_container_changed"] == 0
     stages = first.stdout.count(": done in ")
-    assert stages == len(collected["stage_times_s"]) == 15, first.stdout[-2000:]
+    assert stages == len(collected["stage_times_s"]) == 16, first.stdout[-2000:]
     assert "xmark, Ind-W (suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped

@@ -31,6 +31,7 @@ def test_declared_experiments_load_and_keep_opt_in_methods_out_by_default():
         ({"methods": {"m": {"kind": "magic"}}}, "kind must be one of"),
         ({"methods": {"m": {"kind": "trigger", "gama": 0.1}}}, r"unknown keys \['gama'\]"),
         ({"benign": []}, "at least one benign model"),
+        ({"detectability": "yes"}, "detectability must be true or false"),
     ],
 )
 def test_a_bad_declaration_names_the_file_and_the_problem(change, problem, tmp_path):
@@ -141,3 +142,23 @@ def test_suspect_variants_get_rows_of_their_own_and_ind_m_is_counted_once():
     first, second = table2["rows"]
     assert first["cells"]["false accusations"] == {"value": "0 of 1"} and "false accusations" not in second["cells"]
     assert second["cells"]["Malicious specific"] == {"value": "0 of 2"}
+
+
+def test_a_detectability_table_follows_when_a_method_measured_it():
+    report = {
+        "pool": "target class",
+        "n_candidates": 40,
+        "n_marked": 20,
+        "container": {"marked_files_whose_container_changed": 0, "signature_vs_marked_p": 0.71234, "signatures": 3,
+                      "bytes_per_pixel_auroc": 0.61234},
+        "pixels": {"high_pass_energy_auroc": 0.9, "pyramid_logistic_regression_auroc": 0.8, "small_cnn_auroc": 0.7},
+        "suspect": {"spectral_auroc": 0.55, "spectral_recall": 0.4, "activation_clustering_recall": 0.3},
+    }  # fmt: skip
+    method = {"gamma": 0.5, "suspects": {}, "ind_m": {"b1": _scenario(0.9, False)}, "detectability": report}
+    detect = tables({"benign": {}, "methods": {"xmark": method, "badnets": {**method, "detectability": None}}})
+    assert len(detect) == 3 and [row["label"] for row in detect[2]["rows"]] == ["xmark"]
+    cells = detect[2]["rows"][0]["cells"]
+    assert cells["marked of candidates"] == {"value": "20 of 40 (target class)"}
+    assert cells["signature vs marked p"] == {"value": 0.712} and cells["bytes/pixel AUROC"] == {"value": 0.612}
+    assert set(cells) == set(detect[2]["columns"])
+    assert len(tables({"benign": {}, "methods": {"badnets": {**method, "detectability": None}}})) == 2

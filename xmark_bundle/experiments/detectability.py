@@ -2,8 +2,10 @@
 
 The candidates are the released training files that carry the target label as the data user sees it (the released
 datalist): for a clean-label method the marked target images among the unmarked ones, for a poison-label method
-the relabelled non-target images among the genuine targets. The release manifest (the owner's secret) says which
-are marked; the analyses may use it as labelled examples, so (b) is an upper bound on what an analyst could learn.
+the relabelled non-target images among the genuine targets. When every target image is marked (gamma 1), all
+training files are the candidates, and a detector may then find the class rather than the mark. The release
+manifest (the owner's secret) says which are marked; the analyses may use it as labelled examples, so (b) is an
+upper bound on what an analyst could learn.
 
 (a) container: each file's container signature (format, codec, bit depth, photometric interpretation, PNG
     chunks / JPEG tables) compared between marked and unmarked files, and the AUROC of bytes per pixel;
@@ -49,13 +51,22 @@ __all__ = ["candidates", "container_signature", "detectability"]
 PIXEL_SIZE, CNN_SIZE, FOLDS, LEVELS = 256, 128, 5, 4
 
 
-def candidates(release_dir: Path, manifest: Mapping[str, Any], target_label: str) -> tuple[list[str], np.ndarray]:
-    """The released training files labelled ``target_label`` (relative paths) and whether each is marked."""
+def candidates(
+    release_dir: Path, manifest: Mapping[str, Any], target_label: str
+) -> tuple[list[str], np.ndarray, str]:
+    """The released training files to tell apart (relative paths), whether each is marked, and which pool they are.
+
+    The files labelled ``target_label`` when they hold marked and unmarked files; otherwise (every target image
+    marked, as with gamma 1) every training file, where the mark and the class go together."""
     datalist = json.loads((release_dir / "datalist.json").read_text())
     k = target_index(datalist, target_label)
     marked = {f["path"] for f in manifest["marked"] + manifest.get("decoys", [])}
     paths = [row["image"] for row in datalist["training"] if row["label"][k] == 1]
-    return paths, np.array([p in marked for p in paths])
+    flags = np.array([p in marked for p in paths], dtype=bool)
+    if flags.any() and not flags.all():
+        return paths, flags, "target class"
+    paths = [row["image"] for row in datalist["training"]]
+    return paths, np.array([p in marked for p in paths], dtype=bool), "all training files (mark and class confounded)"
 
 
 def container_signature(path: Path) -> str:
@@ -94,13 +105,13 @@ def _pyramid_statistics(image: np.ndarray) -> list[float]:
     return features
 
 
-def _cnn_scores(images: np.ndarray, marked: np.ndarray, seed: int) -> np.ndarray:
-    """Out-of-fold P(marked) of a small CNN trained on the high-pass images (FOLDS-fold, stratified)."""
+def _cnn_scores(images: np.ndarray, marked: np.ndarray, seed: int, folds: int) -> np.ndarray:
+    """Out-of-fold P(marked) of a small CNN trained on the high-pass images (``folds``-fold, stratified)."""
     high = images - np.stack([ndimage.gaussian_filter(x, 2.0) for x in images])
     x = torch.from_numpy(high[:, None] / (high.std() + 1e-8)).float()
     y = torch.from_numpy(marked.astype(np.float32))
     scores = np.zeros(len(x))
-    for fold, (train, test) in enumerate(StratifiedKFold(FOLDS, shuffle=True, random_state=seed).split(x, marked)):
+    for fold, (train, test) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, marked)):
         torch.manual_seed(seed + fold)
         net = nn.Sequential(
             nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -164,8 +175,9 @@ def detectability(
     """The three views of the module docstring for one release (and, with ``suspect_ckpt``, its malicious model)."""
     release_dir = Path(release_dir)
     manifest = json.loads(Path(manifest_file).read_text())
-    paths, marked = candidates(release_dir, manifest, target_label)
-    if marked.sum() < FOLDS or (~marked).sum() < FOLDS:
+    paths, marked, pool = candidates(release_dir, manifest, target_label)
+    folds = int(min(FOLDS, marked.sum(), (~marked).sum()))  # stratified folds need a file of each kind in each
+    if folds < 2:
         raise ValueError(f"{release_dir}: {marked.sum()} marked and {(~marked).sum()} unmarked candidates; too few")
     files = [release_dir / p for p in paths]
     signatures = [container_signature(f) for f in files]
@@ -186,16 +198,18 @@ def detectability(
     pixels = [_content(image, PIXEL_SIZE) for image in loaded]
     high_pass = np.array([np.abs(ndimage.laplace(x.astype(np.float64))).mean() for x in pixels])
     pyramid = np.array([_pyramid_statistics(x) for x in pixels])
-    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
+    splits = StratifiedKFold(folds, shuffle=True, random_state=seed)
     logistic = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    pyramid_scores = cross_val_predict(logistic, pyramid, marked, cv=folds, method="predict_proba")[:, 1]
+    pyramid_scores = cross_val_predict(logistic, pyramid, marked, cv=splits, method="predict_proba")[:, 1]
     boxed = np.stack(
         [letterbox(torch.from_numpy(x)[None, None].float(), letterbox_geometry(x.shape, CNN_SIZE))[0, 0].numpy()
          for x in loaded]
     )  # fmt: skip
     report: dict[str, Any] = {
+        "pool": pool,
         "n_candidates": len(paths),
         "n_marked": int(marked.sum()),
+        "folds": folds,
         "container": {
             "signatures": len(table),
             "signature_vs_marked_p": None if association is None else float(association.pvalue),
@@ -205,7 +219,7 @@ def detectability(
         "pixels": {
             "high_pass_energy_auroc": _auroc(high_pass, marked),
             "pyramid_logistic_regression_auroc": _auroc(pyramid_scores, marked),
-            "small_cnn_auroc": _auroc(_cnn_scores(boxed, marked, seed), marked),
+            "small_cnn_auroc": _auroc(_cnn_scores(boxed, marked, seed, folds), marked),
         },
     }
     if suspect_ckpt is not None:
@@ -227,7 +241,7 @@ def summary_rows(reports: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any
     rows = []
     for name, report in reports.items():
         cells: dict[str, Any] = {
-            "marked of candidates": {"value": f"{report['n_marked']} of {report['n_candidates']}"},
+            "marked of candidates": {"value": f"{report['n_marked']} of {report['n_candidates']} ({report['pool']})"},
             "container changed by marking": {"value": report["container"]["marked_files_whose_container_changed"]},
             "signature vs marked p": {"value": _rounded(report["container"]["signature_vs_marked_p"])},
             "bytes/pixel AUROC": {"value": round(report["container"]["bytes_per_pixel_auroc"], 3)},

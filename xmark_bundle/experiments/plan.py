@@ -10,8 +10,10 @@ size); ``methods`` (name -> ``kind`` ``generator`` (configs/train.json plus ``co
 ``settings``) or ``trigger`` (configs/trigger.json with ``settings``), ``gamma``, ``decoy_fraction``, ``vet_key``,
 ``default``: false for a method that runs only when asked for); ``benign`` (a list of ``{"arch", "seeds",
 "overrides"}``: models trained on the clean data, ``overrides`` optional); ``verification`` (overrides of
-configs/verify.json); ``publish`` (optional: results name -> indexes of the tables it holds; default: one
-results.json named like the experiment with every table).
+configs/verify.json); ``detectability`` (optional, default false: per method, how well a data user finds the marked
+files, :mod:`~xmark_bundle.experiments.detectability`, with the first malicious suspect); ``publish`` (optional:
+results name -> indexes of the tables it holds; default: one results.json named like the experiment with every
+table).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Experiment:
     source: Path
     publish: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     suspect_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"": {}})
+    detectability: bool = False
 
     @property
     def data_seed(self) -> int:
@@ -118,6 +121,8 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     )
     if not benign:
         raise ExperimentError(path, "needs at least one benign model (Ind-M)")
+    if not isinstance(raw.get("detectability", False), bool):
+        raise ExperimentError(path, f"detectability must be true or false, got {raw['detectability']!r}")
     if not raw.get("suspect_variants", {"": {}}):
         raise ExperimentError(path, "suspect_variants, when given, names at least one kind of suspect")
     return Experiment(
@@ -134,4 +139,5 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         source=path,
         publish={name: tuple(int(i) for i in indexes) for name, indexes in raw.get("publish", {}).items()},
         suspect_variants=raw.get("suspect_variants", {"": {}}),
+        detectability=raw.get("detectability", False),
     )

@@ -127,6 +127,17 @@ class _Run:
         self.stages.run(f"{method} evaluation '{suspect.name}'", cmd, suspect / "evaluation.json")
         return json.loads((suspect / "evaluation.json").read_text())
 
+    def detectability(self, method: str, release: Path, manifest: Path, suspect: Path, variant: str) -> dict[str, Any]:
+        """How well a data user finds the release's marked files (scripts/detect_marked.py), with ``suspect``'s
+        features (a malicious model of kind ``variant``)."""
+        recipe = {**self.x.classifier, **self.x.suspect, **self.x.suspect_variants.get(variant, {})}
+        out = self.models / method / "detectability.json"
+        cmd = [sys.executable, "scripts/detect_marked.py", "--release", str(release), "--manifest", str(manifest)]
+        cmd += ["--suspect", str(suspect / "model.pt"), "--arch", str(recipe.get("arch", "resnet18"))]
+        cmd += ["--image-size", str(recipe.get("image_size", self.x.query_size)), "--seed", str(self.x.data_seed)]
+        self.stages.run(f"{method} detectability", [*cmd, "--out", str(out)], out)
+        return json.loads(out.read_text())
+
     def verify(self, method: str, scenario: str, suspect: Path, watermark: Path, query_size: int) -> dict[str, Any]:
         """Verify ``suspect`` (queried at ``query_size``) with ``watermark`` (configs/verify.json); the numbers the
         tables need."""
@@ -200,6 +211,10 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
                 }
         for benign, query_size in benign_models:
             entry["ind_m"][benign.name] = run.verify(method.name, "ind_m", benign, ours, query_size)
+        if x.detectability:
+            name, first = next(iter(entry["suspects"].items()))
+            suspect = run.models / method.name / name
+            entry["detectability"] = run.detectability(method.name, release, manifest, suspect, first["variant"])
         collected["methods"][method.name] = entry
     collected["stage_times_s"] = dict(run.stages.times)
     write_json(out / "collected.json", collected)

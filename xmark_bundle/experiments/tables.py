@@ -5,7 +5,8 @@ a verifier does not know the suspect's thresholds), the paper-style WSR at the s
 share of clean non-target images over that threshold, and the released files' quality at full resolution. Table 2
 (per method): Malicious and Ind-W over suspect seeds (ΔP, the paper's t-test p, the Wilcoxon signed-rank p, whether
 the control calls the verdict specific) and Ind-M over every benign model: the share falsely verified with its
-Clopper-Pearson 95 % interval.
+Clopper-Pearson 95 % interval. With detectability measured, a third table: how well a data user finds the marked
+files (:mod:`~xmark_bundle.experiments.detectability`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from scipy import stats
+
+from xmark_bundle.experiments.detectability import detectability_table
 
 __all__ = ["false_accusations", "plain_words", "tables"]
 
@@ -127,6 +130,8 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "size without its structure) does not trigger the suspect and the watermark beats it by τ. False accusations: "
         "benign models verified, with the Clopper-Pearson 95 % interval."
     )
+    detected = {name: m["detectability"] for name, m in collected["methods"].items() if m.get("detectability")}
+    extra = [detectability_table(detected)] if detected else []
     return [
         {
             "title": "Table 1: accuracy, watermark success and release quality",
@@ -140,6 +145,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
             "rows": rows2,
             "notes": notes2,
         },
+        *extra,
     ]
 
 
