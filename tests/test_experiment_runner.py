@@ -30,6 +30,12 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
         for g in ("watermark", "watermark_independent")
     ]
     assert [info["method"] for info in infos] == ["xmark", "xmark"] and infos[0]["seed"] != infos[1]["seed"]
+    history = json.loads((out / "models/xmark/watermark/logs/metrics.json").read_text())["history"]
+    kept = next(row for row in history if row["epoch"] == infos[0]["best_epoch"])
+    assert xmark["watermark"] == {
+        "epoch": infos[0]["best_epoch"],
+        **{k: kept[k] for k in ("val_wsr", "val_lap", "val_lpips", "val_psnr")},
+    }
     assert infos[0]["surrogate_ckpt"] != infos[1]["surrogate_ckpt"]
     manifest = json.loads((out / "models/xmark/release_manifest.json").read_text())
     assert manifest["method"] == "xmark" and manifest["marked"] and manifest["budget_ok"] and not manifest["decoys"]

@@ -190,6 +190,7 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         release, manifest = run.release(method, ours)
         entry: dict[str, Any] = {"kind": method.kind, "gamma": method.gamma, "suspects": {}, "ind_m": {}}
         entry["release"] = _release_summary(manifest)
+        entry["watermark"] = _watermark_training(ours.parent)
         for variant, overrides in x.suspect_variants.items():
             recipe = {**x.suspect, **overrides}
             query_size = int(recipe.get("image_size", x.query_size))
@@ -229,6 +230,17 @@ def _report(ckpt: Path) -> dict[str, Any]:
         return {}
     report = json.loads(path.read_text())
     return {"mean_ba": report["mean_ba"], "mean_auroc": report["mean_auroc"]}
+
+
+def _watermark_training(folder: Path) -> dict[str, Any]:
+    """A trained generator's validation metrics at its kept (best) epoch; empty for a trigger."""
+    path = folder / "logs" / "metrics.json"
+    if not path.is_file():
+        return {}
+    metrics = json.loads(path.read_text())
+    best = int(metrics["best"]["epoch"])
+    row = next(r for r in metrics["history"] if r["epoch"] == best)
+    return {"epoch": best, **{key: row[key] for key in ("val_wsr", "val_lap", "val_lpips", "val_psnr") if key in row}}
 
 
 def _release_summary(manifest: Path) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def false_accusations(ind_m: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Table 1 and Table 2 of the experiment, one row per method (cells per suspect seed or per benign model)."""
     quality_columns = ("PSNR full res (dB)", "SSIM full res", "PSNR model res (dB)", "SSIM model res", "LPIPS")
+    lap_column = "residual L_Lap (G, val.)"
     columns1 = ["BA", "mean AUROC", "WSR at 0.5", "WSR at val. threshold", "clean over that threshold"]
     rows1 = []
     benign = list(collected["benign"].values())
@@ -82,10 +83,14 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
                 },
                 quality_columns[4]: {"value": round(float(quality["mean_lpips"]), 5)},
             }
+            if "val_lap" in method.get("watermark", {}):  # a trained generator's Laplacian term at its kept epoch
+                cells[lap_column] = {"value": round(float(method["watermark"]["val_lap"]), 5)}
             rows1.append({"label": f"{_label(name, variant)} (γ {method['gamma']})", "cells": cells})
     notes1 = (
         "BA, AUROC: clean test split. WSR at 0.5: the malicious verification's queries. Quality: the released marked "
-        "files against their sources, at full resolution and as the watermark's model sees them; LPIPS at 1024 px."
+        "files against their sources, at full resolution and as the watermark's model sees them; LPIPS at 1024 px. "
+        "Residual L_Lap: the generator's Laplacian term on the validation images at the epoch it kept (generators "
+        "only)."
     )
     if lpips_untrained:
         notes1 += " LPIPS is computed with an untrained trunk (no ImageNet weights reach this machine): not comparable."
@@ -135,7 +140,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "title": "Table 1: accuracy, watermark success and release quality",
-            "columns": columns1 + list(quality_columns),
+            "columns": columns1 + list(quality_columns) + [lap_column],
             "rows": rows1,
             "notes": notes1,
         },
