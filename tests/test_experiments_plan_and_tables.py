@@ -21,6 +21,10 @@ def test_declared_experiments_load_and_keep_opt_in_methods_out_by_default():
     assert demo.methods["xmark"].kind == "generator" and demo.query_size == 128
     with pytest.raises(ExperimentError, match=r"declares no method \['sig'\]"):
         demo.only(["sig"])
+    for path in sorted((ROOT / "configs/experiments").glob("*.json")):  # every declaration loads
+        declared = load_experiment(path)
+        reported = declared.data_seed != declared.seeds["development"]
+        assert reported or declared.name in ("demo", "quick"), f"{path.name} reports on the development seed"
 
 
 @pytest.mark.parametrize(
