@@ -46,8 +46,14 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     assert detected["pool"].startswith("all training files") and detected["n_marked"] == len(manifest["marked"])
     assert detected["suspect"]["checkpoint"] == str(out / "models/xmark/suspect_seed1/model.pt")
     assert detected["container"]["marked_files_whose_container_changed"] == 0
+    # the evaded variant: trained on the noised copy of the release, with the strong augmentation
+    evaded = xmark["suspects"]["suspect_evaded_seed1"]
+    assert evaded["variant"] == "evaded" and evaded["malicious"]["n"] == 8
+    info = json.loads((out / "models/xmark/suspect_evaded_seed1/training_info.json").read_text())
+    assert info["datalist"] == str(out / "release_evaded/xmark/noise0.02/datalist.json")
+    assert "train_classifier_strong_aug.json" in first.stdout.split("classifier 'xmark suspect evaded seed 1'")[1].split("\n")[0]
     stages = first.stdout.count(": done in ")
-    assert stages == len(collected["stage_times_s"]) == 16, first.stdout[-2000:]
+    assert stages == len(collected["stage_times_s"]) == 21, first.stdout[-2000:]
     assert "xmark, Ind-W (suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped

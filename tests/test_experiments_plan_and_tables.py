@@ -36,6 +36,8 @@ def test_declared_experiments_load_and_keep_opt_in_methods_out_by_default():
         ({"methods": {"m": {"kind": "trigger", "gama": 0.1}}}, r"unknown keys \['gama'\]"),
         ({"benign": []}, "at least one benign model"),
         ({"detectability": "yes"}, "detectability must be true or false"),
+        ({"suspect_variants": {"v": {"evasion": "jpeg"}}}, "evasion must be one of"),
+        ({"suspect_variants": {"v": {"configs": ["configs/none.json"]}}}, r"no config file \['configs/none.json'\]"),
     ],
 )
 def test_a_bad_declaration_names_the_file_and_the_problem(change, problem, tmp_path):

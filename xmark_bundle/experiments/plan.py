@@ -5,7 +5,9 @@ with ``seeds.data``); ``seeds`` (``data``: the phantom seed this run uses, ``dev
 settings were chosen on, ``suspects``: the malicious suspects' seeds); ``classifier`` (overrides of
 configs/train_classifier.json for the surrogates and suspects; ``image_size`` is also the query size); ``suspect``
 (extra overrides for suspects only); ``suspect_variants`` (optional: name -> overrides of one kind of malicious
-suspect, e.g. another ``arch`` or ``image_size``; each is trained for every suspect seed and queried at its own
+suspect, e.g. another ``arch`` or ``image_size``, ``configs``: override files for its training (e.g.
+``configs/train_classifier_strong_aug.json``), ``evasion``: a defence applied to the release before training,
+:data:`~xmark_bundle.experiments.evasion.EVASIONS`; each is trained for every suspect seed and queried at its own
 size); ``methods`` (name -> ``kind`` ``generator`` (configs/train.json plus ``configs`` override files and
 ``settings``) or ``trigger`` (configs/trigger.json with ``settings``), ``gamma``, ``decoy_fraction``, ``vet_key``,
 ``default``: false for a method that runs only when asked for); ``benign`` (a list of ``{"arch", "seeds",
@@ -25,9 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmark_bundle.experiments.evasion import EVASIONS
+
 __all__ = ["Experiment", "ExperimentError", "Method", "load_experiment"]
 
 KINDS = ("generator", "trigger")
+#: The bundle root: config files a declaration names are relative to it (the runner runs from there).
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ExperimentError(ValueError):
@@ -125,6 +131,12 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         raise ExperimentError(path, f"detectability must be true or false, got {raw['detectability']!r}")
     if not raw.get("suspect_variants", {"": {}}):
         raise ExperimentError(path, "suspect_variants, when given, names at least one kind of suspect")
+    for variant, overrides in raw.get("suspect_variants", {}).items():
+        if overrides.get("evasion", next(iter(EVASIONS))) not in EVASIONS:
+            raise ExperimentError(path, f"suspect variant {variant!r}: evasion must be one of {sorted(EVASIONS)}")
+        missing = [c for c in overrides.get("configs", []) if not (BUNDLE_ROOT / c).is_file()]
+        if missing:
+            raise ExperimentError(path, f"suspect variant {variant!r}: no config file {missing}")
     return Experiment(
         name=raw["name"],
         title=raw["title"],

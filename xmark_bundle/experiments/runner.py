@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +58,31 @@ class _Run:
         self.stages.run("datalist", datalist, self.data["datalist_file"])
 
     def classifier(self, name: str, ckpt: Path, data_dir: Path, seed: int, evaluate: bool, **recipe: Any) -> Path:
-        """Train (and evaluate on the clean test split) a classifier on ``data_dir``; its checkpoint folder."""
+        """Train (and evaluate on the clean test split) a classifier on ``data_dir``; its checkpoint folder.
+
+        A recipe's ``configs`` are override files layered on configs/train_classifier.json (e.g. stronger
+        augmentation); its other keys are overrides."""
         data = {"dataset_dir": data_dir, "datalist_file": data_dir / "datalist.json"}
-        overrides = {**self.x.classifier, **recipe, **data}
-        cmd = bundle_cmd("training", CLASSIFIER, ckpt_dir=ckpt, seed=seed, **overrides)
+        extra = list(recipe.get("configs", ()))
+        overrides = {**self.x.classifier, **_training_keys(recipe), **data}
+        cmd = bundle_cmd("training", CLASSIFIER + extra, ckpt_dir=ckpt, seed=seed, **overrides)
         self.stages.run(f"classifier '{name}'", cmd, ckpt / "training_info.json")
         if evaluate:
             keys = {**self.eval_keys, **_evaluation_keys(recipe)}
-            cmd = bundle_cmd("run", EVALUATE, ckpt_dir=ckpt, **self.data, **keys)
+            cmd = bundle_cmd("run", CLASSIFIER + extra + EVALUATE[1:], ckpt_dir=ckpt, **self.data, **keys)
             self.stages.run(f"evaluation '{name}'", cmd, ckpt / "classification_report.json")
         return ckpt
+
+    def evaded(self, method: str, release: Path, evasion: str) -> Path:
+        """``release`` as a data user who applies ``evasion`` to every image trains on it (scripts/evade_release.py)."""
+        out = self.out / "release_evaded" / method / evasion
+        cmd = [sys.executable, "scripts/evade_release.py", "--release", str(release), "--evasion", evasion]
+        self.stages.run(
+            f"{method} release after {evasion}",
+            [*cmd, "--out", str(out), "--seed", str(self.x.data_seed)],
+            out / "datalist.json",
+        )
+        return out
 
     def watermark(self, method: Method, folder: Path, surrogate: Path, seed: int, vetting: bool) -> Path:
         """Make ``method``'s watermark checkpoint in ``folder`` (a trained generator or a trigger)."""
@@ -121,7 +137,7 @@ class _Run:
 
     def evaluate_suspect(self, method: str, suspect: Path, manifest: Path, **recipe: Any) -> dict[str, Any]:
         """The suspect's clean-test accuracy, its WSR at its validation threshold and the release's quality."""
-        configs = EVALUATE + ["configs/evaluate.json"]
+        configs = CLASSIFIER + list(recipe.get("configs", ())) + EVALUATE[1:] + ["configs/evaluate.json"]
         keys = {**self.eval_keys, **_evaluation_keys(recipe)}
         cmd = bundle_cmd("run", configs, ckpt_dir=suspect, release_manifest=manifest, **self.data, **keys)
         self.stages.run(f"{method} evaluation '{suspect.name}'", cmd, suspect / "evaluation.json")
@@ -151,9 +167,14 @@ class _Run:
         return {key: report.get(key) for key in keep} | {"report": str(folder / "verification.json")}
 
 
-def _evaluation_keys(recipe: dict[str, Any]) -> dict[str, Any]:
+def _training_keys(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """A recipe's config overrides (its override files and its evasion are not)."""
+    return {k: v for k, v in recipe.items() if k not in ("configs", "evasion")}
+
+
+def _evaluation_keys(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """A training recipe's overrides that an evaluation of the same classifier needs (all but the epochs)."""
-    return {k: v for k, v in recipe.items() if k != "max_epochs"}
+    return {k: v for k, v in _training_keys(recipe).items() if k != "max_epochs"}
 
 
 def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, Any]:
@@ -194,10 +215,11 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         for variant, overrides in x.suspect_variants.items():
             recipe = {**x.suspect, **overrides}
             query_size = int(recipe.get("image_size", x.query_size))
+            data_dir = release if "evasion" not in recipe else run.evaded(method.name, release, recipe["evasion"])
             for suspect_seed in x.seeds["suspects"]:
                 name = f"suspect_seed{suspect_seed}" if not variant else f"suspect_{variant}_seed{suspect_seed}"
                 label = f"{method.name} suspect {variant + ' ' if variant else ''}seed {suspect_seed}"
-                suspect = run.classifier(label, folder / name, release, suspect_seed, evaluate=False, **recipe)
+                suspect = run.classifier(label, folder / name, data_dir, suspect_seed, evaluate=False, **recipe)
                 evaluation = run.evaluate_suspect(method.name, suspect, manifest, **recipe)
                 entry["suspects"][suspect.name] = {
                     "seed": suspect_seed,
