@@ -51,9 +51,22 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     assert evaded["variant"] == "evaded" and evaded["malicious"]["n"] == 8
     info = json.loads((out / "models/xmark/suspect_evaded_seed1/training_info.json").read_text())
     assert info["datalist"] == str(out / "release_evaded/xmark/noise0.02/datalist.json")
-    assert "train_classifier_strong_aug.json" in first.stdout.split("classifier 'xmark suspect evaded seed 1'")[1].split("\n")[0]
+    evaded_stage = first.stdout.split("classifier 'xmark suspect evaded seed 1'")[1].split("\n")[0]
+    assert "train_classifier_strong_aug.json" in evaded_stage
+    # the pre-trained start: the suspects and the benign model start from the classifier of the other phantom set
+    pretrained = out / "models/pretrained/resnet18_64px/model.pt"
+    for model in ("models/xmark/suspect_seed1", "models/benign/resnet18_seed1"):
+        assert json.loads((out / model / "training_info.json").read_text())["weights"] == f"checkpoint:{pretrained}"
+    # removal: the suspect fine-tuned on the clean half, head only and every layer, evaluated and verified again
+    removal = suspect["removal"]
+    assert list(removal) == ["head_1", "full_1"] and removal["head_1"]["n"] == 8
+    tuned = json.loads((out / "models/xmark/suspect_seed1_finetuned_head_1/training_info.json").read_text())
+    assert tuned["weights"] == f"checkpoint:{out / 'models/xmark/suspect_seed1/model.pt'}" and tuned["epochs"] == 1
+    subset = json.loads((out / "phantoms/datalist_clean_subset.json").read_text())
+    assert tuned["datalist"] == str(out / "phantoms/datalist_clean_subset.json")
+    assert len(subset["training"]) == round(0.5 * subset["metadata"]["subset"]["of"])
     stages = first.stdout.count(": done in ")
-    assert stages == len(collected["stage_times_s"]) == 21, first.stdout[-2000:]
+    assert stages == len(collected["stage_times_s"]) == 31, first.stdout[-2000:]
     assert "xmark, Ind-W (suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped

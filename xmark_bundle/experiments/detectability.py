@@ -51,9 +51,7 @@ __all__ = ["candidates", "container_signature", "detectability"]
 PIXEL_SIZE, CNN_SIZE, FOLDS, LEVELS = 256, 128, 5, 4
 
 
-def candidates(
-    release_dir: Path, manifest: Mapping[str, Any], target_label: str
-) -> tuple[list[str], np.ndarray, str]:
+def candidates(release_dir: Path, manifest: Mapping[str, Any], target_label: str) -> tuple[list[str], np.ndarray, str]:
     """The released training files to tell apart (relative paths), whether each is marked, and which pool they are.
 
     The files labelled ``target_label`` when they hold marked and unmarked files; otherwise (every target image

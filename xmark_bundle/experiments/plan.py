@@ -13,7 +13,11 @@ size); ``methods`` (name -> ``kind`` ``generator`` (configs/train.json plus ``co
 ``default``: false for a method that runs only when asked for); ``benign`` (a list of ``{"arch", "seeds",
 "overrides"}``: models trained on the clean data, ``overrides`` optional); ``verification`` (overrides of
 configs/verify.json); ``detectability`` (optional, default false: per method, how well a data user finds the marked
-files, :mod:`~xmark_bundle.experiments.detectability`, with the first malicious suspect); ``publish`` (optional:
+files, :mod:`~xmark_bundle.experiments.detectability`, with the first malicious suspect); ``pretrain`` (optional:
+``seed``, ``phantoms`` {``n``, ``min_size``, ``max_size``}, ``max_epochs``: a classifier per architecture and size
+trained on that disjoint phantom set, from which every suspect and benign model starts); ``removal`` (optional:
+``clean_fraction``, ``learning_rate``, ``head_epochs``, ``full_epochs``: each malicious suspect fine-tuned on a
+clean share of the training split, the head only or every layer, and verified again); ``publish`` (optional:
 results name -> indexes of the tables it holds; default: one results.json named like the experiment with every
 table).
 """
@@ -75,6 +79,8 @@ class Experiment:
     publish: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     suspect_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"": {}})
     detectability: bool = False
+    pretrain: Mapping[str, Any] = field(default_factory=dict)
+    removal: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def data_seed(self) -> int:
@@ -127,6 +133,16 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     )
     if not benign:
         raise ExperimentError(path, "needs at least one benign model (Ind-M)")
+    pretrain = raw.get("pretrain", {})
+    if pretrain and not (
+        {"seed", "phantoms"} <= set(pretrain) and {"n", "min_size", "max_size"} <= set(pretrain["phantoms"])
+    ):
+        raise ExperimentError(path, "pretrain needs 'seed' and 'phantoms' with 'n', 'min_size' and 'max_size'")
+    if pretrain and int(pretrain["seed"]) in (int(seeds["data"]), int(seeds["development"])):
+        raise ExperimentError(path, "pretrain's phantom seed must differ from the data and development seeds")
+    unknown = set(raw.get("removal", {})) - {"clean_fraction", "learning_rate", "head_epochs", "full_epochs"}
+    if unknown:
+        raise ExperimentError(path, f"removal: unknown keys {sorted(unknown)}")
     if not isinstance(raw.get("detectability", False), bool):
         raise ExperimentError(path, f"detectability must be true or false, got {raw['detectability']!r}")
     if not raw.get("suspect_variants", {"": {}}):
@@ -152,4 +168,6 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         publish={name: tuple(int(i) for i in indexes) for name, indexes in raw.get("publish", {}).items()},
         suspect_variants=raw.get("suspect_variants", {"": {}}),
         detectability=raw.get("detectability", False),
+        pretrain=raw.get("pretrain", {}),
+        removal=raw.get("removal", {}),
     )

@@ -11,6 +11,7 @@ exists, so an interrupted run resumes; ``collected.json`` holds every number the
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Mapping
@@ -57,12 +58,22 @@ class _Run:
         datalist += [str(self.phantoms / "valid.csv"), "--out", str(self.data["datalist_file"]), "--seed", str(seed)]
         self.stages.run("datalist", datalist, self.data["datalist_file"])
 
-    def classifier(self, name: str, ckpt: Path, data_dir: Path, seed: int, evaluate: bool, **recipe: Any) -> Path:
-        """Train (and evaluate on the clean test split) a classifier on ``data_dir``; its checkpoint folder.
+    def classifier(
+        self,
+        name: str,
+        ckpt: Path,
+        data_dir: Path,
+        seed: int,
+        evaluate: bool,
+        datalist: Path | None = None,
+        **recipe: Any,
+    ) -> Path:
+        """Train (and evaluate on the clean test split) a classifier on ``data_dir`` (``datalist``: another datalist
+        than its datalist.json); its checkpoint folder.
 
         A recipe's ``configs`` are override files layered on configs/train_classifier.json (e.g. stronger
         augmentation); its other keys are overrides."""
-        data = {"dataset_dir": data_dir, "datalist_file": data_dir / "datalist.json"}
+        data = {"dataset_dir": data_dir, "datalist_file": datalist or data_dir / "datalist.json"}
         extra = list(recipe.get("configs", ()))
         overrides = {**self.x.classifier, **_training_keys(recipe), **data}
         cmd = bundle_cmd("training", CLASSIFIER + extra, ckpt_dir=ckpt, seed=seed, **overrides)
@@ -72,6 +83,50 @@ class _Run:
             cmd = bundle_cmd("run", CLASSIFIER + extra + EVALUATE[1:], ckpt_dir=ckpt, **self.data, **keys)
             self.stages.run(f"evaluation '{name}'", cmd, ckpt / "classification_report.json")
         return ckpt
+
+    @functools.cache  # noqa: B019 - one run object per experiment run: a stage is made (or reported) once
+    def pretrained(self, arch: str, size: int) -> Path:
+        """A classifier pre-trained on the declaration's disjoint phantom set (``pretrain``), the suspects' start."""
+        spec = self.x.pretrain
+        data = self.out / "pretrain_phantoms"
+        py, p = sys.executable, spec["phantoms"]
+        cmd = [py, "scripts/make_phantoms.py", "--out", str(data), "--n", str(p["n"]), "--seed", str(spec["seed"])]
+        cmd += ["--min-size", str(p["min_size"]), "--max-size", str(p["max_size"]), "--valid-fraction", "0.25"]
+        self.stages.run("pre-training phantoms", [*cmd, "--workers", "2"], data / "valid.csv")
+        datalist = [py, "scripts/prepare_datalist.py", "--csv", str(data / "train.csv"), "--test-csv"]
+        datalist += [str(data / "valid.csv"), "--out", str(data / "datalist.json"), "--seed", str(spec["seed"])]
+        self.stages.run("pre-training datalist", datalist, data / "datalist.json")
+        recipe = {"arch": arch, "image_size": size, "max_epochs": spec.get("max_epochs", 5)}
+        folder = self.models / "pretrained" / f"{arch}_{size}px"
+        return self.classifier(f"pre-trained {arch}", folder, data, int(spec["seed"]), False, **recipe) / "model.pt"
+
+    @functools.cache  # noqa: B019 - as above
+    def clean_subset(self) -> Path:
+        """The data user's small clean set for fine-tuning: a share of the clean training split (``removal``)."""
+        out = self.phantoms / "datalist_clean_subset.json"
+        fraction, seed = self.x.removal.get("clean_fraction", 0.1), self.x.data_seed
+        cmd = [sys.executable, "scripts/subset_datalist.py", "--datalist", str(self.data["datalist_file"])]
+        cmd += ["--fraction", str(fraction), "--seed", str(seed), "--out", str(out)]
+        self.stages.run("clean subset for fine-tuning", cmd, out)
+        return out
+
+    def removal(self, method: str, suspect: Path, watermark: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+        """Fine-tune ``suspect`` on the clean subset, the head only or every layer, for each declared number of
+        epochs; the clean BA and the Malicious verification of each fine-tuned model."""
+        subset, spec = self.clean_subset(), self.x.removal
+        size = int(recipe.get("image_size", self.x.query_size))
+        results: dict[str, Any] = {}
+        for mode, configs in (("head", ["configs/finetune_head.json"]), ("full", [])):
+            for epochs in spec.get(f"{mode}_epochs", []):
+                tuned = {**_evaluation_keys(recipe), "configs": configs, "max_epochs": epochs}
+                tuned |= {"learning_rate": spec.get("learning_rate", 1e-4), "pretrained_weights": suspect / "model.pt"}
+                name = f"{suspect.name}_finetuned_{mode}_{epochs}"
+                label = f"{method} {suspect.name} fine-tuned ({mode}, {epochs} epochs)"
+                folder = self.classifier(label, suspect.parent / name, self.phantoms, 0, True, subset, **tuned)
+                report = json.loads((folder / "classification_report.json").read_text())
+                verified = self.verify(method, "malicious", folder, watermark, size)
+                results[f"{mode}_{epochs}"] = {"mode": mode, "epochs": epochs, "mean_ba": report["mean_ba"], **verified}
+        return results
 
     def evaded(self, method: str, release: Path, evasion: str) -> Path:
         """``release`` as a data user who applies ``evasion`` to every image trains on it (scripts/evade_release.py)."""
@@ -193,12 +248,19 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         "benign": {},
         "methods": {},
     }
+
+    def started(recipe: dict[str, Any]) -> dict[str, Any]:  # a suspect's or benign model's recipe, pre-trained start
+        if not x.pretrain:
+            return recipe
+        arch, size = recipe.get("arch", x.classifier.get("arch", "resnet18")), recipe.get("image_size", x.query_size)
+        return {**recipe, "pretrained_weights": run.pretrained(str(arch), int(size))}
+
     benign_models = []
     for arch, benign_seed, overrides in x.benign:
         size = overrides.get("image_size")
         name = f"{arch}_seed{benign_seed}" if size is None else f"{arch}_{size}px_seed{benign_seed}"
         folder = run.models / "benign" / name
-        recipe = {**x.suspect, "arch": arch, **overrides}
+        recipe = started({**x.suspect, "arch": arch, **overrides})
         run.classifier(folder.name, folder, run.phantoms, benign_seed, evaluate=True, **recipe)
         benign_models.append((folder, recipe.get("image_size", x.query_size)))
         collected["benign"][folder.name] = {"arch": arch, "seed": benign_seed, **overrides, **_report(folder)}
@@ -213,7 +275,7 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         entry["release"] = _release_summary(manifest)
         entry["watermark"] = _watermark_training(ours.parent)
         for variant, overrides in x.suspect_variants.items():
-            recipe = {**x.suspect, **overrides}
+            recipe = started({**x.suspect, **overrides})
             query_size = int(recipe.get("image_size", x.query_size))
             data_dir = release if "evasion" not in recipe else run.evaded(method.name, release, recipe["evasion"])
             for suspect_seed in x.seeds["suspects"]:
@@ -232,6 +294,8 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
                     "malicious": run.verify(method.name, "malicious", suspect, ours, query_size),
                     "ind_w": run.verify(method.name, "ind_w", suspect, other, query_size),
                 }
+                if x.removal and not variant:
+                    entry["suspects"][suspect.name]["removal"] = run.removal(method.name, suspect, ours, recipe)
         for benign, query_size in benign_models:
             entry["ind_m"][benign.name] = run.verify(method.name, "ind_m", benign, ours, query_size)
         if x.detectability:

@@ -137,6 +137,8 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
     )
     detected = {name: m["detectability"] for name, m in collected["methods"].items() if m.get("detectability")}
     extra = [detectability_table(detected)] if detected else []
+    removal = removal_table(collected)
+    extra += [removal] if removal["rows"] else []
     return [
         {
             "title": "Table 1: accuracy, watermark success and release quality",
@@ -152,6 +154,47 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         },
         *extra,
     ]
+
+
+def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
+    """Each method's malicious suspects fine-tuned on a clean share (head only or every layer, by epochs): clean BA,
+    WSR at 0.5 and the Malicious p per suspect seed, and how many stay verified."""
+    rows = []
+    for name, method in collected["methods"].items():
+        tuned = [s["removal"] for s in method["suspects"].values() if s.get("removal")]
+        if not tuned:
+            continue
+        original = [s for s in method["suspects"].values() if s.get("removal")]
+        rows.append(
+            {
+                "label": f"{name}, as trained",
+                "cells": {
+                    "BA": _seeds([s["mean_ba"] for s in original]),
+                    "WSR at 0.5": _seeds([s["malicious"]["wsr"] for s in original]),
+                    "Malicious p": _seeds([s["malicious"]["p_value"] for s in original]),
+                    "verified": {"value": f"{sum(bool(s['malicious']['owned']) for s in original)} of {len(original)}"},
+                },
+            }
+        )
+        for key in tuned[0]:
+            runs = [t[key] for t in tuned]
+            rows.append(
+                {
+                    "label": f"{name}, fine-tuned {runs[0]['mode']} {runs[0]['epochs']} epochs",
+                    "cells": {
+                        "BA": _seeds([r["mean_ba"] for r in runs]),
+                        "WSR at 0.5": _seeds([r["wsr"] for r in runs]),
+                        "Malicious p": _seeds([r["p_value"] for r in runs]),
+                        "verified": {"value": f"{sum(bool(r['owned']) for r in runs)} of {len(runs)}"},
+                    },
+                }
+            )
+    return {
+        "title": "Removal: the malicious suspects fine-tuned on a clean share of the training split",
+        "columns": ["BA", "WSR at 0.5", "Malicious p", "verified"],
+        "rows": rows,
+        "notes": "head: the last linear layer only; full: every layer. Cells per suspect seed.",
+    }
 
 
 def _verdict(result: Mapping[str, Any]) -> str:

@@ -45,7 +45,10 @@ def build_classifier(
     """Build a torchvision ``arch`` with ``in_channels`` inputs and ``num_classes`` logits.
 
     With ``pretrained`` (or an explicit ``weights_path``) the ImageNet weights are loaded from disk when present;
-    ``model.weights_status`` records ``imagenet:<file>`` or ``untrained`` for the metrics files.
+    ``weights_path`` may also be a classifier checkpoint of this bundle (as configs/train_classifier.json writes it,
+    or wrapped as ``{"model": ...}``), whose every layer, head included, is kept (a pre-trained start, or a
+    fine-tuning of a trained model). ``model.weights_status`` records ``imagenet:<file>``, ``checkpoint:<file>`` or
+    ``untrained`` for the metrics files.
     """
     if arch not in CAM_LAYERS:
         raise ValueError(f"Unsupported classifier architecture {arch!r}; choose one of {sorted(CAM_LAYERS)}.")
@@ -65,16 +68,19 @@ def build_classifier(
             ),
         )
     path = locate_imagenet_weights(arch, weights_path) if (pretrained or weights_path) else None
+    whole = False
     if path is not None:
-        _load_imagenet(model, torch.load(path, map_location="cpu", weights_only=True), conv_name, path)
-    model.weights_status = weights_status(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        whole = _load_imagenet(model, state.get("model", state), conv_name, path)
+    model.weights_status = f"checkpoint:{path}" if whole else weights_status(path)
     model.architecture = {"arch": arch, "num_classes": int(num_classes), "in_channels": int(in_channels)}
     logger.info("classifier %s: %s", arch, model.weights_status)
     return model
 
 
-def _load_imagenet(model: nn.Module, state: dict[str, torch.Tensor], conv_name: str, path: os.PathLike) -> None:
-    """Copy ImageNet weights into ``model``: adapt the stem to the input channels, skip the (resized) head."""
+def _load_imagenet(model: nn.Module, state: dict[str, torch.Tensor], conv_name: str, path: os.PathLike) -> bool:
+    """Copy ImageNet weights into ``model``: adapt the stem to the input channels, skip the (resized) head. True when
+    every weight, head included, came from the file (a classifier of this shape: a checkpoint, not ImageNet's)."""
     own = model.state_dict()
     stem_key = f"{conv_name}.weight"
     if stem_key in state and state[stem_key].shape[1] != own[stem_key].shape[1]:
@@ -84,8 +90,17 @@ def _load_imagenet(model: nn.Module, state: dict[str, torch.Tensor], conv_name: 
     missing = sorted(set(own) - set(kept))
     head = [k for k in missing if not k.endswith(("num_batches_tracked",))]
     if len(head) > 2:  # only the final Linear's weight and bias may differ
-        raise ValueError(f"{path}: not ImageNet weights for this architecture (missing {head[:5]} ...)")
+        raise ValueError(f"{path}: not weights for this architecture (missing {head[:5]} ...)")
     model.load_state_dict(kept, strict=False)
+    return not head
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model``'s last linear layer (its classification head), for fine-tuning the head only."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError(f"{type(model).__name__} has no linear layer to fine-tune")
+    return list(linear[-1].parameters())
 
 
 def load_classifier(
