@@ -61,6 +61,19 @@ def _print_summary(collected: dict, out: Path) -> None:
     print(f"\n  every number: {out / 'collected.json'}; figure: {out / FIGURE}; reports under {out / 'verification'}")
 
 
+#: Kinds of stage, by a word of the stage's name, for the wall-time breakdown (first match wins).
+STAGE_KINDS = ("verification", "evaluation", "detectability", "classifier", "watermark", "release", "phantoms")
+
+
+def wall_times(stage_times: dict[str, float]) -> dict[str, float]:
+    """Seconds per kind of stage (classifiers, evaluations, verifications, ...) and in all, on this machine."""
+    kinds: dict[str, float] = {}
+    for name, seconds in stage_times.items():
+        kind = next((k for k in STAGE_KINDS if k in name), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+    return {**{k: round(v, 1) for k, v in sorted(kinds.items())}, "all stages": round(sum(stage_times.values()), 1)}
+
+
 def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str]) -> None:
     """Write docs/experiments/<name>/results.json for each published part of the experiment, then the page."""
     all_tables = tables(collected)
@@ -79,7 +92,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str])
                 "report": experiment.data_seed,
                 "suspects": list(experiment.seeds["suspects"]),
             },
-            "wall_time_s": {"all stages": round(sum(collected["stage_times_s"].values()), 1)},
+            "wall_time_s": wall_times(collected["stage_times_s"]),
             "tables": [all_tables[i] for i in indexes],
             "figures": [FIGURE] if 1 in indexes else [],
             "reading": "(not yet written: the tables are new)",

@@ -89,3 +89,29 @@ def test_the_committed_page_matches_the_committed_results():
     assert render_page([load_results(p) for p in sorted((ROOT / "docs" / "experiments").glob("*/results.json"))]) == (
         ROOT / "docs" / "experiments.md"
     ).read_text()
+
+
+def test_published_wall_times_add_up_by_kind_of_stage():
+    import experiment  # scripts/experiment.py
+
+    times = {
+        "phantoms": 70.0,
+        "classifier 'surrogate'": 100.0,
+        "evaluation 'surrogate'": 10.0,
+        "xmark watermark 'watermark'": 150.0,
+        "xmark release": 10.0,
+        "xmark verification malicious 'suspect_seed1'": 5.0,
+        "xmark detectability": 30.0,
+        "datalist": 2.0,
+    }
+    assert experiment.wall_times(times) == {
+        "classifier": 100.0,
+        "detectability": 30.0,
+        "evaluation": 10.0,
+        "other": 2.0,
+        "phantoms": 70.0,
+        "release": 10.0,
+        "verification": 5.0,
+        "watermark": 150.0,
+        "all stages": 377.0,
+    }
