@@ -158,7 +158,8 @@ def test_a_detectability_table_follows_when_a_method_measured_it():
         "container": {"marked_files_whose_container_changed": 0, "signature_vs_marked_p": 0.71234, "signatures": 3,
                       "bytes_per_pixel_auroc": 0.61234},
         "pixels": {"high_pass_energy_auroc": 0.9, "pyramid_logistic_regression_auroc": 0.8, "small_cnn_auroc": 0.7},
-        "suspect": {"spectral_auroc": 0.55, "spectral_recall": 0.4, "activation_clustering_recall": 0.3},
+        "suspect": {"spectral_auroc": 0.55, "spectral_recall": 0.4, "activation_clustering_recall": 0.3,
+                    "activation_clustering_precision": 0.6},
     }  # fmt: skip
     method = {"gamma": 0.5, "suspects": {}, "ind_m": {"b1": _scenario(0.9, False)}, "detectability": report}
     detect = tables({"benign": {}, "methods": {"xmark": method, "badnets": {**method, "detectability": None}}})
@@ -167,4 +168,6 @@ def test_a_detectability_table_follows_when_a_method_measured_it():
     assert cells["marked of candidates"] == {"value": "20 of 40 (target class)"}
     assert cells["signature vs marked p"] == {"value": 0.712} and cells["bytes/pixel AUROC"] == {"value": 0.612}
     assert set(cells) == set(detect[2]["columns"])
+    assert cells["spectral recall (chance)"] == {"value": "0.40 (0.75)"}  # 30 of 40 flagged at random
+    assert cells["AC recall, precision (base rate)"] == {"value": "0.30, 0.60 (0.50)"}
     assert len(tables({"benign": {}, "methods": {"badnets": {**method, "detectability": None}}})) == 2
