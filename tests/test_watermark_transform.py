@@ -13,7 +13,14 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from xmark_bundle.data import LoadXRayd, XRayWriteError, load_xray
-from xmark_bundle.transforms import ResizeLongestPadd, SaveWatermarkedd, apply_watermark, letterbox, letterbox_geometry
+from xmark_bundle.transforms import (
+    ResizeLongestPadd,
+    SaveWatermarkedd,
+    apply_watermark,
+    letterbox,
+    letterbox_geometry,
+    unletterbox,
+)
 
 EPS = 16 / 255
 
@@ -94,7 +101,7 @@ def test_save_watermarkedd_in_a_monai_pipeline(tmp_path):
     batch["pred"] = (batch["image"] + EPS * pattern).clamp(0, 1)  # stands in for the generator's output
     outputs = [postprocessing(item) for item in decollate_batch(batch)]
 
-    for source, item in zip(files, outputs, strict=True):
+    for source, item, benign, pred in zip(files, outputs, decollate_batch(batch["image"]), batch["pred"], strict=True):
         released = output_dir / source.relative_to(dataset_dir)
         report = item["watermark"]
         assert report["path"] == str(released) and report["source"] == str(source)
@@ -102,6 +109,11 @@ def test_save_watermarkedd_in_a_monai_pipeline(tmp_path):
         image, meta = load_xray(released)
         source_image, source_meta = load_xray(source)
         assert image.shape == source_image.shape and meta.format == source_meta.format
+        # the file is the source plus the known 32 px residual, its padding cropped and resized to the file's grid
+        residual = unletterbox((pred - benign).as_tensor()[None], benign.meta["xmark_geometry"])[0, 0].numpy()
+        expected = np.clip(source_image.astype(np.float64) + residual, 0, 1)
+        error = np.abs(image.astype(np.float64) - expected).max()
+        assert error <= report["quantisation_step01"] / 2 + 1e-5, (source.name, error)
         assert (meta.stored_dtype, meta.photometric) == (source_meta.stored_dtype, source_meta.photometric)
     assert pydicom.dcmread(output_dir / "p2" / "dx.dcm").SOPInstanceUID == pydicom.dcmread(files[1]).SOPInstanceUID
 
