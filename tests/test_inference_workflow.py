@@ -11,16 +11,17 @@ import pydicom
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.transforms import Compose
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from xmark_bundle.data import load_xray
+from xmark_bundle.data import LoadXRayd, load_xray
 from xmark_bundle.data.xray_writer import quantisation_step
-from xmark_bundle.networks.checkpoint import save_watermark
+from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
 from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
 from xmark_bundle.networks.pipeline import WatermarkPipeline
-from xmark_bundle.transforms.geometry import GEOMETRY_KEY, unletterbox
+from xmark_bundle.transforms.geometry import GEOMETRY_KEY, ResizeLongestPadd, unletterbox
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS = 64, [4, 8, 16, 32, 64]
@@ -84,6 +85,13 @@ def test_inference_watermarks_real_cr_radiograph(tmp_path, checkpoint):
     change = np.abs(marked01 - benign01).max()
     assert 0 < change <= 16 / 255 + quantisation_step(meta) + 1e-6
     assert not np.array_equal(new.pixel_array, ref.pixel_array)
+    # the written film is the source plus G's residual of its own letterboxed image, cropped and resized
+    x = Compose([LoadXRayd("image"), ResizeLongestPadd("image", SIZE)])({"image": str(source)})["image"]
+    with torch.no_grad():
+        network = load_watermark(checkpoint)
+        residual = unletterbox(network(x.as_tensor()[None]) - x.as_tensor()[None], x.meta[GEOMETRY_KEY])[0, 0]
+    expected = np.clip(benign01.astype(np.float64) + residual.numpy(), 0, 1)
+    assert np.abs(marked01.astype(np.float64) - expected).max() <= quantisation_step(meta) / 2 + 1e-5
 
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
