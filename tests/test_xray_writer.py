@@ -19,6 +19,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -267,8 +268,12 @@ def test_voi_lut_sequence_round_trip_and_step(tmp_path):
     np.testing.assert_array_equal(
         pydicom.dcmread(tmp_path / "out.dcm").pixel_array, pydicom.dcmread(source).pixel_array
     )
-    levels = np.unique(image)
-    assert 0 < quantisation_step(meta) >= np.diff(levels).max() - 1e-6
+    # one stored unit's largest effect, from pydicom's own chain over every stored value the header allows
+    ds = pydicom.dcmread(source)
+    stored = np.arange(0, 2**ds.BitsStored, dtype=ds.pixel_array.dtype)
+    chain = apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float64) / 65535.0  # 16-bit LUT entries
+    assert quantisation_step(meta) == pytest.approx(np.abs(np.diff(chain)).max(), abs=1e-9)
+    assert quantisation_step(meta) >= np.diff(np.unique(image)).max() - 1e-6  # no level step is larger
 
 
 # --- PNG / JPEG ---
