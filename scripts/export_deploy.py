@@ -33,9 +33,8 @@ from xmark_bundle.networks.checkpoint import load_watermark, watermark_record  #
 CONFIG_NAMES = ("inference", "deploy")
 
 
-def deploy_config(checkpoint: str | Path, configs: Path = ROOT / "configs") -> dict:
-    """configs/deploy.json with ``checkpoint``'s image size and budget as numbers."""
-    record = watermark_record(checkpoint)
+def deploy_config(record: dict, configs: Path = ROOT / "configs") -> dict:
+    """configs/deploy.json with a checkpoint's image size and budget (its ``record``) as numbers."""
     config = json.loads((configs / "deploy.json").read_text(encoding="utf-8"))
     return {**config, "image_size": int(record["image_size"]), "epsilon": float(record["epsilon"])}
 
@@ -46,10 +45,11 @@ def export_deploy(checkpoint: str | Path, out: str | Path, configs: Path = ROOT 
     Written under its own name in a temporary folder beside ``out`` (the archive's inner folder is named after the
     file, and the operator looks for ``<name>/extra/<config>.json``), checked, then moved into place."""
     checkpoint, out = Path(checkpoint), Path(out)
+    record = watermark_record(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         target, deploy = Path(tmp) / out.name, Path(tmp) / "deploy.json"
-        deploy.write_text(json.dumps(deploy_config(checkpoint, configs), indent=4))
+        deploy.write_text(json.dumps(deploy_config(record, configs), indent=4))
         ckpt_export(
             net_id="network_def",
             filepath=str(target),
@@ -59,7 +59,7 @@ def export_deploy(checkpoint: str | Path, out: str | Path, configs: Path = ROOT 
             ckpt_path=str(checkpoint),
         )
         scripted, eager = torch.jit.load(str(target), map_location="cpu"), load_watermark(checkpoint, "cpu")
-        size = int(watermark_record(checkpoint)["image_size"])
+        size = int(record["image_size"])
         image = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             difference = float((scripted(image) - eager(image)).abs().max())

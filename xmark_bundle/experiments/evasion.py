@@ -87,13 +87,16 @@ def evade_release(release_dir: str | os.PathLike, out_dir: str | os.PathLike, ev
     images = sorted({row["image"] for split in ("training", "validation", "test") for row in datalist.get(split, [])})
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(release_dir, partial)
+    listed = {os.path.normpath(release_dir / rel) for rel in images}
+
+    def skip(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if os.path.normpath(os.path.join(folder, n)) in listed]
+
+    shutil.copytree(release_dir, partial, ignore=skip)  # everything else as it is; the images are written below
     for rel in tqdm(images, desc=f"evasion {evasion}", unit="img", mininterval=10):
         source = release_dir / rel
         image, meta = load_xray(source)
         digest = int.from_bytes(hashlib.sha256(f"{seed}:{rel}".encode()).digest()[:8], "little")
-        evaded = EVASIONS[evasion](image, np.random.default_rng(digest))
-        (partial / rel).unlink()
-        write_xray(evaded, meta, source, partial / rel)
+        write_xray(EVASIONS[evasion](image, np.random.default_rng(digest)), meta, source, partial / rel)
     os.replace(partial, out_dir)
     return out_dir

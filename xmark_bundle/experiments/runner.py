@@ -30,7 +30,7 @@ INDEPENDENT_OFFSET = 1000
 #: The scenarios figure beside collected.json (and in a published results folder).
 FIGURE = "scenarios.png"
 CLASSIFIER = ["configs/train_classifier.json"]
-EVALUATE = CLASSIFIER + ["configs/evaluate_classifier.json"]
+EVALUATE = ["configs/evaluate_classifier.json"]  # layered on CLASSIFIER and a recipe's own override files
 
 
 class _Run:
@@ -50,13 +50,17 @@ class _Run:
 
     def make_data(self) -> None:
         """The phantom set of the data seed and its datalist."""
-        p, seed, py = self.x.phantoms, self.x.data_seed, sys.executable
-        sizes = ["--min-size", str(p["min_size"]), "--max-size", str(p["max_size"]), "--valid-fraction", "0.25"]
-        cmd = [py, "scripts/make_phantoms.py", "--out", str(self.phantoms), "--n", str(p["n"]), "--seed", str(seed)]
-        self.stages.run("phantoms", [*cmd, *sizes, "--workers", "2"], self.phantoms / "valid.csv")
-        datalist = [py, "scripts/prepare_datalist.py", "--csv", str(self.phantoms / "train.csv"), "--test-csv"]
-        datalist += [str(self.phantoms / "valid.csv"), "--out", str(self.data["datalist_file"]), "--seed", str(seed)]
-        self.stages.run("datalist", datalist, self.data["datalist_file"])
+        self._phantom_set("", self.phantoms, self.x.phantoms, self.x.data_seed)
+
+    def _phantom_set(self, label: str, folder: Path, spec: Mapping[str, Any], seed: int) -> None:
+        """Stages making a phantom set (scripts/make_phantoms.py) and its datalist in ``folder``."""
+        py = sys.executable
+        cmd = [py, "scripts/make_phantoms.py", "--out", str(folder), "--n", str(spec["n"]), "--seed", str(seed)]
+        cmd += ["--min-size", str(spec["min_size"]), "--max-size", str(spec["max_size"]), "--valid-fraction", "0.25"]
+        self.stages.run(f"{label}phantoms", [*cmd, "--workers", "2"], folder / "valid.csv")
+        datalist = [py, "scripts/prepare_datalist.py", "--csv", str(folder / "train.csv"), "--test-csv"]
+        datalist += [str(folder / "valid.csv"), "--out", str(folder / "datalist.json"), "--seed", str(seed)]
+        self.stages.run(f"{label}datalist", datalist, folder / "datalist.json")
 
     def classifier(
         self,
@@ -80,22 +84,15 @@ class _Run:
         self.stages.run(f"classifier '{name}'", cmd, ckpt / "training_info.json")
         if evaluate:
             keys = {**self.eval_keys, **_evaluation_keys(recipe)}
-            cmd = bundle_cmd("run", CLASSIFIER + extra + EVALUATE[1:], ckpt_dir=ckpt, **self.data, **keys)
+            cmd = bundle_cmd("run", CLASSIFIER + extra + EVALUATE, ckpt_dir=ckpt, **self.data, **keys)
             self.stages.run(f"evaluation '{name}'", cmd, ckpt / "classification_report.json")
         return ckpt
 
     @functools.cache  # noqa: B019 - one run object per experiment run: a stage is made (or reported) once
     def pretrained(self, arch: str, size: int) -> Path:
         """A classifier pre-trained on the declaration's disjoint phantom set (``pretrain``), the suspects' start."""
-        spec = self.x.pretrain
-        data = self.out / "pretrain_phantoms"
-        py, p = sys.executable, spec["phantoms"]
-        cmd = [py, "scripts/make_phantoms.py", "--out", str(data), "--n", str(p["n"]), "--seed", str(spec["seed"])]
-        cmd += ["--min-size", str(p["min_size"]), "--max-size", str(p["max_size"]), "--valid-fraction", "0.25"]
-        self.stages.run("pre-training phantoms", [*cmd, "--workers", "2"], data / "valid.csv")
-        datalist = [py, "scripts/prepare_datalist.py", "--csv", str(data / "train.csv"), "--test-csv"]
-        datalist += [str(data / "valid.csv"), "--out", str(data / "datalist.json"), "--seed", str(spec["seed"])]
-        self.stages.run("pre-training datalist", datalist, data / "datalist.json")
+        spec, data = self.x.pretrain, self.out / "pretrain_phantoms"
+        self._phantom_set("pre-training ", data, spec["phantoms"], int(spec["seed"]))
         recipe = {"arch": arch, "image_size": size, "max_epochs": spec.get("max_epochs", 5)}
         folder = self.models / "pretrained" / f"{arch}_{size}px"
         return self.classifier(f"pre-trained {arch}", folder, data, int(spec["seed"]), False, **recipe) / "model.pt"
@@ -192,7 +189,7 @@ class _Run:
 
     def evaluate_suspect(self, method: str, suspect: Path, manifest: Path, **recipe: Any) -> dict[str, Any]:
         """The suspect's clean-test accuracy, its WSR at its validation threshold and the release's quality."""
-        configs = CLASSIFIER + list(recipe.get("configs", ())) + EVALUATE[1:] + ["configs/evaluate.json"]
+        configs = CLASSIFIER + list(recipe.get("configs", ())) + EVALUATE + ["configs/evaluate.json"]
         keys = {**self.eval_keys, **_evaluation_keys(recipe)}
         cmd = bundle_cmd("run", configs, ckpt_dir=suspect, release_manifest=manifest, **self.data, **keys)
         self.stages.run(f"{method} evaluation '{suspect.name}'", cmd, suspect / "evaluation.json")

@@ -10,6 +10,7 @@ next stage. Elsewhere, or with ``XMARK_STAGE_SUBPROCESS=1``, each stage is a fre
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -79,10 +80,9 @@ def _forking() -> bool:
     return sys.platform == "linux" and not os.environ.get("XMARK_STAGE_SUBPROCESS")
 
 
+@functools.cache
 def _preload() -> None:
     """Import the stages' libraries and every module of this package into the runner (once)."""
-    if getattr(_preload, "done", False):
-        return
     for name in PRELOAD:
         importlib.import_module(name)
     package = importlib.import_module("xmark_bundle")
@@ -91,7 +91,6 @@ def _preload() -> None:
             importlib.import_module(info.name)
         except ImportError:  # an optional dependency missing here: the stage that needs it imports (and fails) itself
             continue
-    _preload.done = True  # type: ignore[attr-defined]
 
 
 def run_command(cmd: list[str], cwd: Path) -> int:

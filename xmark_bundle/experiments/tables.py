@@ -161,10 +161,10 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
     WSR at 0.5 and the Malicious p per suspect seed, and how many stay verified."""
     rows = []
     for name, method in collected["methods"].items():
-        tuned = [s["removal"] for s in method["suspects"].values() if s.get("removal")]
-        if not tuned:
-            continue
         original = [s for s in method["suspects"].values() if s.get("removal")]
+        if not original:
+            continue
+        tuned = [s["removal"] for s in original]
         rows.append(
             {
                 "label": f"{name}, as trained",
