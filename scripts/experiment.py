@@ -26,8 +26,8 @@ from xmark_bundle.experiments import (  # noqa: E402
     run_experiment,
     tables,
 )
+from xmark_bundle.experiments.figures import FIGURES  # noqa: E402
 from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results  # noqa: E402
-from xmark_bundle.experiments.runner import FIGURE  # noqa: E402
 from xmark_bundle.experiments.stages import StageFailed  # noqa: E402
 from xmark_bundle.fileio import write_json  # noqa: E402
 
@@ -58,11 +58,21 @@ def _print_summary(collected: dict, out: Path) -> None:
     print()
     for line in plain_words(collected):
         print(f"  {line}")
-    print(f"\n  every number: {out / 'collected.json'}; figure: {out / FIGURE}; reports under {out / 'verification'}")
+    figures = ", ".join(str(out / name) for name in FIGURES if (out / name).is_file())
+    print(f"\n  every number: {out / 'collected.json'}; figures: {figures}; reports under {out / 'verification'}")
 
 
 #: Kinds of stage, by a word of the stage's name, for the wall-time breakdown (first match wins).
-STAGE_KINDS = ("verification", "evaluation", "detectability", "classifier", "watermark", "release", "phantoms")
+STAGE_KINDS = (
+    "verification",
+    "evaluation",
+    "detectability",
+    "pruning",
+    "classifier",
+    "watermark",
+    "release",
+    "phantoms",
+)
 
 
 def wall_times(stage_times: dict[str, float]) -> dict[str, float]:
@@ -72,6 +82,16 @@ def wall_times(stage_times: dict[str, float]) -> dict[str, float]:
         kind = next((k for k in STAGE_KINDS if k in name), "other")
         kinds[kind] = kinds.get(kind, 0.0) + seconds
     return {**{k: round(v, 1) for k, v in sorted(kinds.items())}, "all stages": round(sum(stage_times.values()), 1)}
+
+
+def _figures(published: list[dict], out: Path) -> list[str]:
+    """The run's figures that show one of the ``published`` tables (by the start of its title)."""
+    titles = [table["title"] for table in published]
+    return [
+        name
+        for name, (_, table) in FIGURES.items()
+        if (out / name).is_file() and any(title.startswith(table) for title in titles)
+    ]
 
 
 def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str]) -> None:
@@ -94,12 +114,12 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str])
             },
             "wall_time_s": wall_times(collected["stage_times_s"]),
             "tables": [all_tables[i] for i in indexes],
-            "figures": [FIGURE] if 1 in indexes else [],
+            "figures": _figures([all_tables[i] for i in indexes], out),
             "reading": "(not yet written: the tables are new)",
         }
-        if 1 in indexes:  # the figure shows Table 2's scenarios
+        for figure in results["figures"]:
             folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / FIGURE, folder / FIGURE)
+            shutil.copyfile(out / figure, folder / figure)
         write_json(folder / "results.json", results)
         load_results(folder / "results.json")
     subprocess.run([sys.executable, "scripts/experiments_page.py"], cwd=ROOT, check=True)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,7 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     manifest = json.loads((out / "models/xmark/release_manifest.json").read_text())
     assert manifest["method"] == "xmark" and manifest["marked"] and manifest["budget_ok"] and not manifest["decoys"]
     assert 0 <= suspect["mean_ba"] <= 1 and suspect["release_quality"]["n_files"] == len(manifest["marked"])
-    assert (out / "scenarios.png").stat().st_size > 0
+    assert all((out / figure).stat().st_size > 0 for figure in ("scenarios.png", "removal.png", "variants.png"))
     # detectability (declared): gamma 1 marks every target image, so every training file is a candidate
     detected = xmark["detectability"]
     assert detected["pool"].startswith("all training files") and detected["n_marked"] == len(manifest["marked"])
@@ -57,16 +59,26 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     pretrained = out / "models/pretrained/resnet18_64px/model.pt"
     for model in ("models/xmark/suspect_seed1", "models/benign/resnet18_seed1"):
         assert json.loads((out / model / "training_info.json").read_text())["weights"] == f"checkpoint:{pretrained}"
-    # removal: the suspect fine-tuned on the clean half, head only and every layer, evaluated and verified again
+    # removal: the suspect fine-tuned on the clean half (head only, every layer) and fine-pruned, each verified again
     removal = suspect["removal"]
-    assert list(removal) == ["head_1", "full_1"] and removal["head_1"]["n"] == 8
+    assert list(removal) == ["head_1", "full_1", "pruned_0.5"] and removal["head_1"]["n"] == 8
     tuned = json.loads((out / "models/xmark/suspect_seed1_finetuned_head_1/training_info.json").read_text())
     assert tuned["weights"] == f"checkpoint:{out / 'models/xmark/suspect_seed1/model.pt'}" and tuned["epochs"] == 1
     subset = json.loads((out / "phantoms/datalist_clean_subset.json").read_text())
     assert tuned["datalist"] == str(out / "phantoms/datalist_clean_subset.json")
     assert len(subset["training"]) == round(0.5 * subset["metadata"]["subset"]["of"])
+    # fine-pruning: half the penultimate units pruned on the clean half, then fine-tuned with them kept pruned
+    assert removal["pruned_0.5"]["rate"] == 0.5 and removal["pruned_0.5"]["mode"] == "pruned"
+    pruning = json.loads((out / "models/xmark/suspect_seed1_pruned_0.5/pruning.json").read_text())
+    assert pruning["n_images"] == len(subset["training"]) and len(pruning["units"]) == 256 == pruning["n_units"] / 2
+    folder = out / "models/xmark/suspect_seed1_pruned_0.5_finetuned_1"
+    info = json.loads((folder / "training_info.json").read_text())
+    assert info["weights"] == f"checkpoint:{out / 'models/xmark/suspect_seed1_pruned_0.5/pruned.pt'}"
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    head = state.get("model", state)["fc.weight"]
+    assert torch.all(head[:, pruning["units"]] == 0) and int((head.abs().sum(0) > 0).sum()) == 256
     stages = first.stdout.count(": done in ")
-    assert stages == len(collected["stage_times_s"]) == 31, first.stdout[-2000:]
+    assert stages == len(collected["stage_times_s"]) == 35, first.stdout[-2000:]
     assert "xmark, Ind-W (suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped

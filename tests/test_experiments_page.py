@@ -102,6 +102,7 @@ def test_published_wall_times_add_up_by_kind_of_stage():
         "xmark release": 10.0,
         "xmark verification malicious 'suspect_seed1'": 5.0,
         "xmark detectability": 30.0,
+        "xmark suspect_seed1 pruning at 0.3": 4.0,
         "datalist": 2.0,
     }
     assert experiment.wall_times(times) == {
@@ -109,9 +110,22 @@ def test_published_wall_times_add_up_by_kind_of_stage():
         "detectability": 30.0,
         "evaluation": 10.0,
         "other": 2.0,
+        "pruning": 4.0,
         "phantoms": 70.0,
         "release": 10.0,
         "verification": 5.0,
         "watermark": 150.0,
-        "all stages": 377.0,
+        "all stages": 381.0,
     }
+
+
+def test_a_published_part_carries_the_figures_of_its_tables_that_were_drawn(tmp_path):
+    import experiment  # scripts/experiment.py
+
+    for name in ("scenarios.png", "removal.png"):  # variants.png was not drawn (one kind of suspect)
+        (tmp_path / name).write_bytes(b"png")
+    titles = ["Table 1: methods", "Table 2: verification scenarios", "Removal: the malicious suspects fine-tuned"]
+    tables = [{"title": title} for title in titles]
+    assert experiment._figures(tables, tmp_path) == ["scenarios.png", "removal.png"]
+    assert experiment._figures(tables[:1], tmp_path) == []
+    assert experiment._figures(tables[2:], tmp_path) == ["removal.png"]

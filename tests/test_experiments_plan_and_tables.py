@@ -8,8 +8,9 @@ from PIL import Image
 from scipy import stats
 
 from xmark_bundle.experiments import ExperimentError, false_accusations, load_experiment, plain_words, tables
-from xmark_bundle.experiments.figures import save_scenarios_figure
+from xmark_bundle.experiments.figures import save_figures, save_scenarios_figure
 from xmark_bundle.experiments.page import render_page
+from xmark_bundle.experiments.tables import removal_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,8 @@ def test_declared_experiments_load_and_keep_opt_in_methods_out_by_default():
         ({"methods": {"m": {"kind": "trigger", "gama": 0.1}}}, r"unknown keys \['gama'\]"),
         ({"benign": []}, "at least one benign model"),
         ({"detectability": "yes"}, "detectability must be true or false"),
+        ({"removal": {"prune_rates": [0.5, 1.0]}}, r"prune_rates must lie in \[0, 1\)"),
+        ({"removal": {"prune_rate": [0.5]}}, r"removal: unknown keys \['prune_rate'\]"),
         ({"suspect_variants": {"v": {"evasion": "jpeg"}}}, "evasion must be one of"),
         ({"suspect_variants": {"v": {"configs": ["configs/none.json"]}}}, r"no config file \['configs/none.json'\]"),
     ],
@@ -124,7 +127,7 @@ def test_tables_hold_every_seed_and_every_benign_model_and_render(tmp_path):
     assert any("WARNING: the control says" in line for line in words)
 
 
-def test_suspect_variants_get_rows_of_their_own_and_ind_m_is_counted_once():
+def test_suspect_variants_get_rows_of_their_own_and_ind_m_is_counted_once(tmp_path):
     suspect = {
         "mean_ba": 0.8,
         "mean_auroc": 0.9,
@@ -148,6 +151,10 @@ def test_suspect_variants_get_rows_of_their_own_and_ind_m_is_counted_once():
     first, second = table2["rows"]
     assert first["cells"]["false accusations"] == {"value": "0 of 1"} and "false accusations" not in second["cells"]
     assert second["cells"]["Malicious specific"] == {"value": "0 of 2"}
+    # the figure of the kinds of suspect, beside Table 1
+    assert save_figures({"methods": {"badnets": method}}, tmp_path) == ["scenarios.png", "variants.png"]
+    with Image.open(tmp_path / "variants.png") as figure:
+        assert figure.format == "PNG" and figure.size[0] > 300
 
 
 def test_a_detectability_table_follows_when_a_method_measured_it():
@@ -171,3 +178,41 @@ def test_a_detectability_table_follows_when_a_method_measured_it():
     assert cells["spectral recall (chance)"] == {"value": "0.40 (0.75)"}  # 30 of 40 flagged at random
     assert cells["AC recall, precision (base rate)"] == {"value": "0.30, 0.60 (0.50)"}
     assert len(tables({"benign": {}, "methods": {"badnets": {**method, "detectability": None}}})) == 2
+
+
+def test_removal_gets_a_table_row_per_attack_and_a_figure_beside_it(tmp_path):
+    def tuned(mode: str, epochs: int, owned: bool, rate: float | None = None) -> dict:
+        run = {"mode": mode, "epochs": epochs, "mean_ba": 0.75, **_scenario(1e-3 if owned else 0.4, owned)}
+        return run if rate is None else {**run, "rate": rate}
+
+    def suspect(owned_after_pruning: bool) -> dict:
+        removal = {"head_1": tuned("head", 1, True), "full_1": tuned("full", 1, True)}
+        removal["pruned_0.5"] = tuned("pruned", 2, owned_after_pruning, 0.5)
+        return {"mean_ba": 0.8, "malicious": _scenario(1e-9, True), "ind_w": _scenario(0.5, False), "removal": removal}
+
+    collected = {
+        "methods": {
+            "xmark": {
+                "suspects": {"suspect_seed1": suspect(True), "suspect_seed2": suspect(False)},
+                "ind_m": {"resnet18_seed1": _scenario(0.9, False)},
+            }
+        },
+    }
+    removal = removal_table(collected)
+    assert removal["title"].startswith("Removal")
+    rows = {row["label"]: row["cells"] for row in removal["rows"]}
+    assert list(rows) == [
+        "xmark, as trained",
+        "xmark, fine-tuned head 1 epochs",
+        "xmark, fine-tuned full 1 epochs",
+        "xmark, fine-pruned 50%, then 2 epochs",
+    ]
+    assert rows["xmark, fine-pruned 50%, then 2 epochs"]["verified"] == {"value": "1 of 2"}
+    assert rows["xmark, fine-pruned 50%, then 2 epochs"]["WSR at 0.5"] == {"per_seed": [0.9, 0.1]}
+    assert save_figures(collected, tmp_path) == ["scenarios.png", "removal.png"]
+    with Image.open(tmp_path / "removal.png") as figure:
+        assert figure.format == "PNG" and figure.size[0] > figure.size[1] > 300  # three panels side by side
+    for suspect_ in collected["methods"]["xmark"]["suspects"].values():
+        del suspect_["removal"]
+    assert save_figures(collected, tmp_path / "none") == ["scenarios.png"]
+    assert not (tmp_path / "none" / "removal.png").exists()

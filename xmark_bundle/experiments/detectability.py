@@ -43,7 +43,7 @@ from torch import nn
 
 from xmark_bundle.data.selection import target_index
 from xmark_bundle.data.xray_io import load_xray
-from xmark_bundle.networks.classifier import load_classifier
+from xmark_bundle.networks.classifier import load_classifier, penultimate_features
 from xmark_bundle.transforms.geometry import letterbox, letterbox_geometry
 
 __all__ = ["candidates", "container_signature", "detectability"]
@@ -129,20 +129,6 @@ def _cnn_scores(images: np.ndarray, marked: np.ndarray, seed: int, folds: int) -
     return scores
 
 
-def _penultimate(classifier: nn.Module, images: torch.Tensor) -> np.ndarray:
-    """The input of the classifier's last linear layer for ``images`` (its penultimate features)."""
-    last = [m for m in classifier.modules() if isinstance(m, nn.Linear)][-1]
-    captured: list[torch.Tensor] = []
-    handle = last.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            for batch in images.split(32):
-                classifier(batch)
-    finally:
-        handle.remove()
-    return torch.cat(captured).flatten(1).numpy()
-
-
 def _suspect_view(features: np.ndarray, marked: np.ndarray, seed: int) -> dict[str, float]:
     centred = features - features.mean(0)
     top = np.linalg.svd(centred, full_matrices=False)[2][0]
@@ -225,7 +211,7 @@ def detectability(
         batch = torch.stack(
             [letterbox(torch.from_numpy(x)[None].float(), letterbox_geometry(x.shape, suspect_size)) for x in loaded]
         )
-        view = _suspect_view(_penultimate(classifier, batch), marked, seed)
+        view = _suspect_view(penultimate_features(classifier, batch).numpy(), marked, seed)
         report["suspect"] = {"checkpoint": os.fspath(suspect_ckpt), **view}
     return report
 

@@ -1,21 +1,31 @@
-"""The experiment's figure: what each method's verification found in each scenario, one dot per model.
+"""The experiment's figures, each beside the table it shows (:data:`FIGURES`).
 
-One panel per method; the scenarios Malicious (each suspect seed), Ind-W (each suspect seed, an independent owner's
-watermark) and Ind-M (each benign model) on the x axis, ΔP = mean(Pv) - mean(Pb) on the y axis, filled dots for a
-verified model, and the margin τ the t-test asks for as a dashed line. Easier to read than Table 2's p-values.
+``scenarios.png``: what each method's verification found in each scenario, one dot per model: one panel per method;
+the scenarios Malicious (each suspect seed), Ind-W (each suspect seed, an independent owner's watermark) and Ind-M
+(each benign model) on the x axis, ΔP = mean(Pv) - mean(Pb) on the y axis, filled dots for a verified model, and the
+margin τ the t-test asks for as a dashed line. Easier to read than Table 2's p-values.
+
+``removal.png`` (when the experiment ran removal attacks): WSR at 0.5 and clean BA of the malicious suspects against
+the epochs of head-only and full fine-tuning (0: as trained) and against the fine-pruning rate (0: full fine-tuning for
+as many epochs), a line per method through the seeds' mean, a dot per seed (filled: still verified), as the paper's
+Fig. 7.
+
+``variants.png`` (when the experiment trained several kinds of suspect: sizes, architectures, evasions): WSR at 0.5
+and clean BA per kind, a dot per suspect seed (filled: verified) and a bar at the mean, a colour per method.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
 from xmark_bundle.fileio import atomic_path
 
-__all__ = ["save_scenarios_figure"]
+__all__ = ["FIGURES", "save_figures", "save_removal_figure", "save_scenarios_figure", "save_variants_figure"]
 
 SCENARIOS = (("Malicious", "malicious"), ("Ind-W", "ind_w"), ("Ind-M", None))
 
@@ -26,8 +36,8 @@ def _runs(method: Mapping[str, Any], key: str | None) -> list[Mapping[str, Any]]
     return [suspect[key] for suspect in method["suspects"].values()]
 
 
-def save_scenarios_figure(collected: Mapping[str, Any], path: str | os.PathLike, tau: float = 0.25) -> None:
-    """Write the figure of every method's scenarios (PNG) to ``path`` atomically."""
+def save_scenarios_figure(collected: Mapping[str, Any], path: str | os.PathLike, tau: float = 0.25) -> bool:
+    """Write the figure of every method's scenarios (PNG) to ``path`` atomically; True (there is always one)."""
     methods = collected["methods"]
     figure = Figure(figsize=(3.0 * len(methods) + 1, 3.6), layout="constrained")
     axes = figure.subplots(1, len(methods), sharey=True, squeeze=False)[0]
@@ -48,5 +58,108 @@ def save_scenarios_figure(collected: Mapping[str, Any], path: str | os.PathLike,
         ax.set_title(name, fontsize=10, pad=14)
     axes[0].set_ylabel("ΔP = mean Pv − mean Pb")
     figure.suptitle("Verification per scenario: filled = verified (count above), dashed = τ", fontsize=10)
+    _save(figure, path)
+    return True
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:
         figure.savefig(stream, format="png", dpi=110)
+
+
+#: The removal figure's panels: (title, the runs' mode, the x value of a run, x label).
+REMOVAL_PANELS = (
+    ("head-only fine-tuning", "head", "epochs", "epochs"),
+    ("full fine-tuning", "full", "epochs", "epochs"),
+    ("fine-pruning, then full fine-tuning", "pruned", "rate", "share of penultimate units pruned"),
+)
+
+
+def save_removal_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
+    """Write the removal figure to ``path`` atomically; False (nothing written) when no suspect ran removal."""
+    methods = {
+        name: [s for s in method["suspects"].values() if s.get("removal")]
+        for name, method in collected["methods"].items()
+    }
+    methods = {name: suspects for name, suspects in methods.items() if suspects}
+    modes = {run["mode"] for suspects in methods.values() for s in suspects for run in s["removal"].values()}
+    panels = [panel for panel in REMOVAL_PANELS if panel[1] in modes]
+    if not panels:
+        return False
+    figure = Figure(figsize=(3.4 * len(panels) + 1.4, 5.2), layout="constrained")
+    axes = figure.subplots(2, len(panels), sharey="row", squeeze=False)
+    for column, (title, mode, x_key, x_label) in enumerate(panels):
+        for colour, (name, suspects) in enumerate(methods.items()):
+            runs = [run for s in suspects for run in s["removal"].values() if run["mode"] == mode]
+            if mode == "pruned":  # rate 0: every layer fine-tuned for as many epochs, nothing pruned
+                same = {run["epochs"] for run in runs}
+                start = [(0, r["wsr"], r["mean_ba"], r["owned"]) for s in suspects for r in s["removal"].values()
+                         if r["mode"] == "full" and r["epochs"] in same]  # fmt: skip
+            else:  # epochs 0: the suspect as trained
+                start = [(0, s["malicious"]["wsr"], s["mean_ba"], s["malicious"]["owned"]) for s in suspects]
+            points = start + [(run[x_key], run["wsr"], run["mean_ba"], run["owned"]) for run in runs]
+            xs = sorted({x for x, *_ in points})
+            for row, index in ((0, 1), (1, 2)):
+                ax = axes[row][column]
+                means = [sum(p[index] for p in points if p[0] == x) / sum(p[0] == x for p in points) for x in xs]
+                ax.plot(xs, means, color=f"C{colour}", linewidth=1.2, label=name if row == column == 0 else None)
+                for x, *values, owned in points:
+                    face = f"C{colour}" if owned else "white"
+                    ax.scatter(x, values[index - 1], s=18, color=face, edgecolor=f"C{colour}", zorder=3)
+        axes[0][column].set_title(title, fontsize=10)
+        axes[1][column].set_xlabel(x_label)
+    axes[0][0].set_ylabel("WSR at 0.5")
+    axes[1][0].set_ylabel("clean BA")
+    axes[0][0].set_ylim(-0.05, 1.05)
+    figure.legend(loc="outside right upper", fontsize=8)
+    figure.suptitle("Removal: a dot per suspect seed (filled = still verified), lines through the mean", fontsize=10)
+    _save(figure, path)
+    return True
+
+
+def save_variants_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
+    """Write the figure of the kinds of suspect (scale, architecture, evasion) to ``path`` atomically; False (nothing
+    written) when the experiment trained one kind only."""
+    methods = collected["methods"]
+    order = list(dict.fromkeys(str(s.get("variant", "")) for m in methods.values() for s in m["suspects"].values()))
+    if len(order) < 2:
+        return False
+    figure = Figure(figsize=(1.1 * len(order) * max(1, len(methods)) ** 0.5 + 3, 5.2), layout="constrained")
+    axes = figure.subplots(2, 1, sharex=True)
+    width = 0.7 / len(methods)
+    for colour, (name, method) in enumerate(methods.items()):
+        for x, variant in enumerate(order):
+            suspects = [s for s in method["suspects"].values() if str(s.get("variant", "")) == variant]
+            centre = x - 0.35 + width * (colour + 0.5)
+            for ax, values in (
+                (axes[0], [s["malicious"]["wsr"] for s in suspects]),
+                (axes[1], [s["mean_ba"] for s in suspects]),
+            ):
+                if not values:
+                    continue
+                ax.hlines(sum(values) / len(values), centre - width / 2, centre + width / 2, color=f"C{colour}")
+                for value, s in zip(values, suspects, strict=True):
+                    face = f"C{colour}" if s["malicious"]["owned"] else "white"
+                    ax.scatter(centre, value, s=18, color=face, edgecolor=f"C{colour}", zorder=3)
+        axes[0].plot([], [], color=f"C{colour}", label=name)
+    axes[0].set_ylabel("WSR at 0.5 (Malicious)")
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[1].set_ylabel("clean BA")
+    axes[1].set_xticks(range(len(order)), [variant or "declared" for variant in order])
+    figure.legend(loc="outside right upper", fontsize=8)
+    figure.suptitle("Kinds of suspect: a dot per seed (filled = verified), a bar at the mean", fontsize=10)
+    _save(figure, path)
+    return True
+
+
+#: Each figure's file, the function that draws it, and the table (by the start of its title) it goes beside.
+FIGURES: dict[str, tuple[Callable[[Mapping[str, Any], Path], bool], str]] = {
+    "scenarios.png": (save_scenarios_figure, "Table 2"),
+    "removal.png": (save_removal_figure, "Removal"),
+    "variants.png": (save_variants_figure, "Table 1"),
+}
+
+
+def save_figures(collected: Mapping[str, Any], out: Path) -> list[str]:
+    """Draw every figure that ``collected`` has data for into ``out``; the file names written."""
+    return [name for name, (draw, _) in FIGURES.items() if draw(collected, out / name)]

@@ -16,8 +16,10 @@ configs/verify.json); ``detectability`` (optional, default false: per method, ho
 files, :mod:`~xmark_bundle.experiments.detectability`, with the first malicious suspect); ``pretrain`` (optional:
 ``seed``, ``phantoms`` {``n``, ``min_size``, ``max_size``}, ``max_epochs``: a classifier per architecture and size
 trained on that disjoint phantom set, from which every suspect and benign model starts); ``removal`` (optional:
-``clean_fraction``, ``learning_rate``, ``head_epochs``, ``full_epochs``: each malicious suspect fine-tuned on a
-clean share of the training split, the head only or every layer, and verified again); ``publish`` (optional:
+``clean_fraction``, ``learning_rate``, ``head_epochs``, ``full_epochs``, ``prune_rates``, ``prune_epochs``: each
+malicious suspect fine-tuned on a clean share of the training split, the head only or every layer, or fine-pruned
+(its dormant penultimate units pruned at each rate, then every layer fine-tuned for ``prune_epochs``), and verified
+again); ``publish`` (optional:
 results name -> indexes of the tables it holds; default: one results.json named like the experiment with every
 table).
 """
@@ -140,9 +142,19 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         raise ExperimentError(path, "pretrain needs 'seed' and 'phantoms' with 'n', 'min_size' and 'max_size'")
     if pretrain and int(pretrain["seed"]) in (int(seeds["data"]), int(seeds["development"])):
         raise ExperimentError(path, "pretrain's phantom seed must differ from the data and development seeds")
-    unknown = set(raw.get("removal", {})) - {"clean_fraction", "learning_rate", "head_epochs", "full_epochs"}
+    removal = raw.get("removal", {})
+    unknown = set(removal) - {
+        "clean_fraction",
+        "learning_rate",
+        "head_epochs",
+        "full_epochs",
+        "prune_rates",
+        "prune_epochs",
+    }
     if unknown:
         raise ExperimentError(path, f"removal: unknown keys {sorted(unknown)}")
+    if not all(0 <= float(rate) < 1 for rate in removal.get("prune_rates", [])):
+        raise ExperimentError(path, f"removal: prune_rates must lie in [0, 1), got {removal['prune_rates']}")
     if not isinstance(raw.get("detectability", False), bool):
         raise ExperimentError(path, f"detectability must be true or false, got {raw['detectability']!r}")
     if not raw.get("suspect_variants", {"": {}}):

@@ -6,7 +6,7 @@ Layout under the output folder: ``phantoms/`` (the data and its datalist), ``mod
 ``models/<method>/{watermark,watermark_independent,release_manifest.json,suspect_seed<k>}``,
 ``release/<method>/`` and ``verification/<method>/<scenario>_<model>/``. Every stage is skipped when its output
 exists, so an interrupted run resumes; ``collected.json`` holds every number the tables are made of and
-``scenarios.png`` shows the verifications (:mod:`~xmark_bundle.experiments.figures`).
+the figures beside it (``scenarios.png``, ``removal.png``) are drawn by :mod:`~xmark_bundle.experiments.figures`.
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from xmark_bundle.experiments.figures import save_scenarios_figure
+from xmark_bundle.experiments.figures import save_figures
 from xmark_bundle.experiments.plan import Experiment, Method
 from xmark_bundle.experiments.stages import Stages, bundle_cmd
 from xmark_bundle.fileio import write_json
 
-__all__ = ["FIGURE", "INDEPENDENT_OFFSET", "run_experiment"]
+__all__ = ["INDEPENDENT_OFFSET", "run_experiment"]
 
 #: The independent owner's surrogate and watermark seeds are the data seed plus this offset (never a suspect's seed).
 INDEPENDENT_OFFSET = 1000
-#: The scenarios figure beside collected.json (and in a published results folder).
-FIGURE = "scenarios.png"
 CLASSIFIER = ["configs/train_classifier.json"]
 EVALUATE = ["configs/evaluate_classifier.json"]  # layered on CLASSIFIER and a recipe's own override files
 
@@ -109,21 +107,46 @@ class _Run:
 
     def removal(self, method: str, suspect: Path, watermark: Path, recipe: dict[str, Any]) -> dict[str, Any]:
         """Fine-tune ``suspect`` on the clean subset, the head only or every layer, for each declared number of
-        epochs; the clean BA and the Malicious verification of each fine-tuned model."""
-        subset, spec = self.clean_subset(), self.x.removal
-        size = int(recipe.get("image_size", self.x.query_size))
+        epochs, and fine-prune it at each declared rate; the clean BA and the Malicious verification of each."""
+        spec, size = self.x.removal, int(recipe.get("image_size", self.x.query_size))
+        runs = [("head", epochs, None) for epochs in spec.get("head_epochs", [])]
+        runs += [("full", epochs, None) for epochs in spec.get("full_epochs", [])]
+        runs += [("pruned", spec.get("prune_epochs", 2), float(rate)) for rate in spec.get("prune_rates", [])]
         results: dict[str, Any] = {}
-        for mode, configs in (("head", ["configs/finetune_head.json"]), ("full", [])):
-            for epochs in spec.get(f"{mode}_epochs", []):
-                tuned = {**_evaluation_keys(recipe), "configs": configs, "max_epochs": epochs}
-                tuned |= {"learning_rate": spec.get("learning_rate", 1e-4), "pretrained_weights": suspect / "model.pt"}
-                name = f"{suspect.name}_finetuned_{mode}_{epochs}"
-                label = f"{method} {suspect.name} fine-tuned ({mode}, {epochs} epochs)"
-                folder = self.classifier(label, suspect.parent / name, self.phantoms, 0, True, subset, **tuned)
-                report = json.loads((folder / "classification_report.json").read_text())
-                verified = self.verify(method, "malicious", folder, watermark, size)
-                results[f"{mode}_{epochs}"] = {"mode": mode, "epochs": epochs, "mean_ba": report["mean_ba"], **verified}
+        for mode, epochs, rate in runs:
+            key = f"{mode}_{epochs}" if rate is None else f"pruned_{rate:g}"
+            start = suspect / "model.pt" if rate is None else self.pruned(method, suspect, rate, recipe)
+            folder = self._fine_tuned(method, suspect, key, start, mode, epochs, recipe)
+            report = json.loads((folder / "classification_report.json").read_text())
+            verified = self.verify(method, "malicious", folder, watermark, size)
+            entry = {"mode": mode, "epochs": epochs, "mean_ba": report["mean_ba"], **verified}
+            results[key] = entry if rate is None else {**entry, "rate": rate}
         return results
+
+    def pruned(self, method: str, suspect: Path, rate: float, recipe: dict[str, Any]) -> Path:
+        """``suspect`` with the ``rate`` share of its penultimate units that the clean subset leaves dormant pruned
+        (scripts/prune_classifier.py): the start of its fine-pruning."""
+        out = suspect.parent / f"{suspect.name}_pruned_{rate:g}" / "pruned.pt"
+        cmd = [sys.executable, "scripts/prune_classifier.py", "--ckpt", str(suspect / "model.pt"), "--rate", str(rate)]
+        cmd += ["--arch", str(recipe.get("arch", self.x.classifier.get("arch", "resnet18")))]
+        cmd += ["--image-size", str(recipe.get("image_size", self.x.query_size))]
+        cmd += ["--datalist", str(self.clean_subset()), "--dataset-dir", str(self.phantoms), "--out", str(out)]
+        self.stages.run(f"{method} {suspect.name} pruning at {rate:g}", cmd, out)
+        return out
+
+    def _fine_tuned(
+        self, method: str, suspect: Path, key: str, start: Path, mode: str, epochs: int, recipe: dict[str, Any]
+    ) -> Path:
+        """``start`` fine-tuned on the clean subset (``mode`` head, full or pruned) and evaluated; its folder."""
+        configs = {"head": ["configs/finetune_head.json"], "full": [], "pruned": ["configs/finetune_pruned.json"]}[mode]
+        tuned = {**_evaluation_keys(recipe), "configs": configs, "max_epochs": epochs, "pretrained_weights": start}
+        tuned["learning_rate"] = self.x.removal.get("learning_rate", 1e-4)
+        if mode == "pruned":
+            name, label = f"{start.parent.name}_finetuned_{epochs}", f"fine-pruned ({key[7:]}, {epochs} epochs)"
+        else:
+            name, label = f"{suspect.name}_finetuned_{key}", f"fine-tuned ({mode}, {epochs} epochs)"
+        label = f"{method} {suspect.name} {label}"
+        return self.classifier(label, suspect.parent / name, self.phantoms, 0, True, self.clean_subset(), **tuned)
 
     def evaded(self, method: str, release: Path, evasion: str) -> Path:
         """``release`` as a data user who applies ``evasion`` to every image trains on it (scripts/evade_release.py)."""
@@ -302,7 +325,7 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         collected["methods"][method.name] = entry
     collected["stage_times_s"] = dict(run.stages.times)
     write_json(out / "collected.json", collected)
-    save_scenarios_figure(collected, out / FIGURE)
+    save_figures(collected, out)
     return collected
 
 

@@ -180,7 +180,7 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
             runs = [t[key] for t in tuned]
             rows.append(
                 {
-                    "label": f"{name}, fine-tuned {runs[0]['mode']} {runs[0]['epochs']} epochs",
+                    "label": f"{name}, {_removal_label(runs[0])}",
                     "cells": {
                         "BA": _seeds([r["mean_ba"] for r in runs]),
                         "WSR at 0.5": _seeds([r["wsr"] for r in runs]),
@@ -193,8 +193,16 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
         "title": "Removal: the malicious suspects fine-tuned on a clean share of the training split",
         "columns": ["BA", "WSR at 0.5", "Malicious p", "verified"],
         "rows": rows,
-        "notes": "head: the last linear layer only; full: every layer. Cells per suspect seed.",
+        "notes": "head: the last linear layer only; full: every layer; fine-pruned: the share of penultimate units "
+        "least active on the clean share removed, then every layer fine-tuned with them kept removed. Cells per "
+        "suspect seed.",
     }
+
+
+def _removal_label(run: Mapping[str, Any]) -> str:
+    if run["mode"] == "pruned":
+        return f"fine-pruned {run['rate']:.0%}, then {run['epochs']} epochs"
+    return f"fine-tuned {run['mode']} {run['epochs']} epochs"
 
 
 def _verdict(result: Mapping[str, Any]) -> str:

@@ -95,12 +95,33 @@ def _load_imagenet(model: nn.Module, state: dict[str, torch.Tensor], conv_name: 
     return not head
 
 
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of ``model``'s last linear layer (its classification head), for fine-tuning the head only."""
+def last_linear(model: nn.Module) -> nn.Linear:
+    """``model``'s last linear layer (its classification head)."""
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linear:
-        raise ValueError(f"{type(model).__name__} has no linear layer to fine-tune")
-    return list(linear[-1].parameters())
+        raise ValueError(f"{type(model).__name__} has no linear layer")
+    return linear[-1]
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model``'s last linear layer (its classification head), for fine-tuning the head only."""
+    return list(last_linear(model).parameters())
+
+
+def penultimate_features(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The input of ``model``'s last linear layer for ``images`` (N x units), in eval mode without gradients."""
+    captured: list[torch.Tensor] = []
+    handle = last_linear(model).register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in images.split(batch_size):
+                model(batch)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(captured).flatten(1)
 
 
 def load_classifier(

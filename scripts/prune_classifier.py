@@ -1,0 +1,52 @@
+"""Prune a bundle classifier's dormant penultimate units on clean data (the first half of fine-pruning, Liu et al.
+2018); fine-tune the result with configs/finetune_pruned.json, which keeps them pruned. See
+:mod:`xmark_bundle.networks.pruning`.
+
+Example: ``python scripts/prune_classifier.py --ckpt suspect/model.pt --datalist data/clean10.json --dataset-dir data
+--rate 0.5 --out pruned/model.pt`` writes the pruned checkpoint and ``pruning.json`` (the units and their mean
+activations) beside it; the source checkpoint is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # make `xmark_bundle` importable when run as a script
+
+from xmark_bundle.fileio import atomic_path, write_json  # noqa: E402
+from xmark_bundle.networks.classifier import load_classifier  # noqa: E402
+from xmark_bundle.networks.pruning import prune_dormant  # noqa: E402
+from xmark_bundle.verification.queries import datalist_items, load_letterboxed  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="the classifier checkpoint to prune (model.pt)")
+    parser.add_argument("--arch", default="resnet18", help="its architecture")
+    parser.add_argument("--image-size", type=int, default=128, help="its input size")
+    parser.add_argument("--datalist", required=True, help="the clean data: this datalist's training split")
+    parser.add_argument("--dataset-dir", help="base folder of the datalist's image paths (default: its folder)")
+    parser.add_argument("--rate", type=float, required=True, help="share of the penultimate units to prune, [0, 1)")
+    parser.add_argument("--out", required=True, help="pruned checkpoint to write (not the source)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.resolve() == Path(args.ckpt).resolve():
+        parser.error(f"--out {out} is the source checkpoint; write the pruned model elsewhere")
+    model = load_classifier(args.ckpt, args.arch)
+    items = datalist_items(args.datalist, "training", args.dataset_dir or Path(args.datalist).parent)
+    images = load_letterboxed(items, range(len(items)), args.image_size)
+    report = prune_dormant(model, images, args.rate)
+    with atomic_path(out) as tmp:
+        torch.save({"model": model.state_dict()}, tmp)
+    write_json(out.parent / "pruning.json", {"source": str(args.ckpt), "n_images": len(items), **report})
+    print(f"pruned {len(report['units'])} of {report['n_units']} units of {args.ckpt} on {len(items)} images: {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
