@@ -3,13 +3,16 @@
 :mod:`xmark_bundle.networks.pruning`.
 
 Example: ``python scripts/prune_classifier.py --ckpt suspect/model.pt --datalist data/clean10.json --dataset-dir data
---rate 0.5 --out pruned/model.pt`` writes the pruned checkpoint and ``pruning.json`` (the units and their mean
-activations) beside it; the source checkpoint is only read.
+--rate 0.5 --out pruned`` writes a classifier folder like the one training writes (``model.pt``, and
+``training_info.json`` from the source's, its ``weights`` saying ``pruned:<source>``) with ``pruning.json`` (the units
+and their mean activations): evaluation and verification take it as they take a trained classifier. The source
+checkpoint is only read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -32,19 +35,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--datalist", required=True, help="the clean data: this datalist's training split")
     parser.add_argument("--dataset-dir", help="base folder of the datalist's image paths (default: its folder)")
     parser.add_argument("--rate", type=float, required=True, help="share of the penultimate units to prune, [0, 1)")
-    parser.add_argument("--out", required=True, help="pruned checkpoint to write (not the source)")
+    parser.add_argument("--out", required=True, help="folder of the pruned classifier (not the source's)")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.resolve() == Path(args.ckpt).resolve():
-        parser.error(f"--out {out} is the source checkpoint; write the pruned model elsewhere")
-    model = load_classifier(args.ckpt, args.arch)
+    source, out = Path(args.ckpt), Path(args.out)
+    if out.resolve() == source.parent.resolve():
+        parser.error(f"--out {out} holds the source checkpoint; write the pruned model elsewhere")
+    model = load_classifier(source, args.arch)
     items = datalist_items(args.datalist, "training", args.dataset_dir or Path(args.datalist).parent)
     images = load_letterboxed(items, range(len(items)), args.image_size)
     report = prune_dormant(model, images, args.rate)
-    with atomic_path(out) as tmp:
+    info_file = source.parent / "training_info.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    info |= {"arch": args.arch, "image_size": args.image_size, "weights": f"pruned:{source}"}
+    write_json(out / "pruning.json", {"source": str(source), "n_images": len(items), **report})
+    write_json(out / "training_info.json", {**info, "pruning_rate": args.rate, "datalist": str(args.datalist)})
+    with atomic_path(out / "model.pt") as tmp:  # last: the runner takes model.pt as the sign of a finished stage
         torch.save({"model": model.state_dict()}, tmp)
-    write_json(out.parent / "pruning.json", {"source": str(args.ckpt), "n_images": len(items), **report})
-    print(f"pruned {len(report['units'])} of {report['n_units']} units of {args.ckpt} on {len(items)} images: {out}")
+    print(f"pruned {len(report['units'])} of {report['n_units']} units of {source} on {len(items)} images: {out}")
     return report
 
 

@@ -61,24 +61,30 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
         assert json.loads((out / model / "training_info.json").read_text())["weights"] == f"checkpoint:{pretrained}"
     # removal: the suspect fine-tuned on the clean half (head only, every layer) and fine-pruned, each verified again
     removal = suspect["removal"]
-    assert list(removal) == ["head_1", "full_1", "pruned_0.5"] and removal["head_1"]["n"] == 8
+    assert list(removal) == ["head_1", "full_1", "pruned_0.5", "fine_pruned_0.5"] and removal["head_1"]["n"] == 8
+    suspect_dir = out / "models/xmark/suspect_seed1"
     tuned = json.loads((out / "models/xmark/suspect_seed1_finetuned_head_1/training_info.json").read_text())
-    assert tuned["weights"] == f"checkpoint:{out / 'models/xmark/suspect_seed1/model.pt'}" and tuned["epochs"] == 1
+    assert tuned["weights"] == f"checkpoint:{suspect_dir / 'model.pt'}" and tuned["epochs"] == 1
     subset = json.loads((out / "phantoms/datalist_clean_subset.json").read_text())
     assert tuned["datalist"] == str(out / "phantoms/datalist_clean_subset.json")
     assert len(subset["training"]) == round(0.5 * subset["metadata"]["subset"]["of"])
-    # fine-pruning: half the penultimate units pruned on the clean half, then fine-tuned with them kept pruned
-    assert removal["pruned_0.5"]["rate"] == 0.5 and removal["pruned_0.5"]["mode"] == "pruned"
-    pruning = json.loads((out / "models/xmark/suspect_seed1_pruned_0.5/pruning.json").read_text())
+    # pruning: half the penultimate units pruned on the clean half, evaluated and verified as it is, then fine-tuned
+    # with them kept pruned (fine-pruning)
+    assert removal["pruned_0.5"]["rate"] == 0.5 and removal["pruned_0.5"]["epochs"] == 0
+    assert removal["fine_pruned_0.5"]["mode"] == "fine-pruned" and removal["fine_pruned_0.5"]["n"] == 8
+    pruned = out / "models/xmark/suspect_seed1_pruned_0.5"
+    pruning = json.loads((pruned / "pruning.json").read_text())
     assert pruning["n_images"] == len(subset["training"]) and len(pruning["units"]) == 256 == pruning["n_units"] / 2
-    folder = out / "models/xmark/suspect_seed1_pruned_0.5_finetuned_1"
-    info = json.loads((folder / "training_info.json").read_text())
-    assert info["weights"] == f"checkpoint:{out / 'models/xmark/suspect_seed1_pruned_0.5/pruned.pt'}"
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    head = state.get("model", state)["fc.weight"]
-    assert torch.all(head[:, pruning["units"]] == 0) and int((head.abs().sum(0) > 0).sum()) == 256
+    assert json.loads((pruned / "training_info.json").read_text())["weights"] == f"pruned:{suspect_dir}/model.pt"
+    assert (pruned / "classification_report.json").is_file()
+    info = json.loads((out / "models/xmark/suspect_seed1_pruned_0.5_finetuned_1/training_info.json").read_text())
+    assert info["weights"] == f"checkpoint:{pruned / 'model.pt'}"
+    for folder in (pruned, out / "models/xmark/suspect_seed1_pruned_0.5_finetuned_1"):
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        head = state.get("model", state)["fc.weight"]
+        assert torch.all(head[:, pruning["units"]] == 0) and int((head.abs().sum(0) > 0).sum()) == 256
     stages = first.stdout.count(": done in ")
-    assert stages == len(collected["stage_times_s"]) == 35, first.stdout[-2000:]
+    assert stages == len(collected["stage_times_s"]) == 37, first.stdout[-2000:]
     assert "xmark, Ind-W (suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped

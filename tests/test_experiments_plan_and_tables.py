@@ -187,7 +187,8 @@ def test_removal_gets_a_table_row_per_attack_and_a_figure_beside_it(tmp_path):
 
     def suspect(owned_after_pruning: bool) -> dict:
         removal = {"head_1": tuned("head", 1, True), "full_1": tuned("full", 1, True)}
-        removal["pruned_0.5"] = tuned("pruned", 2, owned_after_pruning, 0.5)
+        removal["pruned_0.5"] = tuned("pruned", 0, True, 0.5)
+        removal["fine_pruned_0.5"] = tuned("fine-pruned", 2, owned_after_pruning, 0.5)
         return {"mean_ba": 0.8, "malicious": _scenario(1e-9, True), "ind_w": _scenario(0.5, False), "removal": removal}
 
     collected = {
@@ -205,6 +206,7 @@ def test_removal_gets_a_table_row_per_attack_and_a_figure_beside_it(tmp_path):
         "xmark, as trained",
         "xmark, fine-tuned head 1 epochs",
         "xmark, fine-tuned full 1 epochs",
+        "xmark, pruned 50%, not fine-tuned",
         "xmark, fine-pruned 50%, then 2 epochs",
     ]
     assert rows["xmark, fine-pruned 50%, then 2 epochs"]["verified"] == {"value": "1 of 2"}

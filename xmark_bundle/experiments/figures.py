@@ -6,9 +6,9 @@ the scenarios Malicious (each suspect seed), Ind-W (each suspect seed, an indepe
 margin τ the t-test asks for as a dashed line. Easier to read than Table 2's p-values.
 
 ``removal.png`` (when the experiment ran removal attacks): WSR at 0.5 and clean BA of the malicious suspects against
-the epochs of head-only and full fine-tuning (0: as trained) and against the fine-pruning rate (0: full fine-tuning for
-as many epochs), a line per method through the seeds' mean, a dot per seed (filled: still verified), as the paper's
-Fig. 7.
+the epochs of head-only and full fine-tuning (0: as trained) and against the pruning rate, pruning alone (0: as
+trained) and then fine-tuned (0: every layer fine-tuned for as many epochs), a line per method through the seeds' mean,
+a dot per seed (filled: still verified), as the paper's Fig. 7.
 
 ``variants.png`` (when the experiment trained several kinds of suspect: sizes, architectures, evasions): WSR at 0.5
 and clean BA per kind, a dot per suspect seed (filled: verified) and a bar at the mean, a colour per method.
@@ -67,12 +67,32 @@ def _save(figure: Figure, path: str | os.PathLike) -> None:
         figure.savefig(stream, format="png", dpi=110)
 
 
-#: The removal figure's panels: (title, the runs' mode, the x value of a run, x label).
-REMOVAL_PANELS = (
-    ("head-only fine-tuning", "head", "epochs", "epochs"),
-    ("full fine-tuning", "full", "epochs", "epochs"),
-    ("fine-pruning, then full fine-tuning", "pruned", "rate", "share of penultimate units pruned"),
+#: The removal figure's curves: (panel title, the runs' mode, the x value of a run, x label, line style).
+REMOVAL_CURVES = (
+    ("head-only fine-tuning", "head", "epochs", "epochs", "-"),
+    ("full fine-tuning", "full", "epochs", "epochs", "-"),
+    ("pruning (dashed: alone; solid: then fine-tuning)", "pruned", "rate", "share of penultimate units pruned", "--"),
+    (
+        "pruning (dashed: alone; solid: then fine-tuning)",
+        "fine-pruned",
+        "rate",
+        "share of penultimate units pruned",
+        "-",
+    ),
 )
+
+
+def _removal_points(suspects: list[Mapping[str, Any]], mode: str, x_key: str) -> list[tuple[float, float, float, bool]]:
+    """(x, WSR, BA, verified) of every suspect's runs of ``mode``, with the point at x 0: the suspect as trained, or
+    for fine-pruning every layer fine-tuned for as many epochs with nothing pruned."""
+    runs = [run for s in suspects for run in s["removal"].values() if run["mode"] == mode]
+    if mode == "fine-pruned":
+        same = {run["epochs"] for run in runs}
+        start = [r for s in suspects for r in s["removal"].values() if r["mode"] == "full" and r["epochs"] in same]
+        points = [(0.0, r["wsr"], r["mean_ba"], bool(r["owned"])) for r in start]
+    else:
+        points = [(0.0, s["malicious"]["wsr"], s["mean_ba"], bool(s["malicious"]["owned"])) for s in suspects]
+    return points + [(float(run[x_key]), run["wsr"], run["mean_ba"], bool(run["owned"])) for run in runs]
 
 
 def save_removal_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
@@ -83,30 +103,26 @@ def save_removal_figure(collected: Mapping[str, Any], path: str | os.PathLike) -
     }
     methods = {name: suspects for name, suspects in methods.items() if suspects}
     modes = {run["mode"] for suspects in methods.values() for s in suspects for run in s["removal"].values()}
-    panels = [panel for panel in REMOVAL_PANELS if panel[1] in modes]
-    if not panels:
+    curves = [curve for curve in REMOVAL_CURVES if curve[1] in modes]
+    titles = list(dict.fromkeys(curve[0] for curve in curves))
+    if not curves:
         return False
-    figure = Figure(figsize=(3.4 * len(panels) + 1.4, 5.2), layout="constrained")
-    axes = figure.subplots(2, len(panels), sharey="row", squeeze=False)
-    for column, (title, mode, x_key, x_label) in enumerate(panels):
+    figure = Figure(figsize=(3.4 * len(titles) + 1.4, 5.2), layout="constrained")
+    axes = figure.subplots(2, len(titles), sharey="row", squeeze=False)
+    for title, mode, x_key, x_label, style in curves:
+        column = titles.index(title)
         for colour, (name, suspects) in enumerate(methods.items()):
-            runs = [run for s in suspects for run in s["removal"].values() if run["mode"] == mode]
-            if mode == "pruned":  # rate 0: every layer fine-tuned for as many epochs, nothing pruned
-                same = {run["epochs"] for run in runs}
-                start = [(0, r["wsr"], r["mean_ba"], r["owned"]) for s in suspects for r in s["removal"].values()
-                         if r["mode"] == "full" and r["epochs"] in same]  # fmt: skip
-            else:  # epochs 0: the suspect as trained
-                start = [(0, s["malicious"]["wsr"], s["mean_ba"], s["malicious"]["owned"]) for s in suspects]
-            points = start + [(run[x_key], run["wsr"], run["mean_ba"], run["owned"]) for run in runs]
+            points = _removal_points(suspects, mode, x_key)
             xs = sorted({x for x, *_ in points})
-            for row, index in ((0, 1), (1, 2)):
+            for row in (0, 1):
                 ax = axes[row][column]
-                means = [sum(p[index] for p in points if p[0] == x) / sum(p[0] == x for p in points) for x in xs]
-                ax.plot(xs, means, color=f"C{colour}", linewidth=1.2, label=name if row == column == 0 else None)
-                for x, *values, owned in points:
+                means = [sum(p[row + 1] for p in points if p[0] == x) / sum(p[0] == x for p in points) for x in xs]
+                label = name if row == 0 and (column, style) == (0, "-") else None
+                ax.plot(xs, means, color=f"C{colour}", linewidth=1.2, linestyle=style, label=label)
+                for x, wsr, ba, owned in points:
                     face = f"C{colour}" if owned else "white"
-                    ax.scatter(x, values[index - 1], s=18, color=face, edgecolor=f"C{colour}", zorder=3)
-        axes[0][column].set_title(title, fontsize=10)
+                    ax.scatter(x, (wsr, ba)[row], s=18, color=face, edgecolor=f"C{colour}", zorder=3)
+        axes[0][column].set_title(title, fontsize=9)
         axes[1][column].set_xlabel(x_label)
     axes[0][0].set_ylabel("WSR at 0.5")
     axes[1][0].set_ylabel("clean BA")

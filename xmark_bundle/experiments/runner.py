@@ -80,10 +80,15 @@ class _Run:
         overrides = {**self.x.classifier, **_training_keys(recipe), **data}
         cmd = bundle_cmd("training", CLASSIFIER + extra, ckpt_dir=ckpt, seed=seed, **overrides)
         self.stages.run(f"classifier '{name}'", cmd, ckpt / "training_info.json")
-        if evaluate:
-            keys = {**self.eval_keys, **_evaluation_keys(recipe)}
-            cmd = bundle_cmd("run", CLASSIFIER + extra + EVALUATE, ckpt_dir=ckpt, **self.data, **keys)
-            self.stages.run(f"evaluation '{name}'", cmd, ckpt / "classification_report.json")
+        return self.evaluation(name, ckpt, recipe) if evaluate else ckpt
+
+    def evaluation(self, name: str, ckpt: Path, recipe: Mapping[str, Any]) -> Path:
+        """Evaluate the classifier folder ``ckpt`` on the clean test split (classification_report.json); ``ckpt``."""
+        keys = {**self.eval_keys, **_evaluation_keys(recipe)}
+        cmd = bundle_cmd(
+            "run", CLASSIFIER + list(recipe.get("configs", ())) + EVALUATE, ckpt_dir=ckpt, **self.data, **keys
+        )
+        self.stages.run(f"evaluation '{name}'", cmd, ckpt / "classification_report.json")
         return ckpt
 
     @functools.cache  # noqa: B019 - one run object per experiment run: a stage is made (or reported) once
@@ -107,46 +112,48 @@ class _Run:
 
     def removal(self, method: str, suspect: Path, watermark: Path, recipe: dict[str, Any]) -> dict[str, Any]:
         """Fine-tune ``suspect`` on the clean subset, the head only or every layer, for each declared number of
-        epochs, and fine-prune it at each declared rate; the clean BA and the Malicious verification of each."""
+        epochs, and prune it at each declared rate, alone and then fine-tuned (fine-pruning); the clean BA and the
+        Malicious verification of each."""
         spec, size = self.x.removal, int(recipe.get("image_size", self.x.query_size))
-        runs = [("head", epochs, None) for epochs in spec.get("head_epochs", [])]
-        runs += [("full", epochs, None) for epochs in spec.get("full_epochs", [])]
-        runs += [("pruned", spec.get("prune_epochs", 2), float(rate)) for rate in spec.get("prune_rates", [])]
-        results: dict[str, Any] = {}
-        for mode, epochs, rate in runs:
-            key = f"{mode}_{epochs}" if rate is None else f"pruned_{rate:g}"
-            start = suspect / "model.pt" if rate is None else self.pruned(method, suspect, rate, recipe)
-            folder = self._fine_tuned(method, suspect, key, start, mode, epochs, recipe)
+
+        def measured(folder: Path, mode: str, epochs: int, **rate: float) -> dict[str, Any]:
             report = json.loads((folder / "classification_report.json").read_text())
             verified = self.verify(method, "malicious", folder, watermark, size)
-            entry = {"mode": mode, "epochs": epochs, "mean_ba": report["mean_ba"], **verified}
-            results[key] = entry if rate is None else {**entry, "rate": rate}
+            return {"mode": mode, "epochs": epochs, **rate, "mean_ba": report["mean_ba"], **verified}
+
+        results: dict[str, Any] = {}
+        for mode in ("head", "full"):
+            for epochs in spec.get(f"{mode}_epochs", []):
+                folder = self._fine_tuned(method, suspect, f"{mode}_{epochs}", mode, epochs, recipe)
+                results[f"{mode}_{epochs}"] = measured(folder, mode, epochs)
+        for rate in map(float, spec.get("prune_rates", [])):
+            pruned = self.pruned(method, suspect, rate, recipe)
+            results[f"pruned_{rate:g}"] = measured(pruned, "pruned", 0, rate=rate)
+            epochs = spec.get("prune_epochs", 2)
+            folder = self._fine_tuned(method, pruned, str(epochs), "fine-pruned", epochs, recipe)
+            results[f"fine_pruned_{rate:g}"] = measured(folder, "fine-pruned", epochs, rate=rate)
         return results
 
     def pruned(self, method: str, suspect: Path, rate: float, recipe: dict[str, Any]) -> Path:
-        """``suspect`` with the ``rate`` share of its penultimate units that the clean subset leaves dormant pruned
-        (scripts/prune_classifier.py): the start of its fine-pruning."""
-        out = suspect.parent / f"{suspect.name}_pruned_{rate:g}" / "pruned.pt"
+        """``suspect`` with the ``rate`` share of its penultimate units that the clean subset leaves least active
+        pruned (scripts/prune_classifier.py), evaluated: a classifier folder, the start of its fine-pruning."""
+        out = suspect.parent / f"{suspect.name}_pruned_{rate:g}"
         cmd = [sys.executable, "scripts/prune_classifier.py", "--ckpt", str(suspect / "model.pt"), "--rate", str(rate)]
         cmd += ["--arch", str(recipe.get("arch", self.x.classifier.get("arch", "resnet18")))]
         cmd += ["--image-size", str(recipe.get("image_size", self.x.query_size))]
         cmd += ["--datalist", str(self.clean_subset()), "--dataset-dir", str(self.phantoms), "--out", str(out)]
-        self.stages.run(f"{method} {suspect.name} pruning at {rate:g}", cmd, out)
-        return out
+        self.stages.run(f"{method} {suspect.name} pruning at {rate:g}", cmd, out / "model.pt")
+        return self.evaluation(f"{method} {out.name}", out, recipe)
 
-    def _fine_tuned(
-        self, method: str, suspect: Path, key: str, start: Path, mode: str, epochs: int, recipe: dict[str, Any]
-    ) -> Path:
-        """``start`` fine-tuned on the clean subset (``mode`` head, full or pruned) and evaluated; its folder."""
-        configs = {"head": ["configs/finetune_head.json"], "full": [], "pruned": ["configs/finetune_pruned.json"]}[mode]
-        tuned = {**_evaluation_keys(recipe), "configs": configs, "max_epochs": epochs, "pretrained_weights": start}
-        tuned["learning_rate"] = self.x.removal.get("learning_rate", 1e-4)
-        if mode == "pruned":
-            name, label = f"{start.parent.name}_finetuned_{epochs}", f"fine-pruned ({key[7:]}, {epochs} epochs)"
-        else:
-            name, label = f"{suspect.name}_finetuned_{key}", f"fine-tuned ({mode}, {epochs} epochs)"
-        label = f"{method} {suspect.name} {label}"
-        return self.classifier(label, suspect.parent / name, self.phantoms, 0, True, self.clean_subset(), **tuned)
+    def _fine_tuned(self, method: str, start: Path, key: str, mode: str, epochs: int, recipe: dict[str, Any]) -> Path:
+        """The classifier folder ``start`` fine-tuned on the clean subset (``mode`` head, full or fine-pruned) and
+        evaluated; its folder (beside ``start``)."""
+        configs = {"head": ["configs/finetune_head.json"], "full": [], "fine-pruned": ["configs/finetune_pruned.json"]}
+        tuned = {**_evaluation_keys(recipe), "configs": configs[mode], "max_epochs": epochs}
+        tuned |= {"pretrained_weights": start / "model.pt", "learning_rate": self.x.removal.get("learning_rate", 1e-4)}
+        name = f"{start.name}_finetuned_{key}"
+        label = f"{method} {start.name} fine-tuned ({'every layer' if mode != 'head' else 'head'}, {epochs} epochs)"
+        return self.classifier(label, start.parent / name, self.phantoms, 0, True, self.clean_subset(), **tuned)
 
     def evaded(self, method: str, release: Path, evasion: str) -> Path:
         """``release`` as a data user who applies ``evasion`` to every image trains on it (scripts/evade_release.py)."""

@@ -193,14 +193,16 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
         "title": "Removal: the malicious suspects fine-tuned on a clean share of the training split",
         "columns": ["BA", "WSR at 0.5", "Malicious p", "verified"],
         "rows": rows,
-        "notes": "head: the last linear layer only; full: every layer; fine-pruned: the share of penultimate units "
-        "least active on the clean share removed, then every layer fine-tuned with them kept removed. Cells per "
-        "suspect seed.",
+        "notes": "head: the last linear layer only; full: every layer; pruned: the share of penultimate units (the "
+        "last convolutional stage's pooled output) least active on the clean share removed; fine-pruned: pruned, "
+        "then every layer fine-tuned with them kept removed. Cells per suspect seed.",
     }
 
 
 def _removal_label(run: Mapping[str, Any]) -> str:
     if run["mode"] == "pruned":
+        return f"pruned {run['rate']:.0%}, not fine-tuned"
+    if run["mode"] == "fine-pruned":
         return f"fine-pruned {run['rate']:.0%}, then {run['epochs']} epochs"
     return f"fine-tuned {run['mode']} {run['epochs']} epochs"
 
