@@ -39,8 +39,8 @@ SETTINGS: tuple[tuple[str, str, str], ...] = (
     (
         "removal",
         "head fine-tuned up to 100 epochs on 10 % clean data; pruning at 0-0.98 of the last convolutional output",
-        "head or every layer, 1-10 epochs on 10 %, lr 1e-4; pruning at 0.3, 0.6, 0.9, alone and then 2 epochs of "
-        "fine-tuning",
+        "head or every layer, 1-10 epochs on 10 %, lr 1e-4 (`removal`); pruning at 0.3, 0.6, 0.9, alone and then 5 "
+        "epochs of fine-tuning (`pruning`)",
     ),
 )
 _SETTINGS_TABLE = "".join(f"| {row[0]} | {row[1]} | {row[2]} |\n" for row in SETTINGS)

@@ -190,7 +190,7 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
                 }
             )
     return {
-        "title": "Removal: the malicious suspects fine-tuned on a clean share of the training split",
+        "title": "Removal: the malicious suspects fine-tuned or pruned on a clean share of the training split",
         "columns": ["BA", "WSR at 0.5", "Malicious p", "verified"],
         "rows": rows,
         "notes": "head: the last linear layer only; full: every layer; pruned: the share of penultimate units (the "
