@@ -42,13 +42,15 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--out {out} holds the source checkpoint; write the pruned model elsewhere")
     model = load_classifier(source, args.arch)
     items = datalist_items(args.datalist, "training", args.dataset_dir or Path(args.datalist).parent)
+    if not items:
+        parser.error(f"{args.datalist}: its training split is empty; pruning needs clean images to rank the units")
     images = load_letterboxed(items, range(len(items)), args.image_size)
     report = prune_dormant(model, images, args.rate)
     info_file = source.parent / "training_info.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     info |= {"arch": args.arch, "image_size": args.image_size, "weights": f"pruned:{source}"}
     write_json(out / "pruning.json", {"source": str(source), "n_images": len(items), **report})
-    write_json(out / "training_info.json", {**info, "pruning_rate": args.rate, "datalist": str(args.datalist)})
+    write_json(out / "training_info.json", {**info, "pruning_rate": args.rate, "pruning_datalist": str(args.datalist)})
     with atomic_path(out / "model.pt") as tmp:  # last: the runner takes model.pt as the sign of a finished stage
         torch.save({"model": model.state_dict()}, tmp)
     print(f"pruned {len(report['units'])} of {report['n_units']} units of {source} on {len(items)} images: {out}")

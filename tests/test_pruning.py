@@ -1,5 +1,7 @@
 """Fine-pruning (xmark_bundle.networks.pruning, configs/finetune_pruned.json): the dormant units go, and stay gone."""
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,23 @@ def test_configs_finetune_pruned_builds_a_network_that_keeps_its_pruned_units(tm
     assert pruned_units(network).tolist() == units
     network(torch.rand(2, 1, 64, 64)).sum().backward()
     assert torch.all(network.fc.weight.grad[:, units] == 0) and network.fc.weight.grad.abs().sum() > 0
+
+
+def test_the_script_refuses_to_write_over_its_source_or_to_prune_without_clean_images(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import prune_classifier
+
+    source = tmp_path / "suspect"
+    source.mkdir()
+    torch.save(build_classifier("resnet18").state_dict(), source / "model.pt")
+    before = (source / "model.pt").read_bytes()
+    empty = tmp_path / "datalist.json"
+    empty.write_text(json.dumps({"training": [], "test": []}))
+    common = ["--ckpt", str(source / "model.pt"), "--datalist", str(empty), "--rate", "0.5"]
+    with pytest.raises(SystemExit):
+        prune_classifier.main([*common, "--out", str(source)])
+    assert "holds the source checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prune_classifier.main([*common, "--out", str(tmp_path / "pruned")])
+    assert f"{empty}: its training split is empty" in capsys.readouterr().err
+    assert (source / "model.pt").read_bytes() == before and not (tmp_path / "pruned").exists()

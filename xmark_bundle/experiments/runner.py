@@ -6,7 +6,8 @@ Layout under the output folder: ``phantoms/`` (the data and its datalist), ``mod
 ``models/<method>/{watermark,watermark_independent,release_manifest.json,suspect_seed<k>}``,
 ``release/<method>/`` and ``verification/<method>/<scenario>_<model>/``. Every stage is skipped when its output
 exists, so an interrupted run resumes; ``collected.json`` holds every number the tables are made of and
-the figures beside it (``scenarios.png``, ``removal.png``) are drawn by :mod:`~xmark_bundle.experiments.figures`.
+the figures beside it (``scenarios.png``, and ``removal.png`` or ``variants.png`` where they apply) are drawn by
+:mod:`~xmark_bundle.experiments.figures`.
 """
 
 from __future__ import annotations
