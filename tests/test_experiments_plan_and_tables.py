@@ -10,6 +10,7 @@ from scipy import stats
 from xmark_bundle.experiments import ExperimentError, false_accusations, load_experiment, plain_words, tables
 from xmark_bundle.experiments.figures import save_figures, save_scenarios_figure
 from xmark_bundle.experiments.page import render_page
+from xmark_bundle.experiments.runner import watermark_recipe
 from xmark_bundle.experiments.tables import removal_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,3 +219,20 @@ def test_removal_gets_a_table_row_per_attack_and_a_figure_beside_it(tmp_path):
         del suspect_["removal"]
     assert save_figures(collected, tmp_path / "none") == ["scenarios.png"]
     assert not (tmp_path / "none" / "removal.png").exists()
+
+
+def test_arms_that_differ_only_in_the_release_share_their_watermark():
+    ablation = load_experiment(ROOT / "configs/experiments/ablation.json").methods
+    surrogate = Path("models/surrogate")
+
+    def recipe(name: str, seed: int = 1) -> str:
+        return watermark_recipe(ablation[name], surrogate, seed, False)
+
+    assert recipe("xmark") == recipe("gamma_0.1") == recipe("gamma_0.25") == recipe("gamma_1")
+    others = {recipe(name) for name in ("xmark", "no_conditioning", "no_laplacian", "epsilon_4", "epsilon_8")}
+    assert len(others) == 5 and recipe("xmark", seed=1001) != recipe("xmark")
+    assert watermark_recipe(ablation["xmark"], Path("models/surrogate_independent"), 1, False) != recipe("xmark")
+    comparison = load_experiment(ROOT / "configs/experiments/comparison.json").methods
+    badnets, blended = comparison["badnets"], comparison["blended"]
+    assert badnets.settings == blended.settings  # the same settings, yet each trigger is made for its own method
+    assert watermark_recipe(badnets, surrogate, 1, False) != watermark_recipe(blended, surrogate, 1, False)

@@ -24,7 +24,7 @@ from xmark_bundle.experiments.plan import Experiment, Method
 from xmark_bundle.experiments.stages import Stages, bundle_cmd
 from xmark_bundle.fileio import write_json
 
-__all__ = ["INDEPENDENT_OFFSET", "run_experiment"]
+__all__ = ["INDEPENDENT_OFFSET", "run_experiment", "watermark_recipe"]
 
 #: The independent owner's surrogate and watermark seeds are the data seed plus this offset (never a suspect's seed).
 INDEPENDENT_OFFSET = 1000
@@ -38,6 +38,7 @@ class _Run:
     def __init__(self, experiment: Experiment, root: Path, out: Path) -> None:
         self.x, self.root, self.out = experiment, root, out
         self.stages = Stages(root, out, experiment.name)
+        self.trained: dict[str, Path] = {}  # a watermark recipe (watermark_recipe) -> the checkpoint it made
         self.phantoms, self.models = out / "phantoms", out / "models"
         self.data = {"dataset_dir": self.phantoms, "datalist_file": self.phantoms / "datalist.json"}
         self.eval_keys = _evaluation_keys(experiment.classifier)
@@ -168,7 +169,16 @@ class _Run:
         return out
 
     def watermark(self, method: Method, folder: Path, surrogate: Path, seed: int, vetting: bool) -> Path:
-        """Make ``method``'s watermark checkpoint in ``folder`` (a trained generator or a trigger)."""
+        """Make ``method``'s watermark checkpoint in ``folder`` (a trained generator or a trigger), or reuse the one an
+        earlier method of the experiment made with the same recipe (e.g. arms that differ in the release's gamma)."""
+        recipe = watermark_recipe(method, surrogate, seed, vetting)
+        if recipe in self.trained:
+            print(f"[{self.x.name}] {method.name} watermark '{folder.name}': the recipe of {self.trained[recipe]}")
+            return self.trained[recipe]
+        self.trained[recipe] = self._watermark(method, folder, surrogate, seed, vetting)
+        return self.trained[recipe]
+
+    def _watermark(self, method: Method, folder: Path, surrogate: Path, seed: int, vetting: bool) -> Path:
         name = f"{method.name} watermark '{folder.name}'"
         common = {"ckpt_dir": folder, "seed": seed, **self.surrogate_keys, **method.settings}
         if method.kind == "trigger":
@@ -248,6 +258,16 @@ class _Run:
         report = json.loads((folder / "verification.json").read_text())
         keep = ("p_value", "wilcoxon_p", "delta_p", "wsr", "verdict", "owned", "n", "control")
         return {key: report.get(key) for key in keep} | {"report": str(folder / "verification.json")}
+
+
+def watermark_recipe(method: Method, surrogate: Path, seed: int, vetting: bool) -> str:
+    """What makes a watermark: the method's kind, override files and settings, the surrogate, seed and key vetting
+    (not its name, nor the release's gamma or decoys). Two methods with the same recipe get the same checkpoint."""
+    made = {"kind": method.kind, "configs": list(method.configs), "settings": dict(method.settings)}
+    made |= {"surrogate": str(surrogate), "seed": seed, "vetting": vetting}
+    if method.kind == "trigger":  # a trigger is made for its method name (badnets, blended, ...)
+        made["method"] = method.name
+    return json.dumps(made, sort_keys=True)
 
 
 def _training_keys(recipe: Mapping[str, Any]) -> dict[str, Any]:
