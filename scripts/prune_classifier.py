@@ -30,8 +30,8 @@ from xmark_bundle.verification.queries import datalist_items, load_letterboxed  
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="the classifier checkpoint to prune (model.pt)")
-    parser.add_argument("--arch", default="resnet18", help="its architecture")
-    parser.add_argument("--image-size", type=int, default=128, help="its input size")
+    parser.add_argument("--arch", help="its architecture (default: its training_info.json's, else resnet18)")
+    parser.add_argument("--image-size", type=int, help="its input size (default: its training_info.json's, else 128)")
     parser.add_argument("--datalist", required=True, help="the clean data: this datalist's training split")
     parser.add_argument("--dataset-dir", help="base folder of the datalist's image paths (default: its folder)")
     parser.add_argument("--rate", type=float, required=True, help="share of the penultimate units to prune, [0, 1)")
@@ -40,15 +40,15 @@ def main(argv: list[str] | None = None) -> dict:
     source, out = Path(args.ckpt), Path(args.out)
     if out.resolve() == source.parent.resolve():
         parser.error(f"--out {out} holds the source checkpoint; write the pruned model elsewhere")
-    model = load_classifier(source, args.arch)
+    info_file = source.parent / "training_info.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    arch, size = args.arch or info.get("arch", "resnet18"), args.image_size or int(info.get("image_size", 128))
+    model = load_classifier(source, arch)
     items = datalist_items(args.datalist, "training", args.dataset_dir or Path(args.datalist).parent)
     if not items:
         parser.error(f"{args.datalist}: its training split is empty; pruning needs clean images to rank the units")
-    images = load_letterboxed(items, range(len(items)), args.image_size)
-    report = prune_dormant(model, images, args.rate)
-    info_file = source.parent / "training_info.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    info |= {"arch": args.arch, "image_size": args.image_size, "weights": f"pruned:{source}"}
+    report = prune_dormant(model, load_letterboxed(items, range(len(items)), size), args.rate)
+    info |= {"arch": arch, "image_size": size, "weights": f"pruned:{source}"}
     write_json(out / "pruning.json", {"source": str(source), "n_images": len(items), **report})
     write_json(out / "training_info.json", {**info, "pruning_rate": args.rate, "pruning_datalist": str(args.datalist)})
     with atomic_path(out / "model.pt") as tmp:  # last: the runner takes model.pt as the sign of a finished stage

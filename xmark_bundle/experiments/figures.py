@@ -67,17 +67,15 @@ def _save(figure: Figure, path: str | os.PathLike) -> None:
         figure.savefig(stream, format="png", dpi=110)
 
 
-#: The removal figure's curves: (panel title, the runs' mode, the x value of a run, x label, line style).
-REMOVAL_CURVES = (
-    ("head-only fine-tuning", "head", "epochs", "epochs", "-"),
-    ("full fine-tuning", "full", "epochs", "epochs", "-"),
-    ("pruning (dashed: alone; solid: then fine-tuning)", "pruned", "rate", "share of penultimate units pruned", "--"),
+#: The removal figure's panels: (title, the x value of a run, x label, its curves as (the runs' mode, line style)).
+REMOVAL_PANELS = (
+    ("head-only fine-tuning", "epochs", "epochs", (("head", "-"),)),
+    ("full fine-tuning", "epochs", "epochs", (("full", "-"),)),
     (
         "pruning (dashed: alone; solid: then fine-tuning)",
-        "fine-pruned",
         "rate",
         "share of penultimate units pruned",
-        "-",
+        (("pruned", "--"), ("fine-pruned", "-")),
     ),
 )
 
@@ -103,25 +101,24 @@ def save_removal_figure(collected: Mapping[str, Any], path: str | os.PathLike) -
     }
     methods = {name: suspects for name, suspects in methods.items() if suspects}
     modes = {run["mode"] for suspects in methods.values() for s in suspects for run in s["removal"].values()}
-    curves = [curve for curve in REMOVAL_CURVES if curve[1] in modes]
-    titles = list(dict.fromkeys(curve[0] for curve in curves))
-    if not curves:
+    panels = [panel for panel in REMOVAL_PANELS if any(mode in modes for mode, _ in panel[3])]
+    if not panels:
         return False
-    figure = Figure(figsize=(3.4 * len(titles) + 1.4, 5.2), layout="constrained")
-    axes = figure.subplots(2, len(titles), sharey="row", squeeze=False)
-    for title, mode, x_key, x_label, style in curves:
-        column = titles.index(title)
-        for colour, (name, suspects) in enumerate(methods.items()):
-            points = _removal_points(suspects, mode, x_key)
-            xs = sorted({x for x, *_ in points})
-            for row in (0, 1):
-                ax = axes[row][column]
-                means = [sum(p[row + 1] for p in points if p[0] == x) / sum(p[0] == x for p in points) for x in xs]
-                label = name if row == 0 and (column, style) == (0, "-") else None
-                ax.plot(xs, means, color=f"C{colour}", linewidth=1.2, linestyle=style, label=label)
-                for x, wsr, ba, owned in points:
-                    face = f"C{colour}" if owned else "white"
-                    ax.scatter(x, (wsr, ba)[row], s=18, color=face, edgecolor=f"C{colour}", zorder=3)
+    figure = Figure(figsize=(3.4 * len(panels) + 1.4, 5.2), layout="constrained")
+    axes = figure.subplots(2, len(panels), sharey="row", squeeze=False)
+    for column, (title, x_key, x_label, curves) in enumerate(panels):
+        for mode, style in (curve for curve in curves if curve[0] in modes):
+            for colour, (name, suspects) in enumerate(methods.items()):
+                points = _removal_points(suspects, mode, x_key)
+                xs = sorted({x for x, *_ in points})
+                for row in (0, 1):
+                    ax = axes[row][column]
+                    means = [sum(p[row + 1] for p in points if p[0] == x) / sum(p[0] == x for p in points) for x in xs]
+                    label = name if row == 0 and (column, style) == (0, "-") else None
+                    ax.plot(xs, means, color=f"C{colour}", linewidth=1.2, linestyle=style, label=label)
+                    for x, wsr, ba, owned in points:
+                        face = f"C{colour}" if owned else "white"
+                        ax.scatter(x, (wsr, ba)[row], s=18, color=face, edgecolor=f"C{colour}", zorder=3)
         axes[0][column].set_title(title, fontsize=9)
         axes[1][column].set_xlabel(x_label)
     axes[0][0].set_ylabel("WSR at 0.5")

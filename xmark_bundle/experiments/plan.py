@@ -49,6 +49,10 @@ class ExperimentError(ValueError):
         super().__init__(f"{os.fspath(path)}: {problem}")
 
 
+#: The keys a declaration's ``removal`` may hold.
+REMOVAL_KEYS = {"clean_fraction", "learning_rate", "head_epochs", "full_epochs", "prune_rates", "prune_epochs"}
+
+
 @dataclass(frozen=True)
 class Method:
     """One watermarking method of an experiment and how its release is made."""
@@ -143,14 +147,7 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     if pretrain and int(pretrain["seed"]) in (int(seeds["data"]), int(seeds["development"])):
         raise ExperimentError(path, "pretrain's phantom seed must differ from the data and development seeds")
     removal = raw.get("removal", {})
-    unknown = set(removal) - {
-        "clean_fraction",
-        "learning_rate",
-        "head_epochs",
-        "full_epochs",
-        "prune_rates",
-        "prune_epochs",
-    }
+    unknown = set(removal) - REMOVAL_KEYS
     if unknown:
         raise ExperimentError(path, f"removal: unknown keys {sorted(unknown)}")
     if not all(0 <= float(rate) < 1 for rate in removal.get("prune_rates", [])):

@@ -141,8 +141,6 @@ class _Run:
         pruned (scripts/prune_classifier.py), evaluated: a classifier folder, the start of its fine-pruning."""
         out = suspect.parent / f"{suspect.name}_pruned_{rate:g}"
         cmd = [sys.executable, "scripts/prune_classifier.py", "--ckpt", str(suspect / "model.pt"), "--rate", str(rate)]
-        cmd += ["--arch", str(recipe.get("arch", self.x.classifier.get("arch", "resnet18")))]
-        cmd += ["--image-size", str(recipe.get("image_size", self.x.query_size))]
         cmd += ["--datalist", str(self.clean_subset()), "--dataset-dir", str(self.phantoms), "--out", str(out)]
         self.stages.run(f"{method} {suspect.name} pruning at {rate:g}", cmd, out / "model.pt")
         return self.evaluation(f"{method} {out.name}", out, recipe)
