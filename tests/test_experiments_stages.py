@@ -58,3 +58,19 @@ def test_a_stage_runs_its_command_line_and_changes_nothing_for_the_next(tmp_path
     assert {s["cwd"] for s in seen} == {str(cwd)} and {s["name"] for s in seen} == {"__main__"}
     # the second stage sees neither the environment nor the module state the first one changed
     assert {s["leak"] for s in seen} == {None} and {s["attribute"] for s in seen} == {None}
+
+
+def test_a_run_reports_the_times_of_the_stages_it_visited_only(tmp_path):
+    """Two experiments sharing a folder's common stages: each reports the stages it ran or found done, not the
+    other's."""
+    from xmark_bundle.experiments.stages import Stages
+
+    (tmp_path / "stage_times.json").write_text(json.dumps({"data": 12.0, "other experiment's stage": 99.0}))
+    (tmp_path / "data").touch()
+    stages = Stages(ROOT, tmp_path, "test")
+    stages.run("data", ["false"], tmp_path / "data")  # done before: skipped, its recorded time kept
+    stages.run("new", ["touch", str(tmp_path / "new")], tmp_path / "new")
+    times = stages.run_times()
+    assert list(times) == ["data", "new"] and times["data"] == 12.0 and times["new"] >= 0
+    recorded = json.loads((tmp_path / "stage_times.json").read_text())
+    assert set(recorded) == {"data", "other experiment's stage", "new"}  # the folder keeps every stage's time

@@ -349,7 +349,7 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
             suspect = run.models / method.name / name
             entry["detectability"] = run.detectability(method.name, release, manifest, suspect, first["variant"])
         collected["methods"][method.name] = entry
-    collected["stage_times_s"] = dict(run.stages.times)
+    collected["stage_times_s"] = run.stages.run_times()
     write_json(out / "collected.json", collected)
     save_figures(collected, out)
     return collected

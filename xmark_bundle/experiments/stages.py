@@ -2,10 +2,12 @@
 
 A stage prints one progress line before it runs (its number, name and command) and one when it is done, and records
 its wall time in ``stage_times.json`` of the experiment's folder, so a resumed run still reports what every part
-cost on this machine. On Linux a Python stage runs in a forked copy of the runner, which has imported torch, MONAI,
-Ignite and this package once (about 7 s a stage on this machine's two cores): the child runs exactly the printed
-command line (``runpy``, as ``python -m`` or ``python script`` would) and exits, so nothing it changes reaches the
-next stage. Elsewhere, or with ``XMARK_STAGE_SUBPROCESS=1``, each stage is a fresh interpreter.
+cost on this machine; a run reports the times of the stages it visited only, so experiments that share a folder's
+common stages (the same data, watermarks and suspects) each report their own. On Linux a Python stage runs in a
+forked copy of the runner, which has imported torch, MONAI, Ignite and this package once (about 7 s a stage on this
+machine's two cores): the child runs exactly the printed command line (``runpy``, as ``python -m`` or
+``python script`` would) and exits, so nothing it changes reaches the next stage. Elsewhere, or with
+``XMARK_STAGE_SUBPROCESS=1``, each stage is a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Stages:
         self.root, self.out, self.label = root, out, label
         self.times_file = out / "stage_times.json"
         self.times: dict[str, float] = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
+        self.visited: list[str] = []  # this run's stages, in order, done now or before
         self.count = 0
 
     def _where(self, path: Path) -> str:
@@ -57,6 +60,7 @@ class Stages:
     def run(self, name: str, cmd: list[str], done: Path) -> None:
         """Run ``cmd`` unless ``done`` exists; raise :class:`StageFailed` naming the stage when it fails."""
         self.count += 1
+        self.visited.append(name)
         prefix = f"[{self.label} {self.count}] {name}"
         if done.exists():
             print(f"{prefix}: already done ({self._where(done)})", flush=True)
@@ -70,6 +74,10 @@ class Stages:
         self.times[name] = round(seconds, 1)
         write_json(self.times_file, self.times)
         print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+
+    def run_times(self) -> dict[str, float]:
+        """The recorded wall times (s) of the stages this run visited, whether it ran them or found them done."""
+        return {name: self.times[name] for name in self.visited if name in self.times}
 
 
 #: Modules every stage imports; the runner imports them once before its first forked stage.
