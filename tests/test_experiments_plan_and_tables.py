@@ -8,7 +8,7 @@ from PIL import Image
 from scipy import stats
 
 from xmark_bundle.experiments import ExperimentError, false_accusations, load_experiment, plain_words, tables
-from xmark_bundle.experiments.figures import save_figures, save_scenarios_figure
+from xmark_bundle.experiments.figures import save_detectability_figure, save_figures, save_scenarios_figure
 from xmark_bundle.experiments.page import render_page
 from xmark_bundle.experiments.runner import watermark_recipe
 from xmark_bundle.experiments.tables import removal_table
@@ -158,7 +158,7 @@ def test_suspect_variants_get_rows_of_their_own_and_ind_m_is_counted_once(tmp_pa
         assert figure.format == "PNG" and figure.size[0] > 300
 
 
-def test_a_detectability_table_follows_when_a_method_measured_it():
+def test_a_detectability_table_follows_when_a_method_measured_it(tmp_path):
     report = {
         "pool": "target class",
         "n_candidates": 40,
@@ -179,6 +179,12 @@ def test_a_detectability_table_follows_when_a_method_measured_it():
     assert cells["spectral recall (chance)"] == {"value": "0.40 (0.75)"}  # 30 of 40 flagged at random
     assert cells["AC recall, precision (base rate)"] == {"value": "0.30, 0.60 (0.50)"}
     assert len(tables({"benign": {}, "methods": {"badnets": {**method, "detectability": None}}})) == 2
+    # its figure: the AUROC columns as bars, beside the table
+    collected = {"benign": {}, "methods": {"xmark": method, "badnets": {**method, "detectability": None}}}
+    assert save_figures(collected, tmp_path) == ["scenarios.png", "detectability.png"]
+    with Image.open(tmp_path / "detectability.png") as figure:
+        assert figure.format == "PNG" and figure.size[0] > 300
+    assert not save_detectability_figure({"methods": {"badnets": {**method, "detectability": None}}}, tmp_path / "x")
 
 
 def test_removal_gets_a_table_row_per_attack_and_a_figure_beside_it(tmp_path):

@@ -12,6 +12,10 @@ a dot per seed (filled: still verified), as the paper's Fig. 7.
 
 ``variants.png`` (when the experiment trained several kinds of suspect: sizes, architectures, evasions): WSR at 0.5
 and clean BA per kind, a dot per suspect seed (filled: verified) and a bar at the mean, a colour per method.
+
+``detectability.png`` (when the experiment measured detectability): the AUROC of every detector of the detectability
+table per method, a bar each, chance (0.5) dashed; drawn from the table itself (:func:`draw_detectability`), so a
+published results.json can be drawn again without the run.
 """
 
 from __future__ import annotations
@@ -23,9 +27,18 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from xmark_bundle.experiments.detectability import detectability_table
 from xmark_bundle.fileio import atomic_path
 
-__all__ = ["FIGURES", "save_figures", "save_removal_figure", "save_scenarios_figure", "save_variants_figure"]
+__all__ = [
+    "FIGURES",
+    "draw_detectability",
+    "save_detectability_figure",
+    "save_figures",
+    "save_removal_figure",
+    "save_scenarios_figure",
+    "save_variants_figure",
+]
 
 SCENARIOS = (("Malicious", "malicious"), ("Ind-W", "ind_w"), ("Ind-M", None))
 
@@ -165,11 +178,44 @@ def save_variants_figure(collected: Mapping[str, Any], path: str | os.PathLike) 
     return True
 
 
+def draw_detectability(table: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write the bars of the detectability ``table``'s AUROC columns (one group per detector, a bar per method, a
+    method's value above 0.5 separating marked from unmarked files, below 0.5 the other way round) to ``path``."""
+    columns = [column for column in table["columns"] if column.endswith("AUROC")]
+    rows = table["rows"]
+    figure = Figure(figsize=(1.2 * len(columns) + 3, 3.6), layout="constrained")
+    ax = figure.subplots()
+    width = 0.8 / max(1, len(rows))
+    for colour, row in enumerate(rows):
+        for x, column in enumerate(columns):
+            value = row["cells"].get(column, {}).get("value")
+            if isinstance(value, (int, float)):
+                label = row["label"] if x == 0 else None
+                ax.bar(x - 0.4 + width * (colour + 0.5), value, width, color=f"C{colour}", label=label)
+    ax.axhline(0.5, color="0.4", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(columns)), [column.removesuffix(" AUROC") for column in columns], fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("AUROC marked vs unmarked")
+    figure.legend(loc="outside right upper", fontsize=8)
+    figure.suptitle("Detectability: can a data user find the marked files? (dashed: chance)", fontsize=10)
+    _save(figure, path)
+
+
+def save_detectability_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
+    """Write the detectability figure to ``path`` atomically; False (nothing written) when no method measured it."""
+    detected = {name: m["detectability"] for name, m in collected["methods"].items() if m.get("detectability")}
+    if not detected:
+        return False
+    draw_detectability(detectability_table(detected), path)
+    return True
+
+
 #: Each figure's file, the function that draws it, and the table (by the start of its title) it goes beside.
 FIGURES: dict[str, tuple[Callable[[Mapping[str, Any], Path], bool], str]] = {
     "scenarios.png": (save_scenarios_figure, "Table 2"),
     "removal.png": (save_removal_figure, "Removal"),
     "variants.png": (save_variants_figure, "Table 1"),
+    "detectability.png": (save_detectability_figure, "Detectability"),
 }
 
 

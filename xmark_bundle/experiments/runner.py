@@ -5,8 +5,8 @@ Layout under the output folder: ``phantoms/`` (the data and its datalist), ``mod
 ``models/surrogate_independent`` (the independent owner's), ``models/benign/<arch>_seed<k>``, and per method
 ``models/<method>/{watermark,watermark_independent,release_manifest.json,suspect_seed<k>}``,
 ``release/<method>/`` and ``verification/<method>/<scenario>_<model>/``. Every stage is skipped when its output
-exists, so an interrupted run resumes; ``collected.json`` holds every number the tables are made of and
-the figures beside it (``scenarios.png``, and ``removal.png`` or ``variants.png`` where they apply) are drawn by
+exists, so an interrupted run resumes; ``collected.json`` holds every number the tables are made of and the figures
+beside it (``scenarios.png``; ``removal.png``, ``variants.png``, ``detectability.png`` where they apply) are drawn by
 :mod:`~xmark_bundle.experiments.figures`.
 """
 
