@@ -190,6 +190,7 @@ def test_a_detectability_table_follows_when_a_method_measured_it(tmp_path):
 def test_removal_gets_a_table_row_per_attack_and_a_figure_beside_it(tmp_path):
     def tuned(mode: str, epochs: int, owned: bool, rate: float | None = None) -> dict:
         run = {"mode": mode, "epochs": epochs, "mean_ba": 0.75, **_scenario(1e-3 if owned else 0.4, owned)}
+        run |= {"kept_epoch": 1} if epochs else {}
         return run if rate is None else {**run, "rate": rate}
 
     def suspect(owned_after_pruning: bool) -> dict:
@@ -211,13 +212,16 @@ def test_removal_gets_a_table_row_per_attack_and_a_figure_beside_it(tmp_path):
     rows = {row["label"]: row["cells"] for row in removal["rows"]}
     assert list(rows) == [
         "xmark, as trained",
-        "xmark, fine-tuned head 1 epochs",
-        "xmark, fine-tuned full 1 epochs",
+        "xmark, fine-tuned head, best of 1 epochs",
+        "xmark, fine-tuned full, best of 1 epochs",
         "xmark, pruned 50%, not fine-tuned",
-        "xmark, fine-pruned 50%, then 2 epochs",
+        "xmark, fine-pruned 50%, then best of 2 epochs",
     ]
-    assert rows["xmark, fine-pruned 50%, then 2 epochs"]["verified"] == {"value": "1 of 2"}
-    assert rows["xmark, fine-pruned 50%, then 2 epochs"]["WSR at 0.5"] == {"per_seed": [0.9, 0.1]}
+    fine_pruned = rows["xmark, fine-pruned 50%, then best of 2 epochs"]
+    assert fine_pruned["verified"] == {"value": "1 of 2"} and fine_pruned["WSR at 0.5"] == {"per_seed": [0.9, 0.1]}
+    # which epoch each fine-tuning kept; a pruned model was not trained
+    assert fine_pruned["kept epoch"] == {"per_seed": [1, 1]}
+    assert "kept epoch" not in rows["xmark, pruned 50%, not fine-tuned"]
     assert save_figures(collected, tmp_path) == ["scenarios.png", "removal.png"]
     with Image.open(tmp_path / "removal.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > figure.size[1] > 300  # three panels side by side

@@ -121,7 +121,10 @@ class _Run:
         def measured(folder: Path, mode: str, epochs: int, **rate: float) -> dict[str, Any]:
             report = json.loads((folder / "classification_report.json").read_text())
             verified = self.verify(method, "malicious", folder, watermark, size)
-            return {"mode": mode, "epochs": epochs, **rate, "mean_ba": report["mean_ba"], **verified}
+            # a fine-tuning keeps its best epoch on the clean validation split (the training recipe's checkpoint)
+            kept = json.loads((folder / "training_info.json").read_text()).get("best_epoch") if epochs else None
+            run = {"mode": mode, "epochs": epochs, **rate, "mean_ba": report["mean_ba"], **verified}
+            return run | ({"kept_epoch": kept} if kept is not None else {})
 
         results: dict[str, Any] = {}
         for mode in ("head", "full"):

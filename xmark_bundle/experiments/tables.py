@@ -186,16 +186,19 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
                         "WSR at 0.5": _seeds([r["wsr"] for r in runs]),
                         "Malicious p": _seeds([r["p_value"] for r in runs]),
                         "verified": {"value": f"{sum(bool(r['owned']) for r in runs)} of {len(runs)}"},
-                    },
+                    }
+                    | ({"kept epoch": _seeds([r["kept_epoch"] for r in runs])} if "kept_epoch" in runs[0] else {}),
                 }
             )
     return {
         "title": "Removal: the malicious suspects fine-tuned or pruned on a clean share of the training split",
-        "columns": ["BA", "WSR at 0.5", "Malicious p", "verified"],
+        "columns": ["BA", "WSR at 0.5", "Malicious p", "verified", "kept epoch"],
         "rows": rows,
         "notes": "head: the last linear layer only; full: every layer; pruned: the share of penultimate units (the "
         "last convolutional stage's pooled output) least active on the clean share removed; fine-pruned: pruned, "
-        "then every layer fine-tuned with them kept removed. Cells per suspect seed.",
+        "then every layer fine-tuned with them kept removed. A fine-tuning of N epochs keeps the epoch with the best "
+        "mean AUROC on the clean validation split (the bundle's training recipe, what a data user running it gets): "
+        "kept epoch. Cells per suspect seed.",
     }
 
 
@@ -203,8 +206,8 @@ def _removal_label(run: Mapping[str, Any]) -> str:
     if run["mode"] == "pruned":
         return f"pruned {run['rate']:.0%}, not fine-tuned"
     if run["mode"] == "fine-pruned":
-        return f"fine-pruned {run['rate']:.0%}, then {run['epochs']} epochs"
-    return f"fine-tuned {run['mode']} {run['epochs']} epochs"
+        return f"fine-pruned {run['rate']:.0%}, then best of {run['epochs']} epochs"
+    return f"fine-tuned {run['mode']}, best of {run['epochs']} epochs"
 
 
 def _verdict(result: Mapping[str, Any]) -> str:
