@@ -82,8 +82,8 @@ def _save(figure: Figure, path: str | os.PathLike) -> None:
 
 #: The removal figure's panels: (title, the x value of a run, x label, its curves as (the runs' mode, line style)).
 REMOVAL_PANELS = (
-    ("head-only fine-tuning", "epochs", "epochs", (("head", "-"),)),
-    ("full fine-tuning", "epochs", "epochs", (("full", "-"),)),
+    ("head-only fine-tuning", "epochs", "epochs run (the best one kept)", (("head", "-"),)),
+    ("full fine-tuning", "epochs", "epochs run (the best one kept)", (("full", "-"),)),
     (
         "pruning (dashed: alone; solid: then fine-tuning)",
         "rate",
