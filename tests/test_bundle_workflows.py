@@ -55,18 +55,19 @@ def _workflow(configs: list[str], workflow_type: str | None = "train", **overrid
 def classifier(phantoms, tmp_path_factory):
     """A surrogate trained for one epoch at 64 px through configs/train_classifier.json."""
     ckpt_dir = tmp_path_factory.mktemp("classifier")
+    _train_classifier(phantoms, ckpt_dir, max_epochs=1)
+    return ckpt_dir
+
+
+def _train_classifier(phantoms: Path, ckpt_dir: Path, **override) -> None:
+    """Train through configs/train_classifier.json at 64 px on ``phantoms`` into ``ckpt_dir``."""
     workflow = _workflow(
-        ["train_classifier.json"],
-        dataset_dir=str(phantoms),
-        ckpt_dir=str(ckpt_dir),
-        image_size=64,
-        batch_size=8,
-        max_epochs=1,
-    )
+        ["train_classifier.json"], dataset_dir=str(phantoms), ckpt_dir=str(ckpt_dir), image_size=64, batch_size=8,
+        **override,
+    )  # fmt: skip
     assert workflow.check_properties() in (None, [])
     workflow.run()
     workflow.finalize()
-    return ckpt_dir
 
 
 def _predictions(classifier: Path, phantoms: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +101,28 @@ def test_classifier_training_writes_checkpoint_and_provenance(classifier, phanto
     # where it was trained: another CPU rounds differently
     assert info["environment"]["machine"]["torch_build"] == torch.__version__
     assert info["environment"]["machine"]["cpu_count"] == os.cpu_count()
+
+
+def test_classifier_training_keeps_the_best_or_the_last_epoch(phantoms, tmp_path):
+    """kept_checkpoint 'last' keeps the model after the last epoch (what a fine-tuning of N epochs leaves), 'best' the
+    best on validation: with the same seed the two are the same model exactly when the best epoch is the last."""
+    kept = {}
+    for which in ("best", "last"):
+        ckpt_dir = tmp_path / which
+        _train_classifier(phantoms, ckpt_dir, max_epochs=3, kept_checkpoint=which)
+        info = json.loads((ckpt_dir / "training_info.json").read_text())
+        state = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
+        kept[which] = (info, state.get("model", state))
+    (best, best_weights), (last, last_weights) = kept["best"], kept["last"]
+    assert best["kept_checkpoint"] == "best" and best["kept_epoch"] == best["best_epoch"]
+    assert last["kept_checkpoint"] == "last" and last["kept_epoch"] == 3
+    assert last["best_epoch"] == best["best_epoch"]  # the same training: the runs differ only in what they keep
+    same = all(torch.equal(best_weights[k], last_weights[k]) for k in best_weights)
+    assert same == (best["best_epoch"] == 3)
+    with pytest.raises(RuntimeError) as refused:  # MONAI wraps the ValueError that names the setting
+        _workflow(["train_classifier.json"], dataset_dir=str(phantoms), ckpt_dir=str(tmp_path / "x"),
+                  kept_checkpoint="final").run()  # fmt: skip
+    assert "kept_checkpoint must be one of ('best', 'last'), got 'final'" in str(refused.value.__cause__)
 
 
 def test_classifier_evaluation_report(phantoms, classifier):

@@ -74,6 +74,7 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     assert removal["fine_pruned_0.5"]["mode"] == "fine-pruned" and removal["fine_pruned_0.5"]["n"] == 8
     # a fine-tuning of one epoch keeps that epoch; a pruned model was not trained
     assert removal["head_1"]["kept_epoch"] == tuned["best_epoch"] == 1 and "kept_epoch" not in removal["pruned_0.5"]
+    assert removal["head_1"]["kept_checkpoint"] == tuned["kept_checkpoint"] == "best"
     pruned = out / "models/xmark/suspect_seed1_pruned_0.5"
     pruning = json.loads((pruned / "pruning.json").read_text())
     assert pruning["n_images"] == len(subset["training"]) and len(pruning["units"]) == 256 == pruning["n_units"] / 2

@@ -40,6 +40,7 @@ def test_declared_experiments_load_and_keep_opt_in_methods_out_by_default():
         ({"detectability": "yes"}, "detectability must be true or false"),
         ({"removal": {"prune_rates": [0.5, 1.0]}}, r"prune_rates must lie in \[0, 1\)"),
         ({"removal": {"prune_rate": [0.5]}}, r"removal: unknown keys \['prune_rate'\]"),
+        ({"removal": {"kept_checkpoint": "final"}}, r"kept_checkpoint must be one of \('best', 'last'\)"),
         ({"suspect_variants": {"v": {"evasion": "jpeg"}}}, "evasion must be one of"),
         ({"suspect_variants": {"v": {"configs": ["configs/none.json"]}}}, r"no config file \['configs/none.json'\]"),
     ],
@@ -222,6 +223,10 @@ def test_removal_gets_a_table_row_per_attack_and_a_figure_beside_it(tmp_path):
     # which epoch each fine-tuning kept; a pruned model was not trained
     assert fine_pruned["kept epoch"] == {"per_seed": [1, 1]}
     assert "kept epoch" not in rows["xmark, pruned 50%, not fine-tuned"]
+    # a fine-tuning that kept its last epoch says so
+    last = {**tuned("full", 1, True), "kept_checkpoint": "last"}
+    kept_last = {"methods": {"xmark": {"suspects": {"s": {**suspect(True), "removal": {"full_1": last}}}}}}
+    assert removal_table(kept_last)["rows"][1]["label"] == "xmark, fine-tuned full, 1 epochs"
     assert save_figures(collected, tmp_path) == ["scenarios.png", "removal.png"]
     with Image.open(tmp_path / "removal.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > figure.size[1] > 300  # three panels side by side

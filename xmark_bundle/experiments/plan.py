@@ -19,7 +19,8 @@ trained on that disjoint phantom set, from which every suspect and benign model 
 ``clean_fraction``, ``learning_rate``, ``head_epochs``, ``full_epochs``, ``prune_rates``, ``prune_epochs``: each
 malicious suspect fine-tuned on a clean share of the training split, the head only or every layer, or fine-pruned
 (its dormant penultimate units pruned at each rate, then every layer fine-tuned for ``prune_epochs``), and verified
-again); ``publish`` (optional:
+again; ``kept_checkpoint`` ``best`` (default) or ``last``: which epoch of a fine-tuning is measured); ``publish``
+(optional:
 results name -> indexes of the tables it holds; default: one results.json named like the experiment with every
 table).
 """
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from xmark_bundle.experiments.evasion import EVASIONS
+from xmark_bundle.networks.classifier import KEPT_CHECKPOINTS
 
 __all__ = ["Experiment", "ExperimentError", "Method", "load_experiment"]
 
@@ -50,7 +52,15 @@ class ExperimentError(ValueError):
 
 
 #: The keys a declaration's ``removal`` may hold.
-REMOVAL_KEYS = {"clean_fraction", "learning_rate", "head_epochs", "full_epochs", "prune_rates", "prune_epochs"}
+REMOVAL_KEYS = {
+    "clean_fraction",
+    "learning_rate",
+    "head_epochs",
+    "full_epochs",
+    "prune_rates",
+    "prune_epochs",
+    "kept_checkpoint",
+}
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,8 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     unknown = set(removal) - REMOVAL_KEYS
     if unknown:
         raise ExperimentError(path, f"removal: unknown keys {sorted(unknown)}")
+    if removal.get("kept_checkpoint", "best") not in KEPT_CHECKPOINTS:
+        raise ExperimentError(path, f"removal: kept_checkpoint must be one of {KEPT_CHECKPOINTS}")
     if not all(0 <= float(rate) < 1 for rate in removal.get("prune_rates", [])):
         raise ExperimentError(path, f"removal: prune_rates must lie in [0, 1), got {removal['prune_rates']}")
     if not isinstance(raw.get("detectability", False), bool):

@@ -121,10 +121,13 @@ class _Run:
         def measured(folder: Path, mode: str, epochs: int, **rate: float) -> dict[str, Any]:
             report = json.loads((folder / "classification_report.json").read_text())
             verified = self.verify(method, "malicious", folder, watermark, size)
-            # a fine-tuning keeps its best epoch on the clean validation split (the training recipe's checkpoint)
-            kept = json.loads((folder / "training_info.json").read_text()).get("best_epoch") if epochs else None
             run = {"mode": mode, "epochs": epochs, **rate, "mean_ba": report["mean_ba"], **verified}
-            return run | ({"kept_epoch": kept} if kept is not None else {})
+            if not epochs:  # pruned alone: nothing trained
+                return run
+            # a fine-tuning keeps its best epoch on the clean validation split, or its last (``kept_checkpoint``)
+            info = json.loads((folder / "training_info.json").read_text())
+            kept = {"kept_checkpoint": info.get("kept_checkpoint", "best")}
+            return run | kept | {"kept_epoch": info.get("kept_epoch", info.get("best_epoch"))}
 
         results: dict[str, Any] = {}
         for mode in ("head", "full"):
@@ -154,7 +157,9 @@ class _Run:
         configs = {"head": ["configs/finetune_head.json"], "full": [], "fine-pruned": ["configs/finetune_pruned.json"]}
         tuned = {**_evaluation_keys(recipe), "configs": configs[mode], "max_epochs": epochs}
         tuned |= {"pretrained_weights": start / "model.pt", "learning_rate": self.x.removal.get("learning_rate", 1e-4)}
-        name = f"{start.name}_finetuned_{key}"
+        kept = self.x.removal.get("kept_checkpoint", "best")
+        tuned |= {"kept_checkpoint": kept}
+        name = f"{start.name}_finetuned_{key}" + ("" if kept == "best" else f"_{kept}")
         label = f"{method} {start.name} fine-tuned ({'every layer' if mode != 'head' else 'head'}, {epochs} epochs)"
         return self.classifier(label, start.parent / name, self.phantoms, 0, True, self.clean_subset(), **tuned)
 

@@ -196,18 +196,20 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "notes": "head: the last linear layer only; full: every layer; pruned: the share of penultimate units (the "
         "last convolutional stage's pooled output) least active on the clean share removed; fine-pruned: pruned, "
-        "then every layer fine-tuned with them kept removed. A fine-tuning of N epochs keeps the epoch with the best "
-        "mean AUROC on the clean validation split (the bundle's training recipe, what a data user running it gets): "
-        "kept epoch. Cells per suspect seed.",
+        "then every layer fine-tuned with them kept removed. 'best of N epochs': the fine-tuning keeps the epoch with "
+        "the best mean AUROC on the clean validation split (the bundle's training recipe, what a data user running it "
+        "gets); 'N epochs': it keeps the last (removal kept_checkpoint 'last'); kept epoch per seed. Cells per "
+        "suspect seed.",
     }
 
 
 def _removal_label(run: Mapping[str, Any]) -> str:
     if run["mode"] == "pruned":
         return f"pruned {run['rate']:.0%}, not fine-tuned"
+    epochs = f"{'best of ' if run.get('kept_checkpoint', 'best') == 'best' else ''}{run['epochs']} epochs"
     if run["mode"] == "fine-pruned":
-        return f"fine-pruned {run['rate']:.0%}, then best of {run['epochs']} epochs"
-    return f"fine-tuned {run['mode']}, best of {run['epochs']} epochs"
+        return f"fine-pruned {run['rate']:.0%}, then {epochs}"
+    return f"fine-tuned {run['mode']}, {epochs}"
 
 
 def _verdict(result: Mapping[str, Any]) -> str:

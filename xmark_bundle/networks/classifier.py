@@ -124,6 +124,18 @@ def penultimate_features(model: nn.Module, images: torch.Tensor, batch_size: int
     return torch.cat(captured).flatten(1)
 
 
+#: Which epoch a classifier training keeps as model.pt: the best on the validation split, or the last one.
+KEPT_CHECKPOINTS = ("best", "last")
+
+
+def keeps(kept_checkpoint: str, which: str) -> bool:
+    """Whether ``kept_checkpoint`` (train_classifier.json's setting) is ``which``; a clear error for any other value,
+    since then no checkpoint would be saved at all."""
+    if kept_checkpoint not in KEPT_CHECKPOINTS:
+        raise ValueError(f"kept_checkpoint must be one of {KEPT_CHECKPOINTS}, got {kept_checkpoint!r}")
+    return kept_checkpoint == which
+
+
 def load_classifier(
     checkpoint: str | os.PathLike, arch: str = "resnet18", num_classes: int = 6, in_channels: int = 1
 ) -> nn.Module:
