@@ -160,7 +160,8 @@ class _Run:
         kept = self.x.removal.get("kept_checkpoint", "best")
         tuned |= {"kept_checkpoint": kept}
         name = f"{start.name}_finetuned_{key}" + ("" if kept == "best" else f"_{kept}")
-        label = f"{method} {start.name} fine-tuned ({'every layer' if mode != 'head' else 'head'}, {epochs} epochs)"
+        layers = "every layer" if mode != "head" else "head"
+        label = f"{method} {start.name} fine-tuned ({layers}, {epochs} epochs{', last kept' if kept == 'last' else ''})"
         return self.classifier(label, start.parent / name, self.phantoms, 0, True, self.clean_subset(), **tuned)
 
     def evaded(self, method: str, release: Path, evasion: str) -> Path:
