@@ -82,8 +82,8 @@ def _save(figure: Figure, path: str | os.PathLike) -> None:
 
 #: The removal figure's panels: (title, the x value of a run, x label, its curves as (the runs' mode, line style)).
 REMOVAL_PANELS = (
-    ("head-only fine-tuning", "epochs", "epochs run (the best one kept)", (("head", "-"),)),
-    ("full fine-tuning", "epochs", "epochs run (the best one kept)", (("full", "-"),)),
+    ("head-only fine-tuning", "epochs", "epochs run", (("head", "-"),)),
+    ("full fine-tuning", "epochs", "epochs run", (("full", "-"),)),
     (
         "pruning (dashed: alone; solid: then fine-tuning)",
         "rate",
@@ -133,7 +133,14 @@ def save_removal_figure(collected: Mapping[str, Any], path: str | os.PathLike) -
                         face = f"C{colour}" if owned else "white"
                         ax.scatter(x, (wsr, ba)[row], s=18, color=face, edgecolor=f"C{colour}", zorder=3)
         axes[0][column].set_title(title, fontsize=9)
-        axes[1][column].set_xlabel(x_label)
+        kept_best = any(
+            run.get("kept_checkpoint", "best") == "best"
+            for suspects in methods.values()
+            for s in suspects
+            for run in s["removal"].values()
+            if run["mode"] in {mode for mode, _ in curves} and run["epochs"]
+        )
+        axes[1][column].set_xlabel(x_label + (" (the best one kept)" if kept_best and x_key == "epochs" else ""))
     axes[0][0].set_ylabel("WSR at 0.5")
     axes[1][0].set_ylabel("clean BA")
     axes[0][0].set_ylim(-0.05, 1.05)

@@ -125,9 +125,9 @@ class _Run:
             if not epochs:  # pruned alone: nothing trained
                 return run
             # a fine-tuning keeps its best epoch on the clean validation split, or its last (``kept_checkpoint``)
-            info = json.loads((folder / "training_info.json").read_text())
-            kept = {"kept_checkpoint": info.get("kept_checkpoint", "best")}
-            return run | kept | {"kept_epoch": info.get("kept_epoch", info.get("best_epoch"))}
+            info = json.loads((folder / "training_info.json").read_text())  # folders before 0.14.0 kept the best
+            kept = info.get("kept_checkpoint", "best")
+            return run | {"kept_checkpoint": kept, "kept_epoch": info.get("kept_epoch", info.get("best_epoch"))}
 
         results: dict[str, Any] = {}
         for mode in ("head", "full"):
