@@ -51,6 +51,15 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     # the evaded variant: trained on the noised copy of the release, with the strong augmentation
     evaded = xmark["suspects"]["suspect_evaded_seed1"]
     assert evaded["variant"] == "evaded" and evaded["malicious"]["n"] == 8
+    assert collected["suspect_kinds"] == {
+        "": {"arch": "resnet18", "image_size": 64},
+        "evaded": {
+            "arch": "resnet18",
+            "image_size": 64,
+            "evasion": "noise0.02",
+            "configs": ["configs/train_classifier_strong_aug.json"],
+        },
+    }
     info = json.loads((out / "models/xmark/suspect_evaded_seed1/training_info.json").read_text())
     assert info["datalist"] == str(out / "release_evaded/xmark/noise0.02/datalist.json")
     evaded_stage = first.stdout.split("classifier 'xmark suspect evaded seed 1'")[1].split("\n")[0]

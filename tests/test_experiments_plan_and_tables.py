@@ -11,7 +11,7 @@ from xmark_bundle.experiments import ExperimentError, false_accusations, load_ex
 from xmark_bundle.experiments.figures import save_detectability_figure, save_figures, save_scenarios_figure
 from xmark_bundle.experiments.page import render_page
 from xmark_bundle.experiments.runner import watermark_recipe
-from xmark_bundle.experiments.tables import removal_table
+from xmark_bundle.experiments.tables import kind_label, removal_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,6 +157,18 @@ def test_suspect_variants_get_rows_of_their_own_and_ind_m_is_counted_once(tmp_pa
     assert save_figures({"methods": {"badnets": method}}, tmp_path) == ["scenarios.png", "variants.png"]
     with Image.open(tmp_path / "variants.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 300
+    # where the run recorded the kinds, the declared suspect's rows say what it is; a kind by its name
+    kinds = {"": {"arch": "resnet18", "image_size": 128}, "vgg": {"arch": "vgg16_bn", "image_size": 128}}
+    table1, table2 = tables({"benign": {}, "suspect_kinds": kinds, "methods": {"badnets": method}})
+    assert [row["label"] for row in table2["rows"]] == [
+        "badnets, declared (resnet18, 128 px) suspects",
+        "badnets, vgg suspects",
+    ]
+    assert kind_label("", {}) == "declared"
+    # one kind: the method's name alone
+    one = {**method, "suspects": {"suspect_seed1": method["suspects"]["suspect_seed1"]}}
+    table1, _ = tables({"benign": {}, "suspect_kinds": {"": kinds[""]}, "methods": {"badnets": one}})
+    assert table1["rows"][1]["label"] == "badnets (γ 0.1)"
 
 
 def test_a_detectability_table_follows_when_a_method_measured_it(tmp_path):

@@ -11,7 +11,8 @@ trained) and then fine-tuned (0: every layer fine-tuned for as many epochs), a l
 a dot per seed (filled: still verified), as the paper's Fig. 7.
 
 ``variants.png`` (when the experiment trained several kinds of suspect: sizes, architectures, evasions): WSR at 0.5
-and clean BA per kind, a dot per suspect seed (filled: verified) and a bar at the mean, a colour per method.
+and clean BA per kind, a dot per suspect seed (filled: verified) and a bar at the mean, a colour per method; the
+declared kind is labelled with its architecture and size (:func:`~xmark_bundle.experiments.tables.kind_label`).
 
 ``detectability.png`` (when the experiment measured detectability): the AUROC of every detector of the detectability
 table per method, a bar each, chance (0.5) dashed; drawn from the table itself (:func:`draw_detectability`), so a
@@ -28,6 +29,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from xmark_bundle.experiments.detectability import detectability_table
+from xmark_bundle.experiments.tables import kind_label
 from xmark_bundle.fileio import atomic_path
 
 __all__ = [
@@ -178,7 +180,8 @@ def save_variants_figure(collected: Mapping[str, Any], path: str | os.PathLike) 
     axes[0].set_ylabel("WSR at 0.5 (Malicious)")
     axes[0].set_ylim(-0.05, 1.05)
     axes[1].set_ylabel("clean BA")
-    axes[1].set_xticks(range(len(order)), [variant or "declared" for variant in order])
+    kinds = collected.get("suspect_kinds", {})
+    axes[1].set_xticks(range(len(order)), [kind_label(v, kinds.get(v, {})).replace(" (", "\n(") for v in order])
     figure.legend(loc="outside right upper", fontsize=8)
     figure.suptitle("Kinds of suspect: a dot per seed (filled = verified), a bar at the mean", fontsize=10)
     _save(figure, path)

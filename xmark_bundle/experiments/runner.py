@@ -301,6 +301,7 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         "seeds": dict(x.seeds),
         "surrogate": _report(surrogate),
         "benign": {},
+        "suspect_kinds": {},  # each kind of suspect (variant): its architecture, size and evasion, for the labels
         "methods": {},
     }
 
@@ -319,6 +320,13 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         run.classifier(folder.name, folder, run.phantoms, benign_seed, evaluate=True, **recipe)
         benign_models.append((folder, recipe.get("image_size", x.query_size)))
         collected["benign"][folder.name] = {"arch": arch, "seed": benign_seed, **overrides, **_report(folder)}
+    for variant, overrides in x.suspect_variants.items():
+        recipe = {**x.suspect, **overrides}
+        collected["suspect_kinds"][variant] = {
+            "arch": recipe.get("arch", x.classifier.get("arch", "resnet18")),
+            "image_size": int(recipe.get("image_size", x.query_size)),
+            **{key: recipe[key] for key in ("evasion", "configs") if key in recipe},
+        }
     for method in x.methods.values():
         folder = run.models / method.name
         ours = run.watermark(method, folder / "watermark", surrogate, seed, vetting=method.vet_key)

@@ -18,7 +18,7 @@ from scipy import stats
 
 from xmark_bundle.experiments.detectability import detectability_table
 
-__all__ = ["false_accusations", "plain_words", "tables"]
+__all__ = ["false_accusations", "kind_label", "plain_words", "tables"]
 
 
 def _seeds(values: list[float]) -> dict[str, list[float]]:
@@ -33,8 +33,17 @@ def _variants(method: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
     return groups
 
 
-def _label(name: str, variant: str) -> str:
-    return f"{name}, {variant} suspects" if variant else name
+def kind_label(variant: str, kind: Mapping[str, Any]) -> str:
+    """A kind of suspect by name: the variant's own, or for the declared suspect (variant "") what it is, so a reader
+    of the scale or transfer results sees the size or architecture the other kinds are compared with."""
+    if variant:
+        return variant
+    return f"declared ({kind['arch']}, {kind['image_size']} px)" if kind else "declared"
+
+
+def _label(name: str, variant: str, kinds: Mapping[str, Mapping[str, Any]]) -> str:
+    """A row's method and, where the experiment trained several kinds of suspect, its kind."""
+    return f"{name}, {kind_label(variant, kinds.get(variant, {}))} suspects" if len(kinds) > 1 or variant else name
 
 
 def false_accusations(ind_m: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -62,6 +71,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         }
     )
     lpips_untrained = False
+    kinds = collected.get("suspect_kinds", {})
     for name, method in collected["methods"].items():
         for variant, suspects in _variants(method).items():
             lpips_untrained |= any(s.get("lpips_backbone") == "untrained" for s in suspects)
@@ -85,7 +95,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
             }
             if "val_lap" in method.get("watermark", {}):  # a trained generator's Laplacian term at its kept epoch
                 cells[lap_column] = {"value": round(float(method["watermark"]["val_lap"]), 5)}
-            rows1.append({"label": f"{_label(name, variant)} (γ {method['gamma']})", "cells": cells})
+            rows1.append({"label": f"{_label(name, variant, kinds)} (γ {method['gamma']})", "cells": cells})
     notes1 = (
         "BA, AUROC: clean test split. WSR at 0.5: the malicious verification's queries. Quality: the released marked "
         "files against their sources, at full resolution and as the watermark's model sees them; LPIPS at 1024 px. "
@@ -128,7 +138,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
                     "false accusations": {"value": f"{falsely['k']} of {falsely['n']}"},
                     "95 % interval": {"value": f"{falsely['low']:.3f}–{falsely['high']:.3f}"},
                 }
-            rows2.append({"label": _label(name, variant), "cells": cells})
+            rows2.append({"label": _label(name, variant, kinds), "cells": cells})
     notes2 = (
         "Malicious and Ind-W: one cell value per suspect seed; Ind-M: one per benign model. p: one-sided paired t-test "
         "of Pb + τ < Pv (τ 0.25), verified when p < 0.05; specific: the control (a perturbation of the watermark's "
