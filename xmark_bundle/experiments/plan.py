@@ -106,6 +106,12 @@ class Experiment:
     def query_size(self) -> int:
         return int(self.classifier.get("image_size", 224))
 
+    def kind_of(self, recipe: Mapping[str, Any]) -> tuple[str, int]:
+        """The architecture and input size a classifier recipe (suspect or benign overrides) trains at."""
+        return str(recipe.get("arch", self.classifier.get("arch", "resnet18"))), int(
+            recipe.get("image_size", self.query_size)
+        )
+
     def only(self, methods: list[str] | None) -> Experiment:
         """This experiment restricted to ``methods`` (names it declares; None: the methods run by default)."""
         if methods is None:

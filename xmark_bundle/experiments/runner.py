@@ -308,8 +308,7 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
     def started(recipe: dict[str, Any]) -> dict[str, Any]:  # a suspect's or benign model's recipe, pre-trained start
         if not x.pretrain:
             return recipe
-        arch, size = recipe.get("arch", x.classifier.get("arch", "resnet18")), recipe.get("image_size", x.query_size)
-        return {**recipe, "pretrained_weights": run.pretrained(str(arch), int(size))}
+        return {**recipe, "pretrained_weights": run.pretrained(*x.kind_of(recipe))}
 
     benign_models = []
     for arch, benign_seed, overrides in x.benign:
@@ -322,9 +321,10 @@ def run_experiment(experiment: Experiment, root: Path, out: Path) -> dict[str, A
         collected["benign"][folder.name] = {"arch": arch, "seed": benign_seed, **overrides, **_report(folder)}
     for variant, overrides in x.suspect_variants.items():
         recipe = {**x.suspect, **overrides}
+        arch, size = x.kind_of(recipe)
         collected["suspect_kinds"][variant] = {
-            "arch": recipe.get("arch", x.classifier.get("arch", "resnet18")),
-            "image_size": int(recipe.get("image_size", x.query_size)),
+            "arch": arch,
+            "image_size": size,
             **{key: recipe[key] for key in ("evasion", "configs") if key in recipe},
         }
     for method in x.methods.values():

@@ -33,12 +33,12 @@ def _variants(method: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
     return groups
 
 
-def kind_label(variant: str, kind: Mapping[str, Any]) -> str:
+def kind_label(variant: str, kind: Mapping[str, Any], separator: str = " ") -> str:
     """A kind of suspect by name: the variant's own, or for the declared suspect (variant "") what it is, so a reader
     of the scale or transfer results sees the size or architecture the other kinds are compared with."""
     if variant:
         return variant
-    return f"declared ({kind['arch']}, {kind['image_size']} px)" if kind else "declared"
+    return f"declared{separator}({kind['arch']}, {kind['image_size']} px)" if kind else "declared"
 
 
 def _label(name: str, variant: str, kinds: Mapping[str, Mapping[str, Any]]) -> str:
