@@ -98,6 +98,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str])
     """Write docs/experiments/<name>/results.json for each published part of the experiment, then the page."""
     all_tables = tables(collected)
     parts = experiment.publish or {experiment.name: tuple(range(len(all_tables)))}
+    commit = _commit()  # before the first part is written: every part names the tree the run was published from
     for name, indexes in parts.items():
         folder = ROOT / "docs" / "experiments" / name
         results = {
@@ -106,7 +107,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str])
             "title": f"{experiment.title}: {', '.join(all_tables[i]['title'].split(':')[0] for i in indexes)}",
             "description": experiment.description,
             "commands": [shlex.join(["python", "scripts/experiment.py", *argv])],
-            "commit": _commit(),
+            "commit": commit,
             "seeds": {
                 "development": int(experiment.seeds["development"]),
                 "report": experiment.data_seed,
