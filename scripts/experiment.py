@@ -98,13 +98,15 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str])
     """Write docs/experiments/<name>/results.json for each published part of the experiment, then the page."""
     all_tables = tables(collected)
     parts = experiment.publish or {experiment.name: tuple(range(len(all_tables)))}
-    commit = _commit()  # before the first part is written: every part names the tree the run was published from
+    # once for all parts, the commit before the first part is written: every part names the tree it was published from
+    commit, wall_time_s = _commit(), wall_times(collected["stage_times_s"])
     for name, indexes in parts.items():
         folder = ROOT / "docs" / "experiments" / name
+        part = [all_tables[i] for i in indexes]
         results = {
             "format": RESULTS_FORMAT,
             "name": name,
-            "title": f"{experiment.title}: {', '.join(all_tables[i]['title'].split(':')[0] for i in indexes)}",
+            "title": f"{experiment.title}: {', '.join(table['title'].split(':')[0] for table in part)}",
             "description": experiment.description,
             "commands": [shlex.join(["python", "scripts/experiment.py", *argv])],
             "commit": commit,
@@ -113,9 +115,9 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str])
                 "report": experiment.data_seed,
                 "suspects": list(experiment.seeds["suspects"]),
             },
-            "wall_time_s": wall_times(collected["stage_times_s"]),
-            "tables": [all_tables[i] for i in indexes],
-            "figures": _figures([all_tables[i] for i in indexes], out),
+            "wall_time_s": wall_time_s,
+            "tables": part,
+            "figures": _figures(part, out),
             "reading": "(not yet written: the tables are new)",
         }
         for figure in results["figures"]:
