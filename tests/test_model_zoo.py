@@ -227,3 +227,33 @@ def test_json_is_as_the_zoo_formatting_hook_writes_it(path):
     """pre-commit-hooks' pretty-format-json with the zoo's arguments: --autofix --no-sort-keys --indent=4."""
     text = path.read_text(encoding="utf-8")
     assert text == json.dumps(json.loads(text), indent=4, ensure_ascii=True) + "\n"
+
+
+TABLES = ("table1", "table2")
+
+
+def test_eval_metrics_are_the_published_comparisons():
+    """metadata.json's eval_metrics copy the comparison's published tables (docs/experiments/table1, table2)."""
+    metrics = json.loads(META.read_text())["eval_metrics"]
+    published = {n: json.loads((ROOT / "docs" / "experiments" / n / "results.json").read_text()) for n in TABLES}
+    table1, table2 = ({r["label"]: r["cells"] for r in published[n]["tables"][0]["rows"]} for n in TABLES)
+
+    def mean(rows: dict, label: str, column: str) -> float:
+        seeds = rows[label][column]["per_seed"]
+        return sum(seeds) / len(seeds)
+
+    assert published["table1"]["commit"] == published["table2"]["commit"]
+    assert f"at commit {published['table1']['commit']}:" in metrics["note"]
+    expected = {
+        "malicious_mean_ba_phantoms": mean(table1, "xmark (γ 0.5)", "BA"),
+        "benign_mean_ba_phantoms": mean(table1, "benign models (clean data)", "BA"),
+        "malicious_wsr_at_0.5_phantoms": mean(table1, "xmark (γ 0.5)", "WSR at 0.5"),
+        "malicious_delta_p_phantoms": mean(table2, "xmark", "Malicious ΔP"),
+        "ind_w_delta_p_phantoms": mean(table2, "xmark", "Ind-W ΔP"),
+        "release_psnr_full_resolution_phantoms": table1["xmark (γ 0.5)"]["PSNR full res (dB)"]["value"],
+        "release_ssim_full_resolution_phantoms": table1["xmark (γ 0.5)"]["SSIM full res"]["value"],
+        "release_ssim_model_resolution_phantoms": table1["xmark (γ 0.5)"]["SSIM model res"]["value"],
+    }
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-3), key
+    assert metrics["false_accusations_phantoms"].startswith(table2["xmark"]["false accusations"]["value"] + " ")
