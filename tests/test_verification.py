@@ -168,7 +168,8 @@ def test_verify_ownership_writes_the_report(setup, tmp_path, capsys):
     with Image.open(tmp_path / "a" / "verification.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 800
     out = capsys.readouterr().out.strip().splitlines()
-    assert 7 <= len(out) <= 11 and sum(line.startswith("VERDICT: ") for line in out) == 1
+    assert out[0].startswith("CALIBRATED VERDICT: none (no family file given")
+    assert 8 <= len(out) <= 12 and sum(line.startswith("VERDICT (paper's") for line in out) == 1
     # a detector of any high-frequency energy is not key-specific: the unkeyed control triggers it as well
     control = written["control"]
     assert not control["specific"] and control["p_value"] < 0.05 and control["delta_p"] > 0.25

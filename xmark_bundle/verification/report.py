@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from xmark_bundle.fileio import atomic_path
 
-__all__ = ["save_verification_figure", "summary_lines"]
+__all__ = ["save_family_figure", "save_verification_figure", "summary_lines"]
 
 
 def save_verification_figure(
@@ -71,6 +71,30 @@ def save_verification_figure(
     return Path(path)
 
 
+def save_family_figure(path: str | os.PathLike, calibrated: Mapping[str, Any]) -> Path:
+    """PNG of the calibrated verdict: each family member's statistic, the owner's marked, its rank p in the title."""
+    stats = np.asarray(calibrated["member_statistics"])
+    owner = calibrated["owner_index"]
+    others = np.delete(stats, owner)
+    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, others.size)
+    ax.scatter(others, jitter, s=22, color="grey", alpha=0.8, label=f"{others.size} other members of the family")
+    ax.scatter([stats[owner]], [0.0], s=160, marker="*", color="tab:red", zorder=3, label="the owner's watermark")
+    ax.axvline(0.0, color="grey", linestyle=":")
+    ax.set(ylim=(-1, 1), yticks=[], xlabel="mean(P_member - Pb) on the same non-target samples")
+    ax.set_title(
+        f"rank p = {calibrated['p_value']:.3g} ({calibrated['others_at_least_owner']} of {calibrated['members']} "
+        f"others at least as high); alpha = {calibrated['alpha']:g}",
+        fontsize=10,
+    )
+    fig.suptitle("calibrated verdict: " + ("verified" if calibrated["owned"] else "not verified"), fontsize=11)
+    ax.legend(fontsize=8, loc="upper left")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
+
+
 def save_key_vetting_figure(path: str | os.PathLike, report: Mapping[str, Any]) -> Path:
     """PNG of a key-vetting report: each candidate key's rise of P(k) per reference model, the limit as a line."""
     candidates, limit = report["candidates"], report["max_reaction"]
@@ -104,6 +128,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     generator_hash = f" (sha256 {generator['sha256'][:12]})" if generator.get("sha256") else ""
     statistic = "undefined (constant differences)" if report["statistic"] is None else f"{report['statistic']:.3f}"
     return [
+        *_calibrated_lines(report.get("calibrated") or {}),
         f"suspect: {suspect['location']} [{suspect['kind']}{suspect_hash}]",
         f"queries: {report['n']} non-target samples ('{report['target_label']}' absent), "
         f"generator {generator_name}{generator_hash} at {generator['image_size']} px, "
@@ -113,9 +138,28 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         f"WSR (Pv >= {report['wsr_threshold']:g}) = {100 * report['wsr']:.1f} %",
         f"paired t-test H1: Pb + {report['tau']:g} < Pv: t = {statistic}, p = {report['p_value']:.3g} "
         f"(Wilcoxon signed-rank p = {report['wilcoxon_p']:.3g})",
-        f"VERDICT: {report['verdict']}",
+        f"VERDICT (paper's margin test, no known error rate against other watermarks): {report['verdict']}",
         *_control_lines(report),
     ]
+
+
+def _calibrated_lines(calibrated: Mapping[str, Any]) -> list[str]:
+    """The calibrated verdict first, or why there is none."""
+    if not calibrated.get("available"):
+        return [f"CALIBRATED VERDICT: none ({calibrated.get('reason', 'no family')})"] if calibrated else []
+    family = calibrated["family"]
+    others = np.delete(np.asarray(calibrated["member_statistics"]), calibrated["owner_index"])
+    lines = [
+        f"CALIBRATED VERDICT: {calibrated['verdict']}",
+        f"  family: {family['members']} other {family['kind']} of {family['method']} ({family['file']}, commitment "
+        f"{family['commitment'][:12]}); owner's statistic {calibrated['owner_statistic']:+.3f}, others "
+        f"{others.min():+.3f} to {others.max():+.3f}",
+        "  guarantee: a model that never saw the release is accused with probability <= alpha, if the owner's member "
+        "was drawn at random from this family before the release",
+    ]
+    if not calibrated["reachable"]:
+        lines.append(f"  WARNING: with {calibrated['members']} other members the rank p can never reach alpha")
+    return lines
 
 
 def _control_lines(report: Mapping[str, Any]) -> list[str]:

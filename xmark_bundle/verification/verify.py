@@ -2,8 +2,9 @@
 
 Follow a suspect from configs/verify.json: :mod:`.queries` picks and loads the samples, the watermark (loaded from
 its checkpoint by :func:`xmark_bundle.networks.checkpoint.load_watermark`) marks them, :mod:`.blackbox` asks the
-suspect, :mod:`.ttest` decides, :mod:`.controls` says whether the reaction is specific to our watermark, and
-:mod:`.report` writes the figure and the summary.
+suspect, :mod:`.rank` gives the calibrated verdict (the owner's watermark ranked among its :mod:`.family`),
+:mod:`.ttest` the paper's margin test beside it, :mod:`.controls` says whether the reaction is specific to our
+watermark, and :mod:`.report` writes the figures and the summary.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from xmark_bundle.provenance import environment
 from xmark_bundle.transforms.geometry import resize_square
 from xmark_bundle.verification.blackbox import SuspectModel, open_suspect
 from xmark_bundle.verification.controls import control_comparison, control_queries
+from xmark_bundle.verification.family import FamilyError, family_queries, load_family
 from xmark_bundle.verification.queries import QuerySettings, load_letterboxed, query_samples
-from xmark_bundle.verification.report import save_verification_figure, summary_lines
+from xmark_bundle.verification.rank import min_members, rank_test
+from xmark_bundle.verification.report import save_family_figure, save_verification_figure, summary_lines
 from xmark_bundle.verification.ttest import ownership_test, watermark_success_rate
 
-__all__ = ["VerificationSettings", "run_verification", "verify_ownership"]
+__all__ = ["FamilyError", "VerificationSettings", "run_verification", "verify_ownership"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ def verify_ownership(
     suspect_options: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    family: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Test whether ``suspect`` was trained on data watermarked by ``generator`` (G); write and return the report.
 
@@ -73,8 +77,10 @@ def verify_ownership(
     ``generator_ckpt``, whose SHA-256 the report records): it maps B x 1 x S x S images in [0, 1] (S = its
     ``image_size``) to their watermarked versions. ``suspect`` is a :class:`SuspectModel` or a spec for
     :func:`open_suspect` (``suspect_options`` are passed to it). ``datalist`` is a MONAI datalist JSON (paths
-    relative to ``dataset_dir``, default the file's folder) or its items. Writes ``verification.json`` and
-    ``verification.png`` to ``output_dir`` and prints a short summary.
+    relative to ``dataset_dir``, default the file's folder) or its items. ``family`` is the owner's ``family.json``
+    (:mod:`.family`): with it the calibrated verdict (:func:`~.rank.rank_test`) comes first; without it (or when the
+    file does not exist) the report says why there is none. Writes ``verification.json``, ``verification.png`` (and
+    ``family.png``) to ``output_dir`` and prints a short summary.
     """
     timings: dict[str, float] = {}
     start = clock = time.perf_counter()
@@ -102,6 +108,8 @@ def verify_ownership(
     image_size, keyed = int(generator.image_size), is_keyed(generator)
     lap("load_generator")
 
+    members = _open_family(family, generator, generator_ckpt, s.alpha)
+    lap("open_family")
     items, chosen, where = query_samples(datalist, dataset_dir, s)
     lap("select_samples")
 
@@ -133,9 +141,21 @@ def verify_ownership(
     lap("query")
 
     source = f"suspect model {suspect.location}"
+    calibrated: dict[str, Any] = members if isinstance(members, dict) else {}
+    if not isinstance(members, dict):
+        marked_by_member, cache, cached = family_queries(
+            members, generator, items, chosen, s.query_size, s.batch_size, device, progress
+        )
+        lap("family_watermarks")
+        member_probs = _ask(suspect, marked_by_member, s, progress)
+        lap("family_query")
+        calibrated = rank_test(pb, member_probs, members.owner_index, alpha=s.alpha, source=source)
+        calibrated |= {"available": True, "family": members.describe(), "queries_cache": os.fspath(cache)}
+        calibrated["queries_cached"] = cached
     result = ownership_test(pb, pv, tau=s.tau, alpha=s.alpha, source=source)
     result["wsr"] = watermark_success_rate(pv, s.wsr_threshold, source=source)
     result["control"] = control_comparison(pb, pv, pc, tau=s.tau, alpha=s.alpha, source=source, keyed=keyed)
+    result["calibrated"] = calibrated
     lap("test")
 
     output_dir = Path(output_dir)
@@ -164,12 +184,50 @@ def verify_ownership(
     }
     example_x, example_xw = (torch.stack(t) for t in zip(*examples[:N_EXAMPLES], strict=True))
     save_verification_figure(output_dir / "verification.png", pb, pv, result, example_x, example_xw, pc=pc)
+    if calibrated.get("available"):
+        save_family_figure(output_dir / "family.png", calibrated)
     lap("figure")
     timings["total"] = time.perf_counter() - start
     report["timings_s"] = {stage: round(seconds, 4) for stage, seconds in timings.items()}
     write_json(output_dir / "verification.json", report)
     print("\n".join([*summary_lines(report), f"written: {output_dir / 'verification.json'}, verification.png"]))
     return report
+
+
+def _open_family(
+    family: str | os.PathLike | None, generator: nn.Module, generator_ckpt: str | os.PathLike | None, alpha: float
+) -> Any:
+    """The checked family, or the report's ``calibrated`` block saying why there is no calibrated verdict."""
+    if family is None or not os.path.exists(family):
+        where = "no family file given" if family is None else f"no family file at {os.fspath(family)}"
+        return {
+            "available": False,
+            "reason": f"{where}: make the owner's family with scripts/make_family.py before the release "
+            f"(at least {min_members(alpha)} other members for alpha = {alpha:g})",
+        }
+    members = load_family(family)
+    members.check_owner(generator, generator_ckpt)
+    if members.m < min_members(alpha):
+        logger.warning(
+            "the family %s has %d other members: its rank p is at least 1/%d > alpha = %g, so it can never verify",
+            family,
+            members.m,
+            members.m + 1,
+            alpha,
+        )
+    return members
+
+
+def _ask(suspect: SuspectModel, queries: torch.Tensor, s: VerificationSettings, progress: bool) -> np.ndarray:
+    """The suspect's target-label probabilities of every member's queries, (m + 1) x n."""
+    answers = np.empty(queries.shape[:2])
+    with tqdm(total=answers.size, desc="querying suspect (family)", unit="img", disable=not progress) as bar:
+        for j, member in enumerate(queries):
+            for first in range(0, member.shape[0], s.batch_size):
+                images = member[first : first + s.batch_size].float()
+                answers[j, first : first + len(images)] = suspect.label_probability(images, s.target_label)
+                bar.update(len(images))
+    return answers
 
 
 def run_verification(**kwargs: Any) -> dict[str, Any]:

@@ -1,0 +1,222 @@
+"""The calibrated verdict: the rank test's error rate, the family file, and verification with a family."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+from torch import nn
+from torch.nn import functional as F
+
+from xmark_bundle.data.labels import LABELS
+from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
+from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
+from xmark_bundle.networks.generator import XMarkGenerator
+from xmark_bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.verification import TorchSuspect, VerificationSettings, verify_ownership
+from xmark_bundle.verification.family import (
+    FamilyError,
+    default_family_file,
+    load_family,
+    make_generator_family,
+    make_key_family,
+)
+from xmark_bundle.verification.rank import min_members, rank_test
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+def test_rank_p_is_uniform_when_the_owner_is_one_more_member_and_small_under_a_planted_effect():
+    rng = np.random.default_rng(2026)
+    m, n, draws = 19, 30, 2000
+    null, planted = [], []
+    for _ in range(draws):
+        pb = rng.uniform(0.0, 0.2, n)
+        # a model that never saw the release: every member lifts P by its own random amount, the owner's included
+        lifts = rng.normal(0.2, 0.08, (m + 1, 1)) + rng.normal(0.0, 0.05, (m + 1, n))
+        probs = np.clip(pb[None] + lifts, 0, 1)
+        owner = int(rng.integers(m + 1))
+        null.append(rank_test(pb, probs, owner)["p_value"])
+        probs[owner] = np.clip(probs[owner] + 0.4, 0, 1)  # the owner's watermark was learnt
+        planted.append(rank_test(pb, probs, owner)["p_value"])
+    null = np.array(null)
+    # p takes the values k / 20: its distribution function at each is k / 20 under exchangeability
+    for k in (1, 2, 5, 10):
+        assert abs(np.mean(null <= k / 20) - k / 20) < 0.02, k
+    assert stats.kstest(null - 0.025, "uniform").pvalue > 1e-3  # centred on the grid's cells
+    assert np.mean(np.array(planted) <= 0.05) > 0.95
+
+
+def test_rank_p_counts_ties_against_the_owner_and_says_when_alpha_is_out_of_reach():
+    pb = np.full(5, 0.1)
+    probs = np.full((4, 5), 0.6)  # every member lifts P equally: no evidence for the owner
+    result = rank_test(pb, probs, owner_index=2)
+    assert result["p_value"] == 1.0 and not result["owned"] and result["others_at_least_owner"] == 3
+    probs[2] += 0.2
+    best = rank_test(pb, probs, owner_index=2, alpha=0.05)
+    assert best["p_value"] == 0.25 and not best["owned"] and not best["reachable"]  # 1 / (3 + 1) > 0.05
+    assert rank_test(pb, probs, owner_index=2, alpha=0.25)["owned"]
+    assert min_members(0.05) == 19 and min_members(0.01) == 99
+    with pytest.raises(ValueError, match="do not pair"):
+        rank_test(pb, probs[:, :3], owner_index=0)
+    with pytest.raises(ValueError, match="owner_index 7"):
+        rank_test(pb, probs, owner_index=7)
+
+
+def _keyed_pipeline(key_seed: int) -> WatermarkPipeline:
+    torch.manual_seed(0)
+    generator = XMarkGenerator((4, 8, 16), conditioning=False, key_cells=8, key_seed=key_seed, key_magnitude=0.9)
+    surrogate = ResizedClassifier(build_classifier("resnet18"), SIZE)
+    return WatermarkPipeline(generator, surrogate, "classifier.layer4", image_size=SIZE)
+
+
+def _unkeyed_pipeline(seed: int) -> WatermarkPipeline:
+    torch.manual_seed(seed)
+    generator = XMarkGenerator(channels=[4, 8, 16, 32, 64])
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.mul_(5.0)
+    surrogate = ResizedClassifier(build_classifier("resnet18"), SIZE)
+    return WatermarkPipeline(generator, surrogate, "classifier.layer4", image_size=SIZE)
+
+
+class _KeyDetector(nn.Module):
+    """A suspect that learned one key: its No Finding logit rises with the image's projection on that key field."""
+
+    def __init__(self, key: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("key", key.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        field = F.interpolate(self.key, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        score = ((x - x.mean(dim=(2, 3), keepdim=True)) * field).mean(dim=(1, 2, 3))
+        logits = torch.full((x.shape[0], len(LABELS)), -5.0)
+        logits[:, 0] = 400 * score - 2
+        return logits
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Eight smooth PNGs (six non-target) and their datalist."""
+    root = tmp_path_factory.mktemp("family_data")
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(8):
+        rows, cols = np.meshgrid(np.linspace(0, 1, 80), np.linspace(0, 1, 72), indexing="ij")
+        smooth = 0.5 + 0.3 * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * rows + rng.uniform(0, 1))) * cols
+        Image.fromarray(np.round(smooth * 65535).astype(np.uint16)).save(root / f"img{i}.png")
+        items.append({"image": f"img{i}.png", "label": [1.0 if i in (1, 4) else 0.0] + [0.0] * 5})
+    (root / "datalist.json").write_text(json.dumps({"training": [], "test": items}))
+    return root
+
+
+def test_key_family_file_is_committed_checked_and_never_replaced(tmp_path):
+    save_watermark(_keyed_pipeline(11), tmp_path / "model.pt")
+    family = make_key_family(tmp_path / "model.pt", members=5)
+    assert family.path == default_family_file(tmp_path / "model.pt") and family.m == 5 and family.kind == "keys"
+    seeds = [m["key_seed"] for m in family.members]
+    assert seeds[family.owner_index] == 11 and len(set(seeds)) == 6
+    family.check_owner(load_watermark(tmp_path / "model.pt"), tmp_path / "model.pt")
+    with pytest.raises(FileExistsError, match="never replaced"):
+        make_key_family(tmp_path / "model.pt", members=5)
+    other = tmp_path / "other"
+    save_watermark(_keyed_pipeline(12), other / "model.pt")
+    with pytest.raises(FamilyError, match="not this generator's key"):
+        family.check_owner(load_watermark(other / "model.pt"), other / "model.pt")
+    entry = json.loads(family.path.read_text())
+    entry["owner_index"] = (entry["owner_index"] + 1) % 6  # moving the owner after the fact breaks the commitment
+    (tmp_path / "moved.json").write_text(json.dumps(entry))
+    with pytest.raises(FamilyError, match="do not match the commitment"):
+        load_family(tmp_path / "moved.json")
+    with pytest.raises(FamilyError, match="has no key"):
+        save_watermark(_unkeyed_pipeline(0), tmp_path / "unkeyed" / "model.pt")
+        make_key_family(tmp_path / "unkeyed" / "model.pt")
+
+
+def test_verification_ranks_the_owner_key_first_only_for_a_model_that_learned_it(data, tmp_path, capsys):
+    ckpt = tmp_path / "owner" / "model.pt"
+    save_watermark(_keyed_pipeline(21), ckpt)
+    generator = load_watermark(ckpt)
+    family = make_key_family(ckpt, members=19)
+    settings = VerificationSettings(query_size=SIZE, batch_size=4, n_samples=6)
+    learned = TorchSuspect(_KeyDetector(generator.generator.key), "learned the owner's key", "torch")
+    report = verify_ownership(
+        generator, learned, data / "datalist.json", tmp_path / "a", settings, ckpt, progress=False, family=family.path
+    )
+    calibrated = report["calibrated"]
+    assert calibrated["available"] and calibrated["members"] == 19 and calibrated["p_value"] == 0.05
+    assert calibrated["owned"] and not calibrated["queries_cached"]
+    assert calibrated["owner_statistic"] > max(np.delete(calibrated["member_statistics"], family.owner_index))
+    assert (tmp_path / "a" / "family.png").is_file()
+    written = json.loads((tmp_path / "a" / "verification.json").read_text())
+    assert written["calibrated"]["family"]["commitment"] == family.commitment
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("CALIBRATED VERDICT: calibrated: trained on the owner's release")
+
+    # a model that does not react to any member: every statistic ties with the owner's, p = 1
+    innocent = TorchSuspect(_Constant(), "reacts to nothing", "torch")
+    again = verify_ownership(
+        generator, innocent, data / "datalist.json", tmp_path / "b", settings, ckpt, progress=False, family=family.path
+    )
+    assert again["calibrated"]["queries_cached"]  # the family's queries were kept with the owner's files
+    assert not again["calibrated"]["owned"] and again["calibrated"]["p_value"] == 1.0
+
+
+class _Constant(nn.Module):
+    """A suspect whose answer does not depend on the image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], len(LABELS)) + x.new_tensor([-1.0, -2, -2, -2, -2, -2])
+
+
+def test_generator_family_is_checked_against_its_checkpoints(data, tmp_path):
+    checkpoints = []
+    for seed in range(3):
+        save_watermark(_unkeyed_pipeline(seed), tmp_path / "family" / f"member_{seed}" / "model.pt")
+        checkpoints.append(tmp_path / "family" / f"member_{seed}" / "model.pt")
+    family = make_generator_family(checkpoints, tmp_path / "family.json", owner_index=1)
+    owner = load_watermark(checkpoints[1])
+    family.check_owner(owner, checkpoints[1])
+    with pytest.raises(FamilyError, match="another generator"):
+        family.check_owner(load_watermark(checkpoints[0]), checkpoints[0])
+    settings = VerificationSettings(query_size=SIZE, batch_size=4, n_samples=6)
+    suspect = TorchSuspect(build_classifier("resnet18").eval(), "untrained resnet18", "torch")
+    report = verify_ownership(
+        owner, suspect, data / "datalist.json", tmp_path / "v", settings, checkpoints[1], progress=False,
+        family=family.path,
+    )  # fmt: skip
+    assert report["calibrated"]["members"] == 2 and not report["calibrated"]["reachable"]
+    assert not report["calibrated"]["owned"]
+    save_watermark(_unkeyed_pipeline(7), checkpoints[2])  # a member replaced after the family was made
+    with pytest.raises(FamilyError, match="changed since the family was made"):
+        load_family(family.path)
+
+
+def test_verify_json_reports_the_calibrated_verdict_first(data, tmp_path):
+    ckpt = tmp_path / "models" / "model.pt"
+    save_watermark(_keyed_pipeline(5), ckpt)
+    torch.manual_seed(1)
+    torch.jit.trace(build_classifier("resnet18").eval(), torch.rand(1, 1, SIZE, SIZE)).save(str(tmp_path / "s.ts"))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "verifying", "--config_file", "configs/verify.json"]
+    cmd += ["--bundle_root", str(ROOT), "--dataset_dir", str(data), "--generator_ckpt", str(ckpt)]
+    cmd += ["--suspect", str(tmp_path / "s.ts"), "--output_dir", str(tmp_path / "out"), "--query_size", str(SIZE)]
+    cmd += ["--n_samples", "4", "--progress", "False", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    without = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert without.returncode == 0, without.stderr[-3000:]
+    assert "CALIBRATED VERDICT: none (no family file at" in without.stdout
+    family = make_key_family(ckpt, members=19)  # beside the checkpoint: verify.json finds it there
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = [line for line in done.stdout.splitlines() if "VERDICT" in line]
+    assert first[0].startswith("CALIBRATED VERDICT: calibrated: ") and first[1].startswith("VERDICT (paper's")
+    written = json.loads((tmp_path / "out" / "verification.json").read_text())
+    assert written["calibrated"]["members"] == 19 and written["calibrated"]["family"]["file"] == str(family.path)
+    assert written["calibrated"]["owner_index"] == family.owner_index
