@@ -5,6 +5,7 @@ Like the MONAI model-zoo CI: the real configs, shrunk by overrides (image size, 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +22,12 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from xmark_bundle.data import LoadXRayd
 from xmark_bundle.data.chexpert import prepare_datalist
 from xmark_bundle.data.phantoms import write_phantom_dataset
+from xmark_bundle.fileio import sha256_file
 from xmark_bundle.networks.checkpoint import load_watermark
 from xmark_bundle.networks.classifier import load_classifier
 from xmark_bundle.networks.generator import SSCLBWGenerator
 from xmark_bundle.transforms import ResizeLongestPadd
+from xmark_bundle.verification.family import load_family
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -290,3 +293,30 @@ def test_generator_training_with_cosine_learning_rate(phantoms, classifier, tmp_
     history = json.loads((tmp_path / "logs" / "metrics.json").read_text())["history"]
     top = max(row["val_wsr"] for row in history)
     assert info["best_epoch"] == max(row["epoch"] for row in history if row["val_wsr"] == top)
+
+
+def test_make_family_trains_resumably_and_draws_the_owner_among_the_members(phantoms, classifier, tmp_path):
+    ckpt_dir = tmp_path / "models"
+    cmd = [sys.executable, "scripts/make_family.py", "train", "--ckpt_dir", str(ckpt_dir), "--members", "1", "--"]
+    cmd += ["--dataset_dir", str(phantoms), "--surrogate_ckpt", str(classifier / "model.pt"), "--image_size", "64"]
+    cmd += ["--batch_size", "4", "--generator_fraction", "1.0", "--generator_channels", "[4,8,16,32,64]"]
+    cmd += ["--max_epochs", "1", "--num_workers", "0", "--progress", "False"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    family = load_family(ckpt_dir / "family.json")
+    assert family.kind == "generators" and family.m == 1 and family.method == "xmark"
+    assert sha256_file(ckpt_dir / "model.pt") == family.members[family.owner_index]["sha256"]
+    seeds = json.loads((ckpt_dir / "family" / "plan.json").read_text())["seeds"]
+    trained = [json.loads((ckpt_dir / "family" / f"member_{j:03d}" / "training_info.json").read_text()) for j in (0, 1)]
+    assert len(set(seeds)) == 2 and [t["seed"] for t in trained] == seeds
+    assert f"commitment {family.commitment}" in done.stdout
+    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert refused.returncode != 0 and "a family is made once" in refused.stderr
+    # interrupted before the family was written: the finished member is kept, the other trained again
+    for path in (ckpt_dir / "model.pt", ckpt_dir / "family.json", ckpt_dir / "family" / "member_001"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "member 1 of 2: already done" in resumed.stdout and "member 2 of 2: already done" not in resumed.stdout
+    assert load_family(ckpt_dir / "family.json").m == 1
