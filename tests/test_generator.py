@@ -7,7 +7,7 @@ import torch
 from monai.networks.nets import BasicUNet, UNet
 from torch.utils.flop_counter import FlopCounterMode
 
-from xmark_bundle.keyed.keys import GRATING_CYCLES, key_pattern_of, keyed_perturbation, secret_key
+from xmark_bundle.keyed.keys import CARRIER_CYCLES, GRATING_CYCLES, key_pattern_of, keyed_perturbation, secret_key
 from xmark_bundle.networks.generator import DEFAULT_EPS, SSCLBWGenerator, XMarkGenerator, bounded_perturbation
 
 CHANNELS = (8, 16, 32, 64)
@@ -281,7 +281,27 @@ def test_loading_adopts_the_checkpoint_key():
     assert not unkeyed.keyed
 
 
-@pytest.mark.parametrize("pattern, cells", [("cells", 8), ("grating", 128)])
+def test_carrier_key_is_band_limited_noise_that_no_other_seed_repeats():
+    key = secret_key(256, seed=0, pattern="carrier")
+    assert key.shape == (1, 1, 256, 256) and float(key.abs().max()) == 1.0
+    assert torch.equal(key, secret_key(256, seed=0, pattern="carrier"))
+    assert 0.005 < float((key.abs() == 1).float().mean()) <= 0.011  # the top 1 % clipped at the 99th percentile
+    power = torch.fft.fft2(key[0, 0].double()).abs() ** 2
+    frequency = torch.fft.fftfreq(256, d=1 / 256, dtype=torch.float64)
+    radius = torch.sqrt(frequency[:, None] ** 2 + frequency[None, :] ** 2)
+    in_band = (radius >= CARRIER_CYCLES[0] - 1) & (radius <= CARRIER_CYCLES[1] + 1)
+    assert float(power[in_band].sum() / power.sum()) > 0.95  # clipping leaks little out of the band
+    assert float(power.flatten().topk(8).values.sum() / power.sum()) < 0.1  # no dominant frequency: not a grating
+    for seed in range(1, 20):  # the pattern is told from the field itself, as the checkpoint's key buffer is read
+        other = secret_key(256, seed=seed, pattern="carrier")
+        assert key_pattern_of(other) == "carrier" and key_pattern_of(secret_key(256, seed, "grating")) == "grating"
+        assert abs(float((key * other).mean() / (key * key).mean())) < 0.1  # independent carriers are uncorrelated
+    with pytest.raises(ValueError, match="key_cells >= 48"):
+        secret_key(32, seed=0, pattern="carrier")
+    assert XMarkGenerator(CHANNELS, key_cells=64, key_seed=1, key_pattern="carrier").method == "keyed_carrier"
+
+
+@pytest.mark.parametrize("pattern, cells", [("cells", 8), ("grating", 128), ("carrier", 64)])
 def test_other_keys_share_pattern_and_grid_but_never_equal_ours(pattern, cells):
     net = XMarkGenerator(CHANNELS, key_cells=cells, key_seed=7, key_pattern=pattern).eval()
     other = net.other_key(11)

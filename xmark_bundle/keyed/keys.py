@@ -1,7 +1,9 @@
-"""Secret keys of the keyed watermark variant (``keyed_grating``): the key fields and the keyed output head.
+"""Secret keys of the keyed watermark variants: the key fields and the keyed output head.
 
 A keyed generator chooses only the watermark's per-pixel magnitude; its signs follow the owner's key field ``K``,
-drawn from a seed. This is a research variant (a fixed keyed periodic pattern, SIG-like), not the paper's X-Mark.
+drawn from a seed. Research variants, not the paper's X-Mark: ``keyed_grating`` (one oriented sinusoid: a fixed
+periodic pattern, SIG-like) and ``keyed_carrier``, the keyed X-Mark (a band-limited random carrier at mid
+frequencies whose per-sample magnitude X-Mark's generator shapes: no period, no orientation to spot).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 __all__ = [
+    "CARRIER_CYCLES",
     "GRATING_CYCLES",
     "KEY_PATTERNS",
     "flat_keyed_watermark",
@@ -18,10 +21,17 @@ __all__ = [
     "secret_key",
 ]
 
-#: Key patterns: ``"cells"`` (random signs per grid cell) or ``"grating"`` (one oriented sinusoid).
-KEY_PATTERNS = ("cells", "grating")
+#: Key patterns: ``"cells"`` (random signs per grid cell), ``"grating"`` (one oriented sinusoid) or ``"carrier"``
+#: (band-limited random field).
+KEY_PATTERNS = ("cells", "grating", "carrier")
 #: Grating frequencies, in cycles per image side: periods of 4-8 px at 256 px, 3.5-7 px for a 224 px classifier.
 GRATING_CYCLES = (32.0, 64.0)
+#: The carrier's pass band, in cycles per image side: periods of 10-32 px at 256 px (mid frequencies: above the
+#: anatomy's, below the pixel texture that resizing and JPEG remove).
+CARRIER_CYCLES = (8.0, 24.0)
+#: Share of a field's energy in its 8 strongest 2-D frequencies above which it is a grating (one sinusoid, with
+#: leakage: > 0.5), below which a carrier (hundreds of frequencies: < 0.1).
+_PEAKED = 0.3
 
 
 def secret_key(cells: int, seed: int, pattern: str = "cells") -> torch.Tensor:
@@ -31,6 +41,8 @@ def secret_key(cells: int, seed: int, pattern: str = "cells") -> torch.Tensor:
     sampled on the grid (u, v in [0, 1)), with orientation ``t`` in [0, pi), ``f`` in :data:`GRATING_CYCLES` cycles
     per side and the phase drawn from the seed; ``cells`` must then resolve it (>= 2 * 64). A texture classifier sees
     local statistics, which two random sign grids share but two gratings of different orientation do not.
+    ``"carrier"``: white Gaussian noise on the grid, kept in the :data:`CARRIER_CYCLES` band (ideal radial band-pass
+    in the Fourier domain), scaled so that 99 % of ``|K|`` lies below 1 and clipped to [-1, 1] (``cells`` >= 2 * 24).
     ``cells == 0`` gives the empty 1 x 1 x 0 x 0 tensor of an unkeyed generator. The field is stretched over the
     image (bilinear), so it covers the same share of the image at any resolution.
     """
@@ -43,6 +55,8 @@ def secret_key(cells: int, seed: int, pattern: str = "cells") -> torch.Tensor:
     rng = torch.Generator().manual_seed(int(seed))
     if pattern == "cells":
         return torch.randint(0, 2, (1, 1, cells, cells), generator=rng).float() * 2 - 1
+    if pattern == "carrier":
+        return _carrier(cells, rng)
     if cells < 2 * GRATING_CYCLES[1]:
         raise ValueError(f"a grating key needs key_cells >= {2 * GRATING_CYCLES[1]:g} to resolve it, got {cells}")
     angle, cycles, phase = torch.rand(3, generator=rng, dtype=torch.float64)
@@ -53,9 +67,27 @@ def secret_key(cells: int, seed: int, pattern: str = "cells") -> torch.Tensor:
     return field.float()[None, None]
 
 
+def _carrier(cells: int, rng: torch.Generator) -> torch.Tensor:
+    """Band-limited random field on a ``cells`` grid: :data:`CARRIER_CYCLES` band, its 99th percentile of ``|K|`` at 1
+    and the top 1 % clipped there (:func:`secret_key`)."""
+    if cells < 2 * CARRIER_CYCLES[1]:
+        raise ValueError(f"a carrier key needs key_cells >= {2 * CARRIER_CYCLES[1]:g} to resolve it, got {cells}")
+    noise = torch.randn(cells, cells, generator=rng, dtype=torch.float64)
+    frequency = torch.fft.fftfreq(cells, d=1.0 / cells, dtype=torch.float64)  # cycles per side
+    radius = torch.sqrt(frequency[:, None] ** 2 + frequency[None, :] ** 2)
+    band = (radius >= CARRIER_CYCLES[0]) & (radius <= CARRIER_CYCLES[1])
+    field = torch.fft.ifft2(torch.fft.fft2(noise) * band).real
+    scale = torch.quantile(field.abs().flatten(), 0.99)  # 1 % clipped: RMS 0.39 instead of 0.27 at peak 1
+    return (field / scale).clamp(-1.0, 1.0).float()[None, None]
+
+
 def key_pattern_of(key: torch.Tensor) -> str:
-    """The :data:`KEY_PATTERNS` entry that drew ``key``: only sign grids hold nothing but +-1."""
-    return "cells" if bool(key.abs().eq(1).all()) else "grating"
+    """The :data:`KEY_PATTERNS` entry that drew ``key``: only sign grids hold nothing but +-1; a grating's energy sits
+    in a few frequencies, a carrier's is spread over its band."""
+    if bool(key.abs().eq(1).all()):
+        return "cells"
+    power = torch.fft.fft2(key.double()[0, 0]).abs().flatten() ** 2
+    return "grating" if float(power.topk(8).values.sum() / power.sum()) > _PEAKED else "carrier"
 
 
 def keyed_perturbation(image: torch.Tensor, residual: torch.Tensor, key: torch.Tensor, eps: float) -> torch.Tensor:

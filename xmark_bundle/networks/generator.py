@@ -100,7 +100,7 @@ class BudgetedGenerator(nn.Module):
 
     @property
     def method(self) -> str:
-        """The method's name in configs and results: ``keyed_grating`` (or ``keyed_cells``) with a key."""
+        """The method's name in configs and results: ``keyed_grating``, ``keyed_carrier`` (or ``keyed_cells``) with a key."""
         return f"keyed_{key_pattern_of(self.key)}" if self.keyed else self.unkeyed_method
 
     #: The method's name without a key (set by each generator class).
@@ -199,7 +199,7 @@ class XMarkGenerator(BudgetedGenerator):
         key_cells: side of the secret key's sign grid (0: no key, the paper's head). See :func:`keyed_perturbation`.
         key_seed: seed that draws the key; ``None`` draws a random one (recorded by :meth:`config`, so the
             checkpoint rebuilds it). A loaded checkpoint brings its own key whatever this says.
-        key_pattern: ``"cells"`` or ``"grating"`` (see :func:`secret_key`).
+        key_pattern: ``"cells"``, ``"grating"`` or ``"carrier"`` (see :func:`secret_key`).
         key_magnitude: share of ``eps`` that the keyed head gives at ``r = 0`` (``sigmoid(r + logit(m))``).
     """
 
