@@ -100,7 +100,8 @@ class BudgetedGenerator(nn.Module):
 
     @property
     def method(self) -> str:
-        """The method's name in configs and results: ``keyed_grating``, ``keyed_carrier`` (or ``keyed_cells``) with a key."""
+        """The method's name in configs and results: ``keyed_grating`` or ``keyed_carrier`` (``keyed_cells``) with a
+        key."""
         return f"keyed_{key_pattern_of(self.key)}" if self.keyed else self.unkeyed_method
 
     #: The method's name without a key (set by each generator class).
