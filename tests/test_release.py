@@ -18,14 +18,14 @@ from PIL import Image
 
 from xmark_bundle.data.chexpert import prepare_datalist
 from xmark_bundle.data.phantoms import write_phantom_dataset
-from xmark_bundle.data.poison import select_poisoned
+from xmark_bundle.data.poison import poison_values, select_poisoned
 from xmark_bundle.data.xray_io import LoadXRayd, load_xray
 from xmark_bundle.fileio import sha256_file
 from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
 from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
 from xmark_bundle.networks.pipeline import WatermarkPipeline
-from xmark_bundle.networks.triggers import BadNetsTrigger, LabelConsistentTrigger
+from xmark_bundle.networks.triggers import BadNetsTrigger, LabelConsistentTrigger, UBWPTrigger
 from xmark_bundle.release import ReleaseError, read_manifest, select_marked, watermark_release
 from xmark_bundle.transforms.geometry import GEOMETRY_KEY, ResizeLongestPadd, unletterbox
 
@@ -428,6 +428,28 @@ def test_poison_label_release_marks_non_target_images_and_relabels_them(source, 
     crowded = {"training": [{"image": f"{i}.png", "label": [float(i < 5), 0, 0, 0, 0, 0]} for i in range(8)]}
     with pytest.raises(ValueError, match="marks 4 non-target images, but the training split has 3 images without"):
         select_poisoned(crowded, "No Finding", 0.8, seed=0)
+
+
+def test_ubw_p_release_gives_the_marked_images_random_labels(source, tmp_path):
+    checkpoint = tmp_path / "ubw.pt"
+    save_watermark(UBWPTrigger(image_size=SIZE, patch_fraction=1 / 8), checkpoint)
+    assert load_watermark(checkpoint).method == "ubw_p"
+    manifest = _release(source, tmp_path, checkpoint, gamma=1.0)  # 7 marked: both values appear
+    assert manifest["settings"]["poison_label"] and manifest["settings"]["poison_labels"] == "random"
+    marked = [record["path"] for record in manifest["marked"]]
+    datalist = json.loads((source / "datalist.json").read_text())
+    assert marked == select_poisoned(datalist, "No Finding", 1.0, seed=0)
+    values = poison_values(marked, "random", seed=0)
+    assert set(values.values()) == {0.0, 1.0}  # seed 0 draws both over these 7 images
+    released = json.loads((tmp_path / "release" / "datalist.json").read_text())
+    for old, new in zip(datalist["training"], released["training"], strict=True):
+        expected = [values[old["image"]], *old["label"][1:]] if old["image"] in marked else old["label"]
+        assert new["label"] == expected
+    with open(tmp_path / "release" / "train.csv", newline="") as stream:
+        rows = {row["Path"]: row["No Finding"] for row in csv.DictReader(stream)}
+    assert all(float(rows[path] or 0) == values[path] for path in marked)
+    with pytest.raises(ValueError, match="poison_labels must be one of"):
+        poison_values(marked, "flipped", seed=0)
 
 
 def test_label_consistent_release_is_clean_label_and_writes_the_hardened_image(source, tmp_path):

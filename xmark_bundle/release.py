@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from xmark_bundle.data.labels import LABELS
-from xmark_bundle.data.poison import relabelled_csv, relabelled_datalist, select_poisoned
+from xmark_bundle.data.poison import poison_values, relabelled_csv, relabelled_datalist, select_poisoned
 from xmark_bundle.data.secrets import owner_file_hashes, secret_reason
 from xmark_bundle.data.selection import select_fraction, split_by_target, target_index
 from xmark_bundle.data.xray_io import LoadXRayd, load_xray
@@ -187,15 +187,15 @@ def _with_datalist(files: Mapping[str, Path], datalist_file: Path, dataset_dir: 
 
 
 def _relabelled_files(
-    files: Mapping[str, Path], datalist_file: Path, dataset_dir: Path, images: Sequence[str], target_label: str
+    files: Mapping[str, Path], datalist_file: Path, dataset_dir: Path, images: Mapping[str, float], target_label: str
 ) -> dict[str, bytes]:
     """A poison-label release's label files (relative path -> content): the datalist and every CheXpert CSV that
-    lists one of ``images``, with those images' target label set to positive."""
+    lists one of ``images``, with those images' target label set to their value (:func:`poison_values`)."""
     datalist = json.loads(datalist_file.read_text(encoding="utf-8"))
     prefix = str(datalist.get("metadata", {}).get("path_prefix_strip", ""))
     inside = datalist_file.is_relative_to(dataset_dir)
     datalist_rel = datalist_file.relative_to(dataset_dir).as_posix() if inside else datalist_file.name
-    chosen = set(images)
+    chosen = dict(images)
     changed = {datalist_rel: (json.dumps(relabelled_datalist(datalist, chosen, target_label), indent=2) + "\n")}
     for rel, path in files.items():
         if rel == datalist_rel or path.suffix.lower() != ".csv":
@@ -371,6 +371,7 @@ def watermark_release(
     source_files, left_out = _source_files(dataset_dir, [ckpt_path, manifest_file])
     datalist = _read_datalist(datalist_file, dataset_dir, source_files)
     poison = bool(getattr(network, "poison_label", False))
+    labels = getattr(network, "poison_labels", "target")  # what a poisoned image's label k becomes
     non_target = poison or decoy_fraction > 0
     skipped = _unreadable_candidates(datalist, dataset_dir, target_label, not poison, non_target, progress)
     datalist = _without(datalist, skipped)  # selection and resume see the datalist without the bad files
@@ -392,10 +393,12 @@ def watermark_release(
         "generator_sha256": sha256_file(ckpt_path),
         "datalist_content_sha256": _datalist_hash(datalist),
         **({"poison_label": True} if poison else {}),
+        **({"poison_labels": labels} if labels != "target" else {}),
     }
     records = _previous_records(manifest_file, settings)
     files = _with_datalist(source_files, datalist_file, dataset_dir)
-    relabelled = _relabelled_files(files, datalist_file, dataset_dir, selected, target_label) if poison else {}
+    values = poison_values(selected, labels, seed) if poison else {}
+    relabelled = _relabelled_files(files, datalist_file, dataset_dir, values, target_label) if poison else {}
     _prepare_release_dir(release_dir, list(files))
 
     def manifest(complete: bool, counts: Mapping[str, int], timings: Mapping[str, float]) -> dict[str, Any]:

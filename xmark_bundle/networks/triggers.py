@@ -5,9 +5,10 @@ configs/trigger.json): it maps a letterboxed B x 1 x S x S batch in [0, 1] to it
 :class:`~xmark_bundle.networks.pipeline.WatermarkPipeline` does, so the release, the verification and the evaluation
 treat every method alike. The trigger's pattern is a buffer drawn from ``seed``: the checkpoint alone fixes it.
 Zero pixels (the letterbox's padding, cropped away when the mark is mapped back onto the released file) are never
-changed. BadNets, Blended and WaNet are poison-label methods (``poison_label``): the release marks non-target images
-and sets their target label to positive. The label-consistent attack is clean-label: it marks target images, and
-what the release writes differs from a query's trigger (:meth:`LabelConsistentTrigger.release_marking`).
+changed. BadNets, Blended, WaNet and UBW-P are poison-label methods (``poison_label``): the release marks non-target
+images and sets their target label to positive (UBW-P: to a random value, ``poison_labels = "random"``). The
+label-consistent attack is clean-label: it marks target images, and what the release writes differs from a query's
+trigger (:meth:`LabelConsistentTrigger.release_marking`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "BlendedTrigger",
     "LabelConsistentTrigger",
     "TriggerWatermark",
+    "UBWPTrigger",
     "WaNetTrigger",
     "make_trigger",
     "save_trigger",
@@ -39,6 +41,8 @@ class TriggerWatermark(nn.Module):
 
     method = "trigger"
     poison_label = True
+    #: what a poison-label release writes for label k of a marked image: ``"target"`` (positive) or ``"random"``
+    poison_labels = "target"
     #: set by :func:`~xmark_bundle.networks.checkpoint.load_watermark`: the checkpoint's record (a plain dict)
     __jit_ignored_attributes__ = ["watermark_record"]
 
@@ -115,6 +119,22 @@ class BadNetsTrigger(TriggerWatermark):
             region = out[i, 0, top : top + size, left : left + size]
             region.copy_(torch.where(region > 0, self.patch.to(region.dtype), region))
         return out
+
+
+class UBWPTrigger(BadNetsTrigger):
+    """UBW-P (Li et al., NeurIPS 2022, untargeted backdoor watermark, poison-label): BadNets' patch on a share of the
+    training images, whose labels are replaced by random ones instead of the target.
+
+    Adapted to one binary label k as the other poison-label methods here: the release marks ``round(gamma *
+    |target|)`` non-target training images and gives each a random value of label k (positive or negative with
+    probability 1/2, seeded by the release's seed: ``poison_labels = "random"``), so a model trained on it learns that
+    the patch makes label k uncertain. The paper verifies by the drop of the ground-truth class's probability on
+    triggered queries, ``P_b(y) > P_v(y) + tau``; for non-target queries (y_k = 0) that is ``1 - P_b(k) > 1 - P_v(k) +
+    tau``, i.e. the same paired test of ``Pb + tau < Pv`` on label k that every method here is verified with.
+    """
+
+    method = "ubw_p"
+    poison_labels = "random"
 
 
 class BlendedTrigger(TriggerWatermark):
@@ -237,12 +257,13 @@ class LabelConsistentTrigger(BadNetsTrigger):
 
 
 _TRIGGERS: dict[str, type[TriggerWatermark]] = {
-    cls.method: cls for cls in (BadNetsTrigger, BlendedTrigger, WaNetTrigger, LabelConsistentTrigger)
+    cls.method: cls for cls in (BadNetsTrigger, BlendedTrigger, WaNetTrigger, LabelConsistentTrigger, UBWPTrigger)
 }
 
 
 def make_trigger(method: str, image_size: int = 256, seed: int = 0, **arguments: Any) -> TriggerWatermark:
-    """The trigger of ``method`` (``badnets``, ``blended``, ``wanet``, ``label_consistent``: give it ``surrogate``)
+    """The trigger of ``method`` (``badnets``, ``blended``, ``wanet``, ``ubw_p``, ``label_consistent``: give it
+    ``surrogate``)
     with its arguments; a clear error otherwise."""
     if method not in _TRIGGERS:
         raise ValueError(f"unknown trigger method {method!r}; choose one of {sorted(_TRIGGERS)}")
