@@ -72,7 +72,8 @@ def save_scenarios_figure(collected: Mapping[str, Any], path: str | os.PathLike,
         ax.set_xlim(-0.5, len(SCENARIOS) - 0.5)
         ax.set_title(name, fontsize=10, pad=14)
     axes[0].set_ylabel("ΔP = mean Pv − mean Pb")
-    figure.suptitle("Verification per scenario: filled = verified (count above), dashed = τ", fontsize=10)
+    title = "Verification per scenario: filled = verified (count above), dashed = τ"
+    figure.suptitle(title, fontsize=10, wrap=True)  # wrapped to the figure's width: one method makes it narrow
     _save(figure, path)
     return True
 
@@ -147,7 +148,8 @@ def save_removal_figure(collected: Mapping[str, Any], path: str | os.PathLike) -
     axes[1][0].set_ylabel("clean BA")
     axes[0][0].set_ylim(-0.05, 1.05)
     figure.legend(loc="outside right upper", fontsize=8)
-    figure.suptitle("Removal: a dot per suspect seed (filled = still verified), lines through the mean", fontsize=10)
+    title = "Removal: a dot per suspect seed (filled = still verified), lines through the mean"
+    figure.suptitle(title, fontsize=10, wrap=True)
     _save(figure, path)
     return True
 
@@ -183,7 +185,8 @@ def save_variants_figure(collected: Mapping[str, Any], path: str | os.PathLike) 
     kinds = collected.get("suspect_kinds", {})
     axes[1].set_xticks(range(len(order)), [kind_label(v, kinds.get(v, {}), "\n") for v in order])
     figure.legend(loc="outside right upper", fontsize=8)
-    figure.suptitle("Kinds of suspect: a dot per seed (filled = verified), a bar at the mean", fontsize=10)
+    title = "Kinds of suspect: a dot per seed (filled = verified), a bar at the mean"
+    figure.suptitle(title, fontsize=10, wrap=True)
     _save(figure, path)
     return True
 
@@ -207,7 +210,8 @@ def draw_detectability(table: Mapping[str, Any], path: str | os.PathLike) -> Non
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("AUROC marked vs unmarked")
     figure.legend(loc="outside right upper", fontsize=8)
-    figure.suptitle("Detectability: can a data user find the marked files? (dashed: chance)", fontsize=10)
+    title = "Detectability: can a data user find the marked files? (dashed: chance)"
+    figure.suptitle(title, fontsize=10, wrap=True)
     _save(figure, path)
 
 
