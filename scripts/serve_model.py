@@ -29,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-workers", type=int, default=4, help="handler threads (more clients wait or get 503)")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (413 above)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per socket operation and request body")
+    parser.add_argument("--header-timeout", type=float, default=5.0, help="seconds for a request's line and headers")
     args = parser.parse_args(argv)
     try:
         model = open_suspect(args.model, outputs=args.outputs, device=args.device)
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_workers=args.max_workers,
             max_body_bytes=args.max_body_bytes,
             timeout=args.timeout,
+            header_timeout=args.header_timeout,
         )
     except (ValueError, OSError) as exc:  # bad model path or file, refused host, port in use
         sys.exit(f"serve_model: error: {exc}")

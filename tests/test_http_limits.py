@@ -341,3 +341,62 @@ def test_serve_model_script_serves_with_limits(tmp_path):
     main = runpy.run_path(str(script))["main"]  # the error path, in-process
     with pytest.raises(SystemExit, match="serve_model: error: need max_workers >= 1"):
         main([*command[2:-1], "0"])
+
+
+def _reply(body: bytes, head: bytes = b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"):
+    """A responder that sends one complete HTTP answer with ``body``."""
+
+    def respond(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    return respond
+
+
+def test_client_never_follows_a_redirect_to_another_server(raw_server):
+    elsewhere = raw_server(_reply(json.dumps({"probabilities": [[0.9] * 6] * 2}).encode()))
+    moved = raw_server(_reply(b"{}", f"HTTP/1.0 302 Found\r\nLocation: {elsewhere.url}\r\n".encode()))
+    with pytest.raises(SuspectModelError, match=rf"{moved.url} redirects \(HTTP 302\) to {elsewhere.url}; redirects"):
+        open_suspect(moved.url).predict_proba(IMAGES)
+
+
+@pytest.mark.parametrize(
+    "answer, problem",
+    [
+        (b'{"probabilities": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+        (json.dumps({"probabilities": [["0.5"] * 6] * 2}).encode(), "holds values that are not JSON numbers"),
+        (json.dumps({"probabilities": [[True] * 6] * 2}).encode(), "holds values that are not JSON numbers"),
+        (json.dumps({"probabilities": [[0.5] * 6, [0.5] * 5]}).encode(), "not a B x K array of numbers"),
+    ],
+    ids=["deep nesting", "numeric strings", "booleans", "ragged"],
+)
+def test_client_refuses_answers_that_are_not_plain_numbers(raw_server, answer, problem):
+    server = raw_server(_reply(answer))
+    with pytest.raises(SuspectModelError, match=problem):
+        open_suspect(server.url).predict_proba(IMAGES)
+
+
+def test_a_client_trickling_its_headers_is_cut_off_and_frees_the_server(endpoint):
+    port = endpoint(max_workers=1, max_queued=0, timeout=30.0, header_timeout=1.0).server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as slow:
+        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # then nothing: it holds the only handler
+        assert slow.recv(100) == b""  # cut after the header deadline (1 s), not the socket timeout (30 s)
+        for _ in range(50):  # bounded: the handler is free again once the cut connection is closed
+            try:
+                assert open_suspect(f"http://127.0.0.1:{port}/").predict_proba(IMAGES).shape == (2, 6)
+                break
+            except SuspectModelError:  # 503 while the handler winds down
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server stayed busy after the slow client was cut off")
+
+
+def test_an_announced_body_is_not_allocated_before_it_arrives(endpoint):
+    port = endpoint(timeout=1.0).server_address[1]
+    tracemalloc.start()
+    try:
+        status, answer = exchange(port, b"POST / HTTP/1.0\r\nContent-Length: 200000000\r\n\r\n{")  # 200 MB, 1 byte
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 408 and "received 1 of 200000000 body bytes" in answer["error"]
+    assert peak < 20_000_000  # the announced 200 MB were never allocated

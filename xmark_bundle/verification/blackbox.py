@@ -267,7 +267,29 @@ def _watched_opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
         def https_open(self, req):
             return self.do_open(watched(http.client.HTTPSConnection), req, context=self._context)
 
-    return urllib.request.build_opener(Handler, SecureHandler)
+    return urllib.request.build_opener(Handler, SecureHandler, _RefuseRedirects)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: another host's answer would be taken for the suspect's."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's signature)
+        raise SuspectModelError(
+            f"suspect endpoint {req.full_url} redirects (HTTP {code}) to {newurl}; redirects are not followed, "
+            "so that no other server answers for the suspect: give the endpoint's own URL"
+        )
+
+
+def _only_numbers(value: Any) -> bool:
+    """Whether ``value`` is a JSON number or nested lists of them (no strings, no booleans, no objects)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, bool) or not isinstance(item, int | float):
+            return False
+    return True
 
 
 class _DeadlineExceeded(Exception):
@@ -384,8 +406,10 @@ class HTTPSuspect(SuspectModel):
         raw = self._post(json.dumps({"images": encode_images(images)}).encode("utf-8"))
         try:
             answer = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SuspectModelError(f"suspect endpoint {self.url} did not answer JSON ({err}): {raw[:200]!r}") from err
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # deep nesting: RecursionError
+            reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            message = f"suspect endpoint {self.url} did not answer JSON ({reason}): {raw[:200]!r}"
+            raise SuspectModelError(message) from err
         if not isinstance(answer, dict) or "probabilities" not in answer:
             raise SuspectModelError(
                 f'suspect endpoint {self.url} answered without a "probabilities" field: {str(answer)[:200]}'
@@ -397,9 +421,15 @@ class HTTPSuspect(SuspectModel):
                     f'suspect endpoint {self.url}: "labels" must be a list of names, got {labels!r}'
                 )
             self.labels = tuple(labels)
+        probabilities = answer["probabilities"]
+        if not _only_numbers(probabilities):  # numpy would read "0.5" and true as numbers
+            raise SuspectModelError(
+                f'suspect endpoint {self.url}: "probabilities" holds values that are not JSON numbers: '
+                f"{str(probabilities)[:200]}"
+            )
         try:
-            return np.asarray(answer["probabilities"], dtype=np.float64)
-        except (TypeError, ValueError) as err:
+            return np.asarray(probabilities, dtype=np.float64)
+        except (TypeError, ValueError) as err:  # ragged rows
             raise SuspectModelError(
                 f'suspect endpoint {self.url}: "probabilities" is not a B x K array of numbers ({err})'
             ) from err

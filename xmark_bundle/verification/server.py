@@ -3,8 +3,11 @@
 
 It stands in for a suspect's prediction API in loopback tests and demos. It has no authentication, so it binds to
 loopback addresses only unless ``allow_remote=True``. Its resources are bounded: at most ``max_workers`` handler
-threads (connections beyond ``max_workers + max_queued`` are answered 503), a socket timeout and a total deadline
-for reading each request, and a body limit checked from ``Content-Length`` before anything is read. Every answer is
+threads (connections beyond ``max_workers + max_queued`` are answered 503), a deadline for the request line and
+headers (``header_timeout``: a client that trickles them, or idles between keep-alive requests, is cut off and frees
+its thread), a socket timeout and a total deadline for reading each body, and a body limit checked from
+``Content-Length`` before anything is read (the body buffer then grows with what arrives, never to the announced
+size up front). Every answer is
 JSON: 200 with ``{"probabilities", "labels"}``, else ``{"error": message}`` with 400 (malformed request line, header,
 JSON, wire format, shapes or non-finite values), 404 (unknown path), 405 (not POST), 408 (body too slow), 411
 (no ``Content-Length``), 413 (body too large), 500 (the model failed) or 503 (busy).
@@ -12,6 +15,7 @@ JSON, wire format, shapes or non-finite values), 404 (unknown path), 405 (not PO
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -58,11 +62,12 @@ class _ModelServer(ThreadingHTTPServer):
         max_queued: int,
         max_body_bytes: int,
         timeout: float,
+        header_timeout: float,
     ) -> None:
-        if max_workers < 1 or max_queued < 0 or max_body_bytes < 1 or timeout <= 0:
+        if max_workers < 1 or max_queued < 0 or max_body_bytes < 1 or timeout <= 0 or header_timeout <= 0:
             raise ValueError(
-                f"need max_workers >= 1, max_queued >= 0, max_body_bytes >= 1 and timeout > 0, got {max_workers}, "
-                f"{max_queued}, {max_body_bytes}, {timeout}"
+                f"need max_workers >= 1, max_queued >= 0, max_body_bytes >= 1, timeout > 0 and header_timeout > 0, "
+                f"got {max_workers}, {max_queued}, {max_body_bytes}, {timeout}, {header_timeout}"
             )
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _PredictHandler)
@@ -71,9 +76,29 @@ class _ModelServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout
+        self.header_timeout_s = header_timeout
         self.port = self.server_address[1]
         self.pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"suspect-handler-{self.port}")
         self.slots = threading.BoundedSemaphore(max_workers + max_queued)
+        # header deadlines of the connections being read: one watchdog thread for all of them, not one per request
+        self.header_deadlines: dict[socket.socket, float] = {}
+        self.lock_deadlines = threading.Lock()
+        self.closing = threading.Event()
+        self.watchdog = threading.Thread(target=self._cut_late_headers, name=f"suspect-watchdog-{self.port}")
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def _cut_late_headers(self) -> None:
+        """Shut down every connection whose request line and headers are overdue (slowloris, idle keep-alive)."""
+        while not self.closing.wait(0.1):
+            now = time.monotonic()
+            with self.lock_deadlines:
+                late = [sock for sock, deadline in self.header_deadlines.items() if deadline < now]
+                for sock in late:
+                    del self.header_deadlines[sock]
+            for sock in late:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         """Queue the connection for the pool, or answer 503 at once when every slot is taken."""
@@ -98,6 +123,7 @@ class _ModelServer(ThreadingHTTPServer):
             self.slots.release()
 
     def server_close(self) -> None:
+        self.closing.set()
         super().server_close()
         self.pool.shutdown(wait=False)  # queued connections are still answered, then the threads end
 
@@ -119,6 +145,29 @@ class _PredictHandler(BaseHTTPRequestHandler):
         self.timeout = self.server.timeout_s  # StreamRequestHandler applies it to the connection socket
         self.body_read = False
         super().setup()
+
+    def _header_deadline(self, start: bool) -> None:
+        """Put this connection under the server's header watchdog (``start``), or take it off."""
+        with self.server.lock_deadlines:
+            if start:
+                self.server.header_deadlines[self.connection] = time.monotonic() + self.server.header_timeout_s
+            else:
+                self.server.header_deadlines.pop(self.connection, None)
+
+    def handle_one_request(self) -> None:
+        """One request, its request line and headers within ``header_timeout`` (or the watchdog cuts it off)."""
+        self._header_deadline(True)
+        try:
+            super().handle_one_request()
+        finally:
+            self._header_deadline(False)
+
+    def parse_request(self) -> bool:
+        """http.server's parsing of the request line and headers; the header deadline ends with it."""
+        try:
+            return super().parse_request()
+        finally:
+            self._header_deadline(False)
 
     def do_POST(self) -> None:  # noqa: N802 (http.server naming)
         if urlsplit(self.path).path not in PATHS:
@@ -156,18 +205,19 @@ class _PredictHandler(BaseHTTPRequestHandler):
         self._reply(200, {"probabilities": probabilities.tolist(), "labels": self.server.labels})
 
     def _read_body(self, length: int) -> bytearray | None:
-        """The ``length`` body bytes, read into one buffer within the server's timeout; None after answering 408."""
-        body, received = bytearray(length), 0
+        """The ``length`` body bytes, read within the server's timeout into a buffer that grows with what arrives
+        (an announced size costs nothing until sent); None after answering 408."""
+        body = bytearray()
         deadline = time.monotonic() + self.server.timeout_s
-        with memoryview(body) as view:
-            try:
-                while received < length and time.monotonic() < deadline:
-                    count = self.rfile.readinto1(view[received : received + (1 << 20)])
-                    if not count:
-                        break
-                    received += count
-            except OSError:  # socket timeout or reset
-                pass
+        try:
+            while len(body) < length and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(1 << 20, length - len(body)))
+                if not chunk:
+                    break
+                body += chunk
+        except OSError:  # socket timeout or reset
+            pass
+        received = len(body)
         if received < length:
             self._reply(408, {"error": f"received {received} of {length} body bytes within {self.server.timeout_s} s"})
             return None
@@ -248,12 +298,14 @@ def serve(
     max_queued: int = 16,
     max_body_bytes: int = MAX_BODY_BYTES,
     timeout: float = 30.0,
+    header_timeout: float = 5.0,
 ) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Start serving ``model`` on ``host:port`` (0: a free port) in a daemon thread; returns the server and thread.
 
     ``labels`` default to the model's own ``labels`` attribute, else :data:`LABELS`. ``max_workers`` handler threads
     serve at most ``max_workers + max_queued`` connections at a time; ``timeout`` (seconds) bounds each socket
-    operation and the reading of a body; bodies over ``max_body_bytes`` are refused (413). The URL is
+    operation and the reading of a body, ``header_timeout`` the request line and headers (keep-alive idling
+    included); bodies over ``max_body_bytes`` are refused (413). The URL is
     ``f"http://{host}:{server.server_address[1]}/"``; stop with ``server.shutdown(); server.server_close()``.
     """
     if not (allow_remote or _is_loopback(host)):
@@ -262,7 +314,7 @@ def serve(
             "(127.0.0.1, ::1, localhost) or pass allow_remote=True (serve_model.py: --allow-remote)"
         )
     labels = labels if labels is not None else (getattr(model, "labels", None) or LABELS)
-    server = _ModelServer((host, port), model, labels, max_workers, max_queued, max_body_bytes, timeout)
+    server = _ModelServer((host, port), model, labels, max_workers, max_queued, max_body_bytes, timeout, header_timeout)
     thread = threading.Thread(target=server.serve_forever, name=f"suspect-server-{server.port}", daemon=True)
     thread.start()
     logger.info("serving %s on http://%s:%d/", type(model).__name__, host, server.port)
