@@ -14,6 +14,12 @@ after ``--`` are overrides of configs/train.json (and of ``--config_file`` files
 
     python scripts/make_family.py train --ckpt_dir models --members 19 -- --dataset_dir /data --image_size 256
 
+``assemble``: a family of checkpoints that exist already (the owner's and m others made with its recipe and other
+seeds: trained generators, or triggers of other seeds), the owner's placed at a random index (``--owner_index`` to
+fix it, as the experiment runner does for reproducible runs; its pool of other members serves every owner)::
+
+    python scripts/make_family.py assemble --owner_ckpt models/model.pt --others pool/*/model.pt
+
 Publish or timestamp the printed commitment when you release: it fixes the family and the owner's member.
 """
 
@@ -33,6 +39,7 @@ from xmark_bundle.fileio import atomic_path, write_json  # noqa: E402
 from xmark_bundle.verification.family import (  # noqa: E402
     FAMILY_FILE,
     WatermarkFamily,
+    default_family_file,
     make_generator_family,
     make_key_family,
 )
@@ -101,13 +108,24 @@ def main() -> None:
     train.add_argument("--ckpt_dir", type=Path, default=ROOT / "models", help="where model.pt and family.json go")
     train.add_argument("--members", type=int, default=19, help="other members m (19 reaches p = 0.05)")
     train.add_argument("--config_file", nargs="*", default=[], help="override files layered on configs/train.json")
+    assemble = sub.add_parser("assemble", help="a family of existing checkpoints: the owner's and m others")
+    assemble.add_argument("--owner_ckpt", type=Path, required=True, help="the owner's watermark checkpoint")
+    assemble.add_argument("--others", type=Path, nargs="+", required=True, help="checkpoints of the other members")
+    assemble.add_argument("--owner_index", type=int, default=None, help="the owner's place (default: drawn at random)")
+    assemble.add_argument("--out", type=Path, default=None, help="family file (default: family.json beside the owner)")
     args, extra = parser.parse_known_args()
     if extra and extra[0] == "--":
         extra = extra[1:]
+    if args.kind != "train" and extra:
+        parser.error(f"unexpected arguments {extra}")
     if args.kind == "keys":
-        if extra:
-            parser.error(f"unexpected arguments {extra}")
         family = make_key_family(args.generator_ckpt, args.members, args.out)
+    elif args.kind == "assemble":
+        index = secrets.randbelow(len(args.others) + 1) if args.owner_index is None else args.owner_index
+        if not 0 <= index <= len(args.others):
+            parser.error(f"--owner_index must be within 0..{len(args.others)}, got {index}")
+        members = [*args.others[:index], args.owner_ckpt, *args.others[index:]]
+        family = make_generator_family(members, args.out or default_family_file(args.owner_ckpt), owner_index=index)
     else:
         family = train_family(args.ckpt_dir.resolve(), args.members, args.config_file, _overrides(extra))
     print(f"[family] {family.path}: {family.m} other {family.kind} of {family.method}, owner's member drawn at random")

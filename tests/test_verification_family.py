@@ -220,3 +220,26 @@ def test_verify_json_reports_the_calibrated_verdict_first(data, tmp_path):
     written = json.loads((tmp_path / "out" / "verification.json").read_text())
     assert written["calibrated"]["members"] == 19 and written["calibrated"]["family"]["file"] == str(family.path)
     assert written["calibrated"]["owner_index"] == family.owner_index
+
+
+def test_make_family_assembles_existing_checkpoints_and_makes_key_families(tmp_path):
+    others = []
+    for seed in range(3):
+        others.append(tmp_path / "pool" / f"member_{seed}" / "model.pt")
+        save_watermark(_unkeyed_pipeline(seed), others[-1])
+    owner = tmp_path / "owner" / "model.pt"
+    save_watermark(_unkeyed_pipeline(9), owner)
+    cmd = [sys.executable, "scripts/make_family.py", "assemble", "--owner_ckpt", str(owner), "--others"]
+    cmd += [*map(str, others), "--owner_index", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    family = load_family(default_family_file(owner))
+    assert family.owner_index == 2 and family.m == 3 and f"commitment {family.commitment}" in done.stdout
+    assert [family.checkpoint(j).resolve() for j in range(4)] == [p.resolve() for p in [*others[:2], owner, others[2]]]
+    family.check_owner(load_watermark(owner), owner)
+    keyed = tmp_path / "keyed" / "model.pt"
+    save_watermark(_keyed_pipeline(3), keyed)
+    cmd = [sys.executable, "scripts/make_family.py", "keys", "--generator_ckpt", str(keyed), "--members", "4"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_family(default_family_file(keyed)).m == 4
