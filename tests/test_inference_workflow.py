@@ -22,6 +22,7 @@ from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
 from xmark_bundle.networks.pipeline import WatermarkPipeline
 from xmark_bundle.transforms.geometry import GEOMETRY_KEY, ResizeLongestPadd, unletterbox
+from xmark_bundle.transforms.watermark import watermarked_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS = 64, [4, 8, 16, 32, 64]
@@ -159,8 +160,8 @@ def test_unreadable_files_are_skipped_and_reported_and_overlapping_folders_refus
 def test_pred_is_the_released_image_on_the_source_grid(tmp_path, checkpoint, save):
     """The config's pieces as MONAI Label and MONAI Deploy use them (preprocessing, network, postprocessing, each
     taken from the parsed config): ``pred`` holds the watermarked image on the source's grid (MONAI's x, y order) in
-    its stored type, the pixels of the file that SaveWatermarkedd writes; a source outside dataset_dir is written next
-    to the output."""
+    its stored type, the pixels of the file that SaveWatermarkedd writes; a source outside dataset_dir is written under
+    the output's external/ folder, in a folder of its own source folder."""
     source = tmp_path / "elsewhere" / "cr.dcm"  # outside dataset_dir, as an image from MONAI Label's datastore
     source.parent.mkdir()
     shutil.copy(get_testdata_file("RG1_UNCR.dcm"), source)
@@ -188,9 +189,12 @@ def test_pred_is_the_released_image_on_the_source_grid(tmp_path, checkpoint, sav
     assert tuple(data["image"].meta["spatial_shape"]) == pred.shape  # what MONAI Label's Restored compares with
     change = np.abs(pred.T.astype(np.int64) - stored).max()
     assert 0 < change <= np.ceil(16 / 255 * (2**15 - 1)) + 1  # the budget in 15-bit stored units (linear mapping)
-    written = tmp_path / "out" / "cr.dcm"
+    written = watermarked_path(source, tmp_path / "in", tmp_path / "out")
+    assert written.parent.parent == tmp_path / "out" / "external" and written.name == "cr.dcm"
     if save:
-        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cr.dcm"]
+        assert [p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*.dcm")] == [
+            written.relative_to(tmp_path / "out")
+        ]
         np.testing.assert_array_equal(pydicom.dcmread(written).pixel_array, pred.T)
         # and those pixels are the source plus G's residual of this image, as load_xray reads them (within half a step)
         (src01, meta), (marked01, _) = load_xray(source), load_xray(written)
@@ -198,3 +202,13 @@ def test_pred_is_the_released_image_on_the_source_grid(tmp_path, checkpoint, sav
         assert np.abs(marked01.astype(np.float64) - expected).max() <= quantisation_step(meta) / 2 + 1e-5
     else:
         assert not (tmp_path / "out").exists()
+
+
+def test_sources_of_one_name_outside_the_dataset_keep_separate_copies(tmp_path):
+    """MONAI Label hands over images from its datastore: two named view1_frontal.png must not share one copy."""
+    first, second = tmp_path / "a" / "view1_frontal.png", tmp_path / "b" / "view1_frontal.png"
+    paths = {watermarked_path(source, tmp_path / "in", tmp_path / "out") for source in (first, second)}
+    assert len(paths) == 2 and {p.name for p in paths} == {"view1_frontal.png"}
+    assert watermarked_path(first, tmp_path / "in", tmp_path / "out") in paths  # the same source, the same place
+    inside = watermarked_path(tmp_path / "in" / "p1" / "s1" / "x.png", tmp_path / "in", tmp_path / "out")
+    assert inside == tmp_path / "out" / "p1" / "s1" / "x.png"  # inside the data set: its relative path, as before

@@ -26,6 +26,7 @@ from xmark_bundle.networks.checkpoint import save_watermark
 from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
 from xmark_bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.transforms.watermark import watermarked_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,7 +75,8 @@ def test_infer_task_returns_the_watermarked_file_on_the_source_grid(bundle, imag
     pred = _stored(Path(result_file))  # MONAI Label's Restored + Writer, as a client receives it
     original = _stored(source)
     assert pred.dtype == original.dtype and pred.shape == original.shape
-    released = bundle / "outputs" / "inference" / "output" / source.name  # SaveWatermarkedd: next to the output
+    inference = bundle / "outputs" / "inference"  # inference.json's dataset_dir and output_dir
+    released = watermarked_path(source, inference / "input", inference / "output")  # SaveWatermarkedd's copy
     np.testing.assert_array_equal(pred, _stored(released))
     benign01, meta = load_xray(source)
     marked01, _ = load_xray(released)

@@ -8,6 +8,7 @@ the file's stored type by :func:`~xmark_bundle.data.xray_writer.write_xray`, and
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Hashable, Mapping
@@ -33,7 +34,14 @@ from ..data.xray_writer import (
 )
 from .geometry import GEOMETRY_KEY, unletterbox
 
-__all__ = ["RestoreWatermarkedd", "SaveWatermarkedd", "apply_watermark", "full_resolution_residual", "watermark_source"]
+__all__ = [
+    "RestoreWatermarkedd",
+    "SaveWatermarkedd",
+    "apply_watermark",
+    "full_resolution_residual",
+    "watermark_source",
+    "watermarked_path",
+]
 
 _FLOAT_TOLERANCE = 1e-6
 """Slack of the budget check for float32 arithmetic on images in [0, 1]."""
@@ -133,14 +141,25 @@ def _letterboxed(data: Mapping[Hashable, Any], key: Hashable, transform: MapTran
     return benign
 
 
+def watermarked_path(source: str | os.PathLike, dataset_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Where the watermarked copy of ``source`` goes: ``output_dir / (source relative to dataset_dir)``, or, for a
+    source outside ``dataset_dir`` (an image MONAI Label hands over from its datastore), ``output_dir / external /
+    <12 hex digits of its folder's path> / name``: two sources of one name in different folders (every CheXpert image
+    is ``view1_frontal``) never overwrite each other's copy."""
+    absolute, root = Path(os.path.abspath(source)), Path(os.path.abspath(dataset_dir))
+    if absolute.is_relative_to(root):
+        return Path(output_dir) / absolute.relative_to(root)
+    folder = hashlib.sha256(os.fsencode(absolute.parent)).hexdigest()[:12]
+    return Path(output_dir) / "external" / folder / absolute.name
+
+
 class SaveWatermarkedd(MapTransform):
     """Postprocessing: write each watermarked prediction as a full-resolution file mirroring its source's path.
 
     ``keys`` hold the generator outputs (``1 x S x S``), ``image_keys`` the benign letterboxed inputs whose meta carry
-    ``filename_or_obj`` and ``xmark_geometry``. The output goes to ``output_dir / (source relative to dataset_dir)``
-    with the source's name and format, or to ``output_dir / name`` for a source outside ``dataset_dir`` (an image
-    that MONAI Label hands over from its own datastore); the report of :func:`apply_watermark` is stored under
-    ``output_keys``.
+    ``filename_or_obj`` and ``xmark_geometry``. The output goes to :func:`watermarked_path` (the source's relative
+    path under ``output_dir``, or a folder per source folder for a source outside ``dataset_dir``), with the
+    source's name and format; the report of :func:`apply_watermark` is stored under ``output_keys``.
     """
 
     def __init__(
@@ -165,9 +184,7 @@ class SaveWatermarkedd(MapTransform):
         for key, image_key, output_key in self.key_iterator(d, self.image_keys, self.output_keys):
             benign = _letterboxed(d, image_key, self)
             source = Path(benign.meta["filename_or_obj"])
-            absolute = Path(os.path.abspath(source))
-            relative = absolute.relative_to(self.dataset_dir) if absolute.is_relative_to(self.dataset_dir) else None
-            out_path = self.output_dir / (relative or source.name)
+            out_path = watermarked_path(source, self.dataset_dir, self.output_dir)
             d[output_key] = apply_watermark(source, d[key], benign, benign.meta[GEOMETRY_KEY], self.epsilon, out_path)
         return d
 
