@@ -249,3 +249,74 @@ def test_a_legacy_declaration_plans_the_stages_it_was_published_with(tmp_path):
     malicious = " ".join(planned["xmark verification malicious 'suspect_seed1'"])
     assert "verify_own_size" not in malicious and "--seed 1 " in " ".join(planned["xmark release"])
     assert "--seed 1001 " in " ".join(planned["classifier 'surrogate_independent'"])
+
+
+def _run(delta_p: float, owned: bool, calibrated_p: float | None = None, owner: int | None = None) -> dict:
+    run = {"p_value": 1e-4 if owned else 0.5, "wilcoxon_p": 0.01, "delta_p": delta_p, "wsr": delta_p, "owned": owned}
+    run["control"] = {"specific": owned, "delta_p": delta_p / 4, "p_value": 0.9}
+    if calibrated_p is not None:
+        owned_calibrated = calibrated_p <= 0.05
+        run["calibrated"] = {"p_value": calibrated_p, "owned": owned_calibrated, "statistic": delta_p, "members": 19}
+    return run if owner is None else {**run, "owner": owner}
+
+
+def _suspect(owner: int, delta_p: float, calibrated: bool) -> dict:
+    p = 0.05 if calibrated else None
+    return {
+        "owner": owner,
+        "mean_ba": 0.8,
+        "mean_auroc": 0.9,
+        "wsr_at_validation_threshold": {"value": 0.9, "clean_positive_rate": 0.1},
+        "release_quality": {"mean_psnr": 30.0, "mean_ssim": 0.9, "mean_lpips": 0.01},
+        "malicious": _run(delta_p, True, p),
+        "ind_w_owners": {"independent_owner7": _run(0.1, False, None if p is None else 0.5),
+                         "independent_owner8": _run(0.3, True, None if p is None else 0.2)},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_tables_show_owners_spread_the_control_and_both_verdicts(calibrated, tmp_path):
+    from xmark_bundle.experiments import plain_words, tables
+    from xmark_bundle.experiments.figures import save_scenarios_figure
+
+    p = 0.5 if calibrated else None
+    method = {
+        "gamma": 0.5,
+        "suspects": {
+            "owner1/suspect_seed4": _suspect(1, 0.6, calibrated),
+            "owner1/suspect_seed5": _suspect(1, 0.8, calibrated),
+            "owner2/suspect_seed4": _suspect(2, 0.2, calibrated),
+            "owner2/suspect_seed5": _suspect(2, 0.4, calibrated),
+        },
+        "ind_m": {
+            "owner1/b1": _run(0.0, False, p, 1),
+            "owner1/b2": _run(0.3, True, 0.04 if calibrated else None, 1),
+            "owner2/b1": _run(0.0, False, p, 2),
+            "owner2/b2": _run(0.0, False, p, 2),
+        },
+        "ind_m_seed_controls": {"owner1/surrogate": _run(0.5, True, p, 1), "owner2/surrogate": _run(0.1, False, p, 2)},
+    }
+    collected = {"benign": {"b1": {"mean_ba": 0.8, "mean_auroc": 0.9}}, "methods": {"xmark": method}}
+    table1, table2 = tables(collected)
+    cells = table2["rows"][0]["cells"]
+    assert set(cells) <= set(table2["columns"])
+    assert cells["Malicious ΔP"] == {"per_seed": [0.6, 0.8, 0.2, 0.4]}  # every owner x suspect cell
+    assert cells["Malicious ΔP by owner"] == {"value": "1: 0.700 ± 0.141; 2: 0.300 ± 0.141; sd of owner means 0.283"}
+    assert table1["rows"][1]["cells"]["WSR at 0.5 by owner"]["value"].startswith("1: 0.700 ± 0.141")
+    assert cells["control ΔP"] == {"per_seed": [0.15, 0.2, 0.05, 0.1]} and cells["control p"]["per_seed"] == [0.9] * 4
+    assert cells["Malicious verified"] == {"value": "4 of 4"}
+    assert cells["Ind-W ΔP"]["per_seed"] == [0.1, 0.3] * 4 and cells["Ind-W verified"] == {"value": "4 of 8"}
+    assert cells["false accusations"] == {"value": "1 of 4"}
+    assert cells["false accusations by owner"] == {"value": "1: 1 of 2; 2: 0 of 2"}
+    assert cells["surrogate and its seed (Ind-M) verified"] == {"value": "1 of 2"}  # not among the false accusations
+    assert cells["surrogate and its seed (Ind-M) ΔP"] == {"per_seed": [0.5, 0.1]}
+    if calibrated:
+        assert cells["Malicious calibrated p"] == {"per_seed": [0.05] * 4}
+        assert cells["Malicious verified (calibrated)"] == {"value": "4 of 4"}
+        assert cells["Ind-W verified (calibrated)"] == {"value": "0 of 8"}
+        assert cells["false accusations (calibrated)"] == {"value": "1 of 4"}
+    else:  # no calibrated block in the verifications: no calibrated column is filled
+        assert not [column for column in cells if "calibrated" in column]
+    lines = plain_words(collected)
+    assert sum("Ind-W (owner1/suspect_seed4)" in line for line in lines) == 2  # one per independent owner
+    assert save_scenarios_figure(collected, tmp_path / "scenarios.png")
