@@ -141,9 +141,10 @@ def seed_record(experiment: Experiment) -> dict:
     }
 
 
-def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str], ledger: Path = LEDGER) -> None:
-    """Write docs/experiments/<name>/results.json for each published part of the experiment, record the report seed
-    in the ledger, then the page."""
+def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str], docs: Path = ROOT / "docs") -> None:
+    """Write ``docs``/experiments/<name>/results.json for each published part of the experiment, record the report
+    seed in its ledger, then the page; nothing is written when the publication is refused."""
+    ledger = docs / "experiments" / LEDGER.name
     refused = publication_refused(experiment, ledger)
     if refused:
         raise LedgerError(experiment.source, refused)
@@ -152,7 +153,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
     # once for all parts, the commit before the first part is written: every part names the tree it was published from
     commit, wall_time_s = _commit(), wall_times(collected["stage_times_s"])
     for name, indexes in parts.items():
-        folder = ROOT / "docs" / "experiments" / name
+        folder = docs / "experiments" / name
         part = [all_tables[i] for i in indexes]
         results = {
             "format": RESULTS_FORMAT,
@@ -174,7 +175,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
         load_results(folder / "results.json")
     sha256 = declaration_hash(experiment)
     record(ledger, experiment.data_seed, experiment.name, sha256, commit, published_parts(experiment.name, parts))
-    subprocess.run([sys.executable, "scripts/experiments_page.py"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "scripts/experiments_page.py", "--docs", str(docs)], cwd=ROOT, check=True)
 
 
 def print_plan(experiment: Experiment, out: Path) -> None:

@@ -320,3 +320,38 @@ def test_tables_show_owners_spread_the_control_and_both_verdicts(calibrated, tmp
     lines = plain_words(collected)
     assert sum("Ind-W (owner1/suspect_seed4)" in line for line in lines) == 2  # one per independent owner
     assert save_scenarios_figure(collected, tmp_path / "scenarios.png")
+
+
+def test_publishing_records_the_seed_and_a_changed_declaration_is_refused_before_anything_is_written(tmp_path):
+    from xmark_bundle.experiments import load_results
+
+    method = {
+        "gamma": 0.5,
+        "suspects": {f"owner{o}/suspect_seed{s}": _suspect(o, 0.5, False) for o in (1, 2) for s in (4, 5)},
+        "ind_m": {f"owner{o}/b{b}": _run(0.0, False, None, o) for o in (1, 2) for b in (1, 2)},
+    }
+    collected = {
+        "benign": {"b1": {"mean_ba": 0.8, "mean_auroc": 0.9}},
+        "methods": {"xmark": method},
+        "stage_times_s": {"phantoms": 60.0},
+    }
+    raw = {**V2, "seeds": {**V2["seeds"], "data": 5005}, "publish": {"table1": [0], "table2": [1]}}  # this test's seed
+    docs = tmp_path / "docs"
+    declared = load_experiment(_declare(tmp_path, raw))
+    experiment.publish(declared, collected, tmp_path / "out", ["run", "comparison_v2", "--publish"], docs)
+    table2 = docs / "experiments" / "table2" / "results.json"
+    results = load_results(table2)
+    assert results["seeds"]["report"] == 5005 and results["seeds"]["owners"] == V2["seeds"]["owners"]
+    columns = results["tables"][0]["columns"]
+    assert {"control ΔP", "control p", "Malicious verified", "Malicious verified (calibrated)"} <= set(columns)
+    (entry,) = read_ledger(docs / "experiments" / "ledger.json")
+    assert (entry["report_seed"], entry["declaration"]) == (5005, "comparison_v2")
+    assert entry["sha256"] == declaration_sha256(raw) and entry["parts"] == ["table1", "table2"]
+    assert (docs / "experiments.md").read_text().count("Commit ") == 2  # the page regenerated from the parts
+    experiment.publish(declared, collected, tmp_path / "out", ["run", "comparison_v2", "--publish"], docs)  # again
+    assert len(read_ledger(docs / "experiments" / "ledger.json")) == 1
+    before = table2.read_bytes()
+    changed = load_experiment(_declare(tmp_path, {**raw, "classifier": {**raw["classifier"], "max_epochs": 6}}))
+    with pytest.raises(LedgerError, match="a change needs a new report seed"):
+        experiment.publish(changed, collected, tmp_path / "out", ["run", "comparison_v2", "--publish"], docs)
+    assert table2.read_bytes() == before
