@@ -355,3 +355,13 @@ def test_publishing_records_the_seed_and_a_changed_declaration_is_refused_before
     with pytest.raises(LedgerError, match="a change needs a new report seed"):
         experiment.publish(changed, collected, tmp_path / "out", ["run", "comparison_v2", "--publish"], docs)
     assert table2.read_bytes() == before
+
+
+@pytest.mark.parametrize("path", sorted(DECLARATIONS.glob("*.json")), ids=lambda p: p.stem)
+def test_every_declaration_plans_its_stages(path, tmp_path):
+    declared = load_experiment(path)
+    planned = run_experiment(declared.only(list(declared.methods)), ROOT, tmp_path, dry_run=True)["planned_stages"]
+    names = [name for name, _ in planned]
+    assert len(names) == len(set(names)) and any(" verification " in name for name in names)
+    own_size = ["configs/verify_own_size.json" in " ".join(cmd) for name, cmd in planned if " verification " in name]
+    assert all(own_size) if not declared.legacy else not any(own_size)

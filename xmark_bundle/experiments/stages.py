@@ -53,6 +53,7 @@ class Stages:
         self.times: dict[str, float] = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
         self.visited: list[str] = []  # this run's stages, in order, done now or before
         self.planned: list[tuple[str, list[str]]] = []  # a dry run's stages still to run: (name, command)
+        self.seen: dict[str, tuple[list[str], Path]] = {}  # this run's stages by name: command and output
         self.count = 0
 
     def _where(self, path: Path) -> str:
@@ -60,9 +61,13 @@ class Stages:
 
     def run(self, name: str, cmd: list[str], done: Path) -> None:
         """Run ``cmd`` unless ``done`` exists (a dry run lists it instead); raise :class:`StageFailed` naming the stage
-        when it fails, and a ``ValueError`` when a run names two stages alike (their wall times would mix)."""
-        if name in self.visited:
-            raise ValueError(f"two stages of {self.label} are both named {name!r}")
+        when it fails, and a ``ValueError`` when a run names two different stages alike (their wall times would mix).
+        The same stage asked for again in one run (e.g. a phantom set two pre-trainings share) is visited once."""
+        if name in self.seen:
+            if self.seen[name] != (cmd, done):
+                raise ValueError(f"two different stages of {self.label} are both named {name!r}")
+            return
+        self.seen[name] = (cmd, done)
         self.count += 1
         self.visited.append(name)
         prefix = f"[{self.label} {self.count}] {name}"
