@@ -205,7 +205,11 @@ def check_legacy(path: Path, name: str, publish: Mapping[str, Sequence[int]], da
                 "unreadable; declare seeds by role under the current protocol instead",
             ) from None
         if report != data_seed:
-            raise _error(path, f"protocol 'legacy': {results} was published on report seed {report}, not {data_seed}")
+            raise _error(
+                path,
+                f"protocol 'legacy': {results} was published on report seed {report}, not {data_seed}: a newer "
+                "declaration replaced these results, so remove this legacy declaration",
+            )
 
 
 def is_legacy(raw: Mapping[str, Any], path: str | os.PathLike) -> bool:
