@@ -1,13 +1,18 @@
 """Run a declared experiment (configs/experiments/NAME.json) as monai.bundle runs, resumably, and report it.
 
 `python scripts/experiment.py run demo` is `make demo`. Every stage prints a progress line and is skipped when its
-output exists, so a rerun resumes. `--publish` also writes docs/experiments/NAME/results.json and regenerates
-docs/experiments.md (refused when the run's data seed is the development seed: tables come from fresh data).
+output exists, so a rerun resumes. `python scripts/experiment.py plan NAME` checks the declaration and prints its seeds
+by role and every stage with its command, running none. `--publish` also writes docs/experiments/NAME/results.json,
+records the report seed in docs/experiments/ledger.json and regenerates docs/experiments.md; it is refused when the
+run's data seed is the development seed (tables come from fresh data), for a legacy declaration (published before the
+seed-role protocol: its results stay as published) and for a declaration changed since it was published on its report
+seed (a change needs a new report seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import subprocess
@@ -27,6 +32,8 @@ from xmark_bundle.experiments import (  # noqa: E402
     tables,
 )
 from xmark_bundle.experiments.figures import FIGURES  # noqa: E402
+from xmark_bundle.experiments.ledger import LedgerError, check_publication, declaration_sha256, record  # noqa: E402
+from xmark_bundle.experiments.protocol import published_parts  # noqa: E402
 from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results  # noqa: E402
 from xmark_bundle.experiments.stages import StageFailed  # noqa: E402
 from xmark_bundle.fileio import write_json  # noqa: E402
@@ -94,14 +101,59 @@ def _figures(published: list[dict], out: Path) -> list[str]:
     ]
 
 
-def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str]) -> None:
-    """Write docs/experiments/<name>/results.json for each published part of the experiment, then the page."""
+#: The ledger of published report seeds.
+LEDGER = ROOT / "docs" / "experiments" / "ledger.json"
+
+
+def declaration_hash(experiment: Experiment) -> str:
+    """The SHA-256 of the declaration file's canonical JSON (:func:`declaration_sha256`)."""
+    return declaration_sha256(json.loads(experiment.source.read_text(encoding="utf-8")))
+
+
+def publication_refused(experiment: Experiment, ledger: Path = LEDGER) -> str | None:
+    """Why ``experiment`` cannot be published (None: it can): development seed, legacy, or changed on its seed."""
+    if experiment.data_seed == int(experiment.seeds["development"]):
+        return f"{experiment.name} runs on the development seed; its tables cannot be published"
+    if experiment.legacy:
+        return (
+            f"{experiment.name} is a legacy declaration (published before the seed-role protocol): its published "
+            "results stay as they are; publish a declaration under the current protocol on a new report seed"
+        )
+    try:
+        check_publication(ledger, experiment.data_seed, experiment.name, declaration_hash(experiment))
+    except LedgerError as err:
+        return str(err)
+    return None
+
+
+def seed_record(experiment: Experiment) -> dict:
+    """The seeds a results.json records: the report and development seeds, the suspects, and every role."""
+    roles = experiment.seed_roles
+    seeds = {"development": roles.development, "report": roles.data, "suspects": list(roles.suspects)}
+    if experiment.legacy:
+        return seeds
+    return seeds | {
+        "surrogate": roles.surrogate,
+        "owners": list(roles.owners),
+        "independent_owners": list(roles.independent_owners),
+        "independent_phantoms": roles.independent_phantoms,
+        "benign": list(roles.benign),
+    }
+
+
+def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str], docs: Path = ROOT / "docs") -> None:
+    """Write ``docs``/experiments/<name>/results.json for each published part of the experiment, record the report
+    seed in its ledger, then the page; nothing is written when the publication is refused."""
+    ledger = docs / "experiments" / LEDGER.name
+    refused = publication_refused(experiment, ledger)
+    if refused:
+        raise LedgerError(experiment.source, refused)
     all_tables = tables(collected)
     parts = experiment.publish or {experiment.name: tuple(range(len(all_tables)))}
     # once for all parts, the commit before the first part is written: every part names the tree it was published from
     commit, wall_time_s = _commit(), wall_times(collected["stage_times_s"])
     for name, indexes in parts.items():
-        folder = ROOT / "docs" / "experiments" / name
+        folder = docs / "experiments" / name
         part = [all_tables[i] for i in indexes]
         results = {
             "format": RESULTS_FORMAT,
@@ -110,11 +162,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str])
             "description": experiment.description,
             "commands": [shlex.join(["python", "scripts/experiment.py", *argv])],
             "commit": commit,
-            "seeds": {
-                "development": int(experiment.seeds["development"]),
-                "report": experiment.data_seed,
-                "suspects": list(experiment.seeds["suspects"]),
-            },
+            "seeds": seed_record(experiment),
             "wall_time_s": wall_time_s,
             "tables": part,
             "figures": _figures(part, out),
@@ -125,7 +173,26 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str])
             shutil.copyfile(out / figure, folder / figure)
         write_json(folder / "results.json", results)
         load_results(folder / "results.json")
-    subprocess.run([sys.executable, "scripts/experiments_page.py"], cwd=ROOT, check=True)
+    sha256 = declaration_hash(experiment)
+    record(ledger, experiment.data_seed, experiment.name, sha256, commit, published_parts(experiment.name, parts))
+    subprocess.run([sys.executable, "scripts/experiments_page.py", "--docs", str(docs)], cwd=ROOT, check=True)
+
+
+def print_plan(experiment: Experiment, out: Path) -> None:
+    """The declaration's seeds by role and every stage a run would still run (a dry run of the runner)."""
+    roles = experiment.seed_roles
+    print(f"[{experiment.name}] protocol {'legacy' if experiment.legacy else 'current'}; seeds by role:")
+    for role, seeds in {"data": (roles.data,), "development": (roles.development,), **roles.by_role()}.items():
+        print(f"  {role}: {', '.join(map(str, seeds))}")
+    if roles.independent_phantoms is not None:
+        print(f"  independent_phantoms: {roles.independent_phantoms} (the last independent owner's phantom set)")
+    planned = run_experiment(experiment, ROOT, out, dry_run=True)["planned_stages"]
+    kinds: dict[str, int] = {}
+    for name, _ in planned:
+        kind = next((k for k in STAGE_KINDS if k in name), "other")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    counts = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()))
+    print(f"\n[{experiment.name}] {len(planned)} stages to run under {out} ({counts}); nothing was run")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, help="output folder (default outputs/experiments/NAME)")
     run.add_argument("--method", action="append", help="run only this declared method (repeatable)")
     run.add_argument("--publish", action="store_true", help="write docs/experiments/NAME/results.json and the page")
+    plan = commands.add_parser("plan", help="check a declaration and list its seeds and stages (a dry run)")
+    plan.add_argument("name", help="the experiment: configs/experiments/NAME.json")
+    plan.add_argument("--out", type=Path, help="output folder (default outputs/experiments/NAME)")
+    plan.add_argument("--method", action="append", help="only this declared method (repeatable)")
     args = parser.parse_args(argv)
 
     try:
@@ -144,10 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentError as err:
         print(f"experiment: {err}", file=sys.stderr)
         return 2
-    if args.publish and experiment.data_seed == int(experiment.seeds["development"]):
-        print(f"experiment: {args.name} runs on the development seed; its tables cannot be published", file=sys.stderr)
-        return 2
     out = (args.out or Path("outputs") / "experiments" / args.name).resolve()
+    if args.command == "plan":
+        print_plan(experiment, out)
+        return 0
+    refused = publication_refused(experiment) if args.publish else None
+    if refused:  # before any stage runs: hours of work would not be publishable
+        print(f"experiment: {refused}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         collected = run_experiment(experiment, ROOT, out)

@@ -18,38 +18,44 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     collected = json.loads((out / "collected.json").read_text())
     assert list(collected["methods"]) == ["xmark"]  # badnets is declared but not run by default
     xmark = collected["methods"]["xmark"]
-    suspect = xmark["suspects"]["suspect_seed1"]
-    for scenario in (suspect["malicious"], suspect["ind_w"], xmark["ind_m"]["resnet18_seed1"]):
+    suspect = xmark["suspects"]["owner2/suspect_seed1"]
+    ind_w = suspect["ind_w_owners"]["independent_owner1000"]
+    surrogate = xmark["ind_m_seed_controls"]["owner2/surrogate"]  # the surrogate verified as Ind-M, kept apart
+    assert list(xmark["ind_m"]) == ["owner2/resnet18_seed3"]
+    assert list(xmark["ind_m_seed_controls"]) == ["owner2/surrogate"]
+    for scenario in (suspect["malicious"], ind_w, xmark["ind_m"]["owner2/resnet18_seed3"], surrogate):
         report = json.loads(Path(scenario["report"]).read_text())
         assert scenario["p_value"] == report["p_value"] and scenario["n"] == report["n"] == 8
         assert (Path(scenario["report"]).parent / "verification.png").stat().st_size > 0
     # Malicious and Ind-M use our watermark, Ind-W the independent owner's (own surrogate, own seed)
     ours = json.loads(Path(suspect["malicious"]["report"]).read_text())["generator"]["checkpoint"]
-    other = json.loads(Path(suspect["ind_w"]["report"]).read_text())["generator"]["checkpoint"]
-    assert ours == str(out / "models/xmark/watermark/model.pt") and other != ours
+    other = json.loads(Path(ind_w["report"]).read_text())["generator"]["checkpoint"]
+    assert ours == str(out / "models/xmark/owner2/watermark/model.pt") and other != ours
+    located = json.loads(Path(surrogate["report"]).read_text())["suspect"]["location"]
+    assert located.startswith(str(out / "models/surrogate"))
     infos = [
         json.loads((out / "models/xmark" / g / "training_info.json").read_text())
-        for g in ("watermark", "watermark_independent")
+        for g in ("owner2/watermark", "independent_owner1000/watermark")
     ]
-    assert [info["method"] for info in infos] == ["xmark", "xmark"] and infos[0]["seed"] != infos[1]["seed"]
-    history = json.loads((out / "models/xmark/watermark/logs/metrics.json").read_text())["history"]
+    assert [info["method"] for info in infos] == ["xmark", "xmark"] and [i["seed"] for i in infos] == [2, 1000]
+    history = json.loads((out / "models/xmark/owner2/watermark/logs/metrics.json").read_text())["history"]
     kept = next(row for row in history if row["epoch"] == infos[0]["best_epoch"])
     assert xmark["watermark"] == {
         "epoch": infos[0]["best_epoch"],
         **{k: kept[k] for k in ("val_wsr", "val_lap", "val_lpips", "val_psnr")},
     }
     assert infos[0]["surrogate_ckpt"] != infos[1]["surrogate_ckpt"]
-    manifest = json.loads((out / "models/xmark/release_manifest.json").read_text())
+    manifest = json.loads((out / "models/xmark/owner2/release_manifest.json").read_text())
     assert manifest["method"] == "xmark" and manifest["marked"] and manifest["budget_ok"] and not manifest["decoys"]
     assert 0 <= suspect["mean_ba"] <= 1 and suspect["release_quality"]["n_files"] == len(manifest["marked"])
     assert all((out / figure).stat().st_size > 0 for figure in ("scenarios.png", "removal.png", "variants.png"))
     # detectability (declared): gamma 1 marks every target image, so every training file is a candidate
     detected = xmark["detectability"]
     assert detected["pool"].startswith("all training files") and detected["n_marked"] == len(manifest["marked"])
-    assert detected["suspect"]["checkpoint"] == str(out / "models/xmark/suspect_seed1/model.pt")
+    assert detected["suspect"]["checkpoint"] == str(out / "models/xmark/owner2/suspect_seed1/model.pt")
     assert detected["container"]["marked_files_whose_container_changed"] == 0
     # the evaded variant: trained on the noised copy of the release, with the strong augmentation
-    evaded = xmark["suspects"]["suspect_evaded_seed1"]
+    evaded = xmark["suspects"]["owner2/suspect_evaded_seed1"]
     assert evaded["variant"] == "evaded" and evaded["malicious"]["n"] == 8
     assert collected["suspect_kinds"] == {
         "": {"arch": "resnet18", "image_size": 64},
@@ -60,19 +66,19 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
             "configs": ["configs/train_classifier_strong_aug.json"],
         },
     }
-    info = json.loads((out / "models/xmark/suspect_evaded_seed1/training_info.json").read_text())
-    assert info["datalist"] == str(out / "release_evaded/xmark/noise0.02/datalist.json")
-    evaded_stage = first.stdout.split("classifier 'xmark suspect evaded seed 1'")[1].split("\n")[0]
+    info = json.loads((out / "models/xmark/owner2/suspect_evaded_seed1/training_info.json").read_text())
+    assert info["datalist"] == str(out / "release_evaded/xmark/owner2/noise0.02/datalist.json")
+    evaded_stage = first.stdout.split("classifier 'xmark owner 2 suspect evaded seed 1'")[1].split("\n")[0]
     assert "train_classifier_strong_aug.json" in evaded_stage
     # the pre-trained start: the suspects and the benign model start from the classifier of the other phantom set
     pretrained = out / "models/pretrained/resnet18_64px/model.pt"
-    for model in ("models/xmark/suspect_seed1", "models/benign/resnet18_seed1"):
+    for model in ("models/xmark/owner2/suspect_seed1", "models/benign/resnet18_seed3"):
         assert json.loads((out / model / "training_info.json").read_text())["weights"] == f"checkpoint:{pretrained}"
     # removal: the suspect fine-tuned on the clean half (head only, every layer) and fine-pruned, each verified again
     removal = suspect["removal"]
     assert list(removal) == ["head_1", "full_1", "pruned_0.5", "fine_pruned_0.5"] and removal["head_1"]["n"] == 8
-    suspect_dir = out / "models/xmark/suspect_seed1"
-    tuned = json.loads((out / "models/xmark/suspect_seed1_finetuned_head_1/training_info.json").read_text())
+    suspect_dir = out / "models/xmark/owner2/suspect_seed1"
+    tuned = json.loads((suspect_dir.parent / "suspect_seed1_finetuned_head_1/training_info.json").read_text())
     assert tuned["weights"] == f"checkpoint:{suspect_dir / 'model.pt'}" and tuned["epochs"] == 1
     subset = json.loads((out / "phantoms/datalist_clean_subset.json").read_text())
     assert tuned["datalist"] == str(out / "phantoms/datalist_clean_subset.json")
@@ -84,20 +90,20 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     # a fine-tuning of one epoch keeps that epoch; a pruned model was not trained
     assert removal["head_1"]["kept_epoch"] == tuned["best_epoch"] == 1 and "kept_epoch" not in removal["pruned_0.5"]
     assert removal["head_1"]["kept_checkpoint"] == tuned["kept_checkpoint"] == "best"
-    pruned = out / "models/xmark/suspect_seed1_pruned_0.5"
+    pruned = suspect_dir.parent / "suspect_seed1_pruned_0.5"
     pruning = json.loads((pruned / "pruning.json").read_text())
     assert pruning["n_images"] == len(subset["training"]) and len(pruning["units"]) == 256 == pruning["n_units"] / 2
     assert json.loads((pruned / "training_info.json").read_text())["weights"] == f"pruned:{suspect_dir}/model.pt"
     assert (pruned / "classification_report.json").is_file()
-    info = json.loads((out / "models/xmark/suspect_seed1_pruned_0.5_finetuned_1/training_info.json").read_text())
+    info = json.loads((suspect_dir.parent / "suspect_seed1_pruned_0.5_finetuned_1/training_info.json").read_text())
     assert info["weights"] == f"checkpoint:{pruned / 'model.pt'}"
-    for folder in (pruned, out / "models/xmark/suspect_seed1_pruned_0.5_finetuned_1"):
+    for folder in (pruned, suspect_dir.parent / "suspect_seed1_pruned_0.5_finetuned_1"):
         state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
         head = state.get("model", state)["fc.weight"]
         assert torch.all(head[:, pruning["units"]] == 0) and int((head.abs().sum(0) > 0).sum()) == 256
     stages = first.stdout.count(": done in ")
-    assert stages == len(collected["stage_times_s"]) == 37, first.stdout[-2000:]
-    assert "xmark, Ind-W (suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout
+    assert stages == len(collected["stage_times_s"]) == 38, first.stdout[-2000:]
+    assert "xmark, Ind-W (owner2/suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped
     assert again.returncode == 0 and again.stdout.count(": already done (") == stages, again.stdout[-2000:]

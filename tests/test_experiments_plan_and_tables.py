@@ -72,7 +72,7 @@ def _scenario(p: float, owned: bool, specific: bool = False) -> dict:
         "delta_p": 0.5 if owned else 0.0,
         "wsr": 0.9 if owned else 0.1,
         "owned": owned,
-        "control": {"specific": specific},
+        "control": {"specific": specific, "delta_p": 0.1, "p_value": 0.7},
     }
 
 

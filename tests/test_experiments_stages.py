@@ -74,3 +74,17 @@ def test_a_run_reports_the_times_of_the_stages_it_visited_only(tmp_path):
     assert list(times) == ["data", "new"] and times["data"] == 12.0 and times["new"] >= 0
     recorded = json.loads((tmp_path / "stage_times.json").read_text())
     assert set(recorded) == {"data", "other experiment's stage", "new"}  # the folder keeps every stage's time
+
+
+def test_a_stage_asked_for_twice_is_visited_once_and_two_different_stages_may_not_share_a_name(tmp_path):
+    from xmark_bundle.experiments.stages import Stages
+
+    stages = Stages(ROOT, tmp_path, "test")
+    stages.run("shared data", ["touch", str(tmp_path / "data")], tmp_path / "data")
+    stages.run("shared data", ["touch", str(tmp_path / "data")], tmp_path / "data")  # the same stage again
+    assert stages.visited == ["shared data"] and stages.count == 1
+    with pytest.raises(ValueError, match="two different stages of test are both named 'shared data'"):
+        stages.run("shared data", ["touch", str(tmp_path / "other")], tmp_path / "other")
+    dry = Stages(ROOT, tmp_path / "dry", "test", dry_run=True)
+    dry.run("new", ["touch", str(tmp_path / "dry" / "new")], tmp_path / "dry" / "new")
+    assert dry.planned == [("new", ["touch", str(tmp_path / "dry" / "new")])] and not (tmp_path / "dry").exists()

@@ -29,7 +29,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from xmark_bundle.experiments.detectability import detectability_table
-from xmark_bundle.experiments.tables import kind_label
+from xmark_bundle.experiments.tables import ind_w_runs, kind_label
 from xmark_bundle.fileio import atomic_path
 
 __all__ = [
@@ -48,6 +48,8 @@ SCENARIOS = (("Malicious", "malicious"), ("Ind-W", "ind_w"), ("Ind-M", None))
 def _runs(method: Mapping[str, Any], key: str | None) -> list[Mapping[str, Any]]:
     if key is None:
         return list(method["ind_m"].values())
+    if key == "ind_w":  # every independent owner's verification of every suspect
+        return [run for suspect in method["suspects"].values() for run in ind_w_runs(suspect)]
     return [suspect[key] for suspect in method["suspects"].values()]
 
 

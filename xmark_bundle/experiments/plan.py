@@ -1,9 +1,13 @@
 """A declared experiment (``configs/experiments/<name>.json``): data, recipes, methods and seeds, checked on load.
 
 Keys: ``name``, ``title``, ``description``; ``phantoms`` (``n``, ``min_size``, ``max_size``: the phantom set, made
-with ``seeds.data``); ``seeds`` (``data``: the phantom seed this run uses, ``development``: the phantom seed the
-settings were chosen on, ``suspects``: the malicious suspects' seeds); ``classifier`` (overrides of
-configs/train_classifier.json for the surrogates and suspects; ``image_size`` is also the query size); ``suspect``
+with ``seeds.data``); ``seeds`` (by role, disjoint, :mod:`~xmark_bundle.experiments.protocol`: ``data``: the phantom
+seed this run uses, ``development``: the phantom seed the settings were chosen on, ``surrogate``, ``owners``,
+``independent_owners``, ``independent_phantoms``: the disjoint phantom set of the last independent owner,
+``suspects``: the malicious suspects' seeds, trained on every owner's release); ``protocol`` (optional: ``legacy``
+for a declaration published before the protocol, seeds ``data``, ``development`` and ``suspects`` only);
+``classifier`` (overrides of configs/train_classifier.json for the surrogates and suspects; ``image_size`` is also
+the query size); ``suspect``
 (extra overrides for suspects only); ``suspect_variants`` (optional: name -> overrides of one kind of malicious
 suspect, e.g. another ``arch`` or ``image_size``, ``configs``: override files for its training (e.g.
 ``configs/train_classifier_strong_aug.json``), ``evasion``: a defence applied to the release before training,
@@ -35,6 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from xmark_bundle.experiments.evasion import EVASIONS
+from xmark_bundle.experiments.protocol import (
+    ExperimentError,
+    SeedRoles,
+    check_legacy,
+    is_legacy,
+    legacy_roles,
+    seed_roles,
+)
 from xmark_bundle.networks.classifier import KEPT_CHECKPOINTS
 
 __all__ = ["Experiment", "ExperimentError", "Method", "load_experiment"]
@@ -42,13 +54,8 @@ __all__ = ["Experiment", "ExperimentError", "Method", "load_experiment"]
 KINDS = ("generator", "trigger")
 #: The bundle root: config files a declaration names are relative to it (the runner runs from there).
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
-
-
-class ExperimentError(ValueError):
-    """A declaration that cannot be run; the message names the file and the problem."""
-
-    def __init__(self, path: str | os.PathLike, problem: str) -> None:
-        super().__init__(f"{os.fspath(path)}: {problem}")
+#: Where published results lie (docs/experiments/<name>/results.json): a legacy declaration needs its own there.
+PUBLISHED = BUNDLE_ROOT / "docs" / "experiments"
 
 
 #: The keys a declaration's ``removal`` may hold.
@@ -97,10 +104,17 @@ class Experiment:
     detectability: bool = False
     pretrain: Mapping[str, Any] = field(default_factory=dict)
     removal: Mapping[str, Any] = field(default_factory=dict)
+    roles: SeedRoles | None = None
+    legacy: bool = False
 
     @property
     def data_seed(self) -> int:
         return int(self.seeds["data"])
+
+    @property
+    def seed_roles(self) -> SeedRoles:
+        """The seeds by role (for a legacy declaration, the implicit ones it ran with)."""
+        return self.roles or legacy_roles(self.seeds, (seed for _, seed, _ in self.benign))
 
     @property
     def query_size(self) -> int:
@@ -122,8 +136,10 @@ class Experiment:
         return Experiment(**{**self.__dict__, "methods": {m: self.methods[m] for m in methods}})
 
 
-def load_experiment(path: str | os.PathLike) -> Experiment:
-    """Read and check a declaration; every problem is an :class:`ExperimentError` naming the file."""
+def load_experiment(path: str | os.PathLike, published: Path = PUBLISHED) -> Experiment:
+    """Read and check a declaration (its seeds under :mod:`~xmark_bundle.experiments.protocol`); every problem is an
+    :class:`ExperimentError` naming the file. ``published``: the folder of published results a legacy declaration
+    needs its own in."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -136,6 +152,7 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     if raw["name"] != path.stem:
         raise ExperimentError(path, f"names experiment {raw['name']!r}; the file must be called {raw['name']}.json")
     seeds = raw["seeds"]
+    legacy = is_legacy(raw, path)
     if not {"data", "development", "suspects"} <= set(seeds) or not seeds["suspects"]:
         raise ExperimentError(path, "seeds needs 'data', 'development' and a non-empty list 'suspects'")
     methods = {}
@@ -155,13 +172,23 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     )
     if not benign:
         raise ExperimentError(path, "needs at least one benign model (Ind-M)")
+    repeated = sorted({f"{arch} seed {seed}" for arch, seed, o in benign if benign.count((arch, seed, o)) > 1})
+    if repeated:
+        raise ExperimentError(path, f"benign declares the same model more than once: {repeated}")
+    publish = {name: tuple(int(i) for i in indexes) for name, indexes in raw.get("publish", {}).items()}
+    if legacy:
+        check_legacy(path, raw["name"], publish, int(seeds["data"]), published)
+        roles = None
+    else:
+        roles = seed_roles(path, seeds, (seed for _, seed, _ in benign))
     pretrain = raw.get("pretrain", {})
     if pretrain and not (
         {"seed", "phantoms"} <= set(pretrain) and {"n", "min_size", "max_size"} <= set(pretrain["phantoms"])
     ):
         raise ExperimentError(path, "pretrain needs 'seed' and 'phantoms' with 'n', 'min_size' and 'max_size'")
-    if pretrain and int(pretrain["seed"]) in (int(seeds["data"]), int(seeds["development"])):
-        raise ExperimentError(path, "pretrain's phantom seed must differ from the data and development seeds")
+    phantom_seeds = (int(seeds["data"]), int(seeds["development"]), seeds.get("independent_phantoms"))
+    if pretrain and int(pretrain["seed"]) in phantom_seeds:
+        raise ExperimentError(path, "pretrain's phantom seed must differ from the other phantom sets' seeds")
     removal = raw.get("removal", {})
     unknown = set(removal) - REMOVAL_KEYS
     if unknown:
@@ -192,9 +219,11 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
         benign=benign,
         verification=raw.get("verification", {}),
         source=path,
-        publish={name: tuple(int(i) for i in indexes) for name, indexes in raw.get("publish", {}).items()},
+        publish=publish,
         suspect_variants=raw.get("suspect_variants", {"": {}}),
         detectability=raw.get("detectability", False),
         pretrain=raw.get("pretrain", {}),
         removal=raw.get("removal", {}),
+        roles=roles,
+        legacy=legacy,
     )

@@ -47,25 +47,37 @@ def bundle_cmd(run_id: str, configs: Sequence[str], **overrides: object) -> list
 class Stages:
     """Runs the stages of one experiment from ``root`` (the bundle root), keeping their wall times under ``out``."""
 
-    def __init__(self, root: Path, out: Path, label: str) -> None:
-        self.root, self.out, self.label = root, out, label
+    def __init__(self, root: Path, out: Path, label: str, dry_run: bool = False) -> None:
+        self.root, self.out, self.label, self.dry_run = root, out, label, dry_run
         self.times_file = out / "stage_times.json"
         self.times: dict[str, float] = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
         self.visited: list[str] = []  # this run's stages, in order, done now or before
+        self.planned: list[tuple[str, list[str]]] = []  # a dry run's stages still to run: (name, command)
+        self.seen: dict[str, tuple[list[str], Path]] = {}  # this run's stages by name: command and output
         self.count = 0
 
     def _where(self, path: Path) -> str:
         return str(path.relative_to(self.out) if path.is_relative_to(self.out) else path)
 
     def run(self, name: str, cmd: list[str], done: Path) -> None:
-        """Run ``cmd`` unless ``done`` exists; raise :class:`StageFailed` naming the stage when it fails."""
+        """Run ``cmd`` unless ``done`` exists (a dry run lists it instead); raise :class:`StageFailed` naming the stage
+        when it fails, and a ``ValueError`` when a run names two different stages alike (their wall times would mix).
+        The same stage asked for again in one run (e.g. a phantom set two pre-trainings share) is visited once."""
+        if name in self.seen:
+            if self.seen[name] != (cmd, done):
+                raise ValueError(f"two different stages of {self.label} are both named {name!r}")
+            return
+        self.seen[name] = (cmd, done)
         self.count += 1
         self.visited.append(name)
         prefix = f"[{self.label} {self.count}] {name}"
         if done.exists():
             print(f"{prefix}: already done ({self._where(done)})", flush=True)
             return
-        print(f"{prefix}: {shlex.join(cmd)}", flush=True)
+        print(f"{prefix}: {'(dry run) ' if self.dry_run else ''}{shlex.join(cmd)}", flush=True)
+        if self.dry_run:
+            self.planned.append((name, cmd))
+            return
         start = time.perf_counter()
         returncode = run_command(cmd, self.root)
         if returncode != 0:

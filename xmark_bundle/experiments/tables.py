@@ -11,6 +11,7 @@ files (:mod:`~xmark_bundle.experiments.detectability`).
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,11 +19,44 @@ from scipy import stats
 
 from xmark_bundle.experiments.detectability import detectability_table
 
-__all__ = ["false_accusations", "kind_label", "plain_words", "tables"]
+__all__ = ["by_owner", "false_accusations", "ind_w_runs", "kind_label", "plain_words", "tables"]
 
 
 def _seeds(values: list[float]) -> dict[str, list[float]]:
     return {"per_seed": [float(v) for v in values]}
+
+
+def ind_w_runs(suspect: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A suspect's Ind-W verifications: one per independent owner (a legacy run: its one independent owner)."""
+    if "ind_w_owners" in suspect:
+        return list(suspect["ind_w_owners"].values())
+    return [suspect["ind_w"]]
+
+
+def by_owner(runs: list[Mapping[str, Any]], value: Any) -> str | None:
+    """``value(run)`` as mean ± sd per owner and the sd of the owners' means (None with fewer than two owners): the
+    spread between owners beside the cells' spread over every owner x suspect."""
+    groups: dict[Any, list[float]] = {}
+    for run in runs:
+        groups.setdefault(run.get("owner"), []).append(float(value(run)))
+    if len(groups) < 2:
+        return None
+    means = {owner: statistics.fmean(values) for owner, values in groups.items()}
+
+    def sd(values: list[float]) -> float:
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    parts = [f"{owner}: {means[owner]:.3f} ± {sd(values):.3f}" for owner, values in groups.items()]
+    return "; ".join(parts) + f"; sd of owner means {sd(list(means.values())):.3f}"
+
+
+def _verified(runs: list[Mapping[str, Any]], verdict: str = "margin") -> str | None:
+    """``k of n`` verified by the paper's margin t-test, or by the calibrated rank test where every run has it."""
+    if verdict == "margin":
+        return f"{sum(bool(r['owned']) for r in runs)} of {len(runs)}"
+    if not runs or not all(isinstance(r.get("calibrated"), Mapping) for r in runs):
+        return None
+    return f"{sum(bool(r['calibrated']['owned']) for r in runs)} of {len(runs)}"
 
 
 def _variants(method: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
@@ -46,10 +80,14 @@ def _label(name: str, variant: str, kinds: Mapping[str, Mapping[str, Any]]) -> s
     return f"{name}, {kind_label(variant, kinds.get(variant, {}))} suspects" if len(kinds) > 1 or variant else name
 
 
-def false_accusations(ind_m: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """How many benign models the watermark verified, of how many, with the Clopper-Pearson 95 % interval."""
+def false_accusations(ind_m: Mapping[str, Mapping[str, Any]], verdict: str = "margin") -> dict[str, Any]:
+    """How many benign models the watermark verified, of how many, with the Clopper-Pearson 95 % interval (with
+    several owners: owner x benign model cells; ``verdict`` "calibrated": by the calibrated test's verdicts)."""
     n = len(ind_m)
-    k = sum(bool(r["owned"]) for r in ind_m.values())
+    if verdict == "calibrated":
+        k = sum(bool(r["calibrated"]["owned"]) for r in ind_m.values())
+    else:
+        k = sum(bool(r["owned"]) for r in ind_m.values())
     interval = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
     return {"k": k, "n": n, "rate": k / n, "low": float(interval.low), "high": float(interval.high)}
 
@@ -93,6 +131,9 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
                 },
                 quality_columns[4]: {"value": round(float(quality["mean_lpips"]), 5)},
             }
+            owners = by_owner(suspects, lambda s: s["malicious"]["wsr"])
+            if owners:
+                cells["WSR at 0.5 by owner"] = {"value": owners}
             if "val_lap" in method.get("watermark", {}):  # a trained generator's Laplacian term at its kept epoch
                 cells[lap_column] = {"value": round(float(method["watermark"]["val_lap"]), 5)}
             rows1.append({"label": f"{_label(name, variant, kinds)} (γ {method['gamma']})", "cells": cells})
@@ -108,42 +149,66 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "Malicious ΔP",
         "Malicious p",
         "Malicious Wilcoxon p",
+        "Malicious verified",
+        "Malicious calibrated p",
+        "Malicious verified (calibrated)",
+        "Malicious ΔP by owner",
+        "control ΔP",
+        "control p",
         "Malicious specific",
         "Ind-W ΔP",
         "Ind-W p",
+        "Ind-W verified",
+        "Ind-W verified (calibrated)",
         "Ind-M ΔP",
         "Ind-M p",
         "false accusations",
         "95 % interval",
+        "false accusations by owner",
+        "false accusations (calibrated)",
+        "95 % interval (calibrated)",
+        "surrogate and its seed (Ind-M) verified",
+        "surrogate and its seed (Ind-M) ΔP",
     ]
     rows2 = []
     for name, method in collected["methods"].items():
         benign_runs = list(method["ind_m"].values())
-        falsely = false_accusations(method["ind_m"])
         for first, (variant, suspects) in enumerate(_variants(method).items()):
+            malicious = [s["malicious"] for s in suspects]
+            ind_w = [run for s in suspects for run in ind_w_runs(s)]
             cells = {
-                "Malicious ΔP": _seeds([s["malicious"]["delta_p"] for s in suspects]),
-                "Malicious p": _seeds([s["malicious"]["p_value"] for s in suspects]),
-                "Malicious Wilcoxon p": _seeds([s["malicious"]["wilcoxon_p"] for s in suspects]),
+                "Malicious ΔP": _seeds([r["delta_p"] for r in malicious]),
+                "Malicious p": _seeds([r["p_value"] for r in malicious]),
+                "Malicious Wilcoxon p": _seeds([r["wilcoxon_p"] for r in malicious]),
+                "Malicious verified": {"value": _verified(malicious)},
+                "control ΔP": _seeds([r["control"]["delta_p"] for r in malicious]),
+                "control p": _seeds([r["control"]["p_value"] for r in malicious]),
                 "Malicious specific": {
-                    "value": f"{sum(bool(s['malicious']['control']['specific']) for s in suspects)} of {len(suspects)}"
+                    "value": f"{sum(bool(r['control']['specific']) for r in malicious)} of {len(malicious)}"
                 },
-                "Ind-W ΔP": _seeds([s["ind_w"]["delta_p"] for s in suspects]),
-                "Ind-W p": _seeds([s["ind_w"]["p_value"] for s in suspects]),
+                "Ind-W ΔP": _seeds([r["delta_p"] for r in ind_w]),
+                "Ind-W p": _seeds([r["p_value"] for r in ind_w]),
+                "Ind-W verified": {"value": _verified(ind_w)},
+                **_calibrated_cells("Malicious", malicious),
+                **_calibrated_cells("Ind-W", ind_w),
             }
+            owners = by_owner([{**r, "owner": s.get("owner")} for s, r in zip(suspects, malicious, strict=True)],
+                              lambda r: r["delta_p"])  # fmt: skip
+            if owners:
+                cells["Malicious ΔP by owner"] = {"value": owners}
             if first == 0:  # Ind-M is the method's, whatever the suspects: once per method
-                cells |= {
-                    "Ind-M ΔP": _seeds([r["delta_p"] for r in benign_runs]),
-                    "Ind-M p": _seeds([r["p_value"] for r in benign_runs]),
-                    "false accusations": {"value": f"{falsely['k']} of {falsely['n']}"},
-                    "95 % interval": {"value": f"{falsely['low']:.3f}–{falsely['high']:.3f}"},
-                }
+                cells |= _ind_m_cells(method, benign_runs)
             rows2.append({"label": _label(name, variant, kinds), "cells": cells})
     notes2 = (
-        "Malicious and Ind-W: one cell value per suspect seed; Ind-M: one per benign model. p: one-sided paired t-test "
-        "of Pb + τ < Pv (τ 0.25), verified when p < 0.05; specific: the control (a perturbation of the watermark's "
-        "size without its structure) does not trigger the suspect and the watermark beats it by τ. False accusations: "
-        "benign models verified, with the Clopper-Pearson 95 % interval."
+        "Malicious and Ind-W: one cell value per suspect seed (with several owners, per owner x suspect, Ind-W per "
+        "suspect x independent owner: mean ± sd over all of them, and per owner beside); Ind-M: one per benign model "
+        "(and owner). p: one-sided paired t-test of Pb + τ < Pv (τ 0.25), verified when p < 0.05; calibrated: the "
+        "rank test of the owner's watermark against its family (where the verification has it); control: the "
+        "suspect's ΔP and p for the control queries (a perturbation of the watermark's size without its structure); "
+        "specific: the control does not trigger the suspect and the watermark beats it by τ. False accusations: "
+        "benign models verified, with the Clopper-Pearson 95 % interval (several owners: owner x benign cells, which "
+        "share models, so the interval is optimistic). The surrogate and a benign model with the surrogate's seed are "
+        "shown apart: they measure adversarial transfer, not a false accusation."
     )
     detected = {name: m["detectability"] for name, m in collected["methods"].items() if m.get("detectability")}
     extra = [detectability_table(detected)] if detected else []
@@ -152,7 +217,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "title": "Table 1: accuracy, watermark success and release quality",
-            "columns": columns1 + list(quality_columns) + [lap_column],
+            "columns": columns1 + ["WSR at 0.5 by owner"] + list(quality_columns) + [lap_column],
             "rows": rows1,
             "notes": notes1,
         },
@@ -164,6 +229,46 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         },
         *extra,
     ]
+
+
+def _calibrated_cells(scenario: str, runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The calibrated verdict's p per run and its count, where every run's verification has the block."""
+    verified = _verified(runs, "calibrated")
+    if verified is None:
+        return {}
+    cells = {f"{scenario} verified (calibrated)": {"value": verified}}
+    if scenario == "Malicious":
+        cells["Malicious calibrated p"] = _seeds([r["calibrated"]["p_value"] for r in runs])
+    return cells
+
+
+def _ind_m_cells(method: Mapping[str, Any], benign_runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Ind-M's cells: ΔP and p per benign model (and owner), the false accusations under both verdicts, and the
+    surrogate-seed controls apart."""
+    falsely = false_accusations(method["ind_m"])
+    cells = {
+        "Ind-M ΔP": _seeds([r["delta_p"] for r in benign_runs]),
+        "Ind-M p": _seeds([r["p_value"] for r in benign_runs]),
+        "false accusations": {"value": f"{falsely['k']} of {falsely['n']}"},
+        "95 % interval": {"value": f"{falsely['low']:.3f}–{falsely['high']:.3f}"},
+    }
+    owners: dict[Any, dict[str, Any]] = {}
+    for key, run in method["ind_m"].items():
+        owners.setdefault(run.get("owner"), {})[key] = run
+    if len(owners) > 1:
+        counts = {owner: false_accusations(runs) for owner, runs in owners.items()}
+        cells["false accusations by owner"] = {
+            "value": "; ".join(f"{owner}: {c['k']} of {c['n']}" for owner, c in counts.items())
+        }
+    if _verified(benign_runs, "calibrated") is not None:
+        calibrated = false_accusations(method["ind_m"], "calibrated")
+        cells["false accusations (calibrated)"] = {"value": f"{calibrated['k']} of {calibrated['n']}"}
+        cells["95 % interval (calibrated)"] = {"value": f"{calibrated['low']:.3f}–{calibrated['high']:.3f}"}
+    controls = list(method.get("ind_m_seed_controls", {}).values())
+    if controls:
+        cells["surrogate and its seed (Ind-M) verified"] = {"value": _verified(controls)}
+        cells["surrogate and its seed (Ind-M) ΔP"] = _seeds([r["delta_p"] for r in controls])
+    return cells
 
 
 def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
@@ -239,11 +344,11 @@ def plain_words(collected: Mapping[str, Any]) -> list[str]:
             lines.append(
                 f"{name}, Malicious ({suspect}): the model trained on the release is {_verdict(s['malicious'])}."
             )
-            ind_w = s["ind_w"]
-            lines.append(
-                f"{name}, Ind-W ({suspect}): queried with an independent owner's {name} watermark it is "
-                f"{_verdict(ind_w)}" + (" - another owner's watermark triggers it too." if ind_w["owned"] else ".")
-            )
+            for ind_w in ind_w_runs(s):
+                lines.append(
+                    f"{name}, Ind-W ({suspect}): queried with an independent owner's {name} watermark it is "
+                    f"{_verdict(ind_w)}" + (" - another owner's watermark triggers it too." if ind_w["owned"] else ".")
+                )
         falsely = false_accusations(method["ind_m"])
         lines.append(
             f"{name}, Ind-M: {falsely['k']} of {falsely['n']} models trained on the clean data "
