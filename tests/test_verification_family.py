@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
 from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
 from xmark_bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.networks.query_size import load_watermark_at_size
 from xmark_bundle.verification import TorchSuspect, VerificationSettings, verify_ownership
 from xmark_bundle.verification.family import (
     FamilyError,
@@ -194,6 +196,13 @@ def test_generator_family_is_checked_against_its_checkpoints(data, tmp_path):
     )  # fmt: skip
     assert report["calibrated"]["members"] == 2 and not report["calibrated"]["reachable"]
     assert not report["calibrated"]["owned"]
+    # a suspect queried at its own size (configs/verify_own_size.json): every member is applied as the owner is
+    at_96 = load_watermark_at_size(checkpoints[1], 96)
+    report = verify_ownership(
+        at_96, suspect, data / "datalist.json", tmp_path / "v96", replace(settings, query_size=96), checkpoints[1],
+        progress=False, family=family.path,
+    )  # fmt: skip
+    assert report["calibrated"]["members"] == 2 and report["query_size"] == 96
     save_watermark(_unkeyed_pipeline(7), checkpoints[2])  # a member replaced after the family was made
     with pytest.raises(FamilyError, match="changed since the family was made"):
         load_family(family.path)

@@ -36,6 +36,7 @@ from xmark_bundle.fileio import atomic_path, sha256_file, write_json
 from xmark_bundle.keyed.keys import key_pattern_of, secret_key
 from xmark_bundle.networks.checkpoint import load_watermark, watermark_record
 from xmark_bundle.networks.pipeline import is_keyed, watermark_generator
+from xmark_bundle.networks.query_size import WatermarkAtSize
 from xmark_bundle.transforms.geometry import resize_square
 from xmark_bundle.verification.queries import load_letterboxed
 
@@ -250,14 +251,18 @@ def make_generator_family(
 def member_watermarks(
     family: WatermarkFamily, owner: nn.Module, device: str | torch.device = "cpu"
 ) -> Iterator[tuple[int, nn.Module]]:
-    """Each member's watermarking module in turn (the owner's with another key, or a member's checkpoint)."""
+    """Each member's watermarking module in turn (the owner's with another key, or a member's checkpoint), applied as
+    the owner is (at the owner's query size when ``owner`` is a :class:`WatermarkAtSize`)."""
     for j, member in enumerate(family.members):
         if family.kind == "keys":
             core = watermark_generator(owner)
             with core.using_key(_key_like(core, int(member["key_seed"]))):
                 yield j, owner
         else:
-            yield j, load_watermark(family.checkpoint(j), device)
+            network = load_watermark(family.checkpoint(j), device)
+            if isinstance(owner, WatermarkAtSize):
+                network = WatermarkAtSize(network, owner.image_size).eval()
+            yield j, network
 
 
 def _cache_file(family: WatermarkFamily, images: Sequence[str], query_size: int) -> Path:
