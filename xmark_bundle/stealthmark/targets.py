@@ -83,8 +83,8 @@ class StealthMarkd(MapTransform):
     """Adds the trigger to the image and swaps in the watermark target for items whose ``flag_key`` is set.
 
     Runs after loading and resizing: the trigger is drawn at the network's input size, where the verifier draws it.
-    Items without the flag (validation, benign training) pass unchanged; ``method`` is ``"stealthmark"`` or
-    ``"badnet_seg"``.
+    Items without the flag (validation) pass unchanged; ``method`` is ``"stealthmark"``, ``"badnet_seg"`` or
+    ``"none"`` (a benign model: every item passes unchanged).
     """
 
     def __init__(
@@ -102,15 +102,15 @@ class StealthMarkd(MapTransform):
             raise ValueError(f"StealthMarkd needs two keys (image, label), got {self.keys}")
         if trigger not in TRIGGERS:
             raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if method not in (*METHODS, "none"):
+            raise ValueError(f"unknown method {method!r}; choose one of {(*METHODS, 'none')}")
         if method == "stealthmark":
             floor_target(torch.zeros(1), epsilon)  # checks epsilon
         self.trigger, self.key, self.method, self.epsilon, self.flag_key = trigger, int(key), method, epsilon, flag_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        if not int(d.get(self.flag_key, 0)):
+        if self.method == "none" or not int(d.get(self.flag_key, 0)):
             return d
         image_key, label_key = self.keys
         d[image_key] = apply_trigger(d[image_key], self.trigger, self.key)
