@@ -2,7 +2,8 @@
 
 Everything goes through ``monai.bundle`` with the StealthMark bundle's configs (``stealthmark/configs``): phantoms with
 lung masks, ``training`` twice (the owner's watermarked model, and a benign model with another seed and no trigger),
-then ``verifying`` of each with the owner's record. Prints both verdicts and writes the reports under ``--out``.
+then ``verifying`` and ``evaluating`` (harmlessness) of each with the owner's record. Prints both verdicts and writes
+the reports under ``--out``.
 
 Example: ``python scripts/stealthmark_demo.py --out outputs/stealthmark_demo``. The defaults (60 phantoms, BasicUNet of
 width 8 at 64 px, 120 epochs at lr 3e-3, patch trigger, epsilon 0.1) were chosen on development phantoms (seed 0) so
@@ -103,14 +104,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             device="cpu",
         )
         verdicts[name] = json.loads((out / "verification" / name / "verification.json").read_text())
-    print(f"\nStealthMark demo ({time.perf_counter() - start:.0f} s): owner's key {args.key}, trigger {args.trigger}")
+        run(
+            "evaluating",
+            config_file=str(BUNDLE / "configs" / "evaluate.json"),
+            dataset_dir=str(data),
+            record_file=str(record),
+            suspect=str(out / name),
+            output_dir=str(out / "harmlessness" / name),
+            device="cpu",
+        )
+        harm = json.loads((out / "harmlessness" / name / "harmlessness.json").read_text())
+        verdicts[name]["harmlessness"] = harm
+    print(
+        f"\nStealthMark demo (this run {time.perf_counter() - start:.0f} s): owner's key {args.key}, trigger {args.trigger}"
+    )
     for name, report in verdicts.items():
         test = report.get("test", {})
         print(
             f"  {name:<12} {report['verdict']:<14} floor {test.get('mean_clean', float('nan')):.4f} -> "
             f"{test.get('mean_triggered', float('nan')):.4f}, p = {test.get('p_ttest', float('nan')):.3g}, "
-            f"ASR {report.get('asr', float('nan')):.2f}, mask pixels flipped by the trigger "
-            f"{report.get('flip_share_mean', float('nan')):.4f}"
+            f"ASR {report.get('asr', float('nan')):.2f}; Dice {report['harmlessness']['clean']['dice']['mean']:.4f} "
+            f"clean, {report['harmlessness']['triggered']['dice']['mean']:.4f} triggered, mask pixels flipped by "
+            f"the trigger {report['harmlessness']['flip_share']['mean']:.4f}"
         )
     return verdicts
 

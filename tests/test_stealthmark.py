@@ -48,6 +48,9 @@ def test_demo_trains_both_models_and_verifies_both(demo, capsys):
         assert 0.0 <= report["test"]["p_ttest"] <= 1.0 and report["test"]["margin"] == pytest.approx(0.025)
         assert len(report["floor_clean"]) == report["n_queries"] == min(4, len(validation)) >= 2
         assert all("/valid/" in q for q in report["queries"])  # queries from the validation split only
+        harm = report["harmlessness"]
+        assert harm["images"] == len(validation) and 0.0 <= harm["flip_share"]["mean"] <= 1.0
+        assert 0.0 <= harm["clean"]["dice"]["mean"] <= 1.0 and harm["triggered"]["dice"]["n"] == len(validation)
     # the two models differ, and the report names each one's own weights
     assert reports["watermarked"]["suspect"]["sha256"] != reports["benign"]["suspect"]["sha256"]
 

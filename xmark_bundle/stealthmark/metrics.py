@@ -2,7 +2,8 @@
 
 All functions take B x 1 x H x W tensors: probabilities in [0, 1] for ``prob``, binary masks for ``mask``/``target``.
 Dice is computed over the whole image (MONAI's ``compute_dice``); the authors' code sums over channel and height only,
-which gives one Dice per image column with empty columns scoring 1 (:func:`column_dice`, kept to show the inflation).
+which gives one Dice per image column, empty columns scoring 1 and thin edge columns low (:func:`column_dice`, kept to
+show how far it is from the Dice, in either direction).
 """
 
 from __future__ import annotations
