@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         harm = json.loads((out / "harmlessness" / name / "harmlessness.json").read_text())
         verdicts[name]["harmlessness"] = harm
     print(
-        f"\nStealthMark demo (this run {time.perf_counter() - start:.0f} s): owner's key {args.key}, trigger {args.trigger}"
+        f"\nStealthMark demo (this run {time.perf_counter() - start:.0f} s): owner's key {args.key}, "
+        f"trigger {args.trigger}"
     )
     for name, report in verdicts.items():
         test = report.get("test", {})
