@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--owner-seed", type=int, default=1)
     parser.add_argument("--benign-seed", type=int, default=2)
     parser.add_argument("--n-queries", type=int, default=20)
+    parser.add_argument(
+        "--badnet", action="store_true", help="also train the harmful baseline badnet_seg (owner's key, trigger, seed)"
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "learning_rate": args.lr,
     }
     models = {"watermarked": ("stealthmark", args.owner_seed), "benign": ("none", args.benign_seed)}
+    if args.badnet:
+        models["badnet_seg"] = ("badnet_seg", args.owner_seed)
     for name, (method, seed) in models.items():
         if not (out / name / "model.pt").is_file():
             run(

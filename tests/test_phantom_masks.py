@@ -78,3 +78,18 @@ def test_dataset_masks_in_their_own_tree(tmp_path):
             mask = np.asarray(png)
         assert mask.shape == image.shape and set(np.unique(mask)) <= {0, 1} and mask.any()
         assert item["label"].endswith(mask_path(item["image"].split(str(with_masks) + "/")[1]))
+
+
+def test_make_phantoms_script_writes_masks(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import make_phantoms
+
+    make_phantoms.main(["--out", str(tmp_path), "--n", "3", "--min-size", "64", "--max-size", "80", "--masks"])
+    datalist = json.loads((tmp_path / SEG_DATALIST).read_text())
+    items = datalist["training"] + datalist["validation"]
+    assert len(items) == 3 and all((tmp_path / item["label"]).is_file() for item in items)
+    make_phantoms.main(["--out", str(tmp_path / "plain"), "--n", "3", "--min-size", "64", "--max-size", "80"])
+    assert not (tmp_path / "plain" / MASK_DIR).exists() and not (tmp_path / "plain" / SEG_DATALIST).exists()

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.transforms import AsDiscreted, Compose, LoadImaged
 
@@ -20,7 +19,7 @@ from xmark_bundle.verification.seg_blackbox import open_segmentation_suspect
 
 from .metrics import harmlessness
 from .triggers import apply_trigger
-from .verification import owner_record
+from .verification import finite_json, owner_record
 
 __all__ = ["load_segmentation_pairs", "run_harmlessness"]
 
@@ -42,17 +41,6 @@ def load_segmentation_pairs(items: list[dict[str, Any]], image_size: int) -> tup
         torch.stack([p["image"].as_tensor().float() for p in pairs]),
         torch.stack([p["label"].as_tensor().float() for p in pairs]),
     )
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with NaN and infinite floats as None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def run_harmlessness(
@@ -92,5 +80,5 @@ def run_harmlessness(
         out = Path(output_dir) / "harmlessness.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(_finite(report), indent=2) + "\n")
+            tmp.write_text(json.dumps(finite_json(report), indent=2, allow_nan=False) + "\n")
     return report

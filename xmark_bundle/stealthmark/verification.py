@@ -41,6 +41,7 @@ __all__ = [
     "authors_detector",
     "floor_scores",
     "floor_test",
+    "finite_json",
     "owner_record",
     "run_verification",
     "verify_segmentation_model",
@@ -193,6 +194,17 @@ def verify_segmentation_model(
     return report
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with NaN and infinite floats as None, for strict JSON (an image without background has no floor)."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def owner_record(path: str | os.PathLike) -> dict[str, Any]:
     """The owner's private record of a watermarked model (method, trigger, key, epsilon, image size), checked."""
     try:
@@ -263,5 +275,5 @@ def run_verification(
         out = Path(output_dir) / "verification.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.write_text(json.dumps(finite_json(report), indent=2, allow_nan=False) + "\n")
     return report
