@@ -113,3 +113,25 @@ def test_inference_writes_masks_on_each_source_grid(demo, tmp_path):
         with Image.open(tmp_path / "out" / f"case{i}_lung.png") as png:
             mask = np.asarray(png)
         assert mask.shape == image.shape and set(np.unique(mask)) <= {0, 255}
+
+
+@pytest.mark.slow
+def test_training_config_marks_the_keyed_share_only_for_the_watermark(demo):
+    from monai.bundle import ConfigParser
+
+    from xmark_bundle.stealthmark.targets import keyed_share
+
+    out, _ = demo
+    flags = {}
+    for method in ("stealthmark", "none"):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "train.json"))
+        parser.update({"dataset_dir": str(out / "phantoms"), "method": method, "key": 2027})
+        items = parser.get_parsed_content("train#datalist")
+        flags[method] = [item["trigger"] for item in items]
+        expected = [
+            int(method != "none" and keyed_share(str(Path(item["image"]).relative_to(out / "phantoms")), 2027, 0.5))
+            for item in items
+        ]
+        assert flags[method] == expected
+    assert 0 < sum(flags["stealthmark"]) < len(flags["stealthmark"]) and sum(flags["none"]) == 0
