@@ -135,3 +135,35 @@ def test_training_config_marks_the_keyed_share_only_for_the_watermark(demo):
         ]
         assert flags[method] == expected
     assert 0 < sum(flags["stealthmark"]) < len(flags["stealthmark"]) and sum(flags["none"]) == 0
+
+
+@pytest.mark.slow
+def test_bundle_folder_and_exported_torchscript_answer_like_the_checkpoint(demo, tmp_path):
+    import shutil
+
+    import torch
+
+    from xmark_bundle.verification.seg_blackbox import open_segmentation_suspect
+
+    out, _ = demo
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE / "configs", bundle / "configs")
+    shutil.copytree(out / "watermarked", bundle / "models")
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = open_segmentation_suspect(out / "watermarked").probability_maps(x)
+    from_config = open_segmentation_suspect(bundle)
+    assert from_config.describe()["kind"] == "monai-bundle"
+    assert torch.allclose(from_config.probability_maps(x), expected, atol=1e-6)
+    command = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
+        "--filepath", str(bundle / "models" / "model.ts"), "--ckpt_file", str(bundle / "models" / "model.pt"),
+        "--meta_file", str(bundle / "configs" / "metadata.json"),
+        "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+        "--key_in_ckpt", "model",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = open_segmentation_suspect(bundle)  # models/model.ts now comes first
+    assert exported.describe()["kind"] == "monai-bundle-torchscript"
+    assert torch.allclose(exported.probability_maps(x), expected, atol=1e-5)
