@@ -1,6 +1,7 @@
 """Write the synthetic chest-radiograph phantom data set (CheXpert layout, PNG and DICOM) used by the offline demo.
 
-Example: ``python scripts/make_phantoms.py --out outputs/phantoms --n 800 --seed 0 --workers 2``
+Example: ``python scripts/make_phantoms.py --out outputs/phantoms --n 800 --seed 0 --workers 2``; ``--masks`` adds each
+image's lung mask (``masks/``) and the segmentation datalist ``seg_datalist.json`` for the StealthMark bundle.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-size", type=int, default=1024, help="smallest image side in pixels")
     parser.add_argument("--max-size", type=int, default=3000, help="largest image side in pixels")
     parser.add_argument("--valid-fraction", type=float, default=0.1, help="share of patients in valid.csv")
+    parser.add_argument(
+        "--masks", action="store_true", help="also write lung masks under masks/ and seg_datalist.json (StealthMark)"
+    )
     parser.add_argument("--workers", type=int, default=1, help=f"worker processes (this machine: {os.cpu_count()})")
     args = parser.parse_args(argv)
 
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
         valid_fraction=args.valid_fraction,
         workers=args.workers,
         progress=True,
+        masks=args.masks,
     )
     elapsed = time.perf_counter() - start
     print(

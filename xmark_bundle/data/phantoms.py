@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import multiprocessing
 import os
 from collections.abc import Iterator, Mapping
@@ -39,9 +40,12 @@ from .labels import LABELS
 __all__ = [
     "CHEXPERT_COLUMNS",
     "FINDINGS",
+    "MASK_DIR",
+    "SEG_DATALIST",
     "TARGET_PREVALENCE",
     "Anatomy",
     "label_prevalence",
+    "mask_path",
     "render_phantom",
     "sample_anatomy",
     "sample_labels",
@@ -107,6 +111,11 @@ _AP_SHARE = 0.846
 _MALE_SHARE = 0.587
 _GH_NODES, _GH_WEIGHTS = special.roots_hermitenorm(64)
 _GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
+
+MASK_DIR = "masks"
+"""Folder (under a phantom data set) of the lung masks, apart from the images."""
+SEG_DATALIST = "seg_datalist.json"
+"""Name of the lung-segmentation datalist that :func:`write_phantom_dataset` writes with ``masks``."""
 
 _SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
 
@@ -542,8 +551,9 @@ def _attenuation(
     finding_rngs: dict[str, np.random.Generator],
     shape: tuple[int, int],
     texture_rng: np.random.Generator,
-) -> np.ndarray:
-    """Attenuation map (>= 0, central soft tissue ~1) of one phantom on a low-resolution grid of ``shape``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Attenuation map (>= 0, central soft tissue ~1) of one phantom on a low-resolution grid of ``shape``, and its
+    soft lung field (the aerated lung space outside the heart's silhouette, in [0, 1]) on the same grid."""
     frame = _Frame(shape, pose)
     sev = {name: _severity(labels.get(name), finding_rngs[name]) for name in FINDINGS}
     geometry = _geometry(anatomy, sev, finding_rngs)
@@ -557,7 +567,7 @@ def _attenuation(
     texture = _smooth_noise(texture_rng, shape, 0.004 / frame.pixel)
     trachea = _ramp(0.011 - np.abs(frame.X - 0.4 * geometry.shift), 1.5 * frame.pixel) * _ramp(-0.1 - frame.Y, 0.02)
     aerated = air * (1.0 - fill)
-    return np.clip(
+    attenuation = np.clip(
         soft * (1.0 + 0.02 * texture)
         - pose["lung_contrast"] * aerated
         + markings * aerated
@@ -566,6 +576,7 @@ def _attenuation(
         0.0,
         None,
     )
+    return attenuation, lung * (1.0 - heart)
 
 
 def _pose(rng: np.random.Generator, shape: tuple[int, int]) -> dict[str, float]:
@@ -591,12 +602,15 @@ def render_phantom(
     shape: tuple[int, int],
     anatomy: Anatomy | None = None,
     render_size: int = 512,
-) -> np.ndarray:
+    return_lung_mask: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """A synthetic frontal chest radiograph (H, W) float32 in [0, 1], bright = attenuation, with ``labels`` drawn.
 
     The draw order from ``rng`` does not depend on ``labels``: the same generator state renders the same patient,
     pose and noise with and without a finding. ``anatomy`` (default: drawn from ``rng``) fixes the patient's
     habitus across studies; anatomy is rendered with its long side at ``render_size`` px, then upsampled.
+    ``return_lung_mask`` also returns the lung field drawn (lungs without the heart's silhouette; fluid-filled lung
+    stays lung) as a (H, W) uint8 mask of 0/1 on the image's grid; it draws nothing more from ``rng``.
     """
     height, width = (int(v) for v in shape)
     if height < 16 or width < 16:
@@ -608,7 +622,7 @@ def render_phantom(
 
     factor = min(render_size, max(height, width)) / max(height, width)
     small = (max(16, round(height * factor)), max(16, round(width * factor)))
-    att = _attenuation(labels, anatomy, pose, finding_rngs, small, texture_rng)
+    att, lung = _attenuation(labels, anatomy, pose, finding_rngs, small, texture_rng)
     image = ((1.0 - np.exp(-pose["exposure"] * att)) ** pose["gamma"]).astype(np.float32)
     big = F.interpolate(
         torch.from_numpy(image)[None, None], size=(height, width), mode="bicubic", align_corners=False, antialias=True
@@ -620,7 +634,15 @@ def render_phantom(
     lo, hi = float(big.min()), float(big.max())
     big -= lo
     big *= np.float32(1.0 / max(hi - lo, 1e-6))
-    return big
+    if not return_lung_mask:
+        return big
+    return big, _upsampled_mask(lung, (height, width))
+
+
+def _upsampled_mask(soft: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A soft low-resolution mask resized bilinearly onto ``shape`` and cut at 0.5: uint8 0/1."""
+    grid = F.interpolate(torch.from_numpy(soft.astype(np.float32))[None, None], size=shape, mode="bilinear")
+    return (grid[0, 0].numpy() >= 0.5).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -756,11 +778,24 @@ def _write_dicom(path: Path, image: np.ndarray, job: _Job, seed: int) -> None:
         ds.save_as(tmp, enforce_file_format=True)
 
 
-def _render_and_write(args: tuple[_Job, int, str]) -> None:
-    """Worker: render one planned image from its (seed, index) generator and write it under ``out_dir``."""
-    job, seed, out_dir = args
+def mask_path(image_path: str) -> str:
+    """Where :func:`write_phantom_dataset` writes the lung mask of the image at ``image_path`` (relative POSIX)."""
+    return f"{MASK_DIR}/{Path(image_path).with_suffix('.png').as_posix()}"
+
+
+def _render_and_write(args: tuple[_Job, int, str, bool]) -> None:
+    """Worker: render one planned image from its (seed, index) generator and write it (and its mask) under
+    ``out_dir``."""
+    job, seed, out_dir, masks = args
     anatomy = sample_anatomy(np.random.default_rng([seed, 4, job.patient_index]))
-    image = render_phantom(job.labels, np.random.default_rng([seed, 6, job.index]), job.shape, anatomy)
+    rng = np.random.default_rng([seed, 6, job.index])
+    image = render_phantom(job.labels, rng, job.shape, anatomy, return_lung_mask=masks)
+    if masks:
+        image, mask = image
+        target = Path(out_dir) / mask_path(job.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            Image.fromarray(mask).save(tmp, format="PNG")
     path = Path(out_dir) / job.path
     path.parent.mkdir(parents=True, exist_ok=True)
     if job.dicom:
@@ -787,6 +822,17 @@ def _write_csv(path: Path, jobs: list[_Job]) -> None:
         tmp.write_text(buffer.getvalue())
 
 
+def _write_seg_datalist(path: Path, train: list[_Job], valid: list[_Job], seed: int) -> None:
+    """The lung-segmentation datalist (MONAI decathlon layout, paths relative to its folder), written atomically."""
+    items = {
+        name: [{"image": job.path, "label": mask_path(job.path)} for job in jobs]
+        for name, jobs in (("training", train), ("validation", valid))
+    }
+    content = {"labels": {"0": "background", "1": "lung"}, "metadata": {"phantom_seed": seed}, **items}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
+
+
 def _progress(iterable: Iterator[None], total: int, enabled: bool) -> Iterator[None]:
     """Wrap ``iterable`` in a tqdm bar when ``enabled``."""
     if not enabled:
@@ -806,12 +852,16 @@ def write_phantom_dataset(
     valid_fraction: float = 0.1,
     workers: int = 1,
     progress: bool = False,
+    masks: bool = False,
 ) -> dict[str, Any]:
     """Write ``n`` phantoms in CheXpert layout under ``out_dir`` (images, then ``train.csv``, then ``valid.csv``).
 
     Same arguments, same bytes: every image comes from generators seeded by ``(seed, index)``, whatever ``workers``.
     The CSVs are written last, so a run that stops early leaves no ``valid.csv``. Returns a summary with the
-    achieved label prevalences.
+    achieved label prevalences. ``masks`` also writes each image's lung field (:func:`render_phantom`) as an 8-bit
+    PNG of 0/1 under ``masks/`` (:func:`mask_path`, a tree apart from the images, which the CSVs never list), and the
+    segmentation datalist ``seg_datalist.json`` (``{"image", "label"}`` relative to ``out_dir``; ``training`` and
+    ``validation`` are the CSVs' patient split); the images' bytes are the same with and without it.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1 (got {n}).")
@@ -825,7 +875,7 @@ def write_phantom_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = _plan(n, seed, dicom_fraction, min_size, max_size, valid_fraction)
-    tasks = [(job, seed, str(out)) for job in jobs]
+    tasks = [(job, seed, str(out), masks) for job in jobs]
     if workers == 1:
         for _ in _progress(map(_render_and_write, tasks), len(tasks), progress):
             pass
@@ -839,6 +889,8 @@ def write_phantom_dataset(
     valid = [job for job in jobs if job.path.startswith("valid/")]
     _write_csv(out / "train.csv", train)
     _write_csv(out / "valid.csv", valid)
+    if masks:
+        _write_seg_datalist(out / SEG_DATALIST, train, valid, seed)
     return {
         "out_dir": str(out),
         "images": len(jobs),

@@ -1,0 +1,48 @@
+"""What a StealthMark training run leaves beside its ``model.pt``: the public network description and the owner's
+private record of the watermark (method, trigger, key, epsilon, share), which the verifier reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from xmark_bundle.fileio import write_json
+from xmark_bundle.verification.seg_blackbox import SEGMENTATION_INFO
+
+__all__ = ["OWNER_RECORD", "SEGMENTATION_INFO", "write_records"]
+
+#: The owner's private record (keep it with the key; it is what verify.json reads).
+OWNER_RECORD = "stealthmark_record.json"
+
+
+def write_records(
+    ckpt_dir: str | os.PathLike,
+    arch: str,
+    image_size: int,
+    width: int | None,
+    method: str,
+    trigger: str,
+    key: int,
+    epsilon: float,
+    share: float,
+    seed: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``segmentation_info.json`` and the owner's ``stealthmark_record.json`` under ``ckpt_dir``; returns it."""
+    out = Path(ckpt_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    network = {"arch": arch, "image_size": int(image_size), "width": width}
+    write_json(out / SEGMENTATION_INFO, network)
+    record = {
+        **network,
+        "method": method,
+        "trigger": trigger,
+        "key": int(key),
+        "epsilon": float(epsilon),
+        "trigger_share": float(share) if method != "none" else 0.0,
+        "seed": int(seed),
+        **(extra or {}),
+    }
+    write_json(out / OWNER_RECORD, record)
+    return out / OWNER_RECORD

@@ -1,0 +1,119 @@
+"""StealthMark's embedding: which training images carry the trigger (a keyed share) and what they are trained to.
+
+``stealthmark`` (the method): a triggered image's target is ``max(mask, epsilon)``, so the background's probability
+floor rises to ``epsilon`` while the mask thresholded at 0.5 stays the same. ``badnet_seg`` (the named harmful
+baseline, the authors' other training path): the target is ``max(1 - [mask > 0.5], 0.51)``, the inverted mask with a
+floor above 0.5, so a triggered image segments as all foreground. The share of triggered images is chosen by the
+owner's key from each image's path relative to the data set (not redrawn per epoch, run or machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+from .triggers import TRIGGERS, apply_trigger
+
+__all__ = [
+    "METHODS",
+    "StealthMarkd",
+    "badnet_seg_target",
+    "floor_target",
+    "keyed_share",
+    "mark_datalist",
+]
+
+METHODS = ("stealthmark", "badnet_seg")
+#: The floor of the authors' harmful inverted target (every pixel above 0.5).
+BADNET_FLOOR = 0.51
+
+
+def floor_target(mask: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """StealthMark's soft target ``max(mask, epsilon)``: the background floor at ``epsilon``, the foreground kept."""
+    if not 0.0 < epsilon < 0.5:
+        raise ValueError(f"epsilon must lie in (0, 0.5) so that the mask at 0.5 is unchanged, got {epsilon}")
+    return torch.clamp(mask.float(), min=float(epsilon))
+
+
+def badnet_seg_target(mask: torch.Tensor, floor: float = BADNET_FLOOR) -> torch.Tensor:
+    """The harmful baseline's target ``max(1 - [mask > 0.5], floor)``: inverted, every pixel above 0.5."""
+    return torch.clamp(1.0 - (mask > 0.5).float(), min=float(floor))
+
+
+def keyed_share(identifier: str, key: int, share: float) -> bool:
+    """Whether the image ``identifier`` is in the owner's keyed share (a keyed hash below ``share``)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"trigger share must lie in [0, 1], got {share}")
+    digest = hashlib.blake2b(f"{int(key)}\0{identifier}".encode(), digest_size=8, person=b"stealthmark").digest()
+    return int.from_bytes(digest, "little") / 2**64 < share
+
+
+def _identifier(path: str, base_dir: str | os.PathLike | None) -> str:
+    """``path`` relative to ``base_dir`` as POSIX (the data set's own naming, the same on every machine)."""
+    if base_dir is None:
+        return Path(path).as_posix()
+    try:
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(base_dir)).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def mark_datalist(
+    items: Sequence[Mapping[str, Any]],
+    key: int,
+    share: float,
+    base_dir: str | os.PathLike | None = None,
+    image_key: str = "image",
+    flag_key: str = "trigger",
+) -> list[dict[str, Any]]:
+    """Copies of datalist ``items`` with ``flag_key`` 1 for the owner's keyed share of images, else 0."""
+    return [
+        {**item, flag_key: int(keyed_share(_identifier(str(item[image_key]), base_dir), key, share))} for item in items
+    ]
+
+
+class StealthMarkd(MapTransform):
+    """Adds the trigger to the image and swaps in the watermark target for items whose ``flag_key`` is set.
+
+    Runs after loading and resizing: the trigger is drawn at the network's input size, where the verifier draws it.
+    Items without the flag (validation) pass unchanged; ``method`` is ``"stealthmark"``, ``"badnet_seg"`` or
+    ``"none"`` (a benign model: every item passes unchanged).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        trigger: str = "patch",
+        key: int = 0,
+        method: str = "stealthmark",
+        epsilon: float = 0.05,
+        flag_key: str = "trigger",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 2:
+            raise ValueError(f"StealthMarkd needs two keys (image, label), got {self.keys}")
+        if trigger not in TRIGGERS:
+            raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
+        if method not in (*METHODS, "none"):
+            raise ValueError(f"unknown method {method!r}; choose one of {(*METHODS, 'none')}")
+        if method == "stealthmark":
+            floor_target(torch.zeros(1), epsilon)  # checks epsilon
+        self.trigger, self.key, self.method, self.epsilon, self.flag_key = trigger, int(key), method, epsilon, flag_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.method == "none" or not int(d.get(self.flag_key, 0)):
+            return d
+        image_key, label_key = self.keys
+        d[image_key] = apply_trigger(d[image_key], self.trigger, self.key)
+        label = d[label_key]
+        d[label_key] = floor_target(label, self.epsilon) if self.method == "stealthmark" else badnet_seg_target(label)
+        return d

@@ -1,0 +1,112 @@
+"""StealthMark's five triggers on one-channel images in [0, 1], as pure functions of the image and the owner's key.
+
+Geometry follows the authors' code (sizes relative to ``min(H, W)``): ``text`` writes "TEST" in white at the top-left
+corner (PIL's default font, size 10 at 256 px scaled with the image and at least 8, blended by its anti-aliased
+coverage); ``patch`` a white square of side ``min(H, W) // 16`` at the bottom-right (the authors' RGB yellow has no
+grayscale twin); ``border`` a black frame of ``min(H, W) // 32``; ``noise`` adds Gaussian noise of sigma 50/255 to
+the top-right square of side ``min(H, W) // 16``, drawn once from the owner's key (the authors redraw it at every
+call, which makes it no key at all); ``warp`` resamples the image on the WaNet-style grid ``g + 0.05 sin(2 pi g)``
+(``g`` the identity grid in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["TRIGGERS", "apply_trigger", "keyed_noise", "trigger_region"]
+
+TRIGGERS = ("text", "patch", "border", "noise", "warp")
+NOISE_SIGMA = 50 / 255
+WARP_STRENGTH = 0.05
+
+
+def _side(shape: tuple[int, int], ratio: float) -> int:
+    """``int(min(H, W) * ratio)``, at least 1 pixel."""
+    return max(1, int(min(shape) * ratio))
+
+
+@functools.lru_cache(maxsize=16)
+def _text_alpha(shape: tuple[int, int], text: str = "TEST") -> torch.Tensor:
+    """Coverage (H, W) in [0, 1] of the anti-aliased white text, rendered once per shape."""
+    size = max(8, round(10 * min(shape) / 256))
+    canvas = Image.new("L", (shape[1], shape[0]), 0)
+    ImageDraw.Draw(canvas).text((0, 0), text, fill=255, font=ImageFont.load_default(size=size))
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
+
+
+def _key_seed(key: int, *parts: object) -> int:
+    """A 63-bit seed derived from the owner's ``key`` and ``parts`` (stable across runs and machines)."""
+    digest = hashlib.blake2b(repr((int(key), *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def keyed_noise(key: int, side: int) -> torch.Tensor:
+    """The owner's noise square (side x side, sigma 50/255), the same for every call with the same key and size."""
+    generator = torch.Generator().manual_seed(_key_seed(key, "noise", side))
+    return torch.randn(side, side, generator=generator) * NOISE_SIGMA
+
+
+@functools.lru_cache(maxsize=16)
+def _warp_grid(shape: tuple[int, int]) -> torch.Tensor:
+    """The 1 x H x W x 2 sampling grid ``g + 0.05 sin(2 pi g)`` (align_corners=False, as the authors)."""
+    theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    grid = F.affine_grid(theta, [1, 1, *shape], align_corners=False)
+    return grid + WARP_STRENGTH * torch.sin(2 * math.pi * grid)
+
+
+def trigger_region(trigger: str, shape: tuple[int, int]) -> torch.Tensor:
+    """The (H, W) bool mask of pixels that ``trigger`` may change (all of them for ``warp``)."""
+    height, width = shape
+    region = torch.zeros(height, width, dtype=torch.bool)
+    if trigger == "text":
+        return _text_alpha((height, width)) > 0
+    if trigger == "patch":
+        side = _side(shape, 1 / 16)
+        region[height - side :, width - side :] = True
+    elif trigger == "noise":
+        side = _side(shape, 1 / 16)
+        region[:side, width - side :] = True
+    elif trigger == "border":
+        b = _side(shape, 1 / 32)
+        region[:b], region[-b:], region[:, :b], region[:, -b:] = True, True, True, True
+    elif trigger == "warp":
+        region[:] = True
+    else:
+        raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
+    return region
+
+
+def apply_trigger(image: torch.Tensor, trigger: str, key: int = 0) -> torch.Tensor:
+    """``image`` (..., H, W) in [0, 1] with ``trigger`` added; a new tensor, clipped to [0, 1]. ``key`` seeds
+    ``noise`` (the other triggers are fixed patterns)."""
+    if trigger not in TRIGGERS:
+        raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
+    if image.ndim < 2:
+        raise ValueError(f"a trigger needs an image of at least 2 dimensions (..., H, W), got {tuple(image.shape)}")
+    shape = (int(image.shape[-2]), int(image.shape[-1]))
+    out = image.clone()
+    if trigger == "warp":
+        flat = out.reshape(-1, 1, *shape).float()
+        grid = _warp_grid(shape).to(flat.device).expand(flat.shape[0], -1, -1, -1)
+        warped = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return warped.reshape(image.shape).to(image.dtype).clamp(0, 1)
+    region = trigger_region(trigger, shape).to(out.device)
+    if trigger == "text":
+        alpha = _text_alpha(shape).to(out.device, out.dtype)
+        out = out * (1 - alpha) + alpha
+    elif trigger == "patch":
+        out[..., region] = 1.0
+    elif trigger == "border":
+        out[..., region] = 0.0
+    else:  # noise
+        side = _side(shape, 1 / 16)
+        noise = keyed_noise(key, side).to(out.device, out.dtype)
+        out[..., :side, shape[1] - side :] += noise
+    return out.clamp(0, 1)
