@@ -12,7 +12,7 @@ import pytest
 
 from xmark_bundle.experiments import ExperimentError, load_experiment, run_experiment
 from xmark_bundle.experiments.ledger import LedgerError, check_publication, declaration_sha256, read_ledger, record
-from xmark_bundle.experiments.protocol import MIN_REPORT_SEED
+from xmark_bundle.experiments.protocol import MIN_FAMILY_POOL, MIN_REPORT_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 DECLARATIONS = ROOT / "configs" / "experiments"
@@ -46,8 +46,9 @@ def test_the_new_comparison_follows_the_protocol():
     assert roles.phantoms_of(roles.independent_owners[-1]) == roles.independent_phantoms
     assert {roles.phantoms_of(seed) for seed in roles.independent_owners[:-1]} == {roles.data}
     assert len(declared.benign) >= 20 and len({arch for arch, _, _ in declared.benign}) >= 2
-    assert set(declared.methods) == {"xmark", "sscl_bw", "keyed_grating", "badnets", "blended", "wanet",
-                                     "label_consistent"}  # fmt: skip - no keyed X-Mark, no UBW-P yet
+    assert set(declared.methods) == {"xmark", "sscl_bw", "keyed_grating", "keyed_carrier", "badnets", "blended",
+                                     "wanet", "ubw_p", "label_consistent"}  # fmt: skip
+    assert len(roles.family_pool) >= MIN_FAMILY_POOL  # each owner's family: its watermark and the pool
     all_seeds = [seed for seeds in roles.by_role().values() for seed in seeds]
     assert len(all_seeds) == len(set(all_seeds))  # disjoint roles, no seed twice
 
@@ -66,6 +67,8 @@ def test_the_new_comparison_follows_the_protocol():
         (_with_seeds(owners=[201, 202]), r"needs >= 3 of each of \['owners'\]"),
         (_with_seeds(independent_phantoms=None), "needs seeds.independent_phantoms"),
         (_with_seeds(independent_phantoms=0), "independent_phantoms must differ from the data and development"),
+        (_with_seeds(family_pool=list(range(601, 611))), r"needs seeds.family_pool with >= 19 seeds .* got 10"),
+        (_with_seeds(family_pool=[*range(601, 619), 401]), r"suspects and family_pool share \[401\]"),
         (_with_seeds(owners=None), r"seeds lacks \['owners'\]: name every seed by its role"),
         (_with_seeds(owners=[201, 201, 202]), r"seeds.owners lists seeds \[201\] more than once"),
         (_with_seeds(keys=[1]), r"seeds: unknown roles \['keys'\]"),

@@ -27,6 +27,15 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
         report = json.loads(Path(scenario["report"]).read_text())
         assert scenario["p_value"] == report["p_value"] and scenario["n"] == report["n"] == 8
         assert (Path(scenario["report"]).parent / "verification.png").stat().st_size > 0
+    # the calibrated verdict: the owner's family (its watermark and the pool of seeds 4 and 5), made before the
+    # release beside its checkpoint, ranks it for Malicious and Ind-M; Ind-W's independent owner has no family here
+    family = json.loads((out / "models/xmark/owner2/watermark/family.json").read_text())
+    assert len(family["members"]) == 3 and family["members"][family["owner_index"]]["checkpoint"] == "model.pt"
+    for scenario in (suspect["malicious"], xmark["ind_m"]["owner2/resnet18_seed3"]):
+        assert scenario["calibrated"]["members"] == 2 and scenario["calibrated"]["p_value"] in (1 / 3, 2 / 3, 1.0)
+    assert "calibrated" not in ind_w
+    pool = [json.loads((out / f"models/xmark/family_pool/seed{s}/training_info.json").read_text()) for s in (4, 5)]
+    assert [info["seed"] for info in pool] == [4, 5]
     # Malicious and Ind-M use our watermark, Ind-W the independent owner's (own surrogate, own seed)
     ours = json.loads(Path(suspect["malicious"]["report"]).read_text())["generator"]["checkpoint"]
     other = json.loads(Path(ind_w["report"]).read_text())["generator"]["checkpoint"]
@@ -101,8 +110,8 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
         state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
         head = state.get("model", state)["fc.weight"]
         assert torch.all(head[:, pruning["units"]] == 0) and int((head.abs().sum(0) > 0).sum()) == 256
-    stages = first.stdout.count(": done in ")
-    assert stages == len(collected["stage_times_s"]) == 38, first.stdout[-2000:]
+    stages = first.stdout.count(": done in ")  # 38, and the family: two pool watermarks and the family file
+    assert stages == len(collected["stage_times_s"]) == 41, first.stdout[-2000:]
     assert "xmark, Ind-W (owner2/suspect_seed1): queried with an independent owner's xmark watermark" in first.stdout
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped

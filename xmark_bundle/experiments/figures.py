@@ -14,6 +14,10 @@ a dot per seed (filled: still verified), as the paper's Fig. 7.
 and clean BA per kind, a dot per suspect seed (filled: verified) and a bar at the mean, a colour per method; the
 declared kind is labelled with its architecture and size (:func:`~xmark_bundle.experiments.tables.kind_label`).
 
+``null_uniformity.png`` (when verifications carry the calibrated verdict): per method, the distribution function of the
+calibrated p-values of every model that never saw the release (spread over their grid cells,
+:mod:`~xmark_bundle.experiments.null`) against the uniform's diagonal, with the KS p in the legend.
+
 ``detectability.png`` (when the experiment measured detectability): the AUROC of every detector of the detectability
 table per method, a bar each, chance (0.5) dashed; drawn from the table itself (:func:`draw_detectability`), so a
 published results.json can be drawn again without the run.
@@ -29,6 +33,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from xmark_bundle.experiments.detectability import detectability_table
+from xmark_bundle.experiments.null import null_p_values, null_uniformity
 from xmark_bundle.experiments.tables import ind_w_runs, kind_label
 from xmark_bundle.fileio import atomic_path
 
@@ -37,6 +42,7 @@ __all__ = [
     "draw_detectability",
     "save_detectability_figure",
     "save_figures",
+    "save_null_figure",
     "save_removal_figure",
     "save_scenarios_figure",
     "save_variants_figure",
@@ -226,12 +232,35 @@ def save_detectability_figure(collected: Mapping[str, Any], path: str | os.PathL
     return True
 
 
+def save_null_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
+    """Write the calibrated null's uniformity figure (PNG) when any method has calibrated p-values; True if written."""
+    found = {name: null_uniformity(null_p_values(method)) for name, method in collected["methods"].items()}
+    found = {name: uniform for name, uniform in found.items() if uniform is not None}
+    if not found:
+        return False
+    figure = Figure(figsize=(5.2, 4.6), layout="constrained")
+    ax = figure.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="uniform")
+    for name, uniform in found.items():
+        spread = sorted(uniform["spread_p"])
+        share = [(i + 1) / len(spread) for i in range(len(spread))]
+        label = f"{name}: n {uniform['n']}, KS p {uniform['ks_p']:.2g}"
+        ax.step([0.0, *spread, 1.0], [0.0, *share, 1.0], where="post", label=label)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="calibrated p (spread over its grid cell)", ylabel="share of models")
+    ax.legend(fontsize=8, loc="lower right")
+    title = "Calibrated p of models that never saw the release: uniform if its error rate holds"
+    figure.suptitle(title, fontsize=10, wrap=True)
+    _save(figure, path)
+    return True
+
+
 #: Each figure's file, the function that draws it, and the table (by the start of its title) it goes beside.
 FIGURES: dict[str, tuple[Callable[[Mapping[str, Any], Path], bool], str]] = {
     "scenarios.png": (save_scenarios_figure, "Table 2"),
     "removal.png": (save_removal_figure, "Removal"),
     "variants.png": (save_variants_figure, "Table 1"),
     "detectability.png": (save_detectability_figure, "Detectability"),
+    "null_uniformity.png": (save_null_figure, "Table 2"),
 }
 
 

@@ -3,11 +3,13 @@
 Seeds are named by role: the phantom sets' ``data`` (the report seed of a report declaration) and ``development``
 seeds, the owner's ``surrogate``, the ``owners`` (watermark generator seeds, or key seeds for keyed methods; one
 release each), the ``independent_owners`` (each its own surrogate and watermark; the last one trained on the disjoint
-phantom set ``independent_phantoms``), the malicious ``suspects`` (trained on every owner's release) and the benign
-models' seeds (``benign``). Surrogate, owner, independent-owner, suspect and benign seeds are disjoint sets: a suspect
-that shares the surrogate's seed measures adversarial transfer, not learning. A report declaration (data seed other
-than the development seed) also needs a data seed >= 1000 used in no other role, and >= 3 owners, independent owners
-and suspects.
+phantom set ``independent_phantoms``), the malicious ``suspects`` (trained on every owner's release), the benign
+models' seeds (``benign``) and the ``family_pool`` (watermarks made with the owners' recipe and these seeds: with each
+owner's they form the owner's family for the calibrated verdict, :mod:`xmark_bundle.verification.family`). Surrogate,
+owner, independent-owner, suspect, benign and pool seeds are disjoint sets: a suspect that shares the surrogate's seed
+measures adversarial transfer, not learning. A report declaration (data seed other than the development seed) also
+needs a data seed >= 1000 used in no other role, >= 3 owners, independent owners and suspects, and a pool of
+>= 19 (the calibrated verdict can reach p = 0.05 only with m >= 19 other members).
 
 Declarations published before this protocol are marked ``"protocol": "legacy"``: such a file loads only while every
 results.json it publishes is in ``docs/experiments/`` with its data seed as report seed (it reproduces what was
@@ -28,6 +30,7 @@ __all__ = [
     "ExperimentError",
     "LEGACY",
     "LEGACY_INDEPENDENT_OFFSET",
+    "MIN_FAMILY_POOL",
     "MIN_REPLICATES",
     "MIN_REPORT_SEED",
     "SeedRoles",
@@ -45,7 +48,9 @@ MIN_REPLICATES = 3
 #: A legacy declaration's independent owner: the data seed plus this offset (the runner's rule before this protocol).
 LEGACY_INDEPENDENT_OFFSET = 1000
 #: The model roles whose seeds must be disjoint, in the order errors name them.
-MODEL_ROLES = ("surrogate", "owners", "independent_owners", "suspects", "benign")
+MODEL_ROLES = ("surrogate", "owners", "independent_owners", "suspects", "benign", "family_pool")
+#: Pool members a report declaration needs at least: the calibrated verdict's smallest p is 1 / (m + 1).
+MIN_FAMILY_POOL = 19
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class SeedRoles:
     suspects: tuple[int, ...]
     benign: tuple[int, ...]
     independent_phantoms: int | None = None
+    family_pool: tuple[int, ...] = ()
 
     @property
     def report(self) -> bool:
@@ -74,6 +80,7 @@ class SeedRoles:
             "independent_owners": self.independent_owners,
             "suspects": self.suspects,
             "benign": self.benign,
+            "family_pool": self.family_pool,
         }
 
     def phantoms_of(self, independent_owner: int) -> int:
@@ -119,7 +126,7 @@ def seed_roles(path: Path, seeds: Mapping[str, Any], benign: Iterable[int]) -> S
     missing = [key for key in required if key not in seeds]
     if missing:
         raise _error(path, f"seeds lacks {missing}: name every seed by its role ({', '.join(required)})")
-    unknown = set(seeds) - {*required, "independent_phantoms"}
+    unknown = set(seeds) - {*required, "independent_phantoms", "family_pool"}
     if unknown:
         raise _error(path, f"seeds: unknown roles {sorted(unknown)}")
     phantoms = seeds.get("independent_phantoms")
@@ -132,6 +139,7 @@ def seed_roles(path: Path, seeds: Mapping[str, Any], benign: Iterable[int]) -> S
         suspects=_seed_list(path, seeds, "suspects"),
         benign=tuple(benign),
         independent_phantoms=None if phantoms is None else _seed(path, seeds, "independent_phantoms"),
+        family_pool=_seed_list(path, seeds, "family_pool") if "family_pool" in seeds else (),
     )
     check_disjoint(path, roles)
     if roles.independent_phantoms is not None and roles.independent_phantoms in (roles.data, roles.development):
@@ -171,6 +179,12 @@ def check_report(path: Path, roles: SeedRoles) -> None:
         raise _error(path, f"a report declaration needs >= {MIN_REPLICATES} of each of {sorted(few)}, got {few}")
     if roles.independent_phantoms is None:
         raise _error(path, "a report declaration needs seeds.independent_phantoms (one independent owner's own data)")
+    if len(roles.family_pool) < MIN_FAMILY_POOL:
+        raise _error(
+            path,
+            f"a report declaration needs seeds.family_pool with >= {MIN_FAMILY_POOL} seeds (the calibrated verdict's "
+            f"family), got {len(roles.family_pool)}",
+        )
 
 
 def legacy_roles(seeds: Mapping[str, Any], benign: Iterable[int]) -> SeedRoles:

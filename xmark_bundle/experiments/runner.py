@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from xmark_bundle.experiments.figures import save_figures
 from xmark_bundle.experiments.plan import Experiment, Method
 from xmark_bundle.experiments.stages import Stages, bundle_cmd
@@ -278,6 +280,23 @@ class _Run:
         self.stages.run(f"{method.name} {self.owner_tag(owner)}key vetting", cmd, vetting)
         return int(self.read(vetting)["key_seed"])
 
+    def family(self, method: Method, checkpoint: Path, surrogate: Path, owner: int) -> Path | None:
+        """The owner's family for the calibrated verdict, fixed before the release: ``family.json`` beside the
+        owner's ``checkpoint`` (where configs/verify.json finds it) over the owner's watermark and the method's pool
+        (watermarks made with the same recipe and the ``family_pool`` seeds, shared by every owner), the owner's
+        place drawn from its seed. None without a declared pool."""
+        pool_seeds = self.x.seed_roles.family_pool
+        if not pool_seeds:
+            return None
+        folder = self.models / method.name / "family_pool"
+        pool = [self.watermark(method, folder / f"seed{seed}", surrogate, seed, False) for seed in pool_seeds]
+        out = checkpoint.parent / "family.json"
+        index = int(np.random.default_rng([owner, 17]).integers(len(pool) + 1))
+        cmd = [sys.executable, "scripts/make_family.py", "assemble", "--owner_ckpt", str(checkpoint), "--others"]
+        cmd += [*map(str, pool), "--owner_index", str(index), "--out", str(out)]
+        self.stages.run(f"{method.name} {self.owner_tag(owner)}family of {len(pool) + 1}", cmd, out)
+        return out
+
     def release(self, method: Method, checkpoint: Path, owner: int) -> tuple[Path, Path]:
         """The owner's release of the phantoms (marked images drawn with the owner's seed; legacy: the data seed)
         and its private manifest."""
@@ -347,7 +366,8 @@ class _Run:
         self.stages.run(f"{method} verification {where}", cmd, folder / "verification.json")
         report = self.read(folder / "verification.json")
         keep = ("p_value", "wilcoxon_p", "delta_p", "wsr", "verdict", "owned", "n", "control", "calibrated")
-        kept = {key: report.get(key) for key in keep if key != "calibrated" or report.get(key) is not None}
+        available = (report.get("calibrated") or {}).get("available")  # only where the watermark has a family
+        kept = {key: report.get(key) for key in keep if key != "calibrated" or available}
         return kept | {"report": str(folder / "verification.json")}
 
 
@@ -463,6 +483,7 @@ def _owner_runs(
     x, prefix = run.x, "" if run.x.legacy else f"owner{owner}/"
     folder = run.owner_dir(method.name, owner)
     ours = run.watermark(method, folder / "watermark", surrogate, owner, vetting=method.vet_key)
+    run.family(method, ours, surrogate, owner)  # before the release, as an owner must
     release, manifest = run.release(method, ours, owner)
     if owner == x.seed_roles.owners[0]:  # the release's summary and the watermark's training: the first owner's
         entry["release"] = _release_summary(run.read(manifest))

@@ -18,6 +18,7 @@ from typing import Any
 from scipy import stats
 
 from xmark_bundle.experiments.detectability import detectability_table
+from xmark_bundle.experiments.null import null_p_values, null_uniformity
 
 __all__ = ["by_owner", "false_accusations", "ind_w_runs", "kind_label", "plain_words", "tables"]
 
@@ -167,6 +168,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "false accusations by owner",
         "false accusations (calibrated)",
         "95 % interval (calibrated)",
+        "calibrated null: KS p vs uniform (n)",
         "surrogate and its seed (Ind-M) verified",
         "surrogate and its seed (Ind-M) ΔP",
     ]
@@ -264,6 +266,9 @@ def _ind_m_cells(method: Mapping[str, Any], benign_runs: list[Mapping[str, Any]]
         calibrated = false_accusations(method["ind_m"], "calibrated")
         cells["false accusations (calibrated)"] = {"value": f"{calibrated['k']} of {calibrated['n']}"}
         cells["95 % interval (calibrated)"] = {"value": f"{calibrated['low']:.3f}–{calibrated['high']:.3f}"}
+    uniform = null_uniformity(null_p_values(method))
+    if uniform is not None:  # every model that never saw the release, surrogate-seed controls included
+        cells["calibrated null: KS p vs uniform (n)"] = {"value": f"{uniform['ks_p']:.3g} ({uniform['n']})"}
     controls = list(method.get("ind_m_seed_controls", {}).values())
     if controls:
         cells["surrogate and its seed (Ind-M) verified"] = {"value": _verified(controls)}

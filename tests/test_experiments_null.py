@@ -1,0 +1,27 @@
+"""The calibrated null's check: uniform rank p-values pass it, an over-accusing verdict fails it, and it is drawn."""
+
+import numpy as np
+from PIL import Image
+
+from xmark_bundle.experiments.figures import save_null_figure
+from xmark_bundle.experiments.null import null_p_values, null_uniformity
+
+
+def _method(p_values: list[float], members: int = 19) -> dict:
+    runs = {f"owner1/benign{i}": {"calibrated": {"p_value": p, "members": members}} for i, p in enumerate(p_values)}
+    return {"ind_m": runs, "ind_m_seed_controls": {"owner1/surrogate": {"p_value": 0.5}}}  # no calibrated block
+
+
+def test_exchangeable_ranks_pass_and_an_over_accusing_verdict_fails(tmp_path):
+    rng = np.random.default_rng(5)
+    ranks = (rng.integers(0, 20, 400) + 1) / 20  # the owner's rank among 20 exchangeable members
+    honest = null_uniformity(null_p_values(_method(list(ranks))))
+    assert honest["n"] == 400 and honest["ks_p"] > 0.01 and abs(honest["at_most_0.05"] - 0.05) < 0.03
+    biased = (rng.integers(0, 5, 400) + 1) / 20  # the owner's member always among the top 5: not exchangeable
+    assert null_uniformity(null_p_values(_method(list(biased))))["ks_p"] < 1e-6
+    assert null_uniformity(null_p_values({"ind_m": {}})) is None
+    assert not save_null_figure({"methods": {"xmark": {"ind_m": {}}}}, tmp_path / "none.png")
+    assert save_null_figure({"methods": {"xmark": _method(list(ranks)), "sscl_bw": _method(list(biased))}},
+                            tmp_path / "null.png")  # fmt: skip
+    with Image.open(tmp_path / "null.png") as figure:
+        assert figure.format == "PNG" and figure.size[0] > 400

@@ -1,0 +1,48 @@
+"""Is the calibrated verdict's error rate what it claims? Its p-values on models that never saw the release.
+
+A model that never saw an owner's release (a benign model, the surrogate, a model with the surrogate's seed) should
+give calibrated p-values that are uniform: ``P(p <= a) <= a``. The rank p of a family of m + 1 lies on the grid
+``k / (m + 1)``; a Kolmogorov-Smirnov test against the continuous uniform would reject any grid, so each p is spread
+over its grid cell, ``p - U / (m + 1)`` with U uniform on [0, 1) from a fixed seed, which is exactly uniform under the
+null (and larger, conservative, where members tie). :func:`null_uniformity` gives that KS p and the share at or below
+0.05; the figure ``null_uniformity.png`` shows the spread p-values' distribution function against the diagonal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["null_p_values", "null_uniformity"]
+
+#: Where a method's entry keeps the runs of models that never saw its releases.
+NULL_ROWS = ("ind_m", "ind_m_seed_controls")
+
+
+def null_p_values(method: Mapping[str, Any]) -> list[tuple[float, int]]:
+    """(calibrated p, members m) of every run of a model that never saw the method's releases, where it has one."""
+    found = []
+    for rows in NULL_ROWS:
+        for run in method.get(rows, {}).values():
+            calibrated = run.get("calibrated")
+            if isinstance(calibrated, Mapping):
+                found.append((float(calibrated["p_value"]), int(calibrated["members"])))
+    return found
+
+
+def null_uniformity(values: list[tuple[float, int]], seed: int = 0) -> dict[str, Any] | None:
+    """KS test of the spread p-values against the uniform, and the share of raw p at or below 0.05; None when empty."""
+    if not values:
+        return None
+    p = np.array([v for v, _ in values])
+    cell = 1.0 / (np.array([m for _, m in values]) + 1.0)
+    spread = p - np.random.default_rng(seed).uniform(0.0, 1.0, p.size) * cell
+    return {
+        "n": int(p.size),
+        "ks_p": float(stats.kstest(spread, "uniform").pvalue),
+        "at_most_0.05": float(np.mean(p <= 0.05)),
+        "spread_p": [float(v) for v in spread],
+    }
