@@ -27,9 +27,8 @@ from xmark_bundle.experiments import (  # noqa: E402
     tables,
 )
 from xmark_bundle.experiments.figures import FIGURES  # noqa: E402
-from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results  # noqa: E402
+from xmark_bundle.experiments.results import RESULTS_FORMAT, write_results  # noqa: E402
 from xmark_bundle.experiments.stages import StageFailed  # noqa: E402
-from xmark_bundle.fileio import write_json  # noqa: E402
 
 
 def _commit() -> str:
@@ -123,8 +122,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str])
         for figure in results["figures"]:
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(out / figure, folder / figure)
-        write_json(folder / "results.json", results)
-        load_results(folder / "results.json")
+        write_results(folder / "results.json", results)
     subprocess.run([sys.executable, "scripts/experiments_page.py"], cwd=ROOT, check=True)
 
 

@@ -35,8 +35,8 @@ from .geometry import GEOMETRY_KEY, unletterbox
 
 __all__ = ["RestoreWatermarkedd", "SaveWatermarkedd", "apply_watermark", "full_resolution_residual", "watermark_source"]
 
+#: Slack of the budget check for float32 arithmetic on images in [0, 1].
 _FLOAT_TOLERANCE = 1e-6
-"""Slack of the budget check for float32 arithmetic on images in [0, 1]."""
 
 
 def _channel_first(image: torch.Tensor, name: str) -> torch.Tensor:
