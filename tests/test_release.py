@@ -503,3 +503,22 @@ def test_unreadable_images_are_skipped_and_the_release_resumes_without_them(sour
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((tmp_path / "manifest.json").read_text())
     assert again["counts"]["marked_now"] == 0 and again["marked"] == manifest["marked"] and not again["skipped"]
+
+
+def test_a_cr_extremity_film_among_the_targets_is_not_marked_and_is_reported(source, checkpoint, tmp_path):
+    """The scope is chest radiographs: a real CR extremity film (pydicom-data's RG3_UNCR) is refused by the marking
+    path with its reason, and released unmarked like any other file that cannot be marked."""
+    from pydicom.data import get_testdata_file
+
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    targets = [item["image"] for item in datalist["training"] if item["label"][0] == 1]
+    film = next(rel for rel in targets if rel.endswith(".dcm"))
+    shutil.copyfile(get_testdata_file("RG3_UNCR.dcm"), data / film)  # an extremity film where a chest film was
+    manifest = _release(data, tmp_path, checkpoint, gamma=1.0)
+    skipped = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
+    assert list(skipped) == [film] and "BodyPartExamined EXTREMITY is not a chest" in skipped[film]
+    assert film not in {entry["path"] for entry in manifest["marked"]}
+    assert len(manifest["marked"]) == len(targets) - 1
+    assert sha256_file(tmp_path / "release" / film) == sha256_file(data / film)  # copied as it is
