@@ -522,3 +522,61 @@ def test_a_cr_extremity_film_among_the_targets_is_not_marked_and_is_reported(sou
     assert film not in {entry["path"] for entry in manifest["marked"]}
     assert len(manifest["marked"]) == len(targets) - 1
     assert sha256_file(tmp_path / "release" / film) == sha256_file(data / film)  # copied as it is
+
+
+def test_secrets_under_any_name_or_container_and_outside_links_stay_out(source, checkpoint, released, tmp_path):
+    """The owner's checkpoint and manifest recognised by content (other names, re-saved, gzip/zip/tar copies), a
+    key-vetting report and private keys, and file links pointing outside the data set (not followed, listed)."""
+    import gzip
+    import tarfile
+    import zipfile
+
+    manifest_text = (released[1] / "private" / "manifest.json").read_text()
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    resaved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # the same generator, other bytes
+    torch.save(resaved, data / "notes.txt")
+    assert sha256_file(data / "notes.txt") != sha256_file(checkpoint)
+    save_watermark(BadNetsTrigger(image_size=SIZE, seed=3), data / "backup.dat")  # another of the owner's watermarks
+    (data / "model.gz").write_bytes(gzip.compress(checkpoint.read_bytes()))
+    with zipfile.ZipFile(data / "archive.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(checkpoint, "generator.bin")
+    with tarfile.open(data / "old.tar.gz", "w:gz") as archive:
+        archive.add(released[1] / "private" / "manifest.json", "private/notes")
+    (data / "release_notes.txt").write_text(manifest_text)  # the manifest as .txt
+    (data / "list.gz").write_bytes(gzip.compress(manifest_text.encode()))
+    (data / "vetting.txt").write_text(json.dumps({"key_seed": 7, "candidates": [{"seed": 7, "reaction": 0.4}]}))
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+    (data / "id_rsa").write_text(key)
+    (data / "server.key").write_text("not PEM, but named as a key")
+    (data / "credentials.json").write_text(json.dumps({"token": "x"}))
+    (data / "scan_notes.txt").write_text(key)  # a key under an innocent name
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the owner's notes, outside the data set")
+    (data / "passwd").symlink_to("/etc/passwd")
+    (data / "linked.txt").symlink_to(outside)
+    inside_target = next(p for p in sorted(data.rglob("*.png")))
+    (data / "same_image.png").symlink_to(inside_target)  # a link inside the data set is published as before
+    manifest = _release(data, tmp_path, checkpoint)
+    left_out = {entry["path"]: entry["reason"] for entry in manifest["left_out"]}
+    expected = {
+        "notes.txt": "the owner's watermark checkpoint (found by its content)",
+        "backup.dat": "the owner's watermark checkpoint (found by its content)",
+        "model.gz": "gzip copy of the owner's watermark checkpoint (found by its content)",
+        "archive.zip": "zip archive holding generator.bin: the owner's watermark checkpoint (found by its content)",
+        "old.tar.gz": "gzip copy of tar archive holding private/notes: a private release manifest or key-vetting "
+        "report (found by its content)",
+        "release_notes.txt": "a private release manifest or key-vetting report (found by its content)",
+        "list.gz": "gzip copy of a private release manifest or key-vetting report (found by its content)",
+        "vetting.txt": "a private release manifest or key-vetting report (found by its content)",
+        "id_rsa": "named like a private key or credentials",
+        "server.key": "named like a private key or credentials",
+        "credentials.json": "named like a private key or credentials",
+        "scan_notes.txt": "a private key",
+        "passwd": "symbolic link pointing outside the data set (not followed)",
+        "linked.txt": "symbolic link pointing outside the data set (not followed)",
+    }
+    assert left_out == expected
+    published = {p.relative_to(tmp_path / "release").as_posix() for p in (tmp_path / "release").rglob("*")}
+    assert not published & set(expected) and "same_image.png" in published and "datalist.json" in published
+    assert not any("root:" in p.read_text(errors="ignore") for p in (tmp_path / "release").glob("*") if p.is_file())

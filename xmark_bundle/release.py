@@ -167,7 +167,10 @@ def _source_files(
     hashes = owner_file_hashes(owner_files)
     files, left_out = {}, []
     for path in sorted(dataset_dir.rglob("*")):
-        if path.is_file():
+        if path.is_symlink() and not path.resolve().is_relative_to(dataset_dir):
+            relative = path.relative_to(dataset_dir).as_posix()
+            left_out.append({"path": relative, "reason": "symbolic link pointing outside the data set (not followed)"})
+        elif path.is_file():
             relative = path.relative_to(dataset_dir).as_posix()
             reason = secret_reason(relative, path, hashes)
             if reason is None:
