@@ -592,3 +592,20 @@ def test_load_xrayd_passes_an_image_the_reader_loaded_through_as_monai_deploy_ha
         LoadXRayd("image")({"image": MetaTensor(from_file[:, :-1], meta=dict(from_file.meta))})
     with pytest.raises(ValueError, match="outside"):
         LoadXRayd("image")({"image": MetaTensor(from_file * 4095, meta=dict(from_file.meta))})
+
+
+@pytest.mark.parametrize("modality", [None, "", "OT"])
+def test_a_ct_slice_without_a_telling_modality_is_refused_by_its_sop_class(modality, tmp_path):
+    """Modality missing, empty or OT says nothing: the SOP class (CT Image Storage) tells the file is no radiograph."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    if modality is None:
+        del ds.Modality
+    else:
+        ds.Modality = modality
+    ds.save_as(tmp_path / "slice.dcm")
+    refused = r"slice\.dcm: Modality .* with SOP Class CT Image Storage: not a radiograph"
+    with pytest.raises(XRayLoadError, match=refused):
+        load_xray(tmp_path / "slice.dcm")
+    assert load_xray(tmp_path / "slice.dcm", allow_any_modality=True)[0].shape == (128, 128)
+    secondary = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))  # OT, secondary capture: still read
+    assert secondary.Modality == "OT" and load_xray(get_testdata_file("image_dfl.dcm"))[0].ndim == 2

@@ -42,7 +42,8 @@ Only chest radiographs are read by default (the bundle's scope): a DICOM whose M
 flat grey; MG, XA, RF, DF, PX, IO: projection images of other body parts) is refused unless ``allow_modalities`` names
 it, and so is one whose BodyPartExamined is not in :data:`CHEST_BODY_PARTS` (a CR extremity film) unless
 ``allow_body_parts`` names it; ``allow_any_modality=True`` reads any file. A missing or empty Modality or
-BodyPartExamined is accepted (PNG, JPEG and NIfTI files carry neither).
+BodyPartExamined is accepted (PNG, JPEG and NIfTI files carry neither), but a DICOM whose Modality is missing, empty
+or OT must then be of a radiograph SOP class (:data:`RADIOGRAPH_SOP_CLASSES`): a CT slice relabelled so is refused.
 
 Hostile files: every failure is an :class:`XRayLoadError` naming the file; an image whose header claims more than
 :data:`MAX_PIXELS` pixels, or (uncompressed NIfTI) more data than the file holds, is refused before any pixel is read.
@@ -77,6 +78,7 @@ __all__ = [
     "CHEST_MODALITIES",
     "MAX_PIXELS",
     "PROJECTION_MODALITIES",
+    "RADIOGRAPH_SOP_CLASSES",
     "XRayLoadError",
     "XRayMeta",
     "load_xray",
@@ -95,6 +97,16 @@ PROJECTION_MODALITIES = frozenset({"CR", "DX", "RG", "MG", "XA", "RF", "DF", "PX
 CHEST_MODALITIES = frozenset({"CR", "DX", "RG", "OT"})
 #: DICOM BodyPartExamined values (defined terms, upper case) of a chest radiograph, read by default.
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "HEART", "RIB", "STERNUM", "CHESTABDOMEN", "CHESTABDPELVIS"})
+#: SOP classes of a radiograph (CR, DX for presentation and for processing, secondary capture): what a DICOM without a
+#: telling Modality (missing, empty or OT) must be to be read by default.
+RADIOGRAPH_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.7",
+    }
+)
 #: What load_xray reads of a DICOM: its accepted Modality values and BodyPartExamined values.
 _Scope = tuple[frozenset[str], frozenset[str]]
 
@@ -237,6 +249,14 @@ def _check_scope(path: Path, ds: pydicom.Dataset, scope: _Scope) -> None:
             path,
             f"Modality {modality} is not {kind} (accepted: {', '.join(sorted(modalities))}); "
             "pass allow_modalities or allow_any_modality=True to read it anyway",
+        )
+    sop_class = str(ds.get("SOPClassUID") or "").strip()
+    if modality in ("", "OT") and sop_class and sop_class not in RADIOGRAPH_SOP_CLASSES:
+        name = pydicom.uid.UID(sop_class).name
+        raise XRayLoadError(
+            path,
+            f"Modality {modality or '(none)'} with SOP Class {name}: not a radiograph (accepted without a Modality "
+            "that says so: CR, DX and secondary-capture images); pass allow_any_modality=True to read it anyway",
         )
     body_part = str(ds.get("BodyPartExamined") or "").strip().upper()
     if body_part and body_part not in body_parts:
