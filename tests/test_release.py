@@ -580,3 +580,49 @@ def test_secrets_under_any_name_or_container_and_outside_links_stay_out(source, 
     published = {p.relative_to(tmp_path / "release").as_posix() for p in (tmp_path / "release").rglob("*")}
     assert not published & set(expected) and "same_image.png" in published and "datalist.json" in published
     assert not any("root:" in p.read_text(errors="ignore") for p in (tmp_path / "release").glob("*") if p.is_file())
+
+
+def test_a_second_release_into_a_folder_being_written_stops_at_once(source, checkpoint, tmp_path):
+    """One run at a time per release folder: another process holding it (a release in progress) makes this one stop
+    before it writes anything; the lock goes with that process."""
+    release = tmp_path / "release"
+    release.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('locked', flush=True); sys.stdin.read()",
+            str(release),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ReleaseError, match=r"release: another release is being written into this folder"):
+            _release(source, tmp_path, checkpoint)
+        assert not any(release.iterdir()) and not (tmp_path / "private" / "manifest.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    manifest = _release(source, tmp_path, checkpoint)  # the holder has ended: the folder is free again
+    assert manifest["complete"]
+
+
+def test_another_generator_does_not_silently_re_mark_an_existing_release(source, checkpoint, released, tmp_path):
+    """A release folder written under one manifest is refused to a run with another manifest (another generator
+    here): the first manifest would still call the folder complete while its files carried the second watermark."""
+    manifest, out, _ = released
+    shutil.copytree(out / "release", tmp_path / "release")
+    before = _hashes(tmp_path / "release")
+    other = tmp_path / "other.pt"
+    torch.manual_seed(5)
+    save_watermark(_wrap(XMarkGenerator(channels=CHANNELS, eps=EPS)), other)
+    with pytest.raises(ReleaseError, match=r"release: already holds a release \(e\.g\. .*\) that .*manifest\.json"):
+        _release(source, tmp_path, other)
+    assert _hashes(tmp_path / "release") == before and not (tmp_path / "private" / "manifest.json").exists()
+    shutil.copytree(out / "private", tmp_path / "private")  # with the release's own manifest it resumes: nothing to do
+    again = _release(source, tmp_path, checkpoint)
+    assert again["complete"] and again["counts"]["marked_now"] == 0 and _hashes(tmp_path / "release") == before

@@ -19,6 +19,7 @@ hashes, and every copy whose output already has the source's size and SHA-256.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -52,6 +53,11 @@ from xmark_bundle.networks.pipeline import watermark_generator
 from xmark_bundle.provenance import environment
 from xmark_bundle.transforms.geometry import ResizeLongestPadd
 from xmark_bundle.transforms.watermark import SaveWatermarkedd
+
+try:  # POSIX: a release folder is locked while a run writes into it
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 __all__ = ["ReleaseError", "read_manifest", "run_release", "select_decoys", "select_marked", "watermark_release"]
 
@@ -335,6 +341,44 @@ def _is_done(record: Mapping[str, Any] | None, source: Path, target: Path) -> bo
     )
 
 
+@contextlib.contextmanager
+def _exclusive(release_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``release_dir`` for one run: a second release into the folder stops at once.
+
+    The lock is ``flock`` on the folder itself (no lock file to publish or leave behind); the kernel releases it when
+    the process ends, however it ends. Where ``fcntl`` is missing (Windows) no lock is taken.
+    """
+    release_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(release_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ReleaseError(
+                release_dir, "another release is being written into this folder right now; wait until it ends"
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _refuse_foreign_release(release_dir: Path, manifest_file: Path) -> None:
+    """Refuse a folder that already holds files while ``manifest_file`` is new: another manifest's release (perhaps
+    of another generator) would be re-marked while that manifest still calls it complete."""
+    if manifest_file.exists() or not release_dir.is_dir():
+        return
+    present = next((p for p in sorted(release_dir.rglob("*")) if p.is_file()), None)
+    if present is not None:
+        raise ReleaseError(
+            release_dir,
+            f"already holds a release (e.g. {present.relative_to(release_dir)}) that {manifest_file} does not record; "
+            "give that release's manifest_file to resume it, or choose an empty release_dir",
+        )
+
+
 def watermark_release(
     network: nn.Module,
     ckpt_path: str | os.PathLike,
@@ -359,18 +403,57 @@ def watermark_release(
     ``eps``. ``max_marked`` bounds the files marked in this
     run (the manifest then says ``"complete": false`` and the next run goes on). Resumes an interrupted run.
     ``decoy_fraction`` (keyed generators only; 0 = the paper's release) also marks that share of the non-target
-    training images with other keys (:func:`select_decoys`); the manifest lists them under ``decoys``.
+    training images with other keys (:func:`select_decoys`); the manifest lists them under ``decoys``. One run at a
+    time writes into a ``release_dir`` (:func:`_exclusive`), and a folder that holds another manifest's release is
+    refused.
     """
-    start = time.perf_counter()
-    dataset_dir, release_dir = Path(dataset_dir).resolve(), Path(release_dir).resolve()
-    manifest_file, datalist_file, ckpt_path = (Path(p).resolve() for p in (manifest_file, datalist_file, ckpt_path))
     if not 0 < gamma <= 1 or batch_size < 1 or (max_marked is not None and max_marked < 0):
         raise ValueError(
             f"need 0 < gamma <= 1, batch_size >= 1, max_marked >= 0 (got {gamma}, {batch_size}, {max_marked})"
         )
     if not 0 <= decoy_fraction <= 1:
         raise ValueError(f"need 0 <= decoy_fraction <= 1, got {decoy_fraction}")
-    _check_locations(dataset_dir, release_dir, manifest_file, ckpt_path)
+    paths = [Path(p).resolve() for p in (dataset_dir, release_dir, manifest_file, ckpt_path)]
+    _check_locations(*paths)
+    with _exclusive(paths[1]):
+        return _watermark_release(
+            network,
+            ckpt_path,
+            dataset_dir,
+            datalist_file,
+            release_dir,
+            manifest_file,
+            target_label,
+            gamma,
+            seed,
+            batch_size,
+            num_workers,
+            max_marked,
+            progress,
+            decoy_fraction,
+        )
+
+
+def _watermark_release(
+    network: nn.Module,
+    ckpt_path: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    datalist_file: str | os.PathLike,
+    release_dir: str | os.PathLike,
+    manifest_file: str | os.PathLike,
+    target_label: str,
+    gamma: float,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    max_marked: int | None,
+    progress: bool,
+    decoy_fraction: float,
+) -> dict[str, Any]:
+    """:func:`watermark_release` once it holds the release folder's lock."""
+    start = time.perf_counter()
+    dataset_dir, release_dir = Path(dataset_dir).resolve(), Path(release_dir).resolve()
+    manifest_file, datalist_file, ckpt_path = (Path(p).resolve() for p in (manifest_file, datalist_file, ckpt_path))
     source_files, left_out = _source_files(dataset_dir, [ckpt_path, manifest_file])
     datalist = _read_datalist(datalist_file, dataset_dir, source_files)
     poison = bool(getattr(network, "poison_label", False))
@@ -400,6 +483,7 @@ def watermark_release(
     files = _with_datalist(source_files, datalist_file, dataset_dir)
     relabelled = _relabelled_files(files, datalist_file, dataset_dir, selected, target_label) if poison else {}
     _prepare_release_dir(release_dir, list(files))
+    _refuse_foreign_release(release_dir, manifest_file)
 
     def manifest(complete: bool, counts: Mapping[str, int], timings: Mapping[str, float]) -> dict[str, Any]:
         marked = [records[image] for image in selected if image in records]
