@@ -132,6 +132,7 @@ def test_unreadable_files_are_skipped_and_reported_and_overlapping_folders_refus
     (inputs / "broken.dcm").write_bytes(b"DICM but not really")
     done = _infer(inputs, tmp_path / "out", checkpoint)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "terminating due to exception" not in done.stderr + done.stdout, done.stderr[-3000:]  # read as a crash
     assert (
         done.stderr.strip()
         .splitlines()[-1]
