@@ -49,6 +49,7 @@ from xmark_bundle.data.xray_io import LoadXRayd, load_xray
 from xmark_bundle.data.xray_writer import ContainerMismatchWarning, reencode_like
 from xmark_bundle.errors import exit_on_bad_input
 from xmark_bundle.fileio import atomic_path, sha256_file, write_json
+from xmark_bundle.locations import is_inside
 from xmark_bundle.networks.pipeline import watermark_generator
 from xmark_bundle.provenance import environment
 from xmark_bundle.transforms.geometry import ResizeLongestPadd
@@ -99,16 +100,16 @@ def _check_locations(dataset_dir: Path, release_dir: Path, manifest_file: Path, 
     """Refuse a release that would write into the source, or publish the manifest or the generator (the secret key)."""
     if not dataset_dir.is_dir():
         raise ReleaseError(dataset_dir, "dataset_dir is not a folder")
-    if release_dir.is_relative_to(dataset_dir) or dataset_dir.is_relative_to(release_dir):
+    if is_inside(release_dir, dataset_dir) or is_inside(dataset_dir, release_dir):  # bind mounts included
         raise ReleaseError(
             release_dir, f"release_dir must lie outside the source data set {dataset_dir} and not contain it"
         )
     for folder, what in ((release_dir, "release folder"), (dataset_dir, "source data set")):
-        if manifest_file.is_relative_to(folder):
+        if is_inside(manifest_file, folder):
             raise ReleaseError(
                 manifest_file, f"the private manifest must lie outside the {what} {folder} (it would be published)"
             )
-        if ckpt_path.is_relative_to(folder):
+        if is_inside(ckpt_path, folder):
             raise ReleaseError(
                 ckpt_path, f"the generator checkpoint (the secret key) must lie outside the {what} {folder}"
             )

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from xmark_bundle.data.xray_io import find_xray_files, load_xray
 from xmark_bundle.fileio import sha256_file
+from xmark_bundle.locations import is_inside
 
 __all__ = ["JOURNAL_NAME", "ScreenedInputs", "read_journal", "screen_inputs"]
 
@@ -77,7 +78,7 @@ def screen_inputs(
     source, target = Path(dataset_dir).resolve(), Path(output_dir).resolve()
     if not source.is_dir():
         raise NotADirectoryError(f"{source}: dataset_dir is not a folder")
-    if source.is_relative_to(target) or target.is_relative_to(source):  # one is, or lies inside, the other
+    if is_inside(source, target) or is_inside(target, source):  # one is, or lies inside, the other (bind mounts too)
         raise ValueError(f"output_dir {target} and dataset_dir {source} overlap; choose an output folder outside it")
     screened = ScreenedInputs(source, target, None if checkpoint is None else sha256_file(checkpoint))
     journal = read_journal(target)
