@@ -199,3 +199,19 @@ def test_pred_is_the_released_image_on_the_source_grid(tmp_path, checkpoint, sav
         assert np.abs(marked01.astype(np.float64) - expected).max() <= quantisation_step(meta) / 2 + 1e-5
     else:
         assert not (tmp_path / "out").exists()
+
+
+def test_the_chest_scope_is_widened_from_the_command_line(tmp_path, checkpoint):
+    """A CR extremity film (pydicom-data's RG3_UNCR) is skipped by default and marked with --allow_body_parts."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(get_testdata_file("RG3_UNCR.dcm"), inputs / "knee.dcm")
+    refused = _infer(inputs, tmp_path / "out", checkpoint)
+    assert refused.returncode == 1 and "BodyPartExamined EXTREMITY is not a chest" in refused.stdout
+    assert not (tmp_path / "out" / "knee.dcm").exists()
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    cmd += ["--dataset_dir", str(inputs), "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(checkpoint)]
+    cmd += ["--progress", "False", "--allow_body_parts", "['EXTREMITY']"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "watermarked 1 file(s)" in done.stdout and (tmp_path / "out" / "knee.dcm").is_file()

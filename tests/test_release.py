@@ -522,6 +522,9 @@ def test_a_cr_extremity_film_among_the_targets_is_not_marked_and_is_reported(sou
     assert film not in {entry["path"] for entry in manifest["marked"]}
     assert len(manifest["marked"]) == len(targets) - 1
     assert sha256_file(tmp_path / "release" / film) == sha256_file(data / film)  # copied as it is
+    widened = _release(data, tmp_path / "widened", checkpoint, gamma=1.0, allow_body_parts=["extremity"])
+    assert not widened["skipped"] and film in {entry["path"] for entry in widened["marked"]}  # the owner's choice
+    assert widened["settings"]["allow_body_parts"] == ["extremity"] and "allow_body_parts" not in manifest["settings"]
 
 
 def test_secrets_under_any_name_or_container_and_outside_links_stay_out(source, checkpoint, released, tmp_path):

@@ -135,7 +135,13 @@ def _read_datalist(datalist_file: Path, dataset_dir: Path, source_files: Mapping
 
 
 def _unreadable_candidates(
-    datalist: Mapping[str, Any], dataset_dir: Path, target_label: str, target: bool, non_target: bool, progress: bool
+    datalist: Mapping[str, Any],
+    dataset_dir: Path,
+    target_label: str,
+    target: bool,
+    non_target: bool,
+    progress: bool,
+    scope: Mapping[str, Sequence[str]],
 ) -> dict[str, str]:
     """Training images that could be marked (the ``target`` class, the ``non_target`` ones for decoys and
     poison-label methods) but cannot be read as X-rays, with the one-line reason: they are copied unmarked and
@@ -149,7 +155,7 @@ def _unreadable_candidates(
     unreadable = {}
     for rel in tqdm(candidates, desc="check", unit="img", disable=not progress):
         try:
-            load_xray(dataset_dir / rel)
+            load_xray(dataset_dir / rel, **scope)
         except (ValueError, OSError) as err:
             unreadable[rel] = str(err).splitlines()[0] if str(err) else type(err).__name__
     return unreadable
@@ -395,6 +401,8 @@ def watermark_release(
     max_marked: int | None = None,
     progress: bool = True,
     decoy_fraction: float = 0.0,
+    allow_modalities: Sequence[str] = (),
+    allow_body_parts: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write the watermarked release of ``dataset_dir`` into ``release_dir`` and the owner's manifest; return it.
 
@@ -406,7 +414,8 @@ def watermark_release(
     ``decoy_fraction`` (keyed generators only; 0 = the paper's release) also marks that share of the non-target
     training images with other keys (:func:`select_decoys`); the manifest lists them under ``decoys``. One run at a
     time writes into a ``release_dir`` (:func:`_exclusive`), and a folder that holds another manifest's release is
-    refused.
+    refused. ``allow_modalities`` / ``allow_body_parts`` widen the images read beyond chest radiographs
+    (:func:`~xmark_bundle.data.xray_io.load_xray`; the manifest's settings record them).
     """
     if not 0 < gamma <= 1 or batch_size < 1 or (max_marked is not None and max_marked < 0):
         raise ValueError(
@@ -432,6 +441,8 @@ def watermark_release(
             max_marked,
             progress,
             decoy_fraction,
+            allow_modalities,
+            allow_body_parts,
         )
 
 
@@ -450,6 +461,8 @@ def _watermark_release(
     max_marked: int | None,
     progress: bool,
     decoy_fraction: float,
+    allow_modalities: Sequence[str],
+    allow_body_parts: Sequence[str],
 ) -> dict[str, Any]:
     """:func:`watermark_release` once it holds the release folder's lock."""
     start = time.perf_counter()
@@ -459,7 +472,8 @@ def _watermark_release(
     datalist = _read_datalist(datalist_file, dataset_dir, source_files)
     poison = bool(getattr(network, "poison_label", False))
     non_target = poison or decoy_fraction > 0
-    skipped = _unreadable_candidates(datalist, dataset_dir, target_label, not poison, non_target, progress)
+    scope = {"allow_modalities": list(allow_modalities), "allow_body_parts": list(allow_body_parts)}
+    skipped = _unreadable_candidates(datalist, dataset_dir, target_label, not poison, non_target, progress, scope)
     datalist = _without(datalist, skipped)  # selection and resume see the datalist without the bad files
     try:
         selected = (select_poisoned if poison else select_marked)(datalist, target_label, gamma, seed)
@@ -479,6 +493,7 @@ def _watermark_release(
         "generator_sha256": sha256_file(ckpt_path),
         "datalist_content_sha256": _datalist_hash(datalist),
         **({"poison_label": True} if poison else {}),
+        **{key: sorted(value) for key, value in scope.items() if value},  # a widened scope, when there is one
     }
     records = _previous_records(manifest_file, settings)
     files = _with_datalist(source_files, datalist_file, dataset_dir)
@@ -539,8 +554,8 @@ def _watermark_release(
     mark_start = time.perf_counter()
     ours, decoys_now = [rel for rel in now if rel not in decoys], {rel: decoys[rel] for rel in now if rel in decoys}
     marks = [
-        _mark(network, ours, dataset_dir, release_dir, batch_size, num_workers),
-        _mark(network, list(decoys_now), dataset_dir, release_dir, 1, num_workers, decoys_now),
+        _mark(network, ours, dataset_dir, release_dir, batch_size, num_workers, scope),
+        _mark(network, list(decoys_now), dataset_dir, release_dir, 1, num_workers, scope, decoys_now),
     ]
     for record in tqdm(
         (record for mark in marks for record in mark),
@@ -585,6 +600,7 @@ def _mark(
     release_dir: Path,
     batch_size: int,
     num_workers: int,
+    scope: Mapping[str, Sequence[str]],
     decoy_seeds: Mapping[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the manifest record of each image in ``images`` once G has marked it and its file is written.
@@ -595,7 +611,7 @@ def _mark(
     generator = watermark_generator(network)
     marking = getattr(network, "release_marking", network)  # what a release writes, where it differs from a query
     device = next(itertools.chain(network.parameters(), network.buffers())).device  # triggers hold only buffers
-    preprocessing = Compose([LoadXRayd("image"), ResizeLongestPadd("image", network.image_size)])
+    preprocessing = Compose([LoadXRayd("image", **scope), ResizeLongestPadd("image", network.image_size)])
     dataset = Dataset([{"image": str(dataset_dir / rel), "relative": rel} for rel in images], preprocessing)
     saver = SaveWatermarkedd("pred", release_dir, dataset_dir, network.eps)
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,15 @@ def screen_inputs(
     output_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_modalities: Sequence[str] = (),
+    allow_body_parts: Sequence[str] = (),
 ) -> ScreenedInputs:
     """Check that ``output_dir`` and ``dataset_dir`` do not overlap, then sort every X-ray file under ``dataset_dir``
     into readable, skipped (printed with the reason) and unchanged (written earlier with the same ``checkpoint``).
 
     Overlapping folders would write into the source, or watermark the run's own earlier output on a rerun: a
-    ``ValueError`` names both.
+    ``ValueError`` names both. ``allow_modalities`` / ``allow_body_parts`` widen the scope of
+    :func:`~xmark_bundle.data.xray_io.load_xray` beyond chest radiographs.
     """
     source, target = Path(dataset_dir).resolve(), Path(output_dir).resolve()
     if not source.is_dir():
@@ -88,7 +92,7 @@ def screen_inputs(
             screened.unchanged.append(relative)
             continue
         try:
-            load_xray(path)
+            load_xray(path, allow_modalities=allow_modalities, allow_body_parts=allow_body_parts)
         except (ValueError, OSError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             screened.skipped[relative] = reason
