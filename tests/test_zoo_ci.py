@@ -183,3 +183,17 @@ def test_the_zoo_download_step_refuses_a_file_with_another_md5(stand_in, local_s
     bundle = _bundle_copy(tmp_path, f"{base}/model.pt")
     with pytest.raises(HashCheckError, match="md5 hash check of downloaded file failed"):
         download_large_files(bundle_path=str(bundle))
+
+
+@pytest.mark.parametrize("name", ["large_files.yml", "scripts/make_model_zoo_model.py", "README.md", "docs/README.md"])
+def test_one_documented_way_to_make_the_deploy_model_ts(name):
+    """MONAI Deploy's operator needs the deploy.json that scripts/export_deploy.py embeds; a plain ckpt_export's
+    model.ts fails there ("Failed to extract content for these config(s): ['deploy']"). The files that tell how to
+    make the Deploy model.ts name the script, and the zoo's own ckpt_export command, where shown, says it is not it."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    assert "scripts/export_deploy.py" in text
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        if "ckpt_export network_def" in line and "model.ts" in line:
+            context = " ".join(lines[max(0, number - 2) : number])
+            assert "Not for MONAI Deploy" in context, f"{name}:{number + 1} offers plain ckpt_export without saying so"
