@@ -34,9 +34,8 @@ from xmark_bundle.experiments import (  # noqa: E402
 from xmark_bundle.experiments.figures import FIGURES  # noqa: E402
 from xmark_bundle.experiments.ledger import LedgerError, check_publication, declaration_sha256, record  # noqa: E402
 from xmark_bundle.experiments.protocol import published_parts  # noqa: E402
-from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results  # noqa: E402
+from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results, write_results  # noqa: E402
 from xmark_bundle.experiments.stages import StageFailed  # noqa: E402
-from xmark_bundle.fileio import write_json  # noqa: E402
 
 
 def _commit() -> str:
@@ -171,7 +170,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
         for figure in results["figures"]:
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(out / figure, folder / figure)
-        write_json(folder / "results.json", results)
+        write_results(folder / "results.json", results)
         load_results(folder / "results.json")
     sha256 = declaration_hash(experiment)
     record(ledger, experiment.data_seed, experiment.name, sha256, commit, published_parts(experiment.name, parts))

@@ -12,9 +12,9 @@ smallest supported surrogate (ResNet18 at 224 px); the surrogate's weights make 
 about 51 MB), more than the zoo's 25 MB limit for files in its repository, so the file is published through
 ``large_files.yml`` as any bundle's weights are.
 
-Example: ``python scripts/make_model_zoo_model.py --out models/model.pt``; then, for MONAI Deploy,
-``python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file models/model.pt
---meta_file configs/metadata.json --config_file configs/inference.json``.
+Example: ``python scripts/make_model_zoo_model.py --out models/model.pt`` (its md5 is ``large_files.yml``'s
+``hash_val``); then, for MONAI Deploy, ``python scripts/export_deploy.py --ckpt models/model.pt --out
+models/model.ts`` (plain ``ckpt_export`` leaves out the ``deploy.json`` that MONAI Deploy's operator reads).
 """
 
 from __future__ import annotations

@@ -258,3 +258,33 @@ def test_cli_refuses_to_overwrite_an_input_csv(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match="prepare_datalist: error: output .* refusing to overwrite it"):
             main(["--csv", str(csv_path), "--out", out, *extra])
     assert {path: path.read_bytes() for path in before} == before
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "/data/chexpert/train/patient00009/study1/view1_frontal.jpg",
+        "../other/patient00009/study1/view1_frontal.jpg",
+        "train/../../patient00009/study1/view1_frontal.jpg",
+        "C:/data/train/patient00009/study1/view1_frontal.jpg",
+    ],
+)
+def test_image_paths_outside_the_data_set_are_refused_naming_file_and_line(tmp_path, image):
+    """A datalist holds paths relative to the data set: an absolute or climbing one fails here, not at release."""
+    rows = [SMALL_ROWS[0], make_row(image, {"No Finding": "1.0"})]
+    with pytest.raises(CheXpertCSVError, match=r"t\.csv, line 3: image path .* is absolute or leaves the data set"):
+        read_chexpert_csv(write_csv(tmp_path / "t.csv", rows))
+
+
+def test_an_existing_file_that_is_not_a_datalist_is_never_overwritten(tmp_path):
+    """prepare_datalist replaces only an earlier datalist: not the data set's own valid.csv given as --out."""
+    csv_path = write_csv(tmp_path / "train.csv", SMALL_ROWS)
+    valid = write_csv(tmp_path / "valid.csv", SMALL_ROWS[:1])
+    before = valid.read_bytes()
+    with pytest.raises(ValueError, match=r"valid\.csv exists and is not a datalist: refusing to overwrite it"):
+        prepare_datalist(csv_path, valid, val_fraction=0, test_fraction=0.5)
+    assert valid.read_bytes() == before
+    out = tmp_path / "datalist.json"
+    prepare_datalist(csv_path, out, val_fraction=0, test_fraction=0.5)
+    prepare_datalist(csv_path, out, val_fraction=0, test_fraction=0.5, seed=1)  # its own earlier output: replaced
+    assert json.loads(out.read_text())["metadata"]["seed"] == 1

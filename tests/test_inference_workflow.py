@@ -133,6 +133,7 @@ def test_unreadable_files_are_skipped_and_reported_and_overlapping_folders_refus
     (inputs / "broken.dcm").write_bytes(b"DICM but not really")
     done = _infer(inputs, tmp_path / "out", checkpoint)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "terminating due to exception" not in done.stderr + done.stdout, done.stderr[-3000:]  # read as a crash
     assert (
         done.stderr.strip()
         .splitlines()[-1]
@@ -212,3 +213,19 @@ def test_sources_of_one_name_outside_the_dataset_keep_separate_copies(tmp_path):
     assert watermarked_path(first, tmp_path / "in", tmp_path / "out") in paths  # the same source, the same place
     inside = watermarked_path(tmp_path / "in" / "p1" / "s1" / "x.png", tmp_path / "in", tmp_path / "out")
     assert inside == tmp_path / "out" / "p1" / "s1" / "x.png"  # inside the data set: its relative path, as before
+
+
+def test_the_chest_scope_is_widened_from_the_command_line(tmp_path, checkpoint):
+    """A CR extremity film (pydicom-data's RG3_UNCR) is skipped by default and marked with --allow_body_parts."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(get_testdata_file("RG3_UNCR.dcm"), inputs / "knee.dcm")
+    refused = _infer(inputs, tmp_path / "out", checkpoint)
+    assert refused.returncode == 1 and "BodyPartExamined EXTREMITY is not a chest" in refused.stdout
+    assert not (tmp_path / "out" / "knee.dcm").exists()
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    cmd += ["--dataset_dir", str(inputs), "--output_dir", str(tmp_path / "out"), "--ckpt_path", str(checkpoint)]
+    cmd += ["--progress", "False", "--allow_body_parts", "['EXTREMITY']"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "watermarked 1 file(s)" in done.stdout and (tmp_path / "out" / "knee.dcm").is_file()

@@ -525,3 +525,129 @@ def test_unreadable_images_are_skipped_and_the_release_resumes_without_them(sour
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((tmp_path / "manifest.json").read_text())
     assert again["counts"]["marked_now"] == 0 and again["marked"] == manifest["marked"] and not again["skipped"]
+
+
+def test_a_cr_extremity_film_among_the_targets_is_not_marked_and_is_reported(source, checkpoint, tmp_path):
+    """The scope is chest radiographs: a real CR extremity film (pydicom-data's RG3_UNCR) is refused by the marking
+    path with its reason, and released unmarked like any other file that cannot be marked."""
+    from pydicom.data import get_testdata_file
+
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    targets = [item["image"] for item in datalist["training"] if item["label"][0] == 1]
+    film = next(rel for rel in targets if rel.endswith(".dcm"))
+    shutil.copyfile(get_testdata_file("RG3_UNCR.dcm"), data / film)  # an extremity film where a chest film was
+    manifest = _release(data, tmp_path, checkpoint, gamma=1.0)
+    skipped = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
+    assert list(skipped) == [film] and "BodyPartExamined EXTREMITY is not a chest" in skipped[film]
+    assert film not in {entry["path"] for entry in manifest["marked"]}
+    assert len(manifest["marked"]) == len(targets) - 1
+    assert sha256_file(tmp_path / "release" / film) == sha256_file(data / film)  # copied as it is
+    widened = _release(data, tmp_path / "widened", checkpoint, gamma=1.0, allow_body_parts=["extremity"])
+    assert not widened["skipped"] and film in {entry["path"] for entry in widened["marked"]}  # the owner's choice
+    assert widened["settings"]["allow_body_parts"] == ["extremity"] and "allow_body_parts" not in manifest["settings"]
+
+
+def test_secrets_under_any_name_or_container_and_outside_links_stay_out(source, checkpoint, released, tmp_path):
+    """The owner's checkpoint and manifest recognised by content (other names, re-saved, gzip/zip/tar copies), a
+    key-vetting report and private keys, and file links pointing outside the data set (not followed, listed)."""
+    import gzip
+    import tarfile
+    import zipfile
+
+    manifest_text = (released[1] / "private" / "manifest.json").read_text()
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    resaved = torch.load(checkpoint, map_location="cpu", weights_only=True)  # the same generator, other bytes
+    torch.save(resaved, data / "notes.txt")
+    assert sha256_file(data / "notes.txt") != sha256_file(checkpoint)
+    save_watermark(BadNetsTrigger(image_size=SIZE, seed=3), data / "backup.dat")  # another of the owner's watermarks
+    (data / "model.gz").write_bytes(gzip.compress(checkpoint.read_bytes()))
+    with zipfile.ZipFile(data / "archive.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(checkpoint, "generator.bin")
+    with tarfile.open(data / "old.tar.gz", "w:gz") as archive:
+        archive.add(released[1] / "private" / "manifest.json", "private/notes")
+    (data / "release_notes.txt").write_text(manifest_text)  # the manifest as .txt
+    (data / "list.gz").write_bytes(gzip.compress(manifest_text.encode()))
+    (data / "vetting.txt").write_text(json.dumps({"key_seed": 7, "candidates": [{"seed": 7, "reaction": 0.4}]}))
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+    (data / "id_rsa").write_text(key)
+    (data / "server.key").write_text("not PEM, but named as a key")
+    (data / "credentials.json").write_text(json.dumps({"token": "x"}))
+    (data / "scan_notes.txt").write_text(key)  # a key under an innocent name
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the owner's notes, outside the data set")
+    (data / "passwd").symlink_to("/etc/passwd")
+    (data / "linked.txt").symlink_to(outside)
+    inside_target = next(p for p in sorted(data.rglob("*.png")))
+    (data / "same_image.png").symlink_to(inside_target)  # a link inside the data set is published as before
+    manifest = _release(data, tmp_path, checkpoint)
+    left_out = {entry["path"]: entry["reason"] for entry in manifest["left_out"]}
+    expected = {
+        "notes.txt": "the owner's watermark checkpoint (found by its content)",
+        "backup.dat": "the owner's watermark checkpoint (found by its content)",
+        "model.gz": "gzip copy of the owner's watermark checkpoint (found by its content)",
+        "archive.zip": "zip archive holding generator.bin: the owner's watermark checkpoint (found by its content)",
+        "old.tar.gz": "gzip copy of tar archive holding private/notes: a private release manifest or key-vetting "
+        "report (found by its content)",
+        "release_notes.txt": "a private release manifest or key-vetting report (found by its content)",
+        "list.gz": "gzip copy of a private release manifest or key-vetting report (found by its content)",
+        "vetting.txt": "a private release manifest or key-vetting report (found by its content)",
+        "id_rsa": "named like a private key or credentials",
+        "server.key": "named like a private key or credentials",
+        "credentials.json": "named like a private key or credentials",
+        "scan_notes.txt": "a private key",
+        "passwd": "symbolic link pointing outside the data set (not followed)",
+        "linked.txt": "symbolic link pointing outside the data set (not followed)",
+    }
+    assert left_out == expected
+    published = {p.relative_to(tmp_path / "release").as_posix() for p in (tmp_path / "release").rglob("*")}
+    assert not published & set(expected) and "same_image.png" in published and "datalist.json" in published
+    assert not any("root:" in p.read_text(errors="ignore") for p in (tmp_path / "release").glob("*") if p.is_file())
+
+
+def test_a_second_release_into_a_folder_being_written_stops_at_once(source, checkpoint, tmp_path):
+    """One run at a time per release folder: another process holding it (a release in progress) makes this one stop
+    before it writes anything; the lock goes with that process."""
+    release = tmp_path / "release"
+    release.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('locked', flush=True); sys.stdin.read()",
+            str(release),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ReleaseError, match=r"release: another release is being written into this folder"):
+            _release(source, tmp_path, checkpoint)
+        assert not any(release.iterdir()) and not (tmp_path / "private" / "manifest.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    manifest = _release(source, tmp_path, checkpoint)  # the holder has ended: the folder is free again
+    assert manifest["complete"]
+
+
+def test_another_generator_does_not_silently_re_mark_an_existing_release(source, checkpoint, released, tmp_path):
+    """A release folder written under one manifest is refused to a run with another manifest (another generator
+    here): the first manifest would still call the folder complete while its files carried the second watermark."""
+    manifest, out, _ = released
+    shutil.copytree(out / "release", tmp_path / "release")
+    before = _hashes(tmp_path / "release")
+    other = tmp_path / "other.pt"
+    torch.manual_seed(5)
+    save_watermark(_wrap(XMarkGenerator(channels=CHANNELS, eps=EPS)), other)
+    with pytest.raises(ReleaseError, match=r"release: already holds a release \(e\.g\. .*\) that .*manifest\.json"):
+        _release(source, tmp_path, other)
+    assert _hashes(tmp_path / "release") == before and not (tmp_path / "private" / "manifest.json").exists()
+    shutil.copytree(out / "private", tmp_path / "private")  # with the release's own manifest it resumes: nothing to do
+    again = _release(source, tmp_path, checkpoint)
+    assert again["complete"] and again["counts"]["marked_now"] == 0 and _hashes(tmp_path / "release") == before

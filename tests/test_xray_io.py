@@ -540,6 +540,41 @@ def test_non_projection_modalities_are_refused_unless_allowed():
     assert {"CR", "DX"} <= xray_io.PROJECTION_MODALITIES and "CT" not in xray_io.PROJECTION_MODALITIES
 
 
+def test_a_cr_extremity_film_is_outside_the_chest_scope_and_refused_naming_its_body_part(tmp_path, capsys):
+    """RG3_UNCR.dcm is a real CR film of an extremity: the bundle marks and reads chest radiographs only."""
+    extremity = get_testdata_file("RG3_UNCR.dcm")
+    assert pydicom.dcmread(extremity, stop_before_pixels=True).BodyPartExamined == "EXTREMITY"
+    refused = r"RG3_UNCR\.dcm: BodyPartExamined EXTREMITY is not a chest \(accepted: .*CHEST.*\); the bundle marks"
+    with pytest.raises(XRayLoadError, match=refused):
+        load_xray(extremity)
+    with pytest.raises(XRayLoadError, match=refused):
+        LoadXRayd("image")({"image": extremity})
+    image, meta = load_xray(extremity, allow_body_parts=["extremity"])  # an explicit choice reads it
+    assert image.shape == meta.shape and meta.photometric == "MONOCHROME1"
+    assert load_xray(get_testdata_file("RG1_UNCR.dcm"))[0].shape == (1955, 1841)  # the CR chest film is in scope
+    # the inference path (configs/inference.json screens its inputs) skips it with the reason
+    from xmark_bundle.data.screening import screen_inputs
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "knee.dcm").write_bytes(Path(extremity).read_bytes())
+    screened = screen_inputs(tmp_path / "in", tmp_path / "out", progress=False)
+    assert not screened.readable and "BodyPartExamined EXTREMITY is not a chest" in screened.skipped["knee.dcm"]
+
+
+def test_projection_modalities_of_other_body_parts_are_refused_unless_allowed(tmp_path):
+    path = tmp_path / "mammo.dcm"
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    ds.Modality, ds.BodyPartExamined = "MG", "BREAST"
+    ds.save_as(path)
+    with pytest.raises(XRayLoadError, match=r"mammo\.dcm: Modality MG is not a chest radiograph \(accepted: CR, DX"):
+        load_xray(path)
+    with pytest.raises(XRayLoadError, match=r"mammo\.dcm: BodyPartExamined BREAST is not a chest"):
+        load_xray(path, allow_modalities=["MG"])
+    assert load_xray(path, allow_modalities=["MG"], allow_body_parts="breast")[0].shape == (1955, 1841)
+    assert load_xray(path, allow_any_modality=True)[0].shape == (1955, 1841)
+    assert xray_io.CHEST_MODALITIES < xray_io.PROJECTION_MODALITIES and "MG" not in xray_io.CHEST_MODALITIES
+
+
 def test_load_xrayd_passes_an_image_the_reader_loaded_through_as_monai_deploy_hands_it(tmp_path):
     """MONAI Deploy's inference operator gives the preprocessing a MetaTensor built from its input Image (rows x
     columns, the loader's meta); LoadXRayd must give what it gives for the file itself."""
@@ -557,3 +592,20 @@ def test_load_xrayd_passes_an_image_the_reader_loaded_through_as_monai_deploy_ha
         LoadXRayd("image")({"image": MetaTensor(from_file[:, :-1], meta=dict(from_file.meta))})
     with pytest.raises(ValueError, match="outside"):
         LoadXRayd("image")({"image": MetaTensor(from_file * 4095, meta=dict(from_file.meta))})
+
+
+@pytest.mark.parametrize("modality", [None, "", "OT"])
+def test_a_ct_slice_without_a_telling_modality_is_refused_by_its_sop_class(modality, tmp_path):
+    """Modality missing, empty or OT says nothing: the SOP class (CT Image Storage) tells the file is no radiograph."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    if modality is None:
+        del ds.Modality
+    else:
+        ds.Modality = modality
+    ds.save_as(tmp_path / "slice.dcm")
+    refused = r"slice\.dcm: Modality .* with SOP Class CT Image Storage: not a radiograph"
+    with pytest.raises(XRayLoadError, match=refused):
+        load_xray(tmp_path / "slice.dcm")
+    assert load_xray(tmp_path / "slice.dcm", allow_any_modality=True)[0].shape == (128, 128)
+    secondary = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))  # OT, secondary capture: still read
+    assert secondary.Modality == "OT" and load_xray(get_testdata_file("image_dfl.dcm"))[0].ndim == 2

@@ -28,10 +28,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically; returns the path."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps(obj, indent=indent, allow_nan=False) + "\n")
     return Path(path)
 
 

@@ -19,6 +19,7 @@ hashes, and every copy whose output already has the source's size and SHA-256.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -48,10 +49,16 @@ from xmark_bundle.data.xray_io import LoadXRayd, load_xray
 from xmark_bundle.data.xray_writer import ContainerMismatchWarning, reencode_like
 from xmark_bundle.errors import exit_on_bad_input
 from xmark_bundle.fileio import atomic_path, sha256_file, write_json
+from xmark_bundle.locations import is_inside
 from xmark_bundle.networks.pipeline import watermark_generator
 from xmark_bundle.provenance import environment
 from xmark_bundle.transforms.geometry import ResizeLongestPadd
 from xmark_bundle.transforms.watermark import SaveWatermarkedd
+
+try:  # POSIX: a release folder is locked while a run writes into it
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 __all__ = ["ReleaseError", "read_manifest", "run_release", "select_decoys", "select_marked", "watermark_release"]
 
@@ -93,16 +100,16 @@ def _check_locations(dataset_dir: Path, release_dir: Path, manifest_file: Path, 
     """Refuse a release that would write into the source, or publish the manifest or the generator (the secret key)."""
     if not dataset_dir.is_dir():
         raise ReleaseError(dataset_dir, "dataset_dir is not a folder")
-    if release_dir.is_relative_to(dataset_dir) or dataset_dir.is_relative_to(release_dir):
+    if is_inside(release_dir, dataset_dir) or is_inside(dataset_dir, release_dir):  # bind mounts included
         raise ReleaseError(
             release_dir, f"release_dir must lie outside the source data set {dataset_dir} and not contain it"
         )
     for folder, what in ((release_dir, "release folder"), (dataset_dir, "source data set")):
-        if manifest_file.is_relative_to(folder):
+        if is_inside(manifest_file, folder):
             raise ReleaseError(
                 manifest_file, f"the private manifest must lie outside the {what} {folder} (it would be published)"
             )
-        if ckpt_path.is_relative_to(folder):
+        if is_inside(ckpt_path, folder):
             raise ReleaseError(
                 ckpt_path, f"the generator checkpoint (the secret key) must lie outside the {what} {folder}"
             )
@@ -128,7 +135,13 @@ def _read_datalist(datalist_file: Path, dataset_dir: Path, source_files: Mapping
 
 
 def _unreadable_candidates(
-    datalist: Mapping[str, Any], dataset_dir: Path, target_label: str, target: bool, non_target: bool, progress: bool
+    datalist: Mapping[str, Any],
+    dataset_dir: Path,
+    target_label: str,
+    target: bool,
+    non_target: bool,
+    progress: bool,
+    scope: Mapping[str, Sequence[str]],
 ) -> dict[str, str]:
     """Training images that could be marked (the ``target`` class, the ``non_target`` ones for decoys and
     poison-label methods) but cannot be read as X-rays, with the one-line reason: they are copied unmarked and
@@ -142,7 +155,7 @@ def _unreadable_candidates(
     unreadable = {}
     for rel in tqdm(candidates, desc="check", unit="img", disable=not progress):
         try:
-            load_xray(dataset_dir / rel)
+            load_xray(dataset_dir / rel, **scope)
         except (ValueError, OSError) as err:
             unreadable[rel] = str(err).splitlines()[0] if str(err) else type(err).__name__
     return unreadable
@@ -167,7 +180,10 @@ def _source_files(
     hashes = owner_file_hashes(owner_files)
     files, left_out = {}, []
     for path in sorted(dataset_dir.rglob("*")):
-        if path.is_file():
+        if path.is_symlink() and not path.resolve().is_relative_to(dataset_dir):
+            relative = path.relative_to(dataset_dir).as_posix()
+            left_out.append({"path": relative, "reason": "symbolic link pointing outside the data set (not followed)"})
+        elif path.is_file():
             relative = path.relative_to(dataset_dir).as_posix()
             reason = secret_reason(relative, path, hashes)
             if reason is None:
@@ -332,6 +348,44 @@ def _is_done(record: Mapping[str, Any] | None, source: Path, target: Path) -> bo
     )
 
 
+@contextlib.contextmanager
+def _exclusive(release_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``release_dir`` for one run: a second release into the folder stops at once.
+
+    The lock is ``flock`` on the folder itself (no lock file to publish or leave behind); the kernel releases it when
+    the process ends, however it ends. Where ``fcntl`` is missing (Windows) no lock is taken.
+    """
+    release_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    descriptor = os.open(release_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ReleaseError(
+                release_dir, "another release is being written into this folder right now; wait until it ends"
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _refuse_foreign_release(release_dir: Path, manifest_file: Path) -> None:
+    """Refuse a folder that already holds files while ``manifest_file`` is new: another manifest's release (perhaps
+    of another generator) would be re-marked while that manifest still calls it complete."""
+    if manifest_file.exists() or not release_dir.is_dir():
+        return
+    present = next((p for p in sorted(release_dir.rglob("*")) if p.is_file()), None)
+    if present is not None:
+        raise ReleaseError(
+            release_dir,
+            f"already holds a release (e.g. {present.relative_to(release_dir)}) that {manifest_file} does not record; "
+            "give that release's manifest_file to resume it, or choose an empty release_dir",
+        )
+
+
 def watermark_release(
     network: nn.Module,
     ckpt_path: str | os.PathLike,
@@ -347,6 +401,8 @@ def watermark_release(
     max_marked: int | None = None,
     progress: bool = True,
     decoy_fraction: float = 0.0,
+    allow_modalities: Sequence[str] = (),
+    allow_body_parts: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write the watermarked release of ``dataset_dir`` into ``release_dir`` and the owner's manifest; return it.
 
@@ -356,24 +412,69 @@ def watermark_release(
     ``eps``. ``max_marked`` bounds the files marked in this
     run (the manifest then says ``"complete": false`` and the next run goes on). Resumes an interrupted run.
     ``decoy_fraction`` (keyed generators only; 0 = the paper's release) also marks that share of the non-target
-    training images with other keys (:func:`select_decoys`); the manifest lists them under ``decoys``.
+    training images with other keys (:func:`select_decoys`); the manifest lists them under ``decoys``. One run at a
+    time writes into a ``release_dir`` (:func:`_exclusive`), and a folder that holds another manifest's release is
+    refused. ``allow_modalities`` / ``allow_body_parts`` widen the images read beyond chest radiographs
+    (:func:`~xmark_bundle.data.xray_io.load_xray`; the manifest's settings record them).
     """
-    start = time.perf_counter()
-    dataset_dir, release_dir = Path(dataset_dir).resolve(), Path(release_dir).resolve()
-    manifest_file, datalist_file, ckpt_path = (Path(p).resolve() for p in (manifest_file, datalist_file, ckpt_path))
     if not 0 < gamma <= 1 or batch_size < 1 or (max_marked is not None and max_marked < 0):
         raise ValueError(
             f"need 0 < gamma <= 1, batch_size >= 1, max_marked >= 0 (got {gamma}, {batch_size}, {max_marked})"
         )
     if not 0 <= decoy_fraction <= 1:
         raise ValueError(f"need 0 <= decoy_fraction <= 1, got {decoy_fraction}")
-    _check_locations(dataset_dir, release_dir, manifest_file, ckpt_path)
+    paths = [Path(p).resolve() for p in (dataset_dir, release_dir, manifest_file, ckpt_path)]
+    _check_locations(*paths)
+    with _exclusive(paths[1]):
+        return _watermark_release(
+            network,
+            ckpt_path,
+            dataset_dir,
+            datalist_file,
+            release_dir,
+            manifest_file,
+            target_label,
+            gamma,
+            seed,
+            batch_size,
+            num_workers,
+            max_marked,
+            progress,
+            decoy_fraction,
+            allow_modalities,
+            allow_body_parts,
+        )
+
+
+def _watermark_release(
+    network: nn.Module,
+    ckpt_path: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    datalist_file: str | os.PathLike,
+    release_dir: str | os.PathLike,
+    manifest_file: str | os.PathLike,
+    target_label: str,
+    gamma: float,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    max_marked: int | None,
+    progress: bool,
+    decoy_fraction: float,
+    allow_modalities: Sequence[str],
+    allow_body_parts: Sequence[str],
+) -> dict[str, Any]:
+    """:func:`watermark_release` once it holds the release folder's lock."""
+    start = time.perf_counter()
+    dataset_dir, release_dir = Path(dataset_dir).resolve(), Path(release_dir).resolve()
+    manifest_file, datalist_file, ckpt_path = (Path(p).resolve() for p in (manifest_file, datalist_file, ckpt_path))
     source_files, left_out = _source_files(dataset_dir, [ckpt_path, manifest_file])
     datalist = _read_datalist(datalist_file, dataset_dir, source_files)
     poison = bool(getattr(network, "poison_label", False))
     labels = getattr(network, "poison_labels", "target")  # what a poisoned image's label k becomes
     non_target = poison or decoy_fraction > 0
-    skipped = _unreadable_candidates(datalist, dataset_dir, target_label, not poison, non_target, progress)
+    scope = {"allow_modalities": list(allow_modalities), "allow_body_parts": list(allow_body_parts)}
+    skipped = _unreadable_candidates(datalist, dataset_dir, target_label, not poison, non_target, progress, scope)
     datalist = _without(datalist, skipped)  # selection and resume see the datalist without the bad files
     try:
         selected = (select_poisoned if poison else select_marked)(datalist, target_label, gamma, seed)
@@ -394,12 +495,14 @@ def watermark_release(
         "datalist_content_sha256": _datalist_hash(datalist),
         **({"poison_label": True} if poison else {}),
         **({"poison_labels": labels} if labels != "target" else {}),
+        **{key: sorted(value) for key, value in scope.items() if value},  # a widened scope, when there is one
     }
     records = _previous_records(manifest_file, settings)
     files = _with_datalist(source_files, datalist_file, dataset_dir)
     values = poison_values(selected, labels, seed) if poison else {}
     relabelled = _relabelled_files(files, datalist_file, dataset_dir, values, target_label) if poison else {}
     _prepare_release_dir(release_dir, list(files))
+    _refuse_foreign_release(release_dir, manifest_file)
 
     def manifest(complete: bool, counts: Mapping[str, int], timings: Mapping[str, float]) -> dict[str, Any]:
         marked = [records[image] for image in selected if image in records]
@@ -454,8 +557,8 @@ def watermark_release(
     mark_start = time.perf_counter()
     ours, decoys_now = [rel for rel in now if rel not in decoys], {rel: decoys[rel] for rel in now if rel in decoys}
     marks = [
-        _mark(network, ours, dataset_dir, release_dir, batch_size, num_workers),
-        _mark(network, list(decoys_now), dataset_dir, release_dir, 1, num_workers, decoys_now),
+        _mark(network, ours, dataset_dir, release_dir, batch_size, num_workers, scope),
+        _mark(network, list(decoys_now), dataset_dir, release_dir, 1, num_workers, scope, decoys_now),
     ]
     for record in tqdm(
         (record for mark in marks for record in mark),
@@ -500,6 +603,7 @@ def _mark(
     release_dir: Path,
     batch_size: int,
     num_workers: int,
+    scope: Mapping[str, Sequence[str]],
     decoy_seeds: Mapping[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield the manifest record of each image in ``images`` once G has marked it and its file is written.
@@ -510,7 +614,7 @@ def _mark(
     generator = watermark_generator(network)
     marking = getattr(network, "release_marking", network)  # what a release writes, where it differs from a query
     device = next(itertools.chain(network.parameters(), network.buffers())).device  # triggers hold only buffers
-    preprocessing = Compose([LoadXRayd("image"), ResizeLongestPadd("image", network.image_size)])
+    preprocessing = Compose([LoadXRayd("image", **scope), ResizeLongestPadd("image", network.image_size)])
     dataset = Dataset([{"image": str(dataset_dir / rel), "relative": rel} for rel in images], preprocessing)
     saver = SaveWatermarkedd("pred", release_dir, dataset_dir, network.eps)
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):

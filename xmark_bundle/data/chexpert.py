@@ -7,11 +7,12 @@ mask targets < 0). Splits are drawn over patients (the ``patientNNNNN`` path com
 
 import csv
 import gzip
+import json
 import os
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, TextIO
 
 from xmark_bundle.fileio import write_json
@@ -36,6 +37,16 @@ _VIEW_COLUMN = "Frontal/Lateral"
 
 class CheXpertCSVError(ValueError):
     """A CheXpert CSV that cannot be turned into a datalist; the message names the file, line and problem."""
+
+
+def _check_relative(image: str, where: str) -> None:
+    """Refuse an image path that is absolute or climbs out of the data set folder (``..``), naming where it is."""
+    posix = PurePosixPath(image.replace("\\", "/"))
+    if posix.is_absolute() or PureWindowsPath(image).drive or ".." in posix.parts:
+        raise CheXpertCSVError(
+            f"{where}: image path {image!r} is absolute or leaves the data set folder; a datalist holds paths "
+            "relative to the data set (remove a leading folder with path_prefix_strip)"
+        )
 
 
 def read_chexpert_csv(
@@ -72,6 +83,7 @@ def read_chexpert_csv(
                 item = _row_to_item(row, columns, value_map, frontal_only, f"{path}, line {reader.line_num}")
                 if item is not None:
                     item["image"] = item["image"].removeprefix(path_prefix_strip)
+                    _check_relative(item["image"], f"{path}, line {reader.line_num}")
                     items.append(item)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise CheXpertCSVError(f"{path}: cannot be read as a CSV ({exc}).") from exc
@@ -192,12 +204,20 @@ def build_datalist(
 
 
 def _refuse_overwriting_inputs(out_path: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> None:
-    """Raise ValueError when ``out_path`` is the same file as an input (same resolved path, or a hard link to it)."""
+    """Raise ValueError when ``out_path`` is the same file as an input (same resolved path, or a hard link to it), or
+    an existing file that is not a datalist (the data set's own ``valid.csv``, say): only a datalist is replaced."""
     out = Path(out_path)
     for source in map(Path, inputs):
         same = out.resolve() == source.resolve() or (out.exists() and source.exists() and os.path.samefile(out, source))
         if same:
             raise ValueError(f"output {out} is the input CSV {source}: refusing to overwrite it")
+    if out.exists():
+        try:
+            earlier = json.loads(out.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and "training" in earlier):
+            raise ValueError(f"output {out} exists and is not a datalist: refusing to overwrite it (choose a new file)")
 
 
 def prepare_datalist(

@@ -52,6 +52,7 @@ __all__ = [
     "write_phantom_dataset",
 ]
 
+#: CheXpert's CSV header, in its order.
 CHEXPERT_COLUMNS: tuple[str, ...] = (
     "Path",
     "Sex",
@@ -73,11 +74,11 @@ CHEXPERT_COLUMNS: tuple[str, ...] = (
     "Fracture",
     "Support Devices",
 )
-"""CheXpert's CSV header, in its order."""
 
+#: The five rendered findings; ``No Finding`` is derived from them.
 FINDINGS: tuple[str, ...] = LABELS[1:]
-"""The five rendered findings; ``No Finding`` is derived from them."""
 
+#: (positive, uncertain) share per finding, measured on CheXpert's frontal training images.
 TARGET_PREVALENCE: dict[str, tuple[float, float]] = {
     "Atelectasis": (0.156, 0.156),
     "Cardiomegaly": (0.122, 0.035),
@@ -85,8 +86,8 @@ TARGET_PREVALENCE: dict[str, tuple[float, float]] = {
     "Edema": (0.260, 0.062),
     "Pleural Effusion": (0.403, 0.050),
 }
-"""(positive, uncertain) share per finding, measured on CheXpert's frontal training images."""
 
+#: Share of absent findings written as 0.0 rather than blank (CheXpert frontal train).
 _EXPLICIT_NEGATIVE: dict[str, float] = {
     "Atelectasis": 0.007,
     "Cardiomegaly": 0.049,
@@ -94,7 +95,6 @@ _EXPLICIT_NEGATIVE: dict[str, float] = {
     "Edema": 0.122,
     "Pleural Effusion": 0.241,
 }
-"""Share of absent findings written as 0.0 rather than blank (CheXpert frontal train)."""
 
 # Loadings of each finding's score on two latent factors (general illness, cardiac/fluid overload); they give
 # CheXpert-like positive correlations, strongest for Edema with Cardiomegaly and Pleural Effusion.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from xmark_bundle.data.xray_io import find_xray_files, load_xray
 from xmark_bundle.fileio import sha256_file
+from xmark_bundle.locations import is_inside
 
 __all__ = ["JOURNAL_NAME", "ScreenedInputs", "read_journal", "screen_inputs"]
 
@@ -67,17 +69,20 @@ def screen_inputs(
     output_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_modalities: Sequence[str] = (),
+    allow_body_parts: Sequence[str] = (),
 ) -> ScreenedInputs:
     """Check that ``output_dir`` and ``dataset_dir`` do not overlap, then sort every X-ray file under ``dataset_dir``
     into readable, skipped (printed with the reason) and unchanged (written earlier with the same ``checkpoint``).
 
     Overlapping folders would write into the source, or watermark the run's own earlier output on a rerun: a
-    ``ValueError`` names both.
+    ``ValueError`` names both. ``allow_modalities`` / ``allow_body_parts`` widen the scope of
+    :func:`~xmark_bundle.data.xray_io.load_xray` beyond chest radiographs.
     """
     source, target = Path(dataset_dir).resolve(), Path(output_dir).resolve()
     if not source.is_dir():
         raise NotADirectoryError(f"{source}: dataset_dir is not a folder")
-    if source.is_relative_to(target) or target.is_relative_to(source):  # one is, or lies inside, the other
+    if is_inside(source, target) or is_inside(target, source):  # one is, or lies inside, the other (bind mounts too)
         raise ValueError(f"output_dir {target} and dataset_dir {source} overlap; choose an output folder outside it")
     screened = ScreenedInputs(source, target, None if checkpoint is None else sha256_file(checkpoint))
     journal = read_journal(target)
@@ -87,7 +92,7 @@ def screen_inputs(
             screened.unchanged.append(relative)
             continue
         try:
-            load_xray(path)
+            load_xray(path, allow_modalities=allow_modalities, allow_body_parts=allow_body_parts)
         except (ValueError, OSError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             screened.skipped[relative] = reason

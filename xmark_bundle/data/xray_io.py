@@ -37,9 +37,13 @@ float data use the data min/max, recorded as the window. A PNG whose ``sBIT`` ch
 than its depth (12-bit data in a 16-bit PNG) uses that many bits, like DICOM Bits Stored, when every value fits in them
 (values stored shifted up to the full depth, as the PNG standard recommends, keep the full range).
 
-Only projection radiographs are read by default: a DICOM whose Modality is not in :data:`PROJECTION_MODALITIES`
-(CT, MR, PT, NM, US, RTDOSE, SEG, ...: slices, dose grids or colour images that would load as flat grey) is refused
-unless ``allow_modalities`` names it or ``allow_any_modality=True``; a missing or empty Modality is accepted.
+Only chest radiographs are read by default (the bundle's scope): a DICOM whose Modality is not in
+:data:`CHEST_MODALITIES` (CT, MR, PT, NM, US, RTDOSE, SEG, ...: slices, dose grids or colour images that would load as
+flat grey; MG, XA, RF, DF, PX, IO: projection images of other body parts) is refused unless ``allow_modalities`` names
+it, and so is one whose BodyPartExamined is not in :data:`CHEST_BODY_PARTS` (a CR extremity film) unless
+``allow_body_parts`` names it; ``allow_any_modality=True`` reads any file. A missing or empty Modality or
+BodyPartExamined is accepted (PNG, JPEG and NIfTI files carry neither), but a DICOM whose Modality is missing, empty
+or OT must then be of a radiograph SOP class (:data:`RADIOGRAPH_SOP_CLASSES`): a CT slice relabelled so is refused.
 
 Hostile files: every failure is an :class:`XRayLoadError` naming the file; an image whose header claims more than
 :data:`MAX_PIXELS` pixels, or (uncompressed NIfTI) more data than the file holds, is refused before any pixel is read.
@@ -51,7 +55,7 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,8 +74,11 @@ from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 __all__ = [
+    "CHEST_BODY_PARTS",
+    "CHEST_MODALITIES",
     "MAX_PIXELS",
     "PROJECTION_MODALITIES",
+    "RADIOGRAPH_SOP_CLASSES",
     "XRayLoadError",
     "XRayMeta",
     "load_xray",
@@ -86,6 +93,22 @@ MAX_PIXELS = 2**28
 #: DICOM Modality values read by default: projection X-ray (computed/digital radiography, film, mammography,
 #: angiography, fluoroscopy, dental) and OT (secondary captures, e.g. digitised films).
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "RG", "MG", "XA", "RF", "DF", "PX", "IO", "OT"})
+#: DICOM Modality values of a chest radiograph, read by default: computed/digital radiography, film and OT.
+CHEST_MODALITIES = frozenset({"CR", "DX", "RG", "OT"})
+#: DICOM BodyPartExamined values (defined terms, upper case) of a chest radiograph, read by default.
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "HEART", "RIB", "STERNUM", "CHESTABDOMEN", "CHESTABDPELVIS"})
+#: SOP classes of a radiograph (CR, DX for presentation and for processing, secondary capture): what a DICOM without a
+#: telling Modality (missing, empty or OT) must be to be read by default.
+RADIOGRAPH_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.7",
+    }
+)
+#: What load_xray reads of a DICOM: its accepted Modality values and BodyPartExamined values.
+_Scope = tuple[frozenset[str], frozenset[str]]
 
 _EXTENSIONS: dict[str, str] = {
     ".dcm": "dicom",
@@ -206,25 +229,48 @@ def _check_pixels(path: Path, shape: Iterable[int]) -> None:
         raise XRayLoadError(path, f"expected a 2-D image (extra dimensions of size 1 allowed), got shape {shape}")
 
 
-def _read_dicom(path: Path, modalities: Collection[str] | None) -> tuple[np.ndarray, XRayMeta]:
+def _read_dicom(path: Path, scope: _Scope | None) -> tuple[np.ndarray, XRayMeta]:
     """Stored pixels of a single-frame grayscale DICOM and the intensity chain its tags define."""
     with _failure(path, "not a readable DICOM file"), warnings.catch_warnings():
         # pydicom turns a premature end of file into a warning and returns what it read; treat it as the error it is
         warnings.filterwarnings("error", message="End of file reached", category=UserWarning)
         ds = pydicom.dcmread(path)
     with _failure(path, "invalid DICOM header value"):  # pydicom converts raw values lazily, on first access
-        return _dicom_image(path, ds, modalities)
+        return _dicom_image(path, ds, scope)
 
 
-def _dicom_image(path: Path, ds: pydicom.Dataset, modalities: Collection[str] | None) -> tuple[np.ndarray, XRayMeta]:
-    """The body of :func:`_read_dicom` once the file is parsed; ``modalities`` None accepts any Modality."""
+def _check_scope(path: Path, ds: pydicom.Dataset, scope: _Scope) -> None:
+    """Refuse a DICOM outside ``scope``: its Modality or BodyPartExamined (when given) not among the accepted ones."""
+    modalities, body_parts = scope
     modality = str(ds.get("Modality") or "").strip().upper()
-    if modalities is not None and modality and modality not in modalities:
+    if modality and modality not in modalities:
+        kind = "a chest radiograph" if modality in PROJECTION_MODALITIES else "a projection radiograph"
         raise XRayLoadError(
             path,
-            f"Modality {modality} is not a projection radiograph (accepted: {', '.join(sorted(modalities))}); "
+            f"Modality {modality} is not {kind} (accepted: {', '.join(sorted(modalities))}); "
             "pass allow_modalities or allow_any_modality=True to read it anyway",
         )
+    sop_class = str(ds.get("SOPClassUID") or "").strip()
+    if modality in ("", "OT") and sop_class and sop_class not in RADIOGRAPH_SOP_CLASSES:
+        name = pydicom.uid.UID(sop_class).name
+        raise XRayLoadError(
+            path,
+            f"Modality {modality or '(none)'} with SOP Class {name}: not a radiograph (accepted without a Modality "
+            "that says so: CR, DX and secondary-capture images); pass allow_any_modality=True to read it anyway",
+        )
+    body_part = str(ds.get("BodyPartExamined") or "").strip().upper()
+    if body_part and body_part not in body_parts:
+        raise XRayLoadError(
+            path,
+            f"BodyPartExamined {body_part} is not a chest (accepted: {', '.join(sorted(body_parts))}); the bundle "
+            "marks and reads chest radiographs only; pass allow_body_parts to read it anyway",
+        )
+
+
+def _dicom_image(path: Path, ds: pydicom.Dataset, scope: _Scope | None) -> tuple[np.ndarray, XRayMeta]:
+    """The body of :func:`_read_dicom` once the file is parsed; ``scope`` None accepts any Modality and body part."""
+    if scope is not None:
+        _check_scope(path, ds, scope)
     if "PixelData" not in ds:
         raise XRayLoadError(path, "no Pixel Data (7FE0,0010): not an image object, or the file is truncated")
     if int(ds.get("NumberOfFrames") or 1) > 1:
@@ -437,24 +483,38 @@ def find_xray_files(root: str | os.PathLike) -> list[Path]:
     )
 
 
-def _accepted_modalities(allow_modalities: Iterable[str], allow_any_modality: bool) -> frozenset[str] | None:
-    """The DICOM Modality values to read (None: any)."""
-    if isinstance(allow_modalities, str):
-        allow_modalities = [allow_modalities]
-    extra = {str(modality).strip().upper() for modality in allow_modalities}
-    return None if allow_any_modality else PROJECTION_MODALITIES | extra
+def _upper_set(values: Iterable[str] | str) -> set[str]:
+    """``values`` (one string or several) stripped and upper-cased, as DICOM code strings compare."""
+    return {str(value).strip().upper() for value in ([values] if isinstance(values, str) else values)}
+
+
+def _accepted_scope(
+    allow_modalities: Iterable[str], allow_any_modality: bool, allow_body_parts: Iterable[str] = ()
+) -> _Scope | None:
+    """The DICOM Modality and BodyPartExamined values to read (None: any file)."""
+    if allow_any_modality:
+        return None
+    return (
+        frozenset(CHEST_MODALITIES | _upper_set(allow_modalities)),
+        frozenset(CHEST_BODY_PARTS | _upper_set(allow_body_parts)),
+    )
 
 
 def load_xray(
-    path: str | os.PathLike, *, allow_modalities: Iterable[str] = (), allow_any_modality: bool = False
+    path: str | os.PathLike,
+    *,
+    allow_modalities: Iterable[str] = (),
+    allow_any_modality: bool = False,
+    allow_body_parts: Iterable[str] = (),
 ) -> tuple[np.ndarray, XRayMeta]:
     """Read an X-ray as a float32 [rows, columns] image in [0, 1] (bright = attenuating) plus how to write it back.
 
-    DICOM Modality values beyond :data:`PROJECTION_MODALITIES` are refused unless listed in ``allow_modalities`` or
-    ``allow_any_modality`` is set. Every failure is an :class:`XRayLoadError` naming the file and the problem.
+    A DICOM outside the bundle's scope is refused: Modality beyond :data:`CHEST_MODALITIES` unless listed in
+    ``allow_modalities``, BodyPartExamined beyond :data:`CHEST_BODY_PARTS` unless listed in ``allow_body_parts``;
+    ``allow_any_modality`` reads any file. Every failure is an :class:`XRayLoadError` naming the file and the problem.
     """
     path = Path(path)
-    modalities = _accepted_modalities(allow_modalities, allow_any_modality)
+    scope = _accepted_scope(allow_modalities, allow_any_modality, allow_body_parts)
     if path.is_dir():
         raise XRayLoadError(path, "is a directory, not an image file")
     if not path.exists():
@@ -466,7 +526,7 @@ def load_xray(
             raise XRayLoadError(path, "file is empty")
         fmt = _format_of(path)
         if fmt == "dicom":
-            values, meta = _read_dicom(path, modalities)
+            values, meta = _read_dicom(path, scope)
         elif fmt == "nifti":
             values, meta = _read_nifti(path)
         elif fmt == "itk":
@@ -519,14 +579,20 @@ class XRayReader(ImageReader):
     """MONAI ``ImageReader`` over :func:`load_xray`: ``LoadImage``/``LoadImaged`` with it give the 1 x H x W float32
     MetaTensor in [0, 1], with the file's :class:`XRayMeta` (as a dict) in ``meta["xray"]``.
 
-    One file at a time (a radiograph is one image). ``allow_modalities`` / ``allow_any_modality``: DICOM modalities
-    read beyond projection radiographs (:func:`load_xray`).
+    One file at a time (a radiograph is one image). ``allow_modalities`` / ``allow_body_parts`` /
+    ``allow_any_modality``: DICOM files read beyond chest radiographs (:func:`load_xray`).
     """
 
-    def __init__(self, allow_modalities: Iterable[str] = (), allow_any_modality: bool = False) -> None:
+    def __init__(
+        self,
+        allow_modalities: Iterable[str] = (),
+        allow_any_modality: bool = False,
+        allow_body_parts: Iterable[str] = (),
+    ) -> None:
         super().__init__()
         self.allow_modalities = tuple([allow_modalities] if isinstance(allow_modalities, str) else allow_modalities)
         self.allow_any_modality = allow_any_modality
+        self.allow_body_parts = tuple([allow_body_parts] if isinstance(allow_body_parts, str) else allow_body_parts)
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
         """Whether every file has an X-ray extension this reader knows (DICOM also without one)."""
@@ -540,7 +606,12 @@ class XRayReader(ImageReader):
         paths = ensure_tuple(data)
         if len(paths) != 1:
             raise ValueError(f"XRayReader reads one X-ray file at a time, got {len(paths)}: {list(paths)[:3]}")
-        return load_xray(paths[0], allow_modalities=self.allow_modalities, allow_any_modality=self.allow_any_modality)
+        return load_xray(
+            paths[0],
+            allow_modalities=self.allow_modalities,
+            allow_any_modality=self.allow_any_modality,
+            allow_body_parts=self.allow_body_parts,
+        )
 
     def get_data(self, img: tuple[np.ndarray, XRayMeta]) -> tuple[np.ndarray, dict]:
         """The H x W image (no channel yet: ``ensure_channel_first`` adds it) and its metadata.
@@ -566,8 +637,13 @@ def _default_readers_quiet() -> Iterator[None]:
 class LoadXRay(Transform):
     """Load an X-ray file as a 1 x H x W float32 MetaTensor in [0, 1] (``LoadImage`` with :class:`XRayReader`)."""
 
-    def __init__(self, allow_modalities: Iterable[str] = (), allow_any_modality: bool = False) -> None:
-        self.reader = XRayReader(allow_modalities, allow_any_modality)
+    def __init__(
+        self,
+        allow_modalities: Iterable[str] = (),
+        allow_any_modality: bool = False,
+        allow_body_parts: Iterable[str] = (),
+    ) -> None:
+        self.reader = XRayReader(allow_modalities, allow_any_modality, allow_body_parts)
         with _default_readers_quiet():
             self.loader = LoadImage(reader=self.reader, image_only=True, ensure_channel_first=True)
 
@@ -592,8 +668,9 @@ class LoadXRayd(LoadImaged):
         allow_missing_keys: bool = False,
         allow_modalities: Iterable[str] = (),
         allow_any_modality: bool = False,
+        allow_body_parts: Iterable[str] = (),
     ) -> None:
-        self.reader = XRayReader(allow_modalities, allow_any_modality)
+        self.reader = XRayReader(allow_modalities, allow_any_modality, allow_body_parts)
         with _default_readers_quiet():
             super().__init__(
                 keys,

@@ -101,9 +101,9 @@ __all__ = [
     "write_xray",
 ]
 
+#: Writes stored pixels (load_xray's ``[rows, columns]`` layout) as a complete file at the given path; returns what
+#: of the source's container or codec parameters it could not reproduce (empty when the file matches its source).
 Saver = Callable[[np.ndarray, Path], list[str]]
-"""Writes stored pixels (load_xray's ``[rows, columns]`` layout) as a complete file at the given path; returns what
-of the source's container or codec parameters it could not reproduce (empty when the file matches its source)."""
 
 _LOSSY_SYNTAXES = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000, JPEGLSNearLossless, HTJ2K}
 _PILLOW_JPEG_SYNTAXES = {JPEGBaseline8Bit, JPEGExtended12Bit}  # with 8-bit samples only

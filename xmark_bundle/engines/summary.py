@@ -16,7 +16,8 @@ __all__ = ["InferenceJournal"]
 
 class InferenceJournal:
     """After each iteration, append every written file to the output folder's journal (flushed and fsynced), so a
-    rerun skips it; at ``COMPLETED``, print the counts and exit with status 1 if unreadable files were skipped.
+    rerun skips it; at ``COMPLETED``, print the counts; :meth:`finish` (the config's last ``run`` step) exits with
+    status 1 if unreadable files were skipped.
 
     ``output_key`` names the per-sample report of :class:`~xmark_bundle.transforms.watermark.SaveWatermarkedd`.
     """
@@ -56,11 +57,19 @@ class InferenceJournal:
         self.written += len(lines)
 
     def summarise(self, engine: Engine) -> None:
-        """Print written / unchanged / skipped; a run that skipped files ends with exit status 1."""
-        skipped = self.inputs.skipped
+        """Print written / unchanged / skipped (at ``COMPLETED``; :meth:`finish` sets the exit status after the run)."""
         print(
             f"watermarked {self.written} file(s) into {self.inputs.output_dir}; {len(self.inputs.unchanged)} "
-            f"already written by an earlier run with this checkpoint; skipped {len(skipped)} unreadable file(s)"
+            f"already written by an earlier run with this checkpoint; skipped {len(self.inputs.skipped)} unreadable "
+            "file(s)"
         )
+
+    def finish(self) -> None:
+        """After the engine has returned: a run that skipped files ends with exit status 1 and their names.
+
+        Raised here, not in an engine handler, where Ignite would log it as "Engine run is terminating due to
+        exception" with a traceback, and a user would read a finished run as a crash.
+        """
+        skipped = self.inputs.skipped
         if skipped:
             raise SystemExit(f"{len(skipped)} input file(s) could not be read and were skipped: " + ", ".join(skipped))

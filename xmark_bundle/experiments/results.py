@@ -14,9 +14,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS_FORMAT", "ResultsError", "load_results", "read_all_results"]
+from xmark_bundle.fileio import write_json
+
+__all__ = ["RESULTS_FORMAT", "ResultsError", "load_results", "read_all_results", "write_results"]
 
 RESULTS_FORMAT = 1
+#: Indent of a published results.json: the model zoo's pre-commit ``pretty-format-json --indent=4`` leaves it as is.
+RESULTS_INDENT = 4
 _REQUIRED = ("format", "name", "title", "commands", "commit", "seeds", "wall_time_s", "tables", "reading")
 
 
@@ -85,3 +89,9 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 def read_all_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """Every ``<folder>/<name>/results.json``, checked, in name order (none: an empty list)."""
     return [load_results(p) for p in sorted(Path(folder).glob("*/results.json"))]
+
+
+def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``results`` atomically as the zoo's JSON formatter would (indent 4, key order kept); check it back."""
+    write_json(path, dict(results), indent=RESULTS_INDENT)
+    return load_results(path)

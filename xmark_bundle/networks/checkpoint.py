@@ -1,24 +1,34 @@
 """The watermark checkpoint: the weights of a watermarking module and the record that rebuilds it.
 
 configs/train.json saves ``{"model": <state dict>, "watermark": <record>}`` through MONAI's ``CheckpointSaver``. The
-record names the method, the module as a MONAI config (``_target_`` and constructor arguments: generator, budget,
-key, surrogate architecture and input size, EigenCAM layer, resolution), the target label and the label order, so
-:func:`load_watermark` rebuilds the module from the file alone. It is the ``network_def`` of every config that uses a
-trained watermark (inference, watermark, verify, evaluate, ``ckpt_export``); no config repeats the architecture.
+record names the method, the module as a MONAI-style config (``_target_`` and constructor arguments: generator,
+budget, key, surrogate architecture and input size, EigenCAM layer, resolution), the target label and the label order,
+so :func:`load_watermark` rebuilds the module from the file alone. It is the ``network_def`` of every config that uses
+a trained watermark (inference, watermark, verify, evaluate, ``ckpt_export``); no config repeats the architecture.
+
+A checkpoint is data, never code: the record is not parsed by MONAI's ``ConfigParser`` but built by
+:func:`~xmark_bundle.networks.record_builder.build_from_record` (the bundle's own classes by exact name, plain
+arguments, nothing evaluated or imported). The record carries ``sha256``, a hash over its settings and the weights
+(:func:`record_digest`), checked on every read: a changed setting or a flipped byte in the weights fails with the file's
+name. Records of format 1 (written before the hash) are still read through the same safe builder, with a warning that
+nothing checks their integrity; :func:`resave_watermark` adds the hash.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from monai.bundle import ConfigParser
 from torch import nn
 
 from xmark_bundle.data.labels import LABELS
 from xmark_bundle.fileio import atomic_path
+from xmark_bundle.networks.record_builder import build_from_record
 
 __all__ = [
     "RECORD_KEY",
@@ -26,17 +36,33 @@ __all__ = [
     "WatermarkRecord",
     "load_watermark",
     "read_watermark_checkpoint",
+    "record_digest",
     "refuse_to_replace",
+    "resave_watermark",
     "save_watermark",
     "watermark_record",
 ]
 
 #: Checkpoint entries: the module's state dict and its record.
 WEIGHTS_KEY, RECORD_KEY = "model", "watermark"
-#: Version of the record's layout.
-RECORD_FORMAT = 1
-#: Only the bundle's own networks may be built from a checkpoint's record.
-_ALLOWED_TARGETS = "xmark_bundle.networks."
+#: Version of the record's layout (2: with the ``sha256`` of settings and weights); 1 is read with a warning.
+RECORD_FORMAT = 2
+#: The record's entry holding :func:`record_digest`.
+DIGEST_KEY = "sha256"
+#: Entries every record has, whatever its format.
+_REQUIRED = ("format", "method", "network", "image_size", "epsilon", "target_label", "labels")
+
+
+def record_digest(settings: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over a record's settings (canonical JSON, without the digest) and every weight's name, type and bytes."""
+    digest = hashlib.sha256()
+    plain = {key: value for key, value in settings.items() if key != DIGEST_KEY}
+    digest.update(json.dumps(plain, sort_keys=True, ensure_ascii=True).encode("ascii"))
+    for name in sorted(weights):
+        tensor = weights[name].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"\n{name}|{weights[name].dtype}|{list(weights[name].shape)}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class WatermarkRecord:
@@ -55,8 +81,9 @@ class WatermarkRecord:
         self.labels = [str(label) for label in labels]
 
     def state_dict(self) -> dict[str, Any]:
-        """The record: plain JSON-like values, so that ``torch.load(weights_only=True)`` reads it."""
-        return {
+        """The record: plain JSON-like values (``torch.load(weights_only=True)`` reads it) and their hash with the
+        network's current weights, which ``CheckpointSaver`` saves beside it."""
+        record = {
             "format": RECORD_FORMAT,
             "method": self.network.method,
             "network": self.network.config(),
@@ -65,6 +92,7 @@ class WatermarkRecord:
             "target_label": self.target_label,
             "labels": list(self.labels),
         }
+        return record | {DIGEST_KEY: record_digest(record, self.network.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Accept a stored record only when it describes this module."""
@@ -72,17 +100,12 @@ class WatermarkRecord:
             raise ValueError("the checkpoint's watermark record describes another network than this run builds")
 
 
-def _targets(config: Any) -> Iterator[str]:
-    """Every ``_target_`` in a nested config."""
-    if isinstance(config, dict):
-        for key, value in config.items():
-            if key == "_target_":
-                yield str(value)
-            else:
-                yield from _targets(value)
-    elif isinstance(config, list):
-        for value in config:
-            yield from _targets(value)
+def _digest_of(record: Mapping[str, Any], weights: Mapping[str, torch.Tensor], path: str) -> str:
+    """:func:`record_digest`, or a clear error naming ``path`` when the record holds values JSON cannot write."""
+    try:
+        return record_digest(record, weights)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the watermark record holds values that are not plain data ({err})") from err
 
 
 def read_watermark_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -102,14 +125,25 @@ def read_watermark_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, 
             f"{path}: not a watermark checkpoint (no '{RECORD_KEY}' record beside the '{WEIGHTS_KEY}' weights); "
             "generators are trained by configs/train.json, which writes both"
         )
-    required = ("format", "method", "network", "image_size", "epsilon", "target_label", "labels")
-    missing = [key for key in required if key not in record]
-    if missing or record["format"] != RECORD_FORMAT:
+    missing = [key for key in _REQUIRED if key not in record]
+    if missing or record["format"] not in (1, RECORD_FORMAT):
         raise ValueError(f"{path}: unsupported watermark record (format {record.get('format')}, missing {missing})")
-    foreign = [target for target in _targets(record["network"]) if not target.startswith(_ALLOWED_TARGETS)]
-    if foreign:
-        raise ValueError(f"{path}: the watermark record names classes outside {_ALLOWED_TARGETS}*: {foreign}")
-    return record, state[WEIGHTS_KEY]
+    weights = state[WEIGHTS_KEY]
+    odd = [name for name, value in weights.items() if not isinstance(value, torch.Tensor)][:5]
+    if odd:
+        raise ValueError(f"{path}: the '{WEIGHTS_KEY}' entry holds values that are not tensors: {odd}")
+    if record["format"] == 1:
+        warnings.warn(
+            f"{path}: a watermark checkpoint of format 1 carries no hash, so nothing checks that its weights and "
+            "settings are the ones trained; re-save it with xmark_bundle.networks.checkpoint.resave_watermark",
+            stacklevel=2,
+        )
+    elif record.get(DIGEST_KEY) != _digest_of(record, weights, path):
+        raise ValueError(
+            f"{path}: the watermark record's {DIGEST_KEY} does not match its settings and weights: the file was "
+            "changed or damaged after it was saved; use the owner's original checkpoint"
+        )
+    return record, weights
 
 
 def load_watermark(checkpoint: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
@@ -119,7 +153,7 @@ def load_watermark(checkpoint: str | os.PathLike, device: str | torch.device | N
     loading the file a second time).
     """
     record, weights = read_watermark_checkpoint(checkpoint)
-    network = ConfigParser({"network": record["network"]}).get_parsed_content("network")
+    network = build_from_record(record["network"], checkpoint)
     try:
         network.load_state_dict(weights)
     except RuntimeError as err:
@@ -143,6 +177,15 @@ def save_watermark(
     record = WatermarkRecord(network, target_label, labels)
     with atomic_path(path) as tmp, open(tmp, "wb") as stream:  # a stream: no temporary name inside the archive
         torch.save({WEIGHTS_KEY: network.state_dict(), RECORD_KEY: record.state_dict()}, stream)
+
+
+def resave_watermark(checkpoint: str | os.PathLike) -> None:
+    """Rewrite a format-1 checkpoint (no hash) in the current format, atomically, after rebuilding it safely."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        network = load_watermark(checkpoint)
+    record = network.watermark_record
+    save_watermark(network, checkpoint, target_label=record["target_label"], labels=record["labels"])
 
 
 def refuse_to_replace(checkpoint: str | os.PathLike) -> None:

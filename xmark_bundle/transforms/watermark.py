@@ -43,8 +43,8 @@ __all__ = [
     "watermarked_path",
 ]
 
+#: Slack of the budget check for float32 arithmetic on images in [0, 1].
 _FLOAT_TOLERANCE = 1e-6
-"""Slack of the budget check for float32 arithmetic on images in [0, 1]."""
 
 
 def _channel_first(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -78,7 +78,7 @@ def watermark_source(
     watermarked, benign = _channel_first(watermarked, "watermarked"), _channel_first(benign, "benign")
     if watermarked.shape != benign.shape:
         raise ValueError(f"watermarked {tuple(watermarked.shape)} and benign {tuple(benign.shape)} shapes differ.")
-    image01, meta = load_xray(source_path)
+    image01, meta = load_xray(source_path, allow_any_modality=True)  # read by LoadXRayd first, within its scope
     expected = tuple(int(s) for s in geometry["original_shape"])
     if expected != tuple(meta.shape):
         raise XRayWriteError(source_path, f"is {meta.shape[0]}x{meta.shape[1]}, but the geometry is for {expected}")
