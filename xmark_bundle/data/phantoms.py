@@ -112,10 +112,10 @@ _MALE_SHARE = 0.587
 _GH_NODES, _GH_WEIGHTS = special.roots_hermitenorm(64)
 _GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
 
+#: Folder (under a phantom data set) of the lung masks, apart from the images.
 MASK_DIR = "masks"
-"""Folder (under a phantom data set) of the lung masks, apart from the images."""
+#: Name of the lung-segmentation datalist that :func:`write_phantom_dataset` writes with ``masks``.
 SEG_DATALIST = "seg_datalist.json"
-"""Name of the lung-segmentation datalist that :func:`write_phantom_dataset` writes with ``masks``."""
 
 _SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
 
