@@ -19,7 +19,7 @@ import csv
 import io
 import multiprocessing
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from .labels import LABELS
 
 __all__ = [
     "CHEXPERT_COLUMNS",
+    "FAMILIES",
     "FINDINGS",
     "TARGET_PREVALENCE",
     "Anatomy",
@@ -70,6 +71,9 @@ CHEXPERT_COLUMNS: tuple[str, ...] = (
     "Support Devices",
 )
 """CheXpert's CSV header, in its order."""
+
+FAMILIES: tuple[str, ...] = ("classic", "physical")
+"""Phantom families: this module's renderer and :mod:`xmark_bundle.data.radiograph_chain`'s imaging chain."""
 
 FINDINGS: tuple[str, ...] = LABELS[1:]
 """The five rendered findings; ``No Finding`` is derived from them."""
@@ -638,6 +642,8 @@ class _Job:
     shape: tuple[int, int]
     labels: dict[str, float | None]
     dicom: dict[str, Any] | None
+    family: str = "classic"
+    png_bits: int = 16
 
 
 def _image_shape(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, int]:
@@ -694,9 +700,9 @@ def _plan(n: int, seed: int, dicom_fraction: float, min_size: int, max_size: int
     return jobs
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    """16-bit grayscale PNG over the full 0-65535 range (bright = attenuation), written atomically."""
-    pixels = np.round(image * 65535).astype(np.uint16)
+def _write_png(path: Path, image: np.ndarray, bits: int = 16) -> None:
+    """8- or 16-bit grayscale PNG over the full range (bright = attenuation), written atomically."""
+    pixels = np.round(image * (2**bits - 1)).astype(np.uint16 if bits == 16 else np.uint8)
     with atomic_path(path) as tmp:
         Image.fromarray(pixels).save(tmp, format="PNG", compress_level=0)
 
@@ -756,17 +762,27 @@ def _write_dicom(path: Path, image: np.ndarray, job: _Job, seed: int) -> None:
         ds.save_as(tmp, enforce_file_format=True)
 
 
+def _family(name: str) -> tuple[Callable[..., Any], Callable[..., np.ndarray]]:
+    """The anatomy sampler and the renderer of phantom family ``name`` (one of :data:`FAMILIES`)."""
+    if name == "physical":
+        from .radiograph_chain import render_physical, sample_physical_anatomy  # it imports this module
+
+        return sample_physical_anatomy, render_physical
+    return sample_anatomy, render_phantom
+
+
 def _render_and_write(args: tuple[_Job, int, str]) -> None:
     """Worker: render one planned image from its (seed, index) generator and write it under ``out_dir``."""
     job, seed, out_dir = args
-    anatomy = sample_anatomy(np.random.default_rng([seed, 4, job.patient_index]))
-    image = render_phantom(job.labels, np.random.default_rng([seed, 6, job.index]), job.shape, anatomy)
+    sample, render = _family(job.family)
+    anatomy = sample(np.random.default_rng([seed, 4, job.patient_index]))
+    image = render(job.labels, np.random.default_rng([seed, 6, job.index]), job.shape, anatomy)
     path = Path(out_dir) / job.path
     path.parent.mkdir(parents=True, exist_ok=True)
     if job.dicom:
         _write_dicom(path, image, job, seed)
     else:
-        _write_png(path, image)
+        _write_png(path, image, job.png_bits)
 
 
 def _csv_value(value: float | None) -> str:
@@ -806,13 +822,17 @@ def write_phantom_dataset(
     valid_fraction: float = 0.1,
     workers: int = 1,
     progress: bool = False,
+    family: str = "classic",
 ) -> dict[str, Any]:
     """Write ``n`` phantoms in CheXpert layout under ``out_dir`` (images, then ``train.csv``, then ``valid.csv``).
 
     Same arguments, same bytes: every image comes from generators seeded by ``(seed, index)``, whatever ``workers``.
     The CSVs are written last, so a run that stops early leaves no ``valid.csv``. Returns a summary with the
-    achieved label prevalences.
+    achieved label prevalences. ``family`` (:data:`FAMILIES`) picks the renderer; patients, labels and splits are
+    the same for both families at the same seed.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown phantom family {family!r}; choose one of {FAMILIES}.")
     if n < 1:
         raise ValueError(f"n must be >= 1 (got {n}).")
     if not 16 <= min_size <= max_size:
@@ -825,6 +845,10 @@ def write_phantom_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = _plan(n, seed, dicom_fraction, min_size, max_size, valid_fraction)
+    if family == "physical":
+        from .radiograph_chain import physical_file_formats
+
+        jobs = physical_file_formats(jobs, seed)
     tasks = [(job, seed, str(out)) for job in jobs]
     if workers == 1:
         for _ in _progress(map(_render_and_write, tasks), len(tasks), progress):
@@ -846,5 +870,6 @@ def write_phantom_dataset(
         "train_images": len(train),
         "valid_images": len(valid),
         "dicom_images": sum(job.dicom is not None for job in jobs),
+        "family": family,
         "prevalence": label_prevalence([job.labels for job in jobs]),
     }

@@ -33,20 +33,21 @@ the generator do not depend on the labels (the same state renders the same patie
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import interpolate, ndimage
 
-from .phantoms import FINDINGS, _severity
+from .phantoms import FINDINGS, _Job, _severity
 
 __all__ = [
     "FAMILY",
     "PHOTONS_PER_MM2_PER_UGY",
     "PhysicalAnatomy",
+    "physical_file_formats",
     "render_physical",
     "sample_physical_anatomy",
 ]
@@ -831,3 +832,15 @@ def render_physical(
     if return_lung_mask:
         return image, field > 0.5
     return image
+
+
+def physical_file_formats(jobs: Sequence[_Job], seed: int) -> list[_Job]:
+    """The planned jobs as this family writes them: 12/14/16-bit DICOM (CR and DX, MONOCHROME1 and 2 as planned)
+    and 8- or 16-bit PNG, drawn from a stream of their own so that patients, labels and splits stay the plan's."""
+    out = []
+    for job in jobs:
+        rng = np.random.default_rng([seed, 7, job.index])
+        bits, png_bits = int(rng.choice([12, 14, 16])), int(rng.choice([8, 16]))
+        dicom = {**job.dicom, "bits": bits} if job.dicom else None
+        out.append(replace(job, family=FAMILY, dicom=dicom, png_bits=png_bits))
+    return out

@@ -1,7 +1,8 @@
 """A declared experiment (``configs/experiments/<name>.json``): data, recipes, methods and seeds, checked on load.
 
 Keys: ``name``, ``title``, ``description``; ``phantoms`` (``n``, ``min_size``, ``max_size``: the phantom set, made
-with ``seeds.data``); ``seeds`` (``data``: the phantom seed this run uses, ``development``: the phantom seed the
+with ``seeds.data``; ``family``: one of :data:`~xmark_bundle.data.phantoms.FAMILIES`, default ``classic``);
+``seeds`` (``data``: the phantom seed this run uses, ``development``: the phantom seed the
 settings were chosen on, ``suspects``: the malicious suspects' seeds); ``classifier`` (overrides of
 configs/train_classifier.json for the surrogates and suspects; ``image_size`` is also the query size); ``suspect``
 (extra overrides for suspects only); ``suspect_variants`` (optional: name -> overrides of one kind of malicious
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmark_bundle.data.phantoms import FAMILIES
 from xmark_bundle.experiments.evasion import EVASIONS
 from xmark_bundle.networks.classifier import KEPT_CHECKPOINTS
 
@@ -155,6 +157,10 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
     )
     if not benign:
         raise ExperimentError(path, "needs at least one benign model (Ind-M)")
+    pretrain_phantoms = raw.get("pretrain", {}).get("phantoms", {})
+    for where, spec in (("phantoms", raw["phantoms"]), ("pretrain.phantoms", pretrain_phantoms)):
+        if spec.get("family", "classic") not in FAMILIES:
+            raise ExperimentError(path, f"{where}: family must be one of {FAMILIES}, got {spec['family']!r}")
     pretrain = raw.get("pretrain", {})
     if pretrain and not (
         {"seed", "phantoms"} <= set(pretrain) and {"n", "min_size", "max_size"} <= set(pretrain["phantoms"])
