@@ -143,8 +143,8 @@ def _pose(rng: np.random.Generator) -> dict[str, float]:
         "dqe": rng.uniform(0.3, 0.65),
         "scatter": rng.uniform(0.25, 0.9),  # scatter-to-primary ratio of the broad low-pass
         "blur_mm": rng.uniform(0.1, 0.22),
-        "drc": rng.uniform(0.4, 0.75),
-        "drc_cm": rng.uniform(2.0, 4.0),
+        "drc": rng.uniform(0.25, 0.55),
+        "drc_cm": rng.uniform(3.0, 6.0),
         "usm": rng.uniform(0.4, 1.4),
         "usm_mm": rng.uniform(1.0, 3.0),
         "window_low": rng.uniform(0.2, 2.0),  # percentiles of the exposed field
@@ -532,10 +532,11 @@ def _findings(
         for side in sides:
             Xs = side * (X - g.shift)
             bottom = g.domes[side] + a.dome_depth
-            level = bottom - s * rng.uniform(3.0, 8.0)
+            level = bottom - s * rng.uniform(5.0, 11.0)
             # Meniscus: concave upwards, climbing the lateral wall; thicker (denser) towards the base.
             surface = level - s * rng.uniform(1.5, 3.0) * np.clip((Xs - 0.3 * W) / (0.7 * W), 0, 1.1) ** 2
-            fluid = _ramp(Y - surface, 0.8) * np.clip(0.7 + 0.15 * (Y - surface), 0, 1)
+            # Airless below the meniscus; a haze above it where fluid layers behind the lung.
+            fluid = np.maximum(_ramp(Y - surface, 0.6), 0.35 * s * np.exp(-np.clip(surface - Y, 0, None) / 3.0))
             keep *= 1.0 - fluid * (Xs > 0) * _ramp(distance[side] + 6.0, 1.0)
 
     if sev["Edema"]:
@@ -775,9 +776,11 @@ def _chain(
     marker = np.zeros(mu_t.shape, np.float32)
     _stamp(marker, bitmap, top, left, _MU_LEAD_LINE, add=True)
     transmission *= np.exp(-marker)
-    # Automatic exposure control: the dose is reached in the lung fields (median transmission there).
-    lungs = field > 0.5
-    reference = float(np.median(transmission[lungs])) if lungs.any() else float(np.median(transmission))
+    # Automatic exposure control: the dose is reached in two fixed chambers over the mid lung fields.
+    chambers = np.zeros(mu_t.shape, bool)
+    for left in (0.2, 0.62):
+        chambers[int(0.3 * rows) : int(0.45 * rows), int(left * cols) : int((left + 0.18) * cols)] = True
+    reference = float(np.median(transmission[chambers]))
     quanta = pose["dose"] * PHOTONS_PER_MM2_PER_UGY * pixel_mm**2 * pose["dqe"]
     primary = (quanta / reference) * transmission * collimated
     scatter = pose["scatter"] * _lowpass(primary, 60.0 / pixel_mm)
