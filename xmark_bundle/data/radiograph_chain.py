@@ -318,9 +318,9 @@ def _spline(control: np.ndarray, n: int) -> np.ndarray:
     return spline(np.linspace(0.0, 1.0, n))
 
 
-def _dense(curve: np.ndarray, step: float) -> int:
-    """Number of samples along ``curve`` for a spacing of at most ``step``."""
-    return max(8, int(np.hypot(*np.diff(curve, axis=0).T).sum() / step) + 2)
+def _dense(control: np.ndarray, step: float) -> int:
+    """Samples along a spline through ``control`` for a spacing of at most ``step`` (arc <= 1.5 x the polygon)."""
+    return max(8, int(1.5 * np.hypot(*np.diff(control, axis=0).T).sum() / step) + 2)
 
 
 def _ribs(grid: _Grid, a: PhysicalAnatomy, g: _Geometry, rng: np.random.Generator) -> np.ndarray:
@@ -345,8 +345,7 @@ def _ribs(grid: _Grid, a: PhysicalAnatomy, g: _Geometry, rng: np.random.Generato
                     [wall, lateral_y + jitter[3]],
                 ]
             )
-            curve = _spline(posterior, 12)
-            curve = _spline(curve, _dense(curve, step))
+            curve = _spline(posterior, _dense(posterior, step))
             t = np.linspace(0.0, 1.0, len(curve))
             # Seen end-on near the lateral wall the rib is longer along the beam, so it projects denser there.
             depth = 0.55 * (1.0 + 0.6 * np.exp(-(((1.0 - t) / 0.2) ** 2)))
@@ -362,8 +361,7 @@ def _ribs(grid: _Grid, a: PhysicalAnatomy, g: _Geometry, rng: np.random.Generato
                         [end_x, y0 + 3.4 * pitch + jitter[5]],
                     ]
                 )
-                curve = _spline(anterior, 12)
-                curve = _spline(curve, _dense(curve, step))
+                curve = _spline(anterior, _dense(anterior, step))
                 t = np.linspace(0.0, 1.0, len(curve))
                 depth = 0.35 * (1.0 + 0.8 * np.exp(-((t / 0.2) ** 2)))
                 height = 0.5 * a.rib_height * (1.25 - 0.15 * t)
@@ -378,8 +376,7 @@ def _ribs(grid: _Grid, a: PhysicalAnatomy, g: _Geometry, rng: np.random.Generato
                 [a.thorax_half_width + 2.5, y_sternal - 1.6 - 1.2 * a.clavicle_lift],
             ]
         )
-        curve = _spline(clavicle, 12)
-        curve = _spline(curve, _dense(curve, step))
+        curve = _spline(clavicle, _dense(clavicle, step))
         t = np.linspace(0.0, 1.0, len(curve))
         height = 0.55 + 0.25 * np.abs(2 * t - 1) ** 2
         groups["clav"].append((np.c_[side * curve[:, 0] + g.shift, curve[:, 1]], height, 0.8 + 0.0 * t))
@@ -809,7 +806,7 @@ def render_physical(
     shape: tuple[int, int],
     anatomy: PhysicalAnatomy | None = None,
     return_lung_mask: bool = False,
-    render_size: int = 768,
+    render_size: int = 512,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """A projected, detected and processed chest radiograph (H, W) float32 in [0, 1], bright = attenuation.
 
