@@ -145,7 +145,7 @@ def _pose(rng: np.random.Generator) -> dict[str, float]:
         "blur_mm": rng.uniform(0.1, 0.22),
         "drc": rng.uniform(0.25, 0.55),
         "drc_cm": rng.uniform(3.0, 6.0),
-        "usm": rng.uniform(0.4, 1.4),
+        "usm": rng.uniform(0.3, 1.0),
         "usm_mm": rng.uniform(1.0, 3.0),
         "window_low": rng.uniform(0.2, 2.0),  # percentiles of the exposed field
         "window_high": rng.uniform(98.5, 99.8),
@@ -649,7 +649,7 @@ def _line_integral(
     upper = 1.0 + 0.6 * sev["Edema"]
     blood = _vessels(grid, a, g, inside, vessel_rng, upper) * _ramp(lung - 0.5, 1.0)
     fill = _findings(grid, a, g, sev, finding_rngs, distance)
-    air = lung * (1.0 - _PARENCHYMA * (1.0 + 0.25 * texture + 0.08 * fine)) * (1.0 - fill)
+    air = lung * (1.0 - _PARENCHYMA * (1.0 + 0.25 * texture + 0.04 * fine)) * (1.0 - fill)
     air = np.clip(air - blood, 0, None)
     # Trachea and main bronchi (air), and the gastric bubble under the left dome.
     carina = -0.5
