@@ -8,6 +8,7 @@ docs/experiments.md (refused when the run's data seed is the development seed: t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # make `xmark_bundle` importable when run as a script
 
+from xmark_bundle.data.phantoms import FAMILIES  # noqa: E402
 from xmark_bundle.experiments import (  # noqa: E402
     Experiment,
     ExperimentError,
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, help="output folder (default outputs/experiments/NAME)")
     run.add_argument("--method", action="append", help="run only this declared method (repeatable)")
     run.add_argument("--publish", action="store_true", help="write docs/experiments/NAME/results.json and the page")
+    run.add_argument("--family", choices=FAMILIES, help="phantom family instead of the declared one (not published)")
     args = parser.parse_args(argv)
 
     try:
@@ -144,10 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentError as err:
         print(f"experiment: {err}", file=sys.stderr)
         return 2
+    if args.family:
+        if args.publish:
+            print("experiment: --family is for trying a run; declare phantoms.family to publish", file=sys.stderr)
+            return 2
+        experiment = dataclasses.replace(experiment, phantoms={**experiment.phantoms, "family": args.family})
     if args.publish and experiment.data_seed == int(experiment.seeds["development"]):
         print(f"experiment: {args.name} runs on the development seed; its tables cannot be published", file=sys.stderr)
         return 2
-    out = (args.out or Path("outputs") / "experiments" / args.name).resolve()
+    family = experiment.phantoms.get("family", "classic")
+    default_out = Path("outputs") / "experiments" / (args.name if family == "classic" else f"{args.name}_{family}")
+    out = (args.out or default_out).resolve()
     start = time.perf_counter()
     try:
         collected = run_experiment(experiment, ROOT, out)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import filecmp
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,13 @@ def test_unknown_family_is_refused(tmp_path):
     raw["phantoms"]["family"] = "physical"
     path.write_text(json.dumps(raw))
     assert load_experiment(path).phantoms["family"] == "physical"
+
+
+def test_a_family_chosen_on_the_command_line_is_not_published():
+    """``experiment.py run --family`` tries a family; only a declared ``phantoms.family`` may be published."""
+    cmd = [sys.executable, "scripts/experiment.py", "run", "demo", "--family", "physical", "--publish"]
+    done = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "declare phantoms.family to publish" in done.stderr
 
 
 def test_lung_mask_outlines_two_dark_lungs():
