@@ -334,9 +334,11 @@ def _figure(sets: Mapping[str, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 9.5))
     for ax, (name, results) in zip(axes[0], sets.items(), strict=True):
         image, mask, rib, dome = results[0]["example"]
-        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        ax.contour(mask, levels=[0.5], colors="tab:orange", linewidths=0.8)
         rows, cols = image.shape
+        step = max(1, max(rows, cols) // 400)  # a small figure: show every step-th pixel, in full-size coordinates
+        ax.imshow(image[::step, ::step], cmap="gray", vmin=0, vmax=1, extent=(0, cols, rows, 0))
+        ys, xs = np.arange(0, rows, step) + step / 2, np.arange(0, cols, step) + step / 2
+        ax.contour(xs, ys, mask[::step, ::step], levels=[0.5], colors="tab:orange", linewidths=0.8)
         for (r0, r1, c0, c1), colour in ((rib, "tab:cyan"), (dome, "tab:red")):
             ax.add_patch(Rectangle((c0 * cols, r0 * rows), (c1 - c0) * cols, (r1 - r0) * rows, fill=False, ec=colour))
         ax.set_title(f"{name} ({rows} x {cols})")
@@ -360,7 +362,7 @@ def _figure(sets: Mapping[str, list[dict]], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=72, format="png")
     plt.close(fig)
 
 
