@@ -640,7 +640,7 @@ def _line_integral(
     chord = 2.0 * np.sqrt(np.clip(2 * radius * np.minimum(d, radius) - np.minimum(d, radius) ** 2, 0, None))
     lung = np.minimum(a.lung_depth, chord)
     lung = np.maximum(lung, 0.3 * a.lung_depth * recess * (inside <= 0))
-    lung = np.clip(lung - heart, 0, None)
+    lung = np.clip(lung - 0.85 * heart, 0, None)  # some lung lies behind the heart (posterior basal segments)
     field = _ramp(inside, grid.pixel) * (1.0 - _ramp(heart - 0.5, 1.0))  # lung field as outlined on the film
     # Vessel trees and the ribs' irregularities belong to the patient; lung texture is drawn per study.
     texture = _power_noise(detail_rng, shape, 3.0, 4.0 / grid.pixel)
