@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEMO_DIR ?= outputs/demo
+FAMILY ?= classic
+DEMO_DIR ?= outputs/demo$(if $(filter-out classic,$(FAMILY)),_$(FAMILY))
 
 .PHONY: venv venv-dev demo test test-monailabel test-deploy lint bench clean
 
@@ -21,7 +22,7 @@ venv: $(VENV)/.runtime
 venv-dev: $(VENV)/.dev
 
 demo: $(VENV)/.runtime
-	$(PY) scripts/experiment.py run demo --out $(DEMO_DIR)
+	$(PY) scripts/experiment.py run demo --out $(DEMO_DIR)$(if $(filter-out classic,$(FAMILY)), --family $(FAMILY))
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .

@@ -12,6 +12,7 @@ seed (a change needs a new report seed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # make `xmark_bundle` importable when run as a script
 
+from xmark_bundle.data.phantoms import FAMILIES  # noqa: E402
 from xmark_bundle.experiments import (  # noqa: E402
     Experiment,
     ExperimentError,
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("name", help="the experiment: configs/experiments/NAME.json")
     plan.add_argument("--out", type=Path, help="output folder (default outputs/experiments/NAME)")
     plan.add_argument("--method", action="append", help="only this declared method (repeatable)")
+    run.add_argument("--family", choices=FAMILIES, help="phantom family instead of the declared one (not published)")
     args = parser.parse_args(argv)
 
     try:
@@ -214,7 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     except ExperimentError as err:
         print(f"experiment: {err}", file=sys.stderr)
         return 2
-    out = (args.out or Path("outputs") / "experiments" / args.name).resolve()
+    if getattr(args, "family", None):
+        if args.publish:
+            print("experiment: --family is for trying a run; declare phantoms.family to publish", file=sys.stderr)
+            return 2
+        experiment = dataclasses.replace(experiment, phantoms={**experiment.phantoms, "family": args.family})
+    family = experiment.phantoms.get("family", "classic")
+    default_out = Path("outputs") / "experiments" / (args.name if family == "classic" else f"{args.name}_{family}")
+    out = (args.out or default_out).resolve()
     if args.command == "plan":
         print_plan(experiment, out)
         return 0

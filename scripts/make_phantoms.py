@@ -1,7 +1,9 @@
 """Write the synthetic chest-radiograph phantom data set (CheXpert layout, PNG and DICOM) used by the offline demo.
 
 Example: ``python scripts/make_phantoms.py --out outputs/phantoms --n 800 --seed 0 --workers 2``; ``--masks`` adds each
-image's lung mask (``masks/``) and the segmentation datalist ``seg_datalist.json`` for the StealthMark bundle.
+image's lung mask (``masks/``) and the segmentation datalist ``seg_datalist.json`` for the StealthMark bundle;
+``--family physical`` renders the second family (:mod:`xmark_bundle.data.radiograph_chain`) with the same patients
+and labels.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `xmark_bundle` importable when run as a script
 
 from xmark_bundle.data.labels import LABELS  # noqa: E402
-from xmark_bundle.data.phantoms import TARGET_PREVALENCE, write_phantom_dataset  # noqa: E402
+from xmark_bundle.data.phantoms import FAMILIES, TARGET_PREVALENCE, write_phantom_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--masks", action="store_true", help="also write lung masks under masks/ and seg_datalist.json (StealthMark)"
     )
     parser.add_argument("--workers", type=int, default=1, help=f"worker processes (this machine: {os.cpu_count()})")
+    parser.add_argument("--family", choices=FAMILIES, default="classic", help="phantom renderer (default: classic)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -46,10 +49,11 @@ def main(argv: list[str] | None = None) -> dict:
         workers=args.workers,
         progress=True,
         masks=args.masks,
+        family=args.family,
     )
     elapsed = time.perf_counter() - start
     print(
-        f"Wrote {summary['images']} images of {summary['patients']} patients to {summary['out_dir']} "
+        f"Wrote {summary['images']} {args.family} images of {summary['patients']} patients to {summary['out_dir']} "
         f"({summary['train_images']} train, {summary['valid_images']} valid, {summary['dicom_images']} DICOM) "
         f"in {elapsed:.1f} s ({summary['images'] / elapsed:.2f} images/s)."
     )

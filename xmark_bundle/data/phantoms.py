@@ -20,7 +20,7 @@ import io
 import json
 import multiprocessing
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from .labels import LABELS
 
 __all__ = [
     "CHEXPERT_COLUMNS",
+    "FAMILIES",
     "FINDINGS",
     "MASK_DIR",
     "SEG_DATALIST",
@@ -74,6 +75,9 @@ CHEXPERT_COLUMNS: tuple[str, ...] = (
     "Fracture",
     "Support Devices",
 )
+
+#: Phantom families: this module's renderer and :mod:`xmark_bundle.data.radiograph_chain`'s imaging chain.
+FAMILIES: tuple[str, ...] = ("classic", "physical")
 
 #: The five rendered findings; ``No Finding`` is derived from them.
 FINDINGS: tuple[str, ...] = LABELS[1:]
@@ -660,6 +664,8 @@ class _Job:
     shape: tuple[int, int]
     labels: dict[str, float | None]
     dicom: dict[str, Any] | None
+    family: str = "classic"
+    png_bits: int = 16
 
 
 def _image_shape(rng: np.random.Generator, min_size: int, max_size: int) -> tuple[int, int]:
@@ -716,9 +722,9 @@ def _plan(n: int, seed: int, dicom_fraction: float, min_size: int, max_size: int
     return jobs
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    """16-bit grayscale PNG over the full 0-65535 range (bright = attenuation), written atomically."""
-    pixels = np.round(image * 65535).astype(np.uint16)
+def _write_png(path: Path, image: np.ndarray, bits: int = 16) -> None:
+    """8- or 16-bit grayscale PNG over the full range (bright = attenuation), written atomically."""
+    pixels = np.round(image * (2**bits - 1)).astype(np.uint16 if bits == 16 else np.uint8)
     with atomic_path(path) as tmp:
         Image.fromarray(pixels).save(tmp, format="PNG", compress_level=0)
 
@@ -783,25 +789,35 @@ def mask_path(image_path: str) -> str:
     return f"{MASK_DIR}/{Path(image_path).with_suffix('.png').as_posix()}"
 
 
+def _family(name: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The anatomy sampler and the renderer of phantom family ``name`` (one of :data:`FAMILIES`)."""
+    if name == "physical":
+        from .radiograph_chain import render_physical, sample_physical_anatomy  # it imports this module
+
+        return sample_physical_anatomy, render_physical
+    return sample_anatomy, render_phantom
+
+
 def _render_and_write(args: tuple[_Job, int, str, bool]) -> None:
-    """Worker: render one planned image from its (seed, index) generator and write it (and its mask) under
-    ``out_dir``."""
+    """Worker: render one planned image from its (seed, index) generator with its family's renderer and write it
+    (and its lung mask) under ``out_dir``."""
     job, seed, out_dir, masks = args
-    anatomy = sample_anatomy(np.random.default_rng([seed, 4, job.patient_index]))
+    sample, render = _family(job.family)
+    anatomy = sample(np.random.default_rng([seed, 4, job.patient_index]))
     rng = np.random.default_rng([seed, 6, job.index])
-    image = render_phantom(job.labels, rng, job.shape, anatomy, return_lung_mask=masks)
+    image = render(job.labels, rng, job.shape, anatomy, return_lung_mask=masks)
     if masks:
         image, mask = image
         target = Path(out_dir) / mask_path(job.path)
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
-            Image.fromarray(mask).save(tmp, format="PNG")
+            Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(tmp, format="PNG")  # 0/1, whatever the family
     path = Path(out_dir) / job.path
     path.parent.mkdir(parents=True, exist_ok=True)
     if job.dicom:
         _write_dicom(path, image, job, seed)
     else:
-        _write_png(path, image)
+        _write_png(path, image, job.png_bits)
 
 
 def _csv_value(value: float | None) -> str:
@@ -853,6 +869,7 @@ def write_phantom_dataset(
     workers: int = 1,
     progress: bool = False,
     masks: bool = False,
+    family: str = "classic",
 ) -> dict[str, Any]:
     """Write ``n`` phantoms in CheXpert layout under ``out_dir`` (images, then ``train.csv``, then ``valid.csv``).
 
@@ -861,8 +878,11 @@ def write_phantom_dataset(
     achieved label prevalences. ``masks`` also writes each image's lung field (:func:`render_phantom`) as an 8-bit
     PNG of 0/1 under ``masks/`` (:func:`mask_path`, a tree apart from the images, which the CSVs never list), and the
     segmentation datalist ``seg_datalist.json`` (``{"image", "label"}`` relative to ``out_dir``; ``training`` and
-    ``validation`` are the CSVs' patient split); the images' bytes are the same with and without it.
+    ``validation`` are the CSVs' patient split); the images' bytes are the same with and without it. ``family``
+    (:data:`FAMILIES`) picks the renderer; patients, labels and splits are the same for both families at the same seed.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown phantom family {family!r}; choose one of {FAMILIES}.")
     if n < 1:
         raise ValueError(f"n must be >= 1 (got {n}).")
     if not 16 <= min_size <= max_size:
@@ -875,6 +895,10 @@ def write_phantom_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = _plan(n, seed, dicom_fraction, min_size, max_size, valid_fraction)
+    if family == "physical":
+        from .radiograph_chain import physical_file_formats
+
+        jobs = physical_file_formats(jobs, seed)
     tasks = [(job, seed, str(out), masks) for job in jobs]
     if workers == 1:
         for _ in _progress(map(_render_and_write, tasks), len(tasks), progress):
@@ -898,5 +922,6 @@ def write_phantom_dataset(
         "train_images": len(train),
         "valid_images": len(valid),
         "dicom_images": sum(job.dicom is not None for job in jobs),
+        "family": family,
         "prevalence": label_prevalence([job.labels for job in jobs]),
     }

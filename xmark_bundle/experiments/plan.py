@@ -1,7 +1,8 @@
 """A declared experiment (``configs/experiments/<name>.json``): data, recipes, methods and seeds, checked on load.
 
 Keys: ``name``, ``title``, ``description``; ``phantoms`` (``n``, ``min_size``, ``max_size``: the phantom set, made
-with ``seeds.data``); ``seeds`` (by role, disjoint, :mod:`~xmark_bundle.experiments.protocol`: ``data``: the phantom
+with ``seeds.data``; ``family``: one of :data:`~xmark_bundle.data.phantoms.FAMILIES`, default
+``classic``); ``seeds`` (by role, disjoint, :mod:`~xmark_bundle.experiments.protocol`: ``data``: the phantom
 seed this run uses, ``development``: the phantom seed the settings were chosen on, ``surrogate``, ``owners``,
 ``independent_owners``, ``independent_phantoms``: the disjoint phantom set of the last independent owner,
 ``suspects``: the malicious suspects' seeds, trained on every owner's release); ``protocol`` (optional: ``legacy``
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmark_bundle.data.phantoms import FAMILIES
 from xmark_bundle.experiments.evasion import EVASIONS
 from xmark_bundle.experiments.protocol import (
     ExperimentError,
@@ -181,6 +183,10 @@ def load_experiment(path: str | os.PathLike, published: Path = PUBLISHED) -> Exp
         roles = None
     else:
         roles = seed_roles(path, seeds, (seed for _, seed, _ in benign))
+    pretrain_phantoms = raw.get("pretrain", {}).get("phantoms", {})
+    for where, spec in (("phantoms", raw["phantoms"]), ("pretrain.phantoms", pretrain_phantoms)):
+        if spec.get("family", "classic") not in FAMILIES:
+            raise ExperimentError(path, f"{where}: family must be one of {FAMILIES}, got {spec['family']!r}")
     pretrain = raw.get("pretrain", {})
     if pretrain and not (
         {"seed", "phantoms"} <= set(pretrain) and {"n", "min_size", "max_size"} <= set(pretrain["phantoms"])

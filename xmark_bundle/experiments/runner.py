@@ -111,6 +111,8 @@ class _Run:
         py = sys.executable
         cmd = [py, "scripts/make_phantoms.py", "--out", str(folder), "--n", str(spec["n"]), "--seed", str(seed)]
         cmd += ["--min-size", str(spec["min_size"]), "--max-size", str(spec["max_size"]), "--valid-fraction", "0.25"]
+        if spec.get("family", "classic") != "classic":  # classic declarations keep their published commands
+            cmd += ["--family", spec["family"]]
         self.stages.run(f"{label}phantoms", [*cmd, "--workers", "2"], folder / "valid.csv")
         datalist = [py, "scripts/prepare_datalist.py", "--csv", str(folder / "train.csv"), "--test-csv"]
         datalist += [str(folder / "valid.csv"), "--out", str(folder / "datalist.json"), "--seed", str(seed)]
