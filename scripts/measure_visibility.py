@@ -7,8 +7,8 @@ by bilinear upsampling. This measures, on target-class files as the release mark
 - the share of the full-resolution residual's energy above G's Nyquist frequency (the upsampling's block texture:
   a smooth upsampling leaves none there);
 - what a model at S still sees: the cosine between the mapped residual letterboxed back to S and G's own residual,
-  and the surrogate's rise of P(target) on the re-letterboxed marked file (a proxy of power; the real power is a
-  suspect trained on such a release);
+  and the surrogate's change of P(target) on the re-letterboxed marked file (on target files G lowers it, L_t: more
+  negative is stronger; a proxy of power, the real power is a suspect trained on such a release);
 - the time of each mapping;
 
 and draws crops at full resolution (source, marked, residual) for each. Mappings: ``bilinear`` (the release's),
@@ -106,7 +106,7 @@ def main() -> None:
             if surrogate is not None:
                 k = LABELS.index(target)
                 p = [torch.sigmoid(surrogate(v)[0, k]).item() for v in (x, letterbox(marked, geometry))]
-                row["surrogate_rise"] = p[1] - p[0]
+                row["surrogate_change"] = p[1] - p[0]
             rows[mapping].append(row)
             crop[mapping] = marked[0, 0].numpy()
         crops.append(crop)
@@ -121,13 +121,13 @@ def main() -> None:
         "mean": summary,
         "per_file": rows,
     }
-    write_json(args.out / "visibility.json", report)
+    write_json(args.out / "visibility.json", report, indent=4)  # the model zoo's pretty-format-json
     _figure(crops[0], eps, args.out / "visibility.png", size)
-    print(f"{'mapping':<10} {'PSNR full':>10} {'SSIM full':>10} {'> Nyquist':>10} {'cos at S':>9} {'rise':>7}")
+    print(f"{'mapping':<10} {'PSNR full':>10} {'SSIM full':>10} {'> Nyquist':>10} {'cos at S':>9} {'dP surr.':>9}")
     for mapping, m in summary.items():
         print(
             f"{mapping:<10} {m['psnr_full']:10.2f} {m['ssim_full']:10.4f} {m['above_nyquist']:10.4f} "
-            f"{m['cosine_at_model_size']:9.3f} {m.get('surrogate_rise', float('nan')):7.3f}"
+            f"{m['cosine_at_model_size']:9.3f} {m.get('surrogate_change', float('nan')):9.3f}"
         )
     print(f"written: {args.out / 'visibility.json'}, visibility.png")
 
