@@ -20,6 +20,7 @@ from xmark_bundle.transforms import (
     letterbox,
     letterbox_geometry,
     unletterbox,
+    watermarked_path,
 )
 
 EPS = 16 / 255
@@ -118,12 +119,14 @@ def test_save_watermarkedd_in_a_monai_pipeline(tmp_path):
     assert pydicom.dcmread(output_dir / "p2" / "dx.dcm").SOPInstanceUID == pydicom.dcmread(files[1]).SOPInstanceUID
 
 
-def test_save_watermarkedd_writes_an_outside_source_next_to_the_output_and_needs_geometry(tmp_path):
+def test_save_watermarkedd_writes_an_outside_source_under_the_output_and_needs_geometry(tmp_path):
     source = gradient_png(tmp_path / "x.png", (30, 20))  # not inside dataset_dir (as from MONAI Label's datastore)
     item = ResizeLongestPadd("image", spatial_size=16)(LoadXRayd("image")({"image": str(source)}))
     item["pred"] = item["image"].clone()
     transform = SaveWatermarkedd("pred", output_dir=tmp_path / "out", dataset_dir=tmp_path / "data", epsilon=EPS)
-    assert transform(item)["watermark"]["path"] == str(tmp_path / "out" / "x.png")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]
+    written = Path(transform(item)["watermark"]["path"])
+    assert written == watermarked_path(source, tmp_path / "data", tmp_path / "out") and written.name == "x.png"
+    assert written.parent.parent == tmp_path / "out" / "external"  # a folder per source folder
+    assert [p.name for p in (tmp_path / "out").rglob("*.png")] == ["x.png"]
     with pytest.raises(ValueError, match="xmark_geometry"):
         transform(LoadXRayd("image")({"image": str(source)}) | {"pred": item["pred"]})

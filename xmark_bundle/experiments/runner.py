@@ -282,7 +282,7 @@ class _Run:
         self.stages.run(f"{method.name} {self.owner_tag(owner)}key vetting", cmd, vetting)
         return int(self.read(vetting)["key_seed"])
 
-    def family(self, method: Method, checkpoint: Path, surrogate: Path, owner: int) -> Path | None:
+    def watermark_family(self, method: Method, checkpoint: Path, surrogate: Path, owner: int) -> Path | None:
         """The owner's family for the calibrated verdict, fixed before the release: ``family.json`` beside the
         owner's ``checkpoint`` (where configs/verify.json finds it) over the owner's watermark and the method's pool
         (watermarks made with the same recipe and the ``family_pool`` seeds, shared by every owner), the owner's
@@ -485,7 +485,7 @@ def _owner_runs(
     x, prefix = run.x, "" if run.x.legacy else f"owner{owner}/"
     folder = run.owner_dir(method.name, owner)
     ours = run.watermark(method, folder / "watermark", surrogate, owner, vetting=method.vet_key)
-    run.family(method, ours, surrogate, owner)  # before the release, as an owner must
+    run.watermark_family(method, ours, surrogate, owner)  # before the release, as an owner must
     release, manifest = run.release(method, ours, owner)
     if owner == x.seed_roles.owners[0]:  # the release's summary and the watermark's training: the first owner's
         entry["release"] = _release_summary(run.read(manifest))

@@ -13,6 +13,7 @@ from .watermark import (
     apply_watermark,
     full_resolution_residual,
     watermark_source,
+    watermarked_path,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "letterbox_geometry",
     "unletterbox",
     "watermark_source",
+    "watermarked_path",
 ]
