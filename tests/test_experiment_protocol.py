@@ -368,3 +368,24 @@ def test_every_declaration_plans_its_stages(path, tmp_path):
     assert len(names) == len(set(names)) and any(" verification " in name for name in names)
     own_size = ["configs/verify_own_size.json" in " ".join(cmd) for name, cmd in planned if " verification " in name]
     assert all(own_size) if not declared.legacy else not any(own_size)
+
+
+def test_the_runner_plans_each_owners_family_before_its_release_and_trigger_families_for_independent_owners(tmp_path):
+    declared = load_experiment(_declare(tmp_path, V2, "comparison_v2"), tmp_path / "published")
+    collected = run_experiment(declared.only(["xmark", "badnets"]), ROOT, tmp_path / "out", dry_run=True)
+    order = [name for name, _ in collected["planned_stages"]]
+    planned = dict(collected["planned_stages"])
+    roles, pool = V2["seeds"], V2["seeds"]["family_pool"]
+    assert len(pool) >= MIN_FAMILY_POOL
+    for method in ("xmark", "badnets"):
+        assert sum(f"{method} watermark 'family_pool/seed" in name for name in order) == len(pool)  # one pool
+        for owner in roles["owners"]:
+            family = f"{method} owner {owner} family of {len(pool) + 1}"
+            assert order.index(family) < order.index(f"{method} owner {owner} release")  # fixed before the release
+            command = " ".join(planned[family])
+            assert f"--owner_ckpt {tmp_path}/out/models/{method}/owner{owner}/watermark/model.pt" in command
+            assert command.count("/family_pool/seed") == len(pool)
+    # a trigger's pattern depends on its seed only: its pool serves the independent owners too; a generator's not
+    for owner in roles["independent_owners"]:
+        assert f"badnets independent owner {owner} family of {len(pool) + 1}" in planned
+        assert f"xmark independent owner {owner} family of {len(pool) + 1}" not in planned

@@ -282,11 +282,14 @@ class _Run:
         self.stages.run(f"{method.name} {self.owner_tag(owner)}key vetting", cmd, vetting)
         return int(self.read(vetting)["key_seed"])
 
-    def watermark_family(self, method: Method, checkpoint: Path, surrogate: Path, owner: int) -> Path | None:
+    def watermark_family(
+        self, method: Method, checkpoint: Path, surrogate: Path, owner: int, who: str | None = None
+    ) -> Path | None:
         """The owner's family for the calibrated verdict, fixed before the release: ``family.json`` beside the
         owner's ``checkpoint`` (where configs/verify.json finds it) over the owner's watermark and the method's pool
-        (watermarks made with the same recipe and the ``family_pool`` seeds, shared by every owner), the owner's
-        place drawn from its seed. None without a declared pool."""
+        (watermarks made with the same recipe and the ``family_pool`` seeds against ``surrogate``, shared by every
+        owner), the owner's place drawn from its seed (``who``: the owner's words in the stage name). None without a
+        declared pool."""
         pool_seeds = self.x.seed_roles.family_pool
         if not pool_seeds:
             return None
@@ -296,7 +299,8 @@ class _Run:
         index = int(np.random.default_rng([owner, 17]).integers(len(pool) + 1))
         cmd = [sys.executable, "scripts/make_family.py", "assemble", "--owner_ckpt", str(checkpoint), "--others"]
         cmd += [*map(str, pool), "--owner_index", str(index), "--out", str(out)]
-        self.stages.run(f"{method.name} {self.owner_tag(owner)}family of {len(pool) + 1}", cmd, out)
+        who = self.owner_tag(owner) if who is None else who
+        self.stages.run(f"{method.name} {who}family of {len(pool) + 1}", cmd, out)
         return out
 
     def release(self, method: Method, checkpoint: Path, owner: int) -> tuple[Path, Path]:
@@ -454,6 +458,12 @@ def run_experiment(experiment: Experiment, root: Path, out: Path, dry_run: bool 
             folder = run.models / method.name
             folder = folder / "watermark_independent" if x.legacy else folder / f"independent_owner{seed}" / "watermark"
             others[f"independent_owner{seed}"] = run.watermark(method, folder, other_surrogate, seed, False, data)
+            if method.kind == "trigger" and not x.legacy:
+                # a trigger's pattern depends on its seed only, not on the surrogate: the method's pool is also an
+                # independent owner's family, so Ind-W gets the calibrated verdict too (generators would need a pool
+                # trained against each independent owner's own surrogate)
+                who = f"independent owner {seed} "
+                run.watermark_family(method, others[f"independent_owner{seed}"], surrogate, seed, who)
         entry: dict[str, Any] = {"kind": method.kind, "gamma": method.gamma, "suspects": {}, "ind_m": {}}
         if not x.legacy:
             entry["ind_m_seed_controls"] = {}
