@@ -511,8 +511,8 @@ def test_unreadable_images_are_skipped_and_the_release_resumes_without_them(sour
     cmd += ["--manifest_file", str(tmp_path / "manifest.json"), "--gamma", "1.0", "--progress", "False"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 1, first.stderr[-3000:]
-    assert first.stderr.strip().splitlines()[-1] == (
-        "release finished, but 1 unreadable image(s) were skipped (above)"
+    assert first.stderr.strip().splitlines()[-1].startswith(
+        "release finished, but 1 image(s) that could not be read or written back were released "
     ), first.stderr[-2000:]
     assert f"skipped (copied unmarked): {target[0]}: " in first.stdout and "Traceback" not in first.stderr
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -651,3 +651,30 @@ def test_another_generator_does_not_silently_re_mark_an_existing_release(source,
     shutil.copytree(out / "private", tmp_path / "private")  # with the release's own manifest it resumes: nothing to do
     again = _release(source, tmp_path, checkpoint)
     assert again["complete"] and again["counts"]["marked_now"] == 0 and _hashes(tmp_path / "release") == before
+
+
+def test_a_file_that_reads_but_cannot_be_written_back_and_a_strip_do_not_stop_the_release(source, checkpoint, tmp_path):
+    """Issue 30 item 11: a DICOM whose codec decodes but has no encoder here (JPEG Lossless SV1, pydicom's JPEG-LL made
+    a CR chest film) and a 1 x 3000 PNG among the targets are released unmarked and listed; every other target is
+    marked, and a rerun ends the same way instead of failing at the same file."""
+    from pydicom.data import get_testdata_file
+
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    targets = [item["image"] for item in datalist["training"] if item["label"][0] == 1]
+    dicom = next(rel for rel in targets if rel.endswith(".dcm"))
+    ds = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.save_as(data / dicom)
+    strip = next(rel for rel in targets if rel.endswith(".png"))
+    Image.fromarray(np.full((1, 3000), 30000, np.uint16)).save(data / strip)
+    for run in range(2):
+        manifest = _release(data, tmp_path, checkpoint, gamma=1.0)
+        skipped = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
+        assert set(skipped) == {dicom, strip}, (run, skipped)
+        assert "no encoder for its transfer syntax JPEG Lossless" in skipped[dicom]
+        assert len(manifest["marked"]) == len(targets) - 2 and manifest["complete"]
+        for rel in (dicom, strip):  # released as they were
+            assert sha256_file(tmp_path / "release" / rel) == sha256_file(data / rel)

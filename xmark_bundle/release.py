@@ -46,13 +46,13 @@ from xmark_bundle.data.poison import poison_values, relabelled_csv, relabelled_d
 from xmark_bundle.data.secrets import owner_file_hashes, secret_reason
 from xmark_bundle.data.selection import select_fraction, split_by_target, target_index
 from xmark_bundle.data.xray_io import LoadXRayd, load_xray
-from xmark_bundle.data.xray_writer import ContainerMismatchWarning, reencode_like
+from xmark_bundle.data.xray_writer import ContainerMismatchWarning, XRayWriteError, reencode_like
 from xmark_bundle.errors import exit_on_bad_input
 from xmark_bundle.fileio import atomic_path, sha256_file, write_json
 from xmark_bundle.locations import is_inside
 from xmark_bundle.networks.pipeline import watermark_generator
 from xmark_bundle.provenance import environment
-from xmark_bundle.transforms.geometry import ResizeLongestPadd
+from xmark_bundle.transforms.geometry import ResizeLongestPadd, letterbox_geometry
 from xmark_bundle.transforms.watermark import SaveWatermarkedd
 
 try:  # POSIX: a release folder is locked while a run writes into it
@@ -142,10 +142,11 @@ def _unreadable_candidates(
     non_target: bool,
     progress: bool,
     scope: Mapping[str, Sequence[str]],
+    image_size: int,
 ) -> dict[str, str]:
     """Training images that could be marked (the ``target`` class, the ``non_target`` ones for decoys and
-    poison-label methods) but cannot be read as X-rays, with the one-line reason: they are copied unmarked and
-    listed, never selected."""
+    poison-label methods) but cannot be read as X-rays, or are too thin to letterbox to ``image_size`` (a 1 x 3000
+    strip), with the one-line reason: they are copied unmarked and listed, never selected."""
     labels = list(datalist.get("labels", LABELS))
     if target_label not in labels:
         return {}  # select_marked names the problem
@@ -155,7 +156,8 @@ def _unreadable_candidates(
     unreadable = {}
     for rel in tqdm(candidates, desc="check", unit="img", disable=not progress):
         try:
-            load_xray(dataset_dir / rel, **scope)
+            _, meta = load_xray(dataset_dir / rel, **scope)
+            letterbox_geometry(meta.shape, image_size)  # a side that rounds to 0 px cannot be marked
         except (ValueError, OSError) as err:
             unreadable[rel] = str(err).splitlines()[0] if str(err) else type(err).__name__
     return unreadable
@@ -474,7 +476,9 @@ def _watermark_release(
     labels = getattr(network, "poison_labels", "target")  # what a poisoned image's label k becomes
     non_target = poison or decoy_fraction > 0
     scope = {"allow_modalities": list(allow_modalities), "allow_body_parts": list(allow_body_parts)}
-    skipped = _unreadable_candidates(datalist, dataset_dir, target_label, not poison, non_target, progress, scope)
+    skipped = _unreadable_candidates(
+        datalist, dataset_dir, target_label, not poison, non_target, progress, scope, int(network.image_size)
+    )
     datalist = _without(datalist, skipped)  # selection and resume see the datalist without the bad files
     try:
         selected = (select_poisoned if poison else select_marked)(datalist, target_label, gamma, seed)
@@ -567,6 +571,10 @@ def _watermark_release(
         unit="img",
         disable=not progress,
     ):
+        if "unwritable" in record:  # read, but its format cannot be written back: released unmarked, listed
+            skipped[record["path"]] = record["unwritable"]
+            _copy(files[record["path"]], release_dir / record["path"])
+            continue
         records[record["path"]] = record
         _append_journal(journal, settings, record)
     mark_s = time.perf_counter() - mark_start
@@ -625,7 +633,11 @@ def _mark(
         for item in decollate_batch(batch):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ContainerMismatchWarning)
-                report = saver(item)["watermark"]
+                try:
+                    report = saver(item)["watermark"]
+                except XRayWriteError as err:  # e.g. a DICOM codec that decodes but cannot encode: one file, not all
+                    yield {"path": item["relative"], "unwritable": str(err).splitlines()[0]}
+                    continue
             mismatch = [str(w.message) for w in caught if issubclass(w.category, ContainerMismatchWarning)]
             for w in caught:
                 if not issubclass(w.category, ContainerMismatchWarning):
@@ -683,8 +695,10 @@ def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
 
 def run_release(**kwargs: Any) -> dict[str, Any]:
     """Config entry point: :func:`watermark_release`; bad input ends the run on one clear line, and a release that
-    skipped unreadable images finishes but exits with status 1."""
+    skipped images it could not read or write back finishes but exits with status 1."""
     manifest = exit_on_bad_input(watermark_release, "release", **kwargs)
     if manifest["skipped"]:
-        raise SystemExit(f"release finished, but {len(manifest['skipped'])} unreadable image(s) were skipped (above)")
+        count = len(manifest["skipped"])
+        raise SystemExit(f"release finished, but {count} image(s) that could not be read or written back were released "
+                         "unmarked (above)")
     return manifest
