@@ -137,7 +137,7 @@ def test_unreadable_files_are_skipped_and_reported_and_overlapping_folders_refus
     assert (
         done.stderr.strip()
         .splitlines()[-1]
-        .startswith("1 input file(s) could not be read and were skipped: broken.dcm")
+        .startswith("1 input file(s) could not be read or written back and were skipped: broken.dcm")
     )
     assert "skipped: " in done.stdout and "broken.dcm" in done.stdout
     assert "watermarked 1 file(s)" in done.stdout
@@ -155,6 +155,25 @@ def test_unreadable_files_are_skipped_and_reported_and_overlapping_folders_refus
         assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         assert refused.stderr.strip().splitlines()[-1].startswith("inference failed: ValueError: output_dir")
     assert sorted(p.name for p in inputs.iterdir()) == ["broken.dcm", "good.png"]  # nothing written into the source
+
+
+def test_a_file_that_reads_but_cannot_be_written_back_is_skipped_not_fatal(tmp_path, checkpoint):
+    """Issue 30 item 11: a chest DICOM in a syntax with no encoder here (pydicom's JPEG-LL as a CR film) is named and
+    skipped; the other files are written and the run ends with status 1, without a traceback."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray((np.arange(90 * 70).reshape(90, 70) * 9).astype(np.uint16)).save(inputs / "good.png")
+    ds = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.save_as(inputs / "lossless.dcm")
+    done = _infer(inputs, tmp_path / "out", checkpoint)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "terminating due to exception" not in done.stderr + done.stdout, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("1 input file(s) could not be read or written back and were skipped: lossless.dcm"), last
+    assert "no encoder for its transfer syntax JPEG Lossless" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".xmark-inference.jsonl", "good.png"]
 
 
 @pytest.mark.parametrize("save", [True, False], ids=["saved", "not_saved"])

@@ -40,6 +40,12 @@ class InferenceJournal:
             report = item.get(self.output_key)
             if report is None:  # saving switched off (save_watermarked false): nothing to journal
                 continue
+            if "unwritable" in report:  # read, but cannot be written back: skipped like an unreadable file
+                source = Path(report["source"]).resolve()
+                relative = source.relative_to(self.inputs.dataset_dir).as_posix()
+                self.inputs.skipped[relative] = report["unwritable"]
+                print(f"skipped: {report['unwritable']}")
+                continue
             relative = Path(report["path"]).relative_to(self.inputs.output_dir).as_posix()
             lines.append(
                 {
@@ -60,8 +66,8 @@ class InferenceJournal:
         """Print written / unchanged / skipped (at ``COMPLETED``; :meth:`finish` sets the exit status after the run)."""
         print(
             f"watermarked {self.written} file(s) into {self.inputs.output_dir}; {len(self.inputs.unchanged)} "
-            f"already written by an earlier run with this checkpoint; skipped {len(self.inputs.skipped)} unreadable "
-            "file(s)"
+            f"already written by an earlier run with this checkpoint; skipped {len(self.inputs.skipped)} file(s) that "
+            "could not be read or written back"
         )
 
     def finish(self) -> None:
@@ -72,4 +78,5 @@ class InferenceJournal:
         """
         skipped = self.inputs.skipped
         if skipped:
-            raise SystemExit(f"{len(skipped)} input file(s) could not be read and were skipped: " + ", ".join(skipped))
+            problem = f"{len(skipped)} input file(s) could not be read or written back and were skipped"
+            raise SystemExit(f"{problem}: {', '.join(skipped)}")

@@ -159,7 +159,9 @@ class SaveWatermarkedd(MapTransform):
     ``keys`` hold the generator outputs (``1 x S x S``), ``image_keys`` the benign letterboxed inputs whose meta carry
     ``filename_or_obj`` and ``xmark_geometry``. The output goes to :func:`watermarked_path` (the source's relative
     path under ``output_dir``, or a folder per source folder for a source outside ``dataset_dir``), with the
-    source's name and format; the report of :func:`apply_watermark` is stored under ``output_keys``.
+    source's name and format; the report of :func:`apply_watermark` is stored under ``output_keys``. With
+    ``skip_unwritable`` a file that reads but cannot be written back (no encoder here for its DICOM transfer syntax)
+    is not written and its report is ``{"source", "unwritable": reason}`` instead of stopping a folder's run.
     """
 
     def __init__(
@@ -171,8 +173,10 @@ class SaveWatermarkedd(MapTransform):
         image_keys: KeysCollection = "image",
         output_keys: KeysCollection = "watermark",
         allow_missing_keys: bool = False,
+        skip_unwritable: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.skip_unwritable = skip_unwritable
         self.output_dir = Path(output_dir)
         self.dataset_dir = Path(os.path.abspath(dataset_dir))
         self.epsilon = epsilon
@@ -185,7 +189,14 @@ class SaveWatermarkedd(MapTransform):
             benign = _letterboxed(d, image_key, self)
             source = Path(benign.meta["filename_or_obj"])
             out_path = watermarked_path(source, self.dataset_dir, self.output_dir)
-            d[output_key] = apply_watermark(source, d[key], benign, benign.meta[GEOMETRY_KEY], self.epsilon, out_path)
+            try:
+                d[output_key] = apply_watermark(
+                    source, d[key], benign, benign.meta[GEOMETRY_KEY], self.epsilon, out_path
+                )
+            except XRayWriteError as err:
+                if not self.skip_unwritable:
+                    raise
+                d[output_key] = {"source": str(source), "unwritable": str(err).splitlines()[0]}
         return d
 
 
