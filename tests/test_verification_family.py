@@ -206,6 +206,11 @@ def test_generator_family_is_checked_against_its_checkpoints(data, tmp_path):
     save_watermark(_unkeyed_pipeline(7), checkpoints[2])  # a member replaced after the family was made
     with pytest.raises(FamilyError, match="changed since the family was made"):
         load_family(family.path)
+    with pytest.raises(FamilyError, match="changed since the family was made"):  # checked when queries are made
+        verify_ownership(
+            owner, suspect, data / "datalist.json", tmp_path / "v80", replace(settings, query_size=80),
+            checkpoints[1], progress=False, family=family.path,
+        )  # fmt: skip
 
 
 def test_verify_json_reports_the_calibrated_verdict_first(data, tmp_path):

@@ -286,7 +286,8 @@ def family_queries(
 
     All members, the owner's included, go through this same path (letterbox at G's size, watermark, resize to the
     query size, float16), so no member differs from the others by how its queries were made. Returns the queries,
-    the cache file and whether it was read from the cache.
+    the cache file and whether it was read from the cache. The members' checkpoints are checked (SHA-256, settings)
+    only when their queries are made: kept queries are keyed by the commitment, which holds every member's hash.
     """
     images = [os.fspath(items[i]["image"]) for i in chosen]
     cache = _cache_file(family, images, query_size)
@@ -294,6 +295,8 @@ def family_queries(
         stored = torch.load(cache, map_location="cpu", weights_only=True)
         if stored.get("images") == images and stored["queries"].shape[0] == len(family.members):
             return stored["queries"], cache, True
+    if family.kind == "generators":
+        _check_generator_members(family)
     image_size = int(owner.image_size)
     letterboxed = load_letterboxed(items, chosen, image_size)
     queries = torch.empty(len(family.members), len(chosen), 1, query_size, query_size, dtype=torch.float16)

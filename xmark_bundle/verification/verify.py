@@ -205,7 +205,7 @@ def _open_family(
             "reason": f"{where}: make the owner's family with scripts/make_family.py before the release "
             f"(at least {min_members(alpha)} other members for alpha = {alpha:g})",
         }
-    members = load_family(family)
+    members = load_family(family, check_members=False)  # the members' files are checked when their queries are made
     members.check_owner(generator, generator_ckpt)
     if members.m < min_members(alpha):
         logger.warning(
