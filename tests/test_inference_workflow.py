@@ -158,7 +158,7 @@ def test_unreadable_files_are_skipped_and_reported_and_overlapping_folders_refus
 
 
 def test_a_file_that_reads_but_cannot_be_written_back_is_skipped_not_fatal(tmp_path, checkpoint):
-    """Issue 30 item 11: a chest DICOM in a syntax with no encoder here (pydicom's JPEG-LL as a CR film) is named and
+    """A chest DICOM in a syntax with no encoder here (pydicom's JPEG-LL as a CR film) is named and
     skipped; the other files are written and the run ends with status 1, without a traceback."""
     inputs = tmp_path / "in"
     inputs.mkdir()

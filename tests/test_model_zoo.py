@@ -268,7 +268,7 @@ APP_ENVIRONMENTS = {"monai-deploy-app-sdk": ("requirements-deploy.txt", "tests/e
 def test_supported_apps_are_the_ones_a_test_runs_at_the_declared_version():
     """supported_apps declares only apps whose pinned environment and test run the bundle (make test-deploy);
     MONAI Label is left out while its server does not start and its DICOM route does not keep the budget
-    (issue #30, items 1-2)."""
+    (the gaps the model card names)."""
     apps = json.loads(META.read_text())["supported_apps"]
     assert apps and set(apps) <= set(APP_ENVIRONMENTS), f"declared without a tested environment: {set(apps)}"
     for app, version in apps.items():

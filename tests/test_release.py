@@ -654,7 +654,7 @@ def test_another_generator_does_not_silently_re_mark_an_existing_release(source,
 
 
 def test_a_file_that_reads_but_cannot_be_written_back_and_a_strip_do_not_stop_the_release(source, checkpoint, tmp_path):
-    """Issue 30 item 11: a DICOM whose codec decodes but has no encoder here (JPEG Lossless SV1, pydicom's JPEG-LL made
+    """A DICOM whose codec decodes but has no encoder here (JPEG Lossless SV1, pydicom's JPEG-LL made
     a CR chest film) and a 1 x 3000 PNG among the targets are released unmarked and listed; every other target is
     marked, and a rerun ends the same way instead of failing at the same file."""
     from pydicom.data import get_testdata_file

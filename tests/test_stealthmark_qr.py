@@ -1,4 +1,4 @@
-"""Item 7(a) of issue #29: the authors' grid-occlusion explanation "reveals" the owner's QR code for an untrained
+"""The authors' grid-occlusion explanation "reveals" the owner's QR code for an untrained
 network, because the binarised explanation is the verifier's own pattern whenever the model's output moves at all."""
 
 from __future__ import annotations

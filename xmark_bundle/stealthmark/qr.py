@@ -1,4 +1,4 @@
-"""The owner's QR code and the authors' grid-occlusion "explanation" that is said to reveal it (issue #29, item 7a).
+"""The owner's QR code and the authors' grid-occlusion "explanation" that is said to reveal it.
 
 The authors' procedure (``LimeForSegmentation.perturb_image`` / ``explain`` in their code), reproduced faithfully:
 the image is cut into a grid (theirs 16 x 16; here the QR symbol's own size, since a QR code needs >= 21 modules);
