@@ -221,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.publish:
             print("experiment: --family is for trying a run; declare phantoms.family to publish", file=sys.stderr)
             return 2
-        experiment = dataclasses.replace(experiment, phantoms={**experiment.phantoms, "family": args.family})
+        pretrain = dict(experiment.pretrain)  # a pre-training set, when declared, is rendered by the same family
+        if pretrain:
+            pretrain["phantoms"] = {**pretrain["phantoms"], "family": args.family}
+        phantoms = {**experiment.phantoms, "family": args.family}
+        experiment = dataclasses.replace(experiment, phantoms=phantoms, pretrain=pretrain)
     family = experiment.phantoms.get("family", "classic")
     default_out = Path("outputs") / "experiments" / (args.name if family == "classic" else f"{args.name}_{family}")
     out = (args.out or default_out).resolve()
