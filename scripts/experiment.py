@@ -33,8 +33,20 @@ from xmark_bundle.experiments import (  # noqa: E402
     run_experiment,
     tables,
 )
+from xmark_bundle.experiments.conclusions import (  # noqa: E402
+    ConclusionError,
+    check_unchanged,
+    load_conclusions,
+    registered_hashes,
+)
 from xmark_bundle.experiments.figures import FIGURES  # noqa: E402
-from xmark_bundle.experiments.ledger import LedgerError, check_publication, declaration_sha256, record  # noqa: E402
+from xmark_bundle.experiments.ledger import (  # noqa: E402
+    LedgerError,
+    check_publication,
+    declaration_sha256,
+    read_ledger,
+    record,
+)
 from xmark_bundle.experiments.protocol import published_parts  # noqa: E402
 from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results, write_results  # noqa: E402
 from xmark_bundle.experiments.stages import StageFailed  # noqa: E402
@@ -149,6 +161,11 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
     refused = publication_refused(experiment, ledger)
     if refused:
         raise LedgerError(experiment.source, refused)
+    registered = docs / "experiments" / "conclusions.json"
+    if registered.is_file():  # a broken or moved registration stops the publication before anything is written
+        _, conclusions = load_conclusions(registered)
+        for entry in read_ledger(ledger):
+            check_unchanged(entry.get("conclusions", {}), conclusions, registered)
     all_tables = tables(collected)
     parts = experiment.publish or {experiment.name: tuple(range(len(all_tables)))}
     # once for all parts, the commit before the first part is written: every part names the tree it was published from
@@ -175,7 +192,9 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
         write_results(folder / "results.json", results)
         load_results(folder / "results.json")
     sha256 = declaration_hash(experiment)
-    record(ledger, experiment.data_seed, experiment.name, sha256, commit, published_parts(experiment.name, parts))
+    names = published_parts(experiment.name, parts)
+    hashes = registered_hashes(*load_conclusions(registered), names) if registered.is_file() else {}
+    record(ledger, experiment.data_seed, experiment.name, sha256, commit, names, hashes)
     subprocess.run([sys.executable, "scripts/experiments_page.py", "--docs", str(docs)], cwd=ROOT, check=True)
 
 
@@ -246,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n[{args.name}] finished in {minutes:.1f} min (stages already done were skipped)")
     _print_summary(collected, out)
     if args.publish:
-        publish(experiment, collected, out, argv or sys.argv[1:])
+        try:
+            publish(experiment, collected, out, argv or sys.argv[1:])
+        except (LedgerError, ConclusionError) as err:
+            print(f"experiment: not published: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

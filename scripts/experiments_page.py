@@ -7,9 +7,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `xmark_bundle` importable when run as a script
 
 from xmark_bundle.experiments import ResultsError, read_all_results, render_page  # noqa: E402
+from xmark_bundle.experiments.conclusions import ConclusionError, load_conclusions, render_conclusions  # noqa: E402
+from xmark_bundle.experiments.ledger import LedgerError, read_ledger  # noqa: E402
 from xmark_bundle.fileio import atomic_path  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def conclusions_section(docs: Path, all_results: list[dict]) -> list[str]:
+    """The registered conclusions (docs/experiments/conclusions.json) decided on each family, or nothing."""
+    path = docs / "experiments" / "conclusions.json"
+    if not path.is_file():
+        return []
+    families, conclusions = load_conclusions(path)
+    published = {results["name"]: results for results in all_results}
+    ledger = read_ledger(docs / "experiments" / "ledger.json")
+    return render_conclusions(families, conclusions, published, ledger, path.relative_to(docs.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=DOCS, help="the docs folder (default: the bundle's)")
     args = parser.parse_args(argv)
     try:
-        page = render_page(read_all_results(args.docs / "experiments"))
-    except ResultsError as err:
+        all_results = read_all_results(args.docs / "experiments")
+        page = render_page(all_results, conclusions_section(args.docs, all_results))
+    except (ResultsError, ConclusionError, LedgerError) as err:
         print(f"experiments page: {err}", file=sys.stderr)
         return 1
     target = args.docs / "experiments.md"

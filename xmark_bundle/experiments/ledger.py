@@ -74,14 +74,26 @@ def check_publication(path: str | os.PathLike, seed: int, name: str, sha256: str
     return None
 
 
-def record(path: str | os.PathLike, seed: int, name: str, sha256: str, commit: str, parts: Sequence[str]) -> None:
-    """Record a publication (after :func:`check_publication` allowed it), written atomically."""
+def record(
+    path: str | os.PathLike,
+    seed: int,
+    name: str,
+    sha256: str,
+    commit: str,
+    parts: Sequence[str],
+    conclusions: Mapping[str, str] | None = None,
+) -> None:
+    """Record a publication (after :func:`check_publication` allowed it), written atomically. ``conclusions``: {id:
+    hash} of the registered conclusions that read its parts, kept from the first publication only (a conclusion added
+    before a republication was still registered after the results)."""
     check_publication(path, seed, name, sha256)
     entries = read_ledger(path)
     entry = next((e for e in entries if e["report_seed"] == seed and e["declaration"] == name), None)
     if entry is None:
         entries.append({"report_seed": seed, "declaration": name, "sha256": sha256, "commits": [commit]})
         entry = entries[-1]
+        if conclusions:
+            entry["conclusions"] = dict(conclusions)
     elif commit not in entry["commits"]:
         entry["commits"].append(commit)
     entry["parts"] = sorted(set(entry.get("parts", [])) | set(parts))

@@ -102,9 +102,9 @@ def _section(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render_page(all_results: Sequence[Mapping[str, Any]]) -> str:
-    """The whole page for the given experiments (in the order given)."""
-    lines = [HEADER]
+def render_page(all_results: Sequence[Mapping[str, Any]], conclusions: Sequence[str] = ()) -> str:
+    """The whole page for the given experiments (in the order given), after the ``conclusions`` section's lines."""
+    lines = [HEADER, *conclusions]
     if not all_results:
         lines.append("No experiment has been run on report seeds yet.\n")
     for results in all_results:
