@@ -49,17 +49,7 @@ from xmark_bundle.experiments.ledger import (  # noqa: E402
 )
 from xmark_bundle.experiments.protocol import published_parts  # noqa: E402
 from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results, write_results  # noqa: E402
-from xmark_bundle.experiments.stages import StageFailed  # noqa: E402
-
-
-def _commit() -> str:
-    """The checked-out commit, marked ``-dirty`` when the working tree has changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+from xmark_bundle.experiments.stages import StageFailed, tree_commit  # noqa: E402
 
 
 def _print_summary(collected: dict, out: Path) -> None:
@@ -169,7 +159,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
     all_tables = tables(collected)
     parts = experiment.publish or {experiment.name: tuple(range(len(all_tables)))}
     # once for all parts, the commit before the first part is written: every part names the tree it was published from
-    commit, wall_time_s = _commit(), wall_times(collected["stage_times_s"])
+    commit, wall_time_s = tree_commit(ROOT), wall_times(collected["stage_times_s"])
     for name, indexes in parts.items():
         folder = docs / "experiments" / name
         part = [all_tables[i] for i in indexes]
@@ -182,6 +172,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
             "commit": commit,
             "seeds": seed_record(experiment),
             "wall_time_s": wall_time_s,
+            "stage_commits": collected.get("stage_commits", {}),
             "tables": part,
             "figures": _figures(part, out),
             "reading": "(not yet written: the tables are new)",

@@ -62,8 +62,8 @@ def test_a_stage_runs_its_command_line_and_changes_nothing_for_the_next(tmp_path
 
 def test_a_run_reports_the_times_of_the_stages_it_visited_only(tmp_path):
     """Two experiments sharing a folder's common stages: each reports the stages it ran or found done, not the
-    other's."""
-    from xmark_bundle.experiments.stages import Stages
+    other's, and the commits they ran at."""
+    from xmark_bundle.experiments.stages import UNRECORDED, Stages, tree_commit
 
     (tmp_path / "stage_times.json").write_text(json.dumps({"data": 12.0, "other experiment's stage": 99.0}))
     (tmp_path / "data").touch()
@@ -74,6 +74,10 @@ def test_a_run_reports_the_times_of_the_stages_it_visited_only(tmp_path):
     assert list(times) == ["data", "new"] and times["data"] == 12.0 and times["new"] >= 0
     recorded = json.loads((tmp_path / "stage_times.json").read_text())
     assert set(recorded) == {"data", "other experiment's stage", "new"}  # the folder keeps every stage's time
+    # the commit each stage ran at: the new one at this checkout, the old one before commits were recorded
+    commit = tree_commit(ROOT)
+    assert commit != "unknown" and json.loads((tmp_path / "stage_commits.json").read_text()) == {"new": commit}
+    assert stages.run_commits() == dict(sorted({commit: 1, UNRECORDED: 1}.items()))
 
 
 def test_a_stage_asked_for_twice_is_visited_once_and_two_different_stages_may_not_share_a_name(tmp_path):

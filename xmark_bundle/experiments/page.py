@@ -92,7 +92,11 @@ def _section(results: Mapping[str, Any]) -> list[str]:
     lines = [f"## {results['title']}", ""]
     if results.get("description"):
         lines += [str(results["description"]), ""]
-    lines += [f"Commit {results['commit']}; seeds: {seed_text}; wall time: {times or 'not recorded'}.", "", "```bash"]
+    lines += [f"Commit {results['commit']}; seeds: {seed_text}; wall time: {times or 'not recorded'}.", ""]
+    if results.get("stage_commits"):
+        ran = ", ".join(f"{commit} ({n})" for commit, n in results["stage_commits"].items())
+        lines += [f"The stages ran at these commits (number of stages): {ran}.", ""]
+    lines += ["```bash"]
     lines += [*results["commands"], "```", ""]
     for table in results["tables"]:
         lines += _table(table)

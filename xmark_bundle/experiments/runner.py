@@ -471,6 +471,7 @@ def run_experiment(experiment: Experiment, root: Path, out: Path, dry_run: bool 
             _owner_runs(run, method, owner, surrogate, others, benign_models, seed_controls, entry, started)
         collected["methods"][method.name] = entry
     collected["stage_times_s"] = run.stages.run_times()
+    collected["stage_commits"] = run.stages.run_commits()
     if dry_run:
         collected["planned_stages"] = run.stages.planned
     else:

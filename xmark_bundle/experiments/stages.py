@@ -1,13 +1,13 @@
 """Resumable stages of an experiment: each is a command a user could type, skipped when its output exists.
 
 A stage prints one progress line before it runs (its number, name and command) and one when it is done, and records
-its wall time in ``stage_times.json`` of the experiment's folder, so a resumed run still reports what every part
-cost on this machine; a run reports the times of the stages it visited only, so experiments that share a folder's
-common stages (the same data, watermarks and suspects) each report their own. On Linux a Python stage runs in a
-forked copy of the runner, which has imported torch, MONAI, Ignite and this package once (about 7 s a stage on this
-machine's two cores): the child runs exactly the printed command line (``runpy``, as ``python -m`` or
-``python script`` would) and exits, so nothing it changes reaches the next stage. Elsewhere, or with
-``XMARK_STAGE_SUBPROCESS=1``, each stage is a fresh interpreter.
+its wall time in ``stage_times.json`` and the commit it ran at in ``stage_commits.json`` of the experiment's folder,
+so a resumed run still reports what every part cost on this machine and which code made it; a run reports the
+times of the stages it visited only, so experiments that share a folder's common stages (the same data, watermarks
+and suspects) each report their own. On Linux a Python stage runs in a forked copy of the runner, which has
+imported torch, MONAI, Ignite and this package once (about 7 s a stage on this machine's two cores): the child runs
+exactly the printed command line (``runpy``, as ``python -m`` or ``python script`` would) and exits, so nothing it
+changes reaches the next stage. Elsewhere, or with ``XMARK_STAGE_SUBPROCESS=1``, each stage is a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -28,7 +28,20 @@ from pathlib import Path
 
 from xmark_bundle.fileio import write_json
 
-__all__ = ["StageFailed", "Stages", "bundle_cmd", "run_command"]
+__all__ = ["StageFailed", "Stages", "bundle_cmd", "run_command", "tree_commit"]
+
+#: What :meth:`Stages.run_commits` counts for a stage done before its commit was recorded.
+UNRECORDED = "unrecorded"
+
+
+def tree_commit(root: Path) -> str:
+    """The commit checked out at ``root``, ``-dirty`` when its working tree has changes ("unknown" without git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
 class StageFailed(RuntimeError):
@@ -51,6 +64,8 @@ class Stages:
         self.root, self.out, self.label, self.dry_run = root, out, label, dry_run
         self.times_file = out / "stage_times.json"
         self.times: dict[str, float] = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
+        self.commits_file = out / "stage_commits.json"
+        self.commits: dict[str, str] = json.loads(self.commits_file.read_text()) if self.commits_file.is_file() else {}
         self.visited: list[str] = []  # this run's stages, in order, done now or before
         self.planned: list[tuple[str, list[str]]] = []  # a dry run's stages still to run: (name, command)
         self.seen: dict[str, tuple[list[str], Path]] = {}  # this run's stages by name: command and output
@@ -78,14 +93,25 @@ class Stages:
         if self.dry_run:
             self.planned.append((name, cmd))
             return
-        start = time.perf_counter()
+        start, commit = time.perf_counter(), tree_commit(self.root)
         returncode = run_command(cmd, self.root)
         if returncode != 0:
             raise StageFailed(f"stage '{name}' failed (exit code {returncode}); fix the error above and rerun")
         seconds = time.perf_counter() - start
         self.times[name] = round(seconds, 1)
         write_json(self.times_file, self.times)
+        self.commits[name] = commit
+        write_json(self.commits_file, self.commits)
         print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+
+    def run_commits(self) -> dict[str, int]:
+        """How many of the stages this run visited ran at each commit (:data:`UNRECORDED`: before commits were kept)."""
+        counts: dict[str, int] = {}
+        for name in self.visited:
+            if name in self.times or name in self.commits:
+                commit = self.commits.get(name, UNRECORDED)
+                counts[commit] = counts.get(commit, 0) + 1
+        return dict(sorted(counts.items()))
 
     def run_times(self) -> dict[str, float]:
         """The recorded wall times (s) of the stages this run visited, whether it ran them or found them done."""
