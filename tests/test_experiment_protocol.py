@@ -385,7 +385,21 @@ def test_the_runner_plans_each_owners_family_before_its_release_and_trigger_fami
             command = " ".join(planned[family])
             assert f"--owner_ckpt {tmp_path}/out/models/{method}/owner{owner}/watermark/model.pt" in command
             assert command.count("/family_pool/seed") == len(pool)
-    # a trigger's pattern depends on its seed only: its pool serves the independent owners too; a generator's not
+    # a trigger's pattern depends on its seed only: its pool serves the independent owners too; a generator's pool
+    # is trained again against each independent owner's surrogate, on its data (independent_families)
+    assert V2["independent_families"] is True
     for owner in roles["independent_owners"]:
         assert f"badnets independent owner {owner} family of {len(pool) + 1}" in planned
-        assert f"xmark independent owner {owner} family of {len(pool) + 1}" not in planned
+        assert not any(f"badnets watermark 'independent_owner{owner}/family_pool" in name for name in order)
+        family = " ".join(planned[f"xmark independent owner {owner} family of {len(pool) + 1}"])
+        assert family.count(f"/xmark/independent_owner{owner}/family_pool/seed") == len(pool)
+        for seed in pool:
+            training = " ".join(planned[f"xmark watermark 'independent_owner{owner}/family_pool/seed{seed}'"])
+            assert f"--surrogate_ckpt {tmp_path}/out/models/independent_owner{owner}/surrogate/model.pt" in training
+            assert f"--seed {seed} " in training
+    data = f"--dataset_dir {tmp_path}/out/independent_phantoms "  # the last independent owner's own phantoms
+    last = roles["independent_owners"][-1]
+    assert data in " ".join(planned[f"xmark watermark 'independent_owner{last}/family_pool/seed{pool[0]}'"])
+    without = load_experiment(_declare(tmp_path, {**V2, "independent_families": False}), tmp_path / "published")
+    planned = dict(run_experiment(without.only(["xmark"]), ROOT, tmp_path / "out2", dry_run=True)["planned_stages"])
+    assert not any("xmark independent owner" in name and "family" in name for name in planned)

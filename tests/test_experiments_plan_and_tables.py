@@ -38,6 +38,7 @@ def test_declared_experiments_load_and_keep_opt_in_methods_out_by_default():
         ({"methods": {"m": {"kind": "trigger", "gama": 0.1}}}, r"unknown keys \['gama'\]"),
         ({"benign": []}, "at least one benign model"),
         ({"detectability": "yes"}, "detectability must be true or false"),
+        ({"independent_families": 1}, "independent_families must be true or false"),
         ({"removal": {"prune_rates": [0.5, 1.0]}}, r"prune_rates must lie in \[0, 1\)"),
         ({"removal": {"prune_rate": [0.5]}}, r"removal: unknown keys \['prune_rate'\]"),
         ({"removal": {"kept_checkpoint": "final"}}, r"kept_checkpoint must be one of \('best', 'last'\)"),
@@ -52,6 +53,17 @@ def test_a_bad_declaration_names_the_file_and_the_problem(change, problem, tmp_p
     with pytest.raises(ExperimentError, match=problem) as caught:
         load_experiment(path)
     assert str(path) in str(caught.value)
+
+
+def test_independent_families_need_a_pool(tmp_path):
+    raw = json.loads((ROOT / "configs/experiments/quick.json").read_text())
+    raw["seeds"] = {k: v for k, v in raw["seeds"].items() if k != "family_pool"}
+    path = tmp_path / "quick.json"
+    path.write_text(json.dumps({**raw, "independent_families": True}))
+    with pytest.raises(ExperimentError, match="independent_families needs seeds.family_pool"):
+        load_experiment(path)
+    path.write_text(json.dumps(raw))
+    assert load_experiment(path).independent_families is False
 
 
 def test_false_accusation_interval_is_clopper_pearson():

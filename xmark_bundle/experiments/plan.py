@@ -17,7 +17,9 @@ size); ``methods`` (name -> ``kind`` ``generator`` (configs/train.json plus ``co
 ``settings``) or ``trigger`` (configs/trigger.json with ``settings``), ``gamma``, ``decoy_fraction``, ``vet_key``,
 ``default``: false for a method that runs only when asked for); ``benign`` (a list of ``{"arch", "seeds",
 "overrides"}``: models trained on the clean data, ``overrides`` optional); ``verification`` (overrides of
-configs/verify.json); ``detectability`` (optional, default false: per method, how well a data user finds the marked
+configs/verify.json); ``independent_families`` (optional, default false: a generator method's pool is also trained
+against each independent owner's surrogate on its data, so Ind-W gets the calibrated verdict too; a trigger's pool
+serves them already); ``detectability`` (optional, default false: per method, how well a data user finds the marked
 files, :mod:`~xmark_bundle.experiments.detectability`, with the first malicious suspect); ``pretrain`` (optional:
 ``seed``, ``phantoms`` {``n``, ``min_size``, ``max_size``}, ``max_epochs``: a classifier per architecture and size
 trained on that disjoint phantom set, from which every suspect and benign model starts); ``removal`` (optional:
@@ -104,6 +106,7 @@ class Experiment:
     publish: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     suspect_variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"": {}})
     detectability: bool = False
+    independent_families: bool = False
     pretrain: Mapping[str, Any] = field(default_factory=dict)
     removal: Mapping[str, Any] = field(default_factory=dict)
     roles: SeedRoles | None = None
@@ -203,8 +206,11 @@ def load_experiment(path: str | os.PathLike, published: Path = PUBLISHED) -> Exp
         raise ExperimentError(path, f"removal: kept_checkpoint must be one of {KEPT_CHECKPOINTS}")
     if not all(0 <= float(rate) < 1 for rate in removal.get("prune_rates", [])):
         raise ExperimentError(path, f"removal: prune_rates must lie in [0, 1), got {removal['prune_rates']}")
-    if not isinstance(raw.get("detectability", False), bool):
-        raise ExperimentError(path, f"detectability must be true or false, got {raw['detectability']!r}")
+    for flag in ("detectability", "independent_families"):
+        if not isinstance(raw.get(flag, False), bool):
+            raise ExperimentError(path, f"{flag} must be true or false, got {raw[flag]!r}")
+    if raw.get("independent_families") and not seeds.get("family_pool"):
+        raise ExperimentError(path, "independent_families needs seeds.family_pool (the pool's seeds)")
     if not raw.get("suspect_variants", {"": {}}):
         raise ExperimentError(path, "suspect_variants, when given, names at least one kind of suspect")
     for variant, overrides in raw.get("suspect_variants", {}).items():
@@ -228,6 +234,7 @@ def load_experiment(path: str | os.PathLike, published: Path = PUBLISHED) -> Exp
         publish=publish,
         suspect_variants=raw.get("suspect_variants", {"": {}}),
         detectability=raw.get("detectability", False),
+        independent_families=raw.get("independent_families", False),
         pretrain=raw.get("pretrain", {}),
         removal=raw.get("removal", {}),
         roles=roles,

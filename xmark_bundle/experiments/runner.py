@@ -283,18 +283,25 @@ class _Run:
         return int(self.read(vetting)["key_seed"])
 
     def watermark_family(
-        self, method: Method, checkpoint: Path, surrogate: Path, owner: int, who: str | None = None
+        self,
+        method: Method,
+        checkpoint: Path,
+        surrogate: Path,
+        owner: int,
+        who: str | None = None,
+        pool_folder: Path | None = None,
+        data: Path | None = None,
     ) -> Path | None:
         """The owner's family for the calibrated verdict, fixed before the release: ``family.json`` beside the
         owner's ``checkpoint`` (where configs/verify.json finds it) over the owner's watermark and the method's pool
         (watermarks made with the same recipe and the ``family_pool`` seeds against ``surrogate``, shared by every
-        owner), the owner's place drawn from its seed (``who``: the owner's words in the stage name). None without a
-        declared pool."""
+        owner; ``pool_folder`` and ``data``: another pool's folder and phantoms, e.g. an independent owner's), the
+        owner's place drawn from its seed (``who``: the owner's words in the stage name). None without a pool."""
         pool_seeds = self.x.seed_roles.family_pool
         if not pool_seeds:
             return None
-        folder = self.models / method.name / "family_pool"
-        pool = [self.watermark(method, folder / f"seed{seed}", surrogate, seed, False) for seed in pool_seeds]
+        folder = pool_folder or self.models / method.name / "family_pool"
+        pool = [self.watermark(method, folder / f"seed{seed}", surrogate, seed, False, data) for seed in pool_seeds]
         out = checkpoint.parent / "family.json"
         index = int(np.random.default_rng([owner, 17]).integers(len(pool) + 1))
         cmd = [sys.executable, "scripts/make_family.py", "assemble", "--owner_ckpt", str(checkpoint), "--others"]
@@ -458,12 +465,14 @@ def run_experiment(experiment: Experiment, root: Path, out: Path, dry_run: bool 
             folder = run.models / method.name
             folder = folder / "watermark_independent" if x.legacy else folder / f"independent_owner{seed}" / "watermark"
             others[f"independent_owner{seed}"] = run.watermark(method, folder, other_surrogate, seed, False, data)
+            who = f"independent owner {seed} "
             if method.kind == "trigger" and not x.legacy:
                 # a trigger's pattern depends on its seed only, not on the surrogate: the method's pool is also an
-                # independent owner's family, so Ind-W gets the calibrated verdict too (generators would need a pool
-                # trained against each independent owner's own surrogate)
-                who = f"independent owner {seed} "
+                # independent owner's family, so Ind-W gets the calibrated verdict too
                 run.watermark_family(method, others[f"independent_owner{seed}"], surrogate, seed, who)
+            elif x.independent_families:  # a generator's pool trained against this owner's surrogate, on its data
+                pool = folder.parent / "family_pool"
+                run.watermark_family(method, others[f"independent_owner{seed}"], other_surrogate, seed, who, pool, data)
         entry: dict[str, Any] = {"kind": method.kind, "gamma": method.gamma, "suspects": {}, "ind_m": {}}
         if not x.legacy:
             entry["ind_m_seed_controls"] = {}
