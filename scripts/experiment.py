@@ -204,6 +204,24 @@ def print_plan(experiment: Experiment, out: Path) -> None:
         kinds[kind] = kinds.get(kind, 0) + 1
     counts = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()))
     print(f"\n[{experiment.name}] {len(planned)} stages to run under {out} ({counts}); nothing was run")
+    estimate = remaining_time(kinds, out / "stage_times.json")
+    if estimate:
+        print(f"[{experiment.name}] {estimate}")
+
+
+def remaining_time(kinds: dict[str, int], times_file: Path) -> str | None:
+    """An estimate of the stages still to run ({kind: count}) from the mean time of each kind already recorded in
+    ``times_file`` (this folder, this machine); None when nothing is recorded yet."""
+    if not times_file.is_file():
+        return None
+    by_kind: dict[str, list[float]] = {}
+    for name, seconds in json.loads(times_file.read_text(encoding="utf-8")).items():
+        by_kind.setdefault(next((k for k in STAGE_KINDS if k in name), "other"), []).append(float(seconds))
+    known = {kind: sum(v) / len(v) for kind, v in by_kind.items()}
+    seconds = sum(n * known[kind] for kind, n in kinds.items() if kind in known)
+    unknown = sorted(kind for kind in kinds if kind not in known)
+    text = f"about {seconds / 3600:.1f} h left at the mean recorded time of each kind of stage in {times_file.parent}"
+    return text + (f", plus {', '.join(unknown)} (none recorded yet)" if unknown else "")
 
 
 def main(argv: list[str] | None = None) -> int:

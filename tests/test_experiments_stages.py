@@ -92,3 +92,15 @@ def test_a_stage_asked_for_twice_is_visited_once_and_two_different_stages_may_no
     dry = Stages(ROOT, tmp_path / "dry", "test", dry_run=True)
     dry.run("new", ["touch", str(tmp_path / "dry" / "new")], tmp_path / "dry" / "new")
     assert dry.planned == [("new", ["touch", str(tmp_path / "dry" / "new")])] and not (tmp_path / "dry").exists()
+
+
+def test_the_plan_estimates_the_time_left_from_the_recorded_stages(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import experiment  # scripts/experiment.py
+
+    assert experiment.remaining_time({"classifier": 2}, tmp_path / "stage_times.json") is None
+    times = {"classifier 'a'": 100.0, "classifier 'b'": 200.0, "xmark watermark 'w'": 60.0}
+    (tmp_path / "stage_times.json").write_text(json.dumps(times))
+    left = {"classifier": 36, "watermark": 60, "verification": 5}  # 36 x 150 s + 60 x 60 s = 2.5 h
+    estimate = experiment.remaining_time(left, tmp_path / "stage_times.json")
+    assert estimate.startswith("about 2.5 h left") and estimate.endswith("plus verification (none recorded yet)")
