@@ -9,7 +9,8 @@ The app in ``monailabel_app/`` runs in the real server (``monailabel start_serve
 DICOM goes through MONAI Label's DICOMweb datastore (dicomweb-client's ``DICOMfileClient`` serves a folder of ``.dcm``
 files as a DICOMweb server would), reaches the task as a series folder, and comes back with the pixels that
 ``configs/inference.json`` releases for the same file, in the source's header. Its multi-GPU training runs a real
-``torchrun`` (two processes, gloo).
+``torchrun`` (two processes, gloo). The StealthMark bundle (``stealthmark/``): ``BundleInferTask`` returns the mask that
+its ``inference.json`` writes, and ``BundleTrainTask`` stops before replacing the owner's model.
 """
 
 import hashlib
@@ -35,6 +36,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
@@ -44,6 +46,8 @@ from xmark_bundle.networks.checkpoint import save_watermark
 from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
 from xmark_bundle.networks.pipeline import WatermarkPipeline
+from xmark_bundle.stealthmark.networks import build_segmentation_network
+from xmark_bundle.stealthmark.records import write_records
 from xmark_bundle.transforms.watermark import watermarked_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -336,3 +340,63 @@ def test_multi_gpu_train_runs_torchrun_on_the_package_and_reports_its_failure(bu
     with pytest.raises(RuntimeError, match=r"(?s)torchrun exit status 1\).*already holds the trained xmark watermark"):
         task(request, _datastore(tmp_path, images))
     assert hashlib.sha256(model.read_bytes()).hexdigest() == before
+
+
+# --- the StealthMark segmentation bundle (stealthmark/) ---
+
+
+@pytest.fixture()
+def stealthmark_bundle(tmp_path, images) -> Path:
+    """The StealthMark bundle root as MONAI Label gets it: configs, the package, the owner's model.pt and records.
+
+    A small seeded U-Net whose output bias is set so that about half of a phantom's pixels are lung: a mask with
+    both values, so that a transposed or shifted one cannot pass."""
+    root = tmp_path / "stealthmark"
+    shutil.copytree(ROOT / "stealthmark" / "configs", root / "configs")
+    (root / "xmark_bundle").symlink_to(ROOT / "xmark_bundle", target_is_directory=True)
+    torch.manual_seed(0)
+    network = build_segmentation_network("unet", 64, 8)
+    image01, _ = load_xray(images["png"])
+    with torch.no_grad():
+        logits = network(torch.nn.functional.interpolate(torch.as_tensor(image01)[None, None], size=(64, 64)))
+        [p for n, p in network.named_parameters() if n.endswith("bias") and p.numel() == 1][-1].sub_(logits.median())
+    (root / "models").mkdir()
+    torch.save({"model": network.state_dict()}, root / "models" / "model.pt")
+    write_records(root / "models", "unet", 64, 8, "stealthmark", "patch", 7, 0.05, 0.5, 0)
+    return root
+
+
+@pytest.mark.parametrize("kind", ["png", "dcm"])
+def test_stealthmark_infer_task_returns_the_mask_inference_json_writes(stealthmark_bundle, images, kind, tmp_path):
+    source = images[kind]
+    task = BundleInferTask(str(stealthmark_bundle), conf={})
+    assert task.is_valid()
+    result_file, _ = task({"image": str(source), "device": "cpu"})
+    served = _stored(Path(result_file)).squeeze()  # MONAI Label's Restored + Writer: label 1 = lung
+
+    dataset = tmp_path / "input"
+    dataset.mkdir()
+    shutil.copy2(source, dataset / source.name)
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+         str(stealthmark_bundle / "configs" / "inference.json"), "--bundle_root", str(stealthmark_bundle),
+         "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "output"), "--device", "cpu"],
+        check=True, cwd=stealthmark_bundle, env={**os.environ, "PYTHONPATH": str(stealthmark_bundle)},
+        capture_output=True, timeout=600,
+    )  # fmt: skip
+    written = np.asarray(Image.open(tmp_path / "output" / f"{source.stem}_lung.png"))
+    assert served.dtype == np.uint8 and served.shape == written.shape == load_xray(source)[0].shape
+    np.testing.assert_array_equal(served.astype(np.int64) * 255, written)
+    assert 0.05 < served.mean() < 0.95
+
+
+def test_stealthmark_train_task_never_replaces_the_owners_model(stealthmark_bundle, images, tmp_path):
+    models = stealthmark_bundle / "models"
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in models.iterdir()}
+    task = BundleTrainTask(str(stealthmark_bundle), conf={})
+    assert task.is_valid()
+    request = {"model": "stealthmark", "max_epochs": 1, "device": "cpu", "multi_gpu": False, "val_split": 0.2}
+    match = r"FileExistsError: .*model\.pt already holds a trained segmentation model \(method stealthmark, trigger"
+    with pytest.raises(SystemExit, match=match):
+        task(request, _datastore(tmp_path, images))
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in models.iterdir()} == before
