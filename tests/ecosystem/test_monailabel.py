@@ -36,6 +36,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import md5_digest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
@@ -400,3 +401,26 @@ def test_stealthmark_train_task_never_replaces_the_owners_model(stealthmark_bund
     with pytest.raises(SystemExit, match=match):
         task(request, _datastore(tmp_path, images))
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in models.iterdir()} == before
+
+
+def test_app_on_a_dicomweb_url_hands_the_task_the_series_not_monai_labels_nifti(bundle, images, tmp_path, monkeypatch):
+    """An http DICOMweb datastore, its series already in MONAI Label's cache (no DICOMweb server reachable here):
+    with MONAI Label's default conversion the task would get a uint16 NIfTI without Bits Stored; the app's gets the
+    series folder and returns the DICOM that inference.json releases."""
+    url = "http://127.0.0.1:9/dicomweb"  # nothing answers: every image must come from the cache
+    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI", True)  # MONAI Label's default
+    monkeypatch.setattr(settings, "MONAI_LABEL_DICOMWEB_CACHE_PATH", str(tmp_path / "cache"))
+    series = generate_uid()
+    cached = tmp_path / "cache" / md5_digest(url) / series / "1.dcm"  # where DICOMWebDatastore downloads a series
+    source = _write_chest_dicom(cached, load_xray(images["png"])[0], series, generate_uid())
+    app_dir = tmp_path / "app"
+    (app_dir / "bin").mkdir(parents=True)
+    for tool in ("itkimage2segimage", "itkimage2segimage.exe"):  # MONAI Label would download dcmqi (DICOM SEG) here
+        (app_dir / "bin" / tool).touch()
+    shutil.copy(APP / "main.py", app_dir / "main.py")
+    app = app_instance(str(app_dir), url, {"bundle": str(bundle)})
+    result = app.infer({"model": "xmark", "image": series, "device": "cpu"})
+    returned = Path(result["file"])
+    assert returned.suffix == ".dcm" and pydicom.dcmread(returned).PhotometricInterpretation == "MONOCHROME1"
+    np.testing.assert_array_equal(_stored(returned), _stored(_released(bundle, source, tmp_path / "inference")))
+    print(f"DICOMweb (http) route: largest change {_check_budget(source, returned)} stored units of {2**BITS - 1}")
