@@ -77,7 +77,10 @@ def _extension(path: Path) -> str:
 
 
 class XMarkInferTask(BundleInferTask):
-    """MONAI Label's bundle inference; the result is the marked file in the source's container (module docstring)."""
+    """MONAI Label's bundle inference; the result is the marked file in the source's container (module docstring).
+
+    A client's ``result_extension`` is not honoured: a marked image in another container would not be the release.
+    """
 
     def writer(self, data: dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[Any, Any]:
         from xmark_bundle.data import XRayMeta, write_stored
