@@ -33,11 +33,15 @@ test: lint
 
 # MONAI Label 0.8.5 needs numpy < 2 (the bundle pins numpy 2): its tests run in their own environment, not in make test.
 # SAM2_BUILD_CUDA=0: monailabel pulls in sam2, whose source build would otherwise compile CUDA kernels.
+# pydicom stays 3 (the bundle's DICOM code needs it); pydicom-seg 0.4.1, which monailabel imports at start-up, imports a
+# module pydicom 3 removed: scripts/patch_pydicom_seg.py moves that import, then the server's own import is checked.
 MLVENV := .venv-monailabel
-$(MLVENV)/.ready: requirements.txt requirements-monailabel.txt constraints-monailabel.txt
+$(MLVENV)/.ready: requirements.txt requirements-monailabel.txt constraints-monailabel.txt scripts/patch_pydicom_seg.py
 	test -x $(MLVENV)/bin/python || $(PYTHON) -m venv $(MLVENV)
 	$(MLVENV)/bin/python -m pip install -q --upgrade pip
 	SAM2_BUILD_CUDA=0 $(MLVENV)/bin/python -m pip install -q -r requirements-monailabel.txt -c constraints-monailabel.txt
+	$(MLVENV)/bin/python scripts/patch_pydicom_seg.py
+	$(MLVENV)/bin/python -c "import monailabel.interfaces.app"
 	touch $@
 
 test-monailabel: $(MLVENV)/.ready

@@ -261,22 +261,25 @@ def test_eval_metrics_are_the_published_comparisons():
     assert metrics["false_accusations_phantoms"].startswith(table2["xmark"]["false accusations"]["value"] + " ")
 
 
-#: Each app metadata.json declares, with the environment that pins it and the test that runs the bundle in it.
-APP_ENVIRONMENTS = {"monai-deploy-app-sdk": ("requirements-deploy.txt", "tests/ecosystem/test_monai_deploy.py")}
+#: Each app metadata.json declares, with the environment that pins it, its distribution there and the test that runs
+#: the bundle in it.
+APP_ENVIRONMENTS = {
+    "monai-deploy-app-sdk": ("requirements-deploy.txt", "monai-deploy-app-sdk", "tests/ecosystem/test_monai_deploy.py"),
+    "monai-label": ("requirements-monailabel.txt", "monailabel", "tests/ecosystem/test_monailabel.py"),
+}
 
 
 def test_supported_apps_are_the_ones_a_test_runs_at_the_declared_version():
-    """supported_apps declares only apps whose pinned environment and test run the bundle (make test-deploy);
-    MONAI Label is left out while its server does not start and its DICOM route does not keep the budget
-    (the gaps the model card names)."""
+    """supported_apps declares only apps whose pinned environment and test run the bundle (make test-deploy,
+    make test-monailabel: the real MONAI Label server with monailabel_app/)."""
     apps = json.loads(META.read_text())["supported_apps"]
     assert apps and set(apps) <= set(APP_ENVIRONMENTS), f"declared without a tested environment: {set(apps)}"
     for app, version in apps.items():
-        requirements, test = APP_ENVIRONMENTS[app]
+        requirements, distribution, test = APP_ENVIRONMENTS[app]
         pins = dict(
             line.split("==", 1) for line in (ROOT / requirements).read_text().splitlines() if "==" in line.split("#")[0]
         )
-        assert pins.get(app) == version and (ROOT / test).is_file(), (app, version, pins.get(app))
+        assert pins.get(distribution) == version and (ROOT / test).is_file(), (app, version, pins.get(distribution))
 
 
 def test_the_descriptions_figures_are_the_eval_metrics():

@@ -16,6 +16,7 @@ from xmark_bundle.stealthmark.metrics import (
     volumetric_similarity,
 )
 from xmark_bundle.stealthmark.networks import SEGMENTATION_ARCHS, build_segmentation_network
+from xmark_bundle.stealthmark.records import refuse_to_replace, write_records
 from xmark_bundle.stealthmark.targets import (
     StealthMarkd,
     badnet_seg_target,
@@ -167,3 +168,15 @@ def test_hd95_auc_and_flip_share():
     flipped = prob.clone()
     flipped[0, 0, 0, :4] = 0.9  # 4 of 64 pixels cross 0.5
     assert torch.allclose(flip_share(prob, flipped), torch.tensor([4 / 64, 0.0, 0.0]))
+
+
+def test_training_refuses_to_replace_a_trained_model_and_keeps_the_key_out_of_the_message(tmp_path):
+    refuse_to_replace(tmp_path / "fresh")  # nothing there: training may start
+    write_records(tmp_path, "unet", 64, 8, "stealthmark", "patch", 987654321, 0.05, 0.5, 0)
+    held = r"stealthmark_record\.json already holds a trained segmentation model \(method stealthmark, trigger patch\)"
+    with pytest.raises(FileExistsError, match=held) as err:
+        refuse_to_replace(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    with pytest.raises(FileExistsError, match=r"model\.pt already holds a trained segmentation model"):
+        refuse_to_replace(tmp_path)
+    assert "987654321" not in str(err.value)

@@ -493,8 +493,32 @@ def test_bad_dicom_value_is_a_load_error_naming_the_file():
 
 def test_directory_is_reported_as_a_directory(tmp_path):
     (tmp_path / "scan.dcm").mkdir()
-    with pytest.raises(XRayLoadError, match=r"scan\.dcm: is a directory, not an image file"):
+    with pytest.raises(XRayLoadError, match=r"scan\.dcm: is a directory holding 0 files and 0 folders, not an image"):
         load_xray(tmp_path / "scan.dcm")
+
+
+def test_series_folder_with_one_dicom_reads_as_that_file(tmp_path):
+    """MONAI Label's DICOMweb datastore hands a task the folder it downloaded a series into."""
+    series = tmp_path / "1.2.826.0.1.3680043.8.498.1"  # named by its SeriesInstanceUID, no extension
+    series.mkdir()
+    pixels = np.arange(20 * 30, dtype=np.uint16).reshape(20, 30) * 50
+    source = write_dicom(series / "1.2.3.dcm", pixels, photometric="MONOCHROME1", bits_stored=15)
+    image, meta = load_xray(series)
+    expected, expected_meta = load_xray(source)
+    np.testing.assert_array_equal(image, expected)
+    assert meta == expected_meta and meta.source == str(source)
+    loaded = LoadXRayd("image")({"image": str(series)})["image"]  # the bundle's preprocessing
+    assert loaded.meta["filename_or_obj"] == str(source)  # the release is written from the file, not the folder
+    np.testing.assert_array_equal(loaded[0].numpy(), expected)
+
+
+def test_series_folder_with_several_images_is_refused_naming_it(tmp_path):
+    series = tmp_path / "series"
+    series.mkdir()
+    for name in ("a.dcm", "b.dcm"):
+        write_dicom(series / name, np.ones((4, 4), np.uint16))
+    with pytest.raises(XRayLoadError, match=r"series: is a directory holding 2 files and 0 folders, .*exactly one"):
+        load_xray(series)
 
 
 def png_with_sbit(path: Path, pixels: np.ndarray, bits: int) -> Path:

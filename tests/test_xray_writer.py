@@ -35,10 +35,11 @@ from xmark_bundle.data import (
     max_stored_change,
     quantisation_step,
     to_stored,
+    write_stored,
     write_xray,
 )
 from xmark_bundle.data import load_xray as _load_xray
-from xmark_bundle.data.xray_writer import ContainerMismatchWarning, is_lossy, reencode_like
+from xmark_bundle.data.xray_writer import ContainerMismatchWarning, is_lossy, reencode_like, stored_values
 from xmark_bundle.transforms import apply_watermark, letterbox, letterbox_geometry, unletterbox
 
 EPS = 16 / 255
@@ -213,6 +214,20 @@ def test_dicom_transfer_syntaxes(tmp_path, name, syntax):
     expected = np.where(changed == image, original.pixel_array, to_stored(changed, meta))
     np.testing.assert_array_equal(written.pixel_array, expected)
     np.testing.assert_allclose(load_xray(out)[0], changed, atol=quantisation_step(meta))
+
+
+def test_write_stored_writes_what_write_xray_writes(tmp_path):
+    """For MONAI Label's pred (stored values): the same file as write_xray, the source's header kept."""
+    source = copy_testdata("MR_small.dcm", tmp_path)
+    image, meta = load_xray(source)
+    changed = np.clip(image - 0.02, 0, 1)
+    by_image = write_xray(changed, meta, source, tmp_path / "a.dcm")
+    stored = stored_values(changed, meta, source, source_image01=image)
+    by_stored = write_stored(stored, meta, tmp_path / "b.dcm")
+    np.testing.assert_array_equal(pydicom.dcmread(by_stored).pixel_array, pydicom.dcmread(by_image).pixel_array)
+    assert_same_elements(pydicom.dcmread(source), pydicom.dcmread(by_stored))
+    with pytest.raises(XRayWriteError, match=r"c\.dcm: stored values float64 .* differ from the source's int16"):
+        write_stored(changed.astype(np.float64), meta, tmp_path / "c.dcm")
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,17 @@ from .xray_io import (
     XRayReader,
     find_xray_files,
     load_xray,
+    series_file,
     to_stored,
 )
-from .xray_writer import XRayWriteError, check_output_path, max_stored_change, quantisation_step, write_xray
+from .xray_writer import (
+    XRayWriteError,
+    check_output_path,
+    max_stored_change,
+    quantisation_step,
+    write_stored,
+    write_xray,
+)
 
 __all__ = [
     "LoadXRay",
@@ -24,6 +32,8 @@ __all__ = [
     "load_xray",
     "max_stored_change",
     "quantisation_step",
+    "series_file",
     "to_stored",
+    "write_stored",
     "write_xray",
 ]

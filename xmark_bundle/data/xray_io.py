@@ -2,7 +2,8 @@
 
 Supported inputs: DICOM (pydicom 3, compressed transfer syntaxes through its installed decoders), 8/16-bit grayscale
 PNG and 8-bit JPEG (Pillow), NIfTI ``.nii``/``.nii.gz`` (nibabel) and MetaImage/NRRD ``.mha``/``.mhd``/``.nrrd``/
-``.nhdr`` (ITK). A file with any other extension is read as DICOM when it carries the ``DICM`` preamble.
+``.nhdr`` (ITK). A file with any other extension is read as DICOM when it carries the ``DICM`` preamble. A folder
+holding exactly one file (a single-image DICOM series as MONAI Label downloads it) is read as that file.
 
 Intensity chain, recorded in :class:`XRayMeta` so that :func:`to_stored` can invert it::
 
@@ -500,6 +501,28 @@ def _accepted_scope(
     )
 
 
+def series_file(path: str | os.PathLike) -> Path:
+    """The image file that ``path`` names: ``path`` itself, or the only file of a series folder.
+
+    MONAI Label's DICOMweb datastore (without its NIfTI conversion) hands a task the folder it downloaded a series
+    into, one ``<SOPInstanceUID>.dcm`` per instance. A radiograph series holds one image, so a folder holding exactly
+    one file (hidden files aside) is read as that file; any other folder is an :class:`XRayLoadError` naming it and
+    what it holds (a CT series, several views, nothing).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    files = [p for p in entries if p.is_file()]
+    if len(entries) == 1 and files:
+        return files[0]
+    raise XRayLoadError(
+        path,
+        f"is a directory holding {len(files)} files and {len(entries) - len(files)} folders, not an image file: a "
+        "series folder is read only when it holds exactly one image file (one radiograph)",
+    )
+
+
 def load_xray(
     path: str | os.PathLike,
     *,
@@ -513,10 +536,8 @@ def load_xray(
     ``allow_modalities``, BodyPartExamined beyond :data:`CHEST_BODY_PARTS` unless listed in ``allow_body_parts``;
     ``allow_any_modality`` reads any file. Every failure is an :class:`XRayLoadError` naming the file and the problem.
     """
-    path = Path(path)
+    path = series_file(path)
     scope = _accepted_scope(allow_modalities, allow_any_modality, allow_body_parts)
-    if path.is_dir():
-        raise XRayLoadError(path, "is a directory, not an image file")
     if not path.exists():
         raise XRayLoadError(path, "file not found")
     if not path.is_file():
@@ -649,7 +670,7 @@ class LoadXRay(Transform):
 
     def __call__(self, path: str | os.PathLike) -> MetaTensor:
         # the runtime reader: its errors (XRayLoadError naming the file) reach the caller unwrapped
-        return self.loader(path, reader=self.reader)
+        return self.loader(str(series_file(path)), reader=self.reader)
 
 
 class LoadXRayd(LoadImaged):
@@ -685,6 +706,8 @@ class LoadXRayd(LoadImaged):
         keys = list(self.key_iterator(d))
         in_memory = [key for key in keys if not isinstance(d[key], (str, os.PathLike))]
         if not in_memory:  # LoadImaged itself (MONAI Label sets image_only=False on it, for one)
+            # a series folder's one file, so that filename_or_obj (where the release is written from) names it
+            d.update({key: str(series_file(d[key])) for key in keys})
             return super().__call__(d, reader=reader or self.reader)
         if len(in_memory) < len(keys):
             raise ValueError(f"LoadXRayd: {in_memory} are loaded images and the other keys paths; give one kind")

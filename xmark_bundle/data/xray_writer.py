@@ -789,6 +789,32 @@ def write_xray(
     source, out_path = Path(source), Path(out_path)
     check_output_path(source, out_path)
     stored, save = _stored_values(image01, meta, source, source_image01, out_path)
+    return _save(stored, save, source, out_path)
+
+
+def write_stored(stored: np.ndarray, meta: XRayMeta, out_path: str | os.PathLike) -> Path:
+    """Write pixel values already in the source's stored form (``H x W``, its dtype: :func:`stored_values`) to
+    ``out_path`` in the container of ``meta.source``, exactly as :func:`write_xray` writes them; atomic.
+
+    For a caller that holds the stored values (MONAI Label's ``pred``) and returns a file: a DICOM keeps the source's
+    header, its Photometric Interpretation and Bits Stored included.
+    """
+    source, out_path = Path(meta.source), Path(out_path)
+    check_output_path(source, out_path)
+    stored = np.asarray(stored)
+    stored_source, save = _OPENERS[meta.format](source)
+    if stored.shape != stored_source.shape or stored.dtype != stored_source.dtype:
+        raise XRayWriteError(
+            out_path,
+            f"stored values {stored.dtype.name} {stored.shape} differ from the source's {stored_source.dtype.name} "
+            f"{stored_source.shape} ({source})",
+        )
+    return _save(stored, save, source, out_path)
+
+
+def _save(stored: np.ndarray, save: Saver, source: Path, out_path: Path) -> Path:
+    """Write ``stored`` with the source format's saver atomically, with the source's file status; warn on what of
+    the source's codec parameters could not be kept."""
     with atomic_path(out_path) as tmp:
         problems = save(stored, tmp)
         shutil.copystat(source, tmp)  # as shutil.copy2 leaves the files copied beside it
@@ -797,7 +823,7 @@ def write_xray(
             f"{out_path}: differs from its source {source} in {'; '.join(problems)}; a data user could tell it from "
             "the files copied byte for byte (write every file of this kind with reencode_like instead)",
             ContainerMismatchWarning,
-            stacklevel=2,
+            stacklevel=3  # the caller of write_xray / write_stored,
         )
     return out_path
 
