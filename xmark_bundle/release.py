@@ -531,6 +531,8 @@ def _watermark_release(
                 **counts,
             },
             "max_abs_change01": max((r["max_abs_change01"] for r in written), default=0.0),
+            # the change in stored units over the range the data occupy: what epsilon bounds (older records lack it)
+            "max_change_of_range": max((r.get("max_change_of_range", 0.0) for r in written), default=0.0),
             "budget_ok": all(r["budget_ok"] for r in written),
             "timings": dict(timings),
             **environment(),
@@ -650,6 +652,7 @@ def _mark(
                 "output_sha256": sha256_file(report["path"]),
                 **{key: report[key] for key in ("format", "shape", "max_abs_change01", "max_stored_change")},
                 **{key: report[key] for key in ("quantisation_step01", "budget_ok", "lossy")},
+                **{key: report[key] for key in ("reference_range", "data_bits", "max_change_of_range")},
             }
 
 
@@ -671,8 +674,9 @@ def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
         f"release {manifest['release_dir']}: {counts['marked']} of {counts['selected']} selected images marked "
         f"and {counts['decoys']} decoys ({counts['marked_now']} in this run), {counts['copied_now']} files copied and "
         f"{counts['copied_already']} already in place; "
-        f"max |change| {manifest['max_abs_change01']:.4f} (epsilon {settings['epsilon']:.4f}, budget "
-        f"{'kept' if manifest['budget_ok'] else 'EXCEEDED after lossy JPEG re-encoding'}); "
+        f"max |change| {manifest['max_abs_change01']:.4f} in [0, 1], {manifest['max_change_of_range']:.4f} of the "
+        f"data's range in stored units (epsilon {settings['epsilon']:.4f}, budget "
+        f"{'kept' if manifest['budget_ok'] else 'EXCEEDED after lossy re-encoding'}); "
         f"{timings['total_s']:.1f} s ({timings['mark_s']:.1f} s marking); manifest {manifest_file}"
     )
     if counts.get("reencoded"):

@@ -87,7 +87,7 @@ from pydicom.uid import (
 from pydicom.valuerep import VR
 
 from ..fileio import atomic_path
-from .xray_io import XRayMeta, _dicom_lut_table, load_xray, to_stored
+from .xray_io import XRayMeta, _dicom_lut_table, load_xray, reference_range, to_stored
 
 __all__ = [
     "ContainerMismatchWarning",
@@ -97,6 +97,7 @@ __all__ = [
     "max_stored_change",
     "quantisation_step",
     "reencode_like",
+    "stored_budget",
     "stored_values",
     "write_xray",
 ]
@@ -778,17 +779,21 @@ def write_xray(
     out_path: str | os.PathLike,
     *,
     source_image01: np.ndarray | None = None,
+    epsilon: float | None = None,
 ) -> Path:
     """Write ``image01`` (the source's ``H x W`` grid, [0, 1]) to ``out_path`` in the source's own format; atomic.
 
     ``meta`` is the source's XRayMeta; ``source_image01`` its loaded image (read again when not given), used to keep
-    unchanged pixels bit for bit. The file gets the source's codec parameters (module docstring); what of them cannot
-    be reproduced is named in a :class:`ContainerMismatchWarning`, and a codec that cannot be written at all raises
-    an XRayWriteError. The written file has the source's permission bits and modification time.
+    unchanged pixels bit for bit. With ``epsilon`` (an L-inf budget) no stored value moves by more than
+    :func:`stored_budget` units, ``epsilon`` of the data's reference range: a pixel clipped by a narrow window or in
+    the flat tail of a sigmoid VOI function would otherwise jump far in stored units for a small change in [0, 1].
+    The file gets the source's codec parameters (module docstring); what of them cannot be reproduced is named in a
+    :class:`ContainerMismatchWarning`, and a codec that cannot be written at all raises an XRayWriteError. The
+    written file has the source's permission bits and modification time.
     """
     source, out_path = Path(source), Path(out_path)
     check_output_path(source, out_path)
-    stored, save = _stored_values(image01, meta, source, source_image01, out_path)
+    stored, save = _stored_values(image01, meta, source, source_image01, out_path, epsilon)
     with atomic_path(out_path) as tmp:
         problems = save(stored, tmp)
         shutil.copystat(source, tmp)  # as shutil.copy2 leaves the files copied beside it
@@ -803,19 +808,37 @@ def write_xray(
 
 
 def stored_values(
-    image01: np.ndarray, meta: XRayMeta, source: str | os.PathLike, *, source_image01: np.ndarray | None = None
+    image01: np.ndarray,
+    meta: XRayMeta,
+    source: str | os.PathLike,
+    *,
+    source_image01: np.ndarray | None = None,
+    epsilon: float | None = None,
 ) -> np.ndarray:
     """The stored pixel values (the source's dtype, ``H x W``) that :func:`write_xray` writes for ``image01``.
 
     For a caller that hands the watermarked image on, in the file's own values, instead of writing a file (MONAI
     Label's ``pred``): a pixel whose value equals the source's keeps its stored value bit for bit, the others go
-    through :func:`~xmark_bundle.data.xray_io.to_stored`.
+    through :func:`~xmark_bundle.data.xray_io.to_stored`; with ``epsilon`` none moves by more than
+    :func:`stored_budget` units.
     """
-    return _stored_values(image01, meta, Path(source), source_image01, Path(source))[0]
+    return _stored_values(image01, meta, Path(source), source_image01, Path(source), epsilon)[0]
+
+
+def stored_budget(meta: XRayMeta, epsilon: float) -> float:
+    """Largest change in stored units a budget ``epsilon`` allows: ``epsilon`` of the data's reference range
+    (:func:`~xmark_bundle.data.xray_io.reference_range`), rounded down to whole units for integer data."""
+    limit = epsilon * reference_range(meta)
+    return float(np.floor(limit + 1e-9)) if np.issubdtype(np.dtype(meta.stored_dtype), np.integer) else limit
 
 
 def _stored_values(
-    image01: np.ndarray, meta: XRayMeta, source: Path, source_image01: np.ndarray | None, where: Path
+    image01: np.ndarray,
+    meta: XRayMeta,
+    source: Path,
+    source_image01: np.ndarray | None,
+    where: Path,
+    epsilon: float | None = None,
 ) -> tuple[np.ndarray, Saver]:
     """:func:`stored_values` and the source format's saver (``where`` names the file an error is about)."""
     image01 = np.asarray(image01)
@@ -833,7 +856,12 @@ def _stored_values(
     keep = image01 == source_image01
     if meta.window_source == "data range":
         keep |= (source_image01 == 0.0) | (source_image01 == 1.0)
-    return np.where(keep, stored_source, to_stored(image01, meta)).astype(np.dtype(meta.stored_dtype)), save
+    stored = to_stored(image01, meta)
+    if epsilon is not None:
+        limit = stored_budget(meta, epsilon)
+        reference = stored_source.astype(np.float64)
+        stored = np.clip(stored.astype(np.float64), reference - limit, reference + limit)
+    return np.where(keep, stored_source, stored).astype(np.dtype(meta.stored_dtype)), save
 
 
 def reencode_like(source: str | os.PathLike, out_path: str | os.PathLike) -> Path:
@@ -862,7 +890,9 @@ def max_stored_change(source: str | os.PathLike, written: str | os.PathLike) -> 
     """Largest pixel change between two files of one image, in stored units and in [0, 1] as load_xray reads them.
 
     A file from :func:`write_xray` keeps the source's intensity mapping, so both [0, 1] images share one scale. Also
-    returns the source's :func:`quantisation_step`, the rounding slack of a budget stated in [0, 1].
+    returns the source's :func:`quantisation_step`, the rounding slack of a budget stated in [0, 1], the source's
+    reference range in stored units (:func:`~xmark_bundle.data.xray_io.reference_range`: what the data occupy, not
+    the window) and the stored change as a share of it, ``max_change_of_range``: the figure a budget epsilon bounds.
     """
     source01, meta = _load(source)
     written01, written_meta = _load(written)
@@ -870,8 +900,13 @@ def max_stored_change(source: str | os.PathLike, written: str | os.PathLike) -> 
         raise XRayWriteError(written, f"shape {written01.shape} differs from the source's {source01.shape} ({source})")
     stored_source = _OPENERS[meta.format](Path(source))[0].astype(np.float64)
     stored_written = _OPENERS[written_meta.format](Path(written))[0].astype(np.float64)
+    change = float(np.abs(stored_written - stored_source).max())
+    reference = reference_range(meta)
     return {
-        "max_stored_change": float(np.abs(stored_written - stored_source).max()),
+        "max_stored_change": change,
         "max_abs_change01": float(np.abs(written01.astype(np.float64) - source01).max()),
         "quantisation_step01": quantisation_step(meta),
+        "reference_range": reference,
+        "data_bits": int(meta.data_bits),
+        "max_change_of_range": change / reference,
     }
