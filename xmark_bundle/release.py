@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -405,6 +406,8 @@ def watermark_release(
     decoy_fraction: float = 0.0,
     allow_modalities: Sequence[str] = (),
     allow_body_parts: Sequence[str] = (),
+    reencode: str = "auto",
+    normalise_files: bool = True,
 ) -> dict[str, Any]:
     """Write the watermarked release of ``dataset_dir`` into ``release_dir`` and the owner's manifest; return it.
 
@@ -418,7 +421,19 @@ def watermark_release(
     time writes into a ``release_dir`` (:func:`_exclusive`), and a folder that holds another manifest's release is
     refused. ``allow_modalities`` / ``allow_body_parts`` widen the images read beyond chest radiographs
     (:func:`~xmark_bundle.data.xray_io.load_xray`; the manifest's settings record them).
+
+    File-level tells (DESIGN.md section 6): ``reencode`` says which unmarked files go through the marked files' writer
+    (:func:`~xmark_bundle.data.xray_writer.reencode_like`) so that container details cannot separate the two:
+    ``"mismatch"`` every file of a kind (extension, and DICOM transfer syntax) where a marked file's codec settings
+    could not be reproduced; ``"auto"`` (default) also every file of a kind holding marked files whose writer does not
+    give back an unmarked file of it byte for byte (a lossy codec, a gzip header; probed on up to three files of the
+    kind); ``"all"`` every file of every kind holding marked files. ``normalise_files`` (default on) ends the run by
+    re-creating every released file in path order with its source's modification time as both modification and
+    access time, so that inode numbers, change and access times follow the path order, not which files were marked;
+    it costs one more copy of the release.
     """
+    if reencode not in _REENCODE:
+        raise ValueError(f"reencode must be one of {', '.join(_REENCODE)}, got {reencode!r}")
     if not 0 < gamma <= 1 or batch_size < 1 or (max_marked is not None and max_marked < 0):
         raise ValueError(
             f"need 0 < gamma <= 1, batch_size >= 1, max_marked >= 0 (got {gamma}, {batch_size}, {max_marked})"
@@ -445,6 +460,8 @@ def watermark_release(
             decoy_fraction,
             allow_modalities,
             allow_body_parts,
+            reencode,
+            normalise_files,
         )
 
 
@@ -465,6 +482,8 @@ def _watermark_release(
     decoy_fraction: float,
     allow_modalities: Sequence[str],
     allow_body_parts: Sequence[str],
+    reencode: str = "auto",
+    normalise_files: bool = True,
 ) -> dict[str, Any]:
     """:func:`watermark_release` once it holds the release folder's lock."""
     start = time.perf_counter()
@@ -581,14 +600,19 @@ def _watermark_release(
         _append_journal(journal, settings, record)
     mark_s = time.perf_counter() - mark_start
 
-    # a kind of file whose codec settings could not be reproduced: every file of that kind goes through the writer
-    mismatched = {_kind(files[rel]) for rel in records if records[rel].get("container_mismatch")}
-    reencoded = [rel for rel in to_copy if mismatched and _kind(files[rel]) in mismatched]
+    # kinds of file whose marked members a data user could tell from the byte copies by their container: every file
+    # of such a kind goes through the writer the marked ones took
+    suffixes = {files[rel].suffix.lower() for rel in records}
+    kinds = {rel: _kind(files[rel]) for rel in to_copy if files[rel].suffix.lower() in suffixes}
+    to_reencode = _kinds_to_reencode(reencode, files, records, kinds)
+    reencoded = [rel for rel in kinds if kinds[rel] in to_reencode]
     for rel in tqdm(reencoded, desc="re-encode", unit="file", disable=not progress):
         try:
             reencode_like(files[rel], release_dir / rel)
         except (ValueError, OSError) as err:  # e.g. an unreadable image: its byte copy stays
             warnings.warn(f"{rel}: kept as a byte copy, cannot re-encode it ({err})", stacklevel=2)
+    if normalise_files:
+        _normalise_files(files, release_dir, progress)
 
     counts = {
         "reencoded": len(reencoded),
@@ -656,6 +680,55 @@ def _mark(
             }
 
 
+_REENCODE = ("mismatch", "auto", "all")
+_PROBES = 3  # unmarked files of a kind re-encoded to see whether its writer gives them back byte for byte
+
+
+def _kinds_to_reencode(
+    policy: str, files: Mapping[str, Path], records: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str]
+) -> set[str]:
+    """The kinds (:func:`_kind`) whose unmarked files (``kinds``: relative path -> kind) go through the writer."""
+    marked_kinds = {_kind(files[rel]) for rel in records}
+    mismatched = {_kind(files[rel]) for rel in records if records[rel].get("container_mismatch")}
+    if policy == "mismatch":
+        return mismatched
+    if policy == "all":
+        return marked_kinds
+    chosen = set(mismatched)
+    with tempfile.TemporaryDirectory(prefix="xmark-probe-") as scratch:  # outside the release: never published
+        for kind in sorted(marked_kinds - mismatched):
+            probes = [rel for rel, k in kinds.items() if k == kind][:_PROBES]
+            for index, rel in enumerate(probes):
+                out = Path(scratch) / str(index) / Path(rel).name
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", ContainerMismatchWarning)
+                        reencode_like(files[rel], out)
+                except (ValueError, OSError):
+                    continue  # not an image this writer reads (a .gz that is not NIfTI): says nothing of the kind
+                if out.read_bytes() != files[rel].read_bytes():
+                    chosen.add(kind)
+                    break
+    return chosen
+
+
+def _normalise_files(files: Mapping[str, Path], release_dir: Path, progress: bool) -> None:
+    """Re-create every released file in path order (a new inode, a new change time) with its source's permission
+    bits and its source's modification time as modification and access time: marked, re-encoded and copied files
+    then follow one order and one time policy. Content is unchanged (the copy is checked by size)."""
+    for rel in tqdm(sorted(files), desc="normalise", unit="file", disable=not progress):
+        target = release_dir / rel
+        if not target.is_file():
+            continue
+        status = files[rel].stat()
+        with atomic_path(target) as tmp:
+            shutil.copyfile(target, tmp)
+            if tmp.stat().st_size != target.stat().st_size:
+                raise ReleaseError(target, "copy while normalising the release came out short")
+            os.chmod(tmp, status.st_mode & 0o7777)
+            os.utime(tmp, ns=(status.st_mtime_ns, status.st_mtime_ns))
+
+
 def _kind(path: Path) -> str:
     """Files that share one encoder setting: the extension, and for DICOM the transfer syntax too."""
     suffix = path.suffix.lower()
@@ -681,8 +754,8 @@ def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
     )
     if counts.get("reencoded"):
         print(
-            f"{counts['reencoded']} unmarked files re-encoded like the marked ones of their kind, whose codec settings "
-            "could not be reproduced (container_mismatch in the manifest)"
+            f"{counts['reencoded']} unmarked files re-encoded like the marked ones of their kind, whose writer does "
+            "not give their files back byte for byte (container_mismatch in the manifest: settings not reproduced)"
         )
     if manifest["relabelled_files"]:
         print(

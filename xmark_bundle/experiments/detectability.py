@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,11 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from xmark_bundle.data.selection import target_index
-from xmark_bundle.data.xray_io import load_xray
+from xmark_bundle.data.xray_io import load_xray, to_stored
 from xmark_bundle.networks.classifier import load_classifier, penultimate_features
 from xmark_bundle.transforms.geometry import letterbox, letterbox_geometry
 
-__all__ = ["candidates", "container_signature", "detectability"]
+__all__ = ["candidates", "compressibility", "container_signature", "detectability", "file_level_tells"]
 
 PIXEL_SIZE, CNN_SIZE, FOLDS, LEVELS = 256, 128, 5, 4
 
@@ -147,6 +148,59 @@ def _suspect_view(features: np.ndarray, marked: np.ndarray, seed: int) -> dict[s
     }
 
 
+def _file_kind(path: Path) -> str:
+    """A homogeneous folder's kind: the extension, and for DICOM the transfer syntax's name."""
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
+    if suffix != ".dcm":
+        return suffix
+    return f".dcm {pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.name}"
+
+
+def compressibility(path: Path) -> float:
+    """zlib-compressed size (level 9) of the file's stored pixel values over their raw size: how much a generic
+    compressor finds to squeeze in the pixels, whatever codec the file itself uses."""
+    image01, meta = load_xray(path, allow_any_modality=True)
+    raw = np.ascontiguousarray(to_stored(image01, meta)).tobytes()
+    return len(zlib.compress(raw, 9)) / len(raw)
+
+
+def file_level_tells(
+    release_dir: str | os.PathLike, manifest_file: str | os.PathLike, target_label: str = "No Finding"
+) -> dict[str, dict[str, Any]]:
+    """Per kind of file (:func:`_file_kind`) among the :func:`candidates`, the AUROC of marked against unmarked files
+    of what the file system and a generic compressor say: bytes per pixel, :func:`compressibility`, modification,
+    access and change time, inode number (0.5: no separation; 0 or 1: complete). The file-system entries are read
+    before any file is opened, since reading may set the access time."""
+    release_dir = Path(release_dir)
+    manifest = json.loads(Path(manifest_file).read_text())
+    paths, marked, _ = candidates(release_dir, manifest, target_label)
+    files = [release_dir / p for p in paths]
+    entries = [f.stat() for f in files]
+    kinds = [_file_kind(f) for f in files]
+    report: dict[str, dict[str, Any]] = {}
+    for kind in sorted(set(kinds)):
+        index = [i for i, k in enumerate(kinds) if k == kind]
+        flags = marked[index]
+        if flags.all() or not flags.any():
+            continue
+        status = [entries[i] for i in index]
+        sizes = [load_xray(files[i], allow_any_modality=True)[1].shape for i in index]
+        features = {
+            "bytes_per_pixel": [s.st_size / (h * w) for s, (h, w) in zip(status, sizes, strict=True)],
+            "compressibility": [compressibility(files[i]) for i in index],
+            "mtime": [s.st_mtime_ns for s in status],
+            "atime": [s.st_atime_ns for s in status],
+            "ctime": [s.st_ctime_ns for s in status],
+            "inode": [s.st_ino for s in status],
+        }
+        report[kind] = {
+            "n_marked": int(flags.sum()),
+            "n_unmarked": int((~flags).sum()),
+            **{f"{name}_auroc": _auroc(np.asarray(values, np.float64), flags) for name, values in features.items()},
+        }
+    return report
+
+
 def detectability(
     release_dir: str | os.PathLike,
     manifest_file: str | os.PathLike,
@@ -199,6 +253,7 @@ def detectability(
             "signature_vs_marked_p": None if association is None else float(association.pvalue),
             "marked_files_whose_container_changed": changed,
             "bytes_per_pixel_auroc": _auroc(bytes_per_pixel, marked),
+            "compressibility_auroc": _auroc(np.array([compressibility(f) for f in files]), marked),
         },
         "pixels": {
             "high_pass_energy_auroc": _auroc(high_pass, marked),
