@@ -567,6 +567,8 @@ def _watermark_release(
 
     to_write = selected + list(decoys)
     copy_start, marked_set = time.perf_counter(), set(to_write)
+    for rel in sorted(files):  # every folder now, in path order: a folder made later for a marked file would show it
+        (release_dir / rel).parent.mkdir(parents=True, exist_ok=True)
     to_copy = [rel for rel in files if rel not in marked_set and rel not in relabelled]
     copied = sum(
         _copy(files[rel], release_dir / rel) for rel in tqdm(to_copy, desc="copy", unit="file", disable=not progress)
