@@ -10,6 +10,12 @@ clean-label method (X-Mark, SSCL-BW, the keyed variant). A poison-label method (
 instead and the release's datalist and CheXpert CSVs give those images the target label
 (:mod:`xmark_bundle.data.poison`). A datalist kept outside ``dataset_dir`` is copied to the release's top level.
 
+Marked and unmarked files must not differ in their containers or file-system entries (DESIGN.md section 6): every
+file of a kind whose writer does not give its files back byte for byte goes through that writer (``reencode``), and
+the run ends by re-creating every released file in path order with its source's modification time as modification and
+access time (``normalise_files``); the folders are made in path order before any file. File size and compressibility
+remain: the mark itself makes a file compress less well (docs/README.md, threat model).
+
 Every file appears atomically. The owner's private manifest (outside the release) lists each marked file with the
 SHA-256 of its source and output. A run that stops early keeps its progress in a JSON-lines journal beside the
 manifest (``<manifest>.journal``, one line per marked file, flushed and fsynced); the next run with the same

@@ -8,7 +8,9 @@ manifest (the owner's secret) says which are marked; the analyses may use it as 
 upper bound on what an analyst could learn.
 
 (a) container: each file's container signature (format, codec, bit depth, photometric interpretation, PNG
-    chunks / JPEG tables) compared between marked and unmarked files, and the AUROC of bytes per pixel;
+    chunks / JPEG tables) compared between marked and unmarked files, and the AUROC of bytes per pixel and of
+    :func:`compressibility` (the mark adds fine structure, so marked pixels compress less well: an intrinsic tell);
+    :func:`file_level_tells` adds per kind of file the time stamps and inode numbers;
 (b) pixels: the AUROC of high-pass energy (mean |Laplacian| of the image at 256 px), of a logistic regression on
     Laplacian-pyramid statistics and of a small CNN on the high-pass image at 128 px, both cross-validated
     (stratified folds: each file is scored by a model that never saw it);
