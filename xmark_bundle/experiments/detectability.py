@@ -45,7 +45,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from xmark_bundle.data.selection import target_index
-from xmark_bundle.data.xray_io import load_xray, to_stored
+from xmark_bundle.data.xray_io import XRayMeta, load_xray, to_stored
 from xmark_bundle.networks.classifier import load_classifier, penultimate_features
 from xmark_bundle.transforms.geometry import letterbox, letterbox_geometry
 
@@ -158,10 +158,9 @@ def _file_kind(path: Path) -> str:
     return f".dcm {pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.name}"
 
 
-def compressibility(path: Path) -> float:
-    """zlib-compressed size (level 9) of the file's stored pixel values over their raw size: how much a generic
+def compressibility(image01: np.ndarray, meta: XRayMeta) -> float:
+    """zlib-compressed size (level 9) of a loaded file's stored pixel values over their raw size: how much a generic
     compressor finds to squeeze in the pixels, whatever codec the file itself uses."""
-    image01, meta = load_xray(path, allow_any_modality=True)
     raw = np.ascontiguousarray(to_stored(image01, meta)).tobytes()
     return len(zlib.compress(raw, 9)) / len(raw)
 
@@ -186,10 +185,10 @@ def file_level_tells(
         if flags.all() or not flags.any():
             continue
         status = [entries[i] for i in index]
-        sizes = [load_xray(files[i], allow_any_modality=True)[1].shape for i in index]
+        images = [load_xray(files[i], allow_any_modality=True) for i in index]
         features = {
-            "bytes_per_pixel": [s.st_size / (h * w) for s, (h, w) in zip(status, sizes, strict=True)],
-            "compressibility": [compressibility(files[i]) for i in index],
+            "bytes_per_pixel": [s.st_size / image.size for s, (image, _) in zip(status, images, strict=True)],
+            "compressibility": [compressibility(image, meta) for image, meta in images],
             "mtime": [s.st_mtime_ns for s in status],
             "atime": [s.st_atime_ns for s in status],
             "ctime": [s.st_ctime_ns for s in status],
@@ -233,7 +232,8 @@ def detectability(
             for path, signature, is_marked in zip(paths, signatures, marked, strict=True)
             if is_marked
         )
-    loaded = [load_xray(f)[0] for f in files]
+    read = [load_xray(f) for f in files]
+    loaded = [image for image, _ in read]
     bytes_per_pixel = np.array([f.stat().st_size / image.size for f, image in zip(files, loaded, strict=True)])
     pixels = [_content(image, PIXEL_SIZE) for image in loaded]
     high_pass = np.array([np.abs(ndimage.laplace(x.astype(np.float64))).mean() for x in pixels])
@@ -255,7 +255,7 @@ def detectability(
             "signature_vs_marked_p": None if association is None else float(association.pvalue),
             "marked_files_whose_container_changed": changed,
             "bytes_per_pixel_auroc": _auroc(bytes_per_pixel, marked),
-            "compressibility_auroc": _auroc(np.array([compressibility(f) for f in files]), marked),
+            "compressibility_auroc": _auroc(np.array([compressibility(*pair) for pair in read]), marked),
         },
         "pixels": {
             "high_pass_energy_auroc": _auroc(high_pass, marked),
