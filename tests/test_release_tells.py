@@ -199,3 +199,11 @@ def test_file_level_tells_reports_size_and_compressibility(jpeg_release):
     assert row["n_marked"] > 0 and row["n_unmarked"] > 0
     for key in ("bytes_per_pixel_auroc", "compressibility_auroc"):
         assert 0.0 <= row[key] <= 1.0
+
+
+def test_an_unknown_reencode_policy_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="reencode must be one of mismatch, auto, all"):
+        watermark_release(
+            None, tmp_path / "g.pt", tmp_path, tmp_path / "d.json", tmp_path / "r", tmp_path / "m.json", reencode="x"
+        )
+    assert not (tmp_path / "r").exists()
