@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     pixels, container = report["pixels"], report["container"]
     print(
         f"{report['n_marked']} marked of {report['n_candidates']} candidates: bytes/pixel AUROC "
-        f"{container['bytes_per_pixel_auroc']:.3f}, high-pass {pixels['high_pass_energy_auroc']:.3f}, pyramid LR "
+        f"{container['bytes_per_pixel_auroc']:.3f}, compressibility {container['compressibility_auroc']:.3f}, "
+        f"high-pass {pixels['high_pass_energy_auroc']:.3f}, pyramid LR "
         f"{pixels['pyramid_logistic_regression_auroc']:.3f}, small CNN {pixels['small_cnn_auroc']:.3f}"
         + (f", spectral {report['suspect']['spectral_auroc']:.3f}" if "suspect" in report else "")
     )

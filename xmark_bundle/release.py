@@ -10,6 +10,12 @@ clean-label method (X-Mark, SSCL-BW, the keyed variant). A poison-label method (
 instead and the release's datalist and CheXpert CSVs give those images the target label
 (:mod:`xmark_bundle.data.poison`). A datalist kept outside ``dataset_dir`` is copied to the release's top level.
 
+Marked and unmarked files must not differ in their containers or file-system entries (DESIGN.md section 6): every
+file of a kind whose writer does not give its files back byte for byte goes through that writer (``reencode``), and
+the run ends by re-creating every released file in path order with its source's modification time as modification and
+access time (``normalise_files``); the folders are made in path order before any file. File size and compressibility
+remain: the mark itself makes a file compress less well (docs/README.md, threat model).
+
 Every file appears atomically. The owner's private manifest (outside the release) lists each marked file with the
 SHA-256 of its source and output. A run that stops early keeps its progress in a JSON-lines journal beside the
 manifest (``<manifest>.journal``, one line per marked file, flushed and fsynced); the next run with the same
@@ -26,6 +32,7 @@ import itertools
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -405,6 +412,8 @@ def watermark_release(
     decoy_fraction: float = 0.0,
     allow_modalities: Sequence[str] = (),
     allow_body_parts: Sequence[str] = (),
+    reencode: str = "auto",
+    normalise_files: bool = True,
 ) -> dict[str, Any]:
     """Write the watermarked release of ``dataset_dir`` into ``release_dir`` and the owner's manifest; return it.
 
@@ -418,7 +427,19 @@ def watermark_release(
     time writes into a ``release_dir`` (:func:`_exclusive`), and a folder that holds another manifest's release is
     refused. ``allow_modalities`` / ``allow_body_parts`` widen the images read beyond chest radiographs
     (:func:`~xmark_bundle.data.xray_io.load_xray`; the manifest's settings record them).
+
+    File-level tells (DESIGN.md section 6): ``reencode`` says which unmarked files go through the marked files' writer
+    (:func:`~xmark_bundle.data.xray_writer.reencode_like`) so that container details cannot separate the two:
+    ``"mismatch"`` every file of a kind (extension, and DICOM transfer syntax) where a marked file's codec settings
+    could not be reproduced; ``"auto"`` (default) also every file of a kind holding marked files whose writer does not
+    give back an unmarked file of it byte for byte (a lossy codec, a gzip header; probed on up to three files of the
+    kind); ``"all"`` every file of every kind holding marked files. ``normalise_files`` (default on) ends the run by
+    re-creating every released file in path order with its source's modification time as both modification and
+    access time, so that inode numbers, change and access times follow the path order, not which files were marked;
+    it costs one more copy of the release.
     """
+    if reencode not in _REENCODE:
+        raise ValueError(f"reencode must be one of {', '.join(_REENCODE)}, got {reencode!r}")
     if not 0 < gamma <= 1 or batch_size < 1 or (max_marked is not None and max_marked < 0):
         raise ValueError(
             f"need 0 < gamma <= 1, batch_size >= 1, max_marked >= 0 (got {gamma}, {batch_size}, {max_marked})"
@@ -445,6 +466,8 @@ def watermark_release(
             decoy_fraction,
             allow_modalities,
             allow_body_parts,
+            reencode,
+            normalise_files,
         )
 
 
@@ -465,6 +488,8 @@ def _watermark_release(
     decoy_fraction: float,
     allow_modalities: Sequence[str],
     allow_body_parts: Sequence[str],
+    reencode: str = "auto",
+    normalise_files: bool = True,
 ) -> dict[str, Any]:
     """:func:`watermark_release` once it holds the release folder's lock."""
     start = time.perf_counter()
@@ -531,6 +556,8 @@ def _watermark_release(
                 **counts,
             },
             "max_abs_change01": max((r["max_abs_change01"] for r in written), default=0.0),
+            # the change in stored units over the range the data occupy: what epsilon bounds (older records lack it)
+            "max_change_of_range": max((r.get("max_change_of_range", 0.0) for r in written), default=0.0),
             "budget_ok": all(r["budget_ok"] for r in written),
             "timings": dict(timings),
             **environment(),
@@ -546,6 +573,8 @@ def _watermark_release(
 
     to_write = selected + list(decoys)
     copy_start, marked_set = time.perf_counter(), set(to_write)
+    for rel in sorted(files):  # every folder now, in path order: a folder made later for a marked file would show it
+        (release_dir / rel).parent.mkdir(parents=True, exist_ok=True)
     to_copy = [rel for rel in files if rel not in marked_set and rel not in relabelled]
     copied = sum(
         _copy(files[rel], release_dir / rel) for rel in tqdm(to_copy, desc="copy", unit="file", disable=not progress)
@@ -579,14 +608,19 @@ def _watermark_release(
         _append_journal(journal, settings, record)
     mark_s = time.perf_counter() - mark_start
 
-    # a kind of file whose codec settings could not be reproduced: every file of that kind goes through the writer
-    mismatched = {_kind(files[rel]) for rel in records if records[rel].get("container_mismatch")}
-    reencoded = [rel for rel in to_copy if mismatched and _kind(files[rel]) in mismatched]
+    # kinds of file whose marked members a data user could tell from the byte copies by their container: every file
+    # of such a kind goes through the writer the marked ones took
+    suffixes = {files[rel].suffix.lower() for rel in records}
+    kinds = {rel: _kind(files[rel]) for rel in to_copy if files[rel].suffix.lower() in suffixes}
+    to_reencode = _kinds_to_reencode(reencode, files, records, kinds)
+    reencoded = [rel for rel in kinds if kinds[rel] in to_reencode]
     for rel in tqdm(reencoded, desc="re-encode", unit="file", disable=not progress):
         try:
             reencode_like(files[rel], release_dir / rel)
         except (ValueError, OSError) as err:  # e.g. an unreadable image: its byte copy stays
             warnings.warn(f"{rel}: kept as a byte copy, cannot re-encode it ({err})", stacklevel=2)
+    if normalise_files:
+        _normalise_files(files, release_dir, progress)
 
     counts = {
         "reencoded": len(reencoded),
@@ -650,7 +684,74 @@ def _mark(
                 "output_sha256": sha256_file(report["path"]),
                 **{key: report[key] for key in ("format", "shape", "max_abs_change01", "max_stored_change")},
                 **{key: report[key] for key in ("quantisation_step01", "budget_ok", "lossy")},
+                **{key: report[key] for key in ("reference_range", "data_bits", "max_change_of_range")},
             }
+
+
+_REENCODE = ("mismatch", "auto", "all")
+_PROBES = 3  # unmarked files of a kind re-encoded to see whether its writer gives them back byte for byte
+
+
+def _kinds_to_reencode(
+    policy: str, files: Mapping[str, Path], records: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str]
+) -> set[str]:
+    """The kinds (:func:`_kind`) whose unmarked files (``kinds``: relative path -> kind) go through the writer."""
+    marked_kinds = {_kind(files[rel]) for rel in records}
+    mismatched = {_kind(files[rel]) for rel in records if records[rel].get("container_mismatch")}
+    if policy == "mismatch":
+        return mismatched
+    if policy == "all":
+        return marked_kinds
+    chosen = set(mismatched)
+    with tempfile.TemporaryDirectory(prefix="xmark-probe-") as scratch:  # outside the release: never published
+        for kind in sorted(marked_kinds - mismatched):
+            probes = [rel for rel, k in kinds.items() if k == kind][:_PROBES]
+            for index, rel in enumerate(probes):
+                out = Path(scratch) / str(index) / Path(rel).name
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", ContainerMismatchWarning)
+                        reencode_like(files[rel], out)
+                except (ValueError, OSError):
+                    continue  # not an image this writer reads (a .gz that is not NIfTI): says nothing of the kind
+                if out.read_bytes() != files[rel].read_bytes():
+                    chosen.add(kind)
+                    break
+    return chosen
+
+
+_NORMALISE_BATCH = 1024  # files re-created before any of them replaces its old version
+
+
+def _normalise_files(files: Mapping[str, Path], release_dir: Path, progress: bool) -> None:
+    """Re-create every released file in path order (a new inode, a new change time) with its source's permission
+    bits and its source's modification time as modification and access time: marked, re-encoded and copied files
+    then follow one order and one time policy. Content is unchanged (the copy is checked by size).
+
+    The copies of a batch of :data:`_NORMALISE_BATCH` files are all made before any replaces its old version: a file
+    system that hands out the lowest free inode (ext4) would otherwise give each new copy the inode its predecessor
+    just freed, and the old order (marked files written last) would survive shifted by one."""
+    names = [rel for rel in sorted(files) if (release_dir / rel).is_file()]
+    for start in tqdm(range(0, len(names), _NORMALISE_BATCH), desc="normalise", unit="batch", disable=not progress):
+        made: list[tuple[Path, Path]] = []
+        try:
+            for rel in names[start : start + _NORMALISE_BATCH]:
+                target, status = release_dir / rel, files[rel].stat()
+                descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+                os.close(descriptor)
+                made.append((Path(name), target))
+                shutil.copyfile(target, name)
+                if os.path.getsize(name) != target.stat().st_size:
+                    raise ReleaseError(target, "copy while normalising the release came out short")
+                os.chmod(name, status.st_mode & 0o7777)
+                os.utime(name, ns=(status.st_mtime_ns, status.st_mtime_ns))
+            while made:  # in path order, so that change times follow it too
+                tmp, target = made[0]
+                os.replace(tmp, target)
+                made.pop(0)
+        finally:
+            for tmp, _ in made:  # an error left these: the old versions are still in place
+                tmp.unlink(missing_ok=True)
 
 
 def _kind(path: Path) -> str:
@@ -671,14 +772,15 @@ def _print_summary(manifest: Mapping[str, Any], manifest_file: Path) -> None:
         f"release {manifest['release_dir']}: {counts['marked']} of {counts['selected']} selected images marked "
         f"and {counts['decoys']} decoys ({counts['marked_now']} in this run), {counts['copied_now']} files copied and "
         f"{counts['copied_already']} already in place; "
-        f"max |change| {manifest['max_abs_change01']:.4f} (epsilon {settings['epsilon']:.4f}, budget "
-        f"{'kept' if manifest['budget_ok'] else 'EXCEEDED after lossy JPEG re-encoding'}); "
+        f"max |change| {manifest['max_abs_change01']:.4f} in [0, 1], {manifest['max_change_of_range']:.4f} of the "
+        f"data's range in stored units (epsilon {settings['epsilon']:.4f}, budget "
+        f"{'kept' if manifest['budget_ok'] else 'EXCEEDED after lossy re-encoding'}); "
         f"{timings['total_s']:.1f} s ({timings['mark_s']:.1f} s marking); manifest {manifest_file}"
     )
     if counts.get("reencoded"):
         print(
-            f"{counts['reencoded']} unmarked files re-encoded like the marked ones of their kind, whose codec settings "
-            "could not be reproduced (container_mismatch in the manifest)"
+            f"{counts['reencoded']} unmarked files re-encoded like the marked ones of their kind, whose writer does "
+            "not give their files back byte for byte (container_mismatch in the manifest: settings not reproduced)"
         )
     if manifest["relabelled_files"]:
         print(

@@ -38,6 +38,12 @@ float data use the data min/max, recorded as the window. A PNG whose ``sBIT`` ch
 than its depth (12-bit data in a 16-bit PNG) uses that many bits, like DICOM Bits Stored, when every value fits in them
 (values stored shifted up to the full depth, as the PNG standard recommends, keep the full range).
 
+The budget's reference range (:func:`reference_range`) is what the stored values really occupy, not the window:
+``2**data_bits - 1`` stored units, where ``data_bits`` (:func:`occupied_bits`) is the declared depth (DICOM Bits
+Stored, PNG sBIT, the dtype's) narrowed to the smallest common radiograph depth (8, 10, 12, 14 or 16 bits) that holds
+every stored value. 12-bit data in a 16-bit PNG without sBIT, or in a DICOM that declares Bits Stored 16, thus have a
+range of 4095, and a budget epsilon allows ``epsilon * 4095`` stored units there, whatever window maps them to [0, 1].
+
 Only chest radiographs are read by default (the bundle's scope): a DICOM whose Modality is not in
 :data:`CHEST_MODALITIES` (CT, MR, PT, NM, US, RTDOSE, SEG, ...: slices, dose grids or colour images that would load as
 flat grey; MG, XA, RF, DF, PX, IO: projection images of other body parts) is refused unless ``allow_modalities`` names
@@ -79,10 +85,13 @@ __all__ = [
     "CHEST_MODALITIES",
     "MAX_PIXELS",
     "PROJECTION_MODALITIES",
+    "RADIOGRAPH_DEPTHS",
     "RADIOGRAPH_SOP_CLASSES",
     "XRayLoadError",
     "XRayMeta",
     "load_xray",
+    "occupied_bits",
+    "reference_range",
     "to_stored",
     "LoadXRay",
     "LoadXRayd",
@@ -155,6 +164,33 @@ class XRayMeta:
     window_low: float  # value after the modality stage ("lut": after the VOI stage) that maps to 0
     window_high: float  # ... and the one that maps to 1 (before MONOCHROME1 inversion)
     window_source: str  # "VOI LUT Sequence" | "Window Center/Width" | "stored range" | "data range"
+    data_bits: int = 0  # bits the stored values occupy (:func:`occupied_bits`); 0: not known (float data)
+
+
+#: Bit depths of radiographs: the declared depth of integer data narrows to the smallest of these holding every value.
+RADIOGRAPH_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def occupied_bits(stored: np.ndarray, declared: int, signed: bool) -> int:
+    """The bit depth the stored integer values really occupy: the declared one (Bits Stored, sBIT, the dtype's),
+    narrowed to the smallest of :data:`RADIOGRAPH_DEPTHS` that holds every value (12-bit data in a 16-bit PNG
+    without sBIT, or in a DICOM whose Bits Stored says 16, occupy 12 bits). Never wider than declared, never below
+    8 bits unless declared so: an 8-bit image that happens to be dark is still 8-bit data."""
+    if stored.size == 0:
+        return declared
+    low, high = int(stored.min()), int(stored.max())
+    needed = max(high.bit_length(), (-low - 1).bit_length() if low < 0 else 0) + (1 if signed else 0)
+    depth = next((d for d in RADIOGRAPH_DEPTHS if d >= needed), declared)
+    return min(declared, depth)
+
+
+def reference_range(meta: XRayMeta) -> float:
+    """The budget's reference range in stored units: what the data really occupy, ``2**data_bits - 1`` for integer
+    data (:func:`occupied_bits`), the data range over the rescale slope for float data (its window). An L-inf
+    budget epsilon allows a change of ``epsilon * reference_range(meta)`` stored units."""
+    if np.issubdtype(np.dtype(meta.stored_dtype), np.integer):
+        return float(2 ** (meta.data_bits or meta.bits_stored) - 1)
+    return abs(meta.window_high - meta.window_low) / abs(meta.rescale_slope or 1.0)
 
 
 @contextmanager
@@ -323,6 +359,7 @@ def _dicom_image(path: Path, ds: pydicom.Dataset, scope: _Scope | None) -> tuple
         window_low=float(low),
         window_high=float(high),
         window_source=source,
+        data_bits=occupied_bits(stored, bits_stored, signed),
     )
     if mapping == "lut":
         with _failure(path, "cannot apply the file's Modality/VOI LUT"):
@@ -455,6 +492,7 @@ def _plain_meta(
         window_low=float(low),
         window_high=float(high),
         window_source=source,
+        data_bits=occupied_bits(stored, bits_stored or bits, signed) if source == "stored range" else 0,
     )
 
 

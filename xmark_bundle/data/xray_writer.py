@@ -17,9 +17,10 @@ the source file itself says about how it was encoded:
   adaptive choice of Pillow (none/up/sub/paeth, plus average with ``optimize``) or of libpng (none/sub/up/average/
   paeth, minimum sum of absolute values). The deflate settings (level, strategy, memLevel, window) are those that
   reproduce the source's IDAT stream byte for byte with zlib (an uncompressed, level 0 stream keeps the source's
-  stored-block lengths); the IDAT chunking is the source's. Unchanged pixels
-  therefore give back the source file exactly. A stream that no zlib setting reproduces (another deflate
-  implementation) gets the zlib setting of the same FLEVEL class whose output size is closest, with a
+  stored-block lengths); the IDAT chunking is the source's (one chunk, however long the new stream, for a source
+  written as one chunk, except a Pillow-filtered one that fits Pillow's block: Pillow would split a longer one).
+  Unchanged pixels therefore give back the source file exactly. A stream that no zlib setting reproduces (another
+  deflate implementation) gets the zlib setting of the same FLEVEL class whose output size is closest, with a
   :class:`ContainerMismatchWarning`.
 - JPEG (also JPEG baseline / 8-bit extended inside DICOM): re-encoded by Pillow (libjpeg) with the source's
   quantisation tables, sampling factors, restart interval and progressive mode, with standard Huffman tables when the
@@ -31,7 +32,9 @@ the source file itself says about how it was encoded:
   so SOP Instance UID is not regenerated; PhotometricInterpretation, window, rescale and Lossy Image Compression tags
   stay). Only Pixel Data changes, plus what follows from it: Smallest/Largest Image Pixel Value, when present, widen
   to hold the new pixels, and an Extended Offset Table is recomputed. The transfer syntax never changes. Uncompressed
-  syntaxes are written as pydicom writes them (an unchanged dataset round-trips byte for byte). Compressed syntaxes are
+  syntaxes are written as pydicom writes them (an unchanged dataset round-trips byte for byte); a Deflated Explicit
+  VR Little Endian file gets its data set deflated with the zlib level, memLevel and strategy that reproduce the
+  source's stream (pydicom alone always deflates at level 6). Compressed syntaxes are
   re-encoded in the same syntax and encapsulated like the source (Basic Offset Table present or empty, fragment
   size): JPEG 2000 lossless and RLE with pydicom's encoders, JPEG 2000 (1.2.840.10008.1.2.4.91, lossy) with
   OpenJPEG at the source's own compression ratio (codestream bytes per stored bit), so the file size stays that of
@@ -80,6 +83,7 @@ from pydicom.uid import (
     HTJ2K,
     JPEG2000,
     UID,
+    DeflatedExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSNearLossless,
@@ -87,7 +91,7 @@ from pydicom.uid import (
 from pydicom.valuerep import VR
 
 from ..fileio import atomic_path
-from .xray_io import XRayMeta, _dicom_lut_table, load_xray, to_stored
+from .xray_io import XRayMeta, _dicom_lut_table, load_xray, reference_range, to_stored
 
 __all__ = [
     "ContainerMismatchWarning",
@@ -97,6 +101,7 @@ __all__ = [
     "max_stored_change",
     "quantisation_step",
     "reencode_like",
+    "stored_budget",
     "stored_values",
     "write_xray",
 ]
@@ -156,6 +161,7 @@ _ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), 
 # adaptive filter choices: the filters tried, in the order that wins ties (minimum sum of |signed byte|)
 _PNG_ADAPTIVE = {"Pillow": (0, 2, 1, 4), "Pillow optimize": (0, 2, 1, 3, 4), "libpng": (0, 1, 2, 3, 4)}
 _PNG_PILLOW_IDAT = 65536  # Pillow's IDAT chunk size (ImageFile.MAXBLOCK), or 4 x width when that is larger
+_PNG_ONE_IDAT = 2**31 - 1  # the largest chunk PNG allows: the whole stream in one IDAT
 _PNG_ROW_BLOCK = 256  # rows filtered at once (bounds the memory of the five filtered copies)
 
 
@@ -350,10 +356,14 @@ def _png_source(path: Path) -> tuple[np.ndarray, _PngSource]:
         settings, exact = (0, (stream[0] >> 4) + 8, 8, zlib.Z_DEFAULT_STRATEGY), True
     else:
         blocks, (settings, exact) = (), _zlib_settings(stream, raw)
+    pillow_block = max(_PNG_PILLOW_IDAT, 4 * width)
     if len(idat) > 1:
         idat_size = max(len(c) for c in idat)
+    elif policies[best] in (_PNG_ADAPTIVE["Pillow"], _PNG_ADAPTIVE["Pillow optimize"]) and len(stream) <= pillow_block:
+        idat_size = pillow_block  # Pillow's filters and a stream that fits its block: Pillow would split a longer one
     else:
-        idat_size = max(len(stream), _PNG_PILLOW_IDAT, 4 * width)
+        idat_size = _PNG_ONE_IDAT  # a writer that puts the whole stream in one chunk, however long
+
     source = _PngSource(
         chunks,
         width,
@@ -682,13 +692,54 @@ def _set_dicom_pixels(ds: pydicom.Dataset, stored: np.ndarray, where: Path) -> l
     return problems
 
 
+def _dicom_meta_end(data: bytes) -> int | None:
+    """Where the file meta information of a DICOM file (preamble, ``DICM``, group 0002) ends, from its group length;
+    None when the file has no preamble or no File Meta Information Group Length first."""
+    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
+        return None
+    return 144 + struct.unpack("<I", data[140:144])[0]
+
+
+def _deflate_settings(data: bytes) -> tuple[tuple[int, int, int, int], bool]:
+    """The zlib settings (raw deflate) that reproduce a deflated DICOM's data set stream, and whether they do."""
+    end = _dicom_meta_end(data)
+    default = (6, -15, 8, zlib.Z_DEFAULT_STRATEGY)  # what pydicom writes
+    if end is None:
+        return default, False
+    inflater = zlib.decompressobj(-15)
+    raw = inflater.decompress(data[end:])
+    stream = data[end : len(data) - len(inflater.unused_data)]
+    candidates = [(level, -15, mem, st) for st in (0, 1) for mem in (8, 9) for level in range(10)]
+    prefix = 1 << 18
+    if len(raw) > prefix:
+        candidates = [c for c in candidates if stream.startswith(_zlib(raw, c, prefix))]
+    return next(((c, True) for c in candidates if _zlib(raw, c) == stream), (default, False))
+
+
+def _deflate_like(data: bytes, settings: tuple[int, int, int, int]) -> bytes:
+    """A deflated DICOM file as pydicom wrote it, its data set recompressed with ``settings`` (padded to even)."""
+    end = _dicom_meta_end(data)
+    stream = _zlib(zlib.decompressobj(-15).decompress(data[end:]), settings)
+    return data[:end] + stream + b"\x00" * (len(stream) % 2)
+
+
 def _open_dicom(path: Path) -> tuple[np.ndarray, Saver]:
-    """Stored pixels of a DICOM file and a saver that keeps every other element."""
+    """Stored pixels of a DICOM file and a saver that keeps every other element (and a deflated file's zlib level)."""
     ds = pydicom.dcmread(path)
 
     def save(stored: np.ndarray, target: Path) -> list[str]:
         problems = _set_dicom_pixels(ds, stored, path)
-        ds.save_as(target)
+        if ds.file_meta.TransferSyntaxUID != DeflatedExplicitVRLittleEndian:
+            ds.save_as(target)
+            return problems
+        settings, exact = _deflate_settings(path.read_bytes())
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        if _dicom_meta_end(buffer.getvalue()) is None:  # pydicom always writes the group length; never expected
+            raise XRayWriteError(path, "cannot find the end of the file meta information pydicom wrote")
+        target.write_bytes(_deflate_like(buffer.getvalue(), settings))
+        if not exact:
+            problems.append(f"deflated data set: no zlib setting reproduces the source's (used level {settings[0]})")
         return problems
 
     return ds.pixel_array, save
@@ -778,17 +829,21 @@ def write_xray(
     out_path: str | os.PathLike,
     *,
     source_image01: np.ndarray | None = None,
+    epsilon: float | None = None,
 ) -> Path:
     """Write ``image01`` (the source's ``H x W`` grid, [0, 1]) to ``out_path`` in the source's own format; atomic.
 
     ``meta`` is the source's XRayMeta; ``source_image01`` its loaded image (read again when not given), used to keep
-    unchanged pixels bit for bit. The file gets the source's codec parameters (module docstring); what of them cannot
-    be reproduced is named in a :class:`ContainerMismatchWarning`, and a codec that cannot be written at all raises
-    an XRayWriteError. The written file has the source's permission bits and modification time.
+    unchanged pixels bit for bit. With ``epsilon`` (an L-inf budget) no stored value moves by more than
+    :func:`stored_budget` units, ``epsilon`` of the data's reference range: a pixel clipped by a narrow window or in
+    the flat tail of a sigmoid VOI function would otherwise jump far in stored units for a small change in [0, 1].
+    The file gets the source's codec parameters (module docstring); what of them cannot be reproduced is named in a
+    :class:`ContainerMismatchWarning`, and a codec that cannot be written at all raises an XRayWriteError. The
+    written file has the source's permission bits and modification time.
     """
     source, out_path = Path(source), Path(out_path)
     check_output_path(source, out_path)
-    stored, save = _stored_values(image01, meta, source, source_image01, out_path)
+    stored, save = _stored_values(image01, meta, source, source_image01, out_path, epsilon)
     return _save(stored, save, source, out_path)
 
 
@@ -823,25 +878,43 @@ def _save(stored: np.ndarray, save: Saver, source: Path, out_path: Path) -> Path
             f"{out_path}: differs from its source {source} in {'; '.join(problems)}; a data user could tell it from "
             "the files copied byte for byte (write every file of this kind with reencode_like instead)",
             ContainerMismatchWarning,
-            stacklevel=3  # the caller of write_xray / write_stored,
+            stacklevel=3,  # the caller of write_xray / write_stored
         )
     return out_path
 
 
 def stored_values(
-    image01: np.ndarray, meta: XRayMeta, source: str | os.PathLike, *, source_image01: np.ndarray | None = None
+    image01: np.ndarray,
+    meta: XRayMeta,
+    source: str | os.PathLike,
+    *,
+    source_image01: np.ndarray | None = None,
+    epsilon: float | None = None,
 ) -> np.ndarray:
     """The stored pixel values (the source's dtype, ``H x W``) that :func:`write_xray` writes for ``image01``.
 
     For a caller that hands the watermarked image on, in the file's own values, instead of writing a file (MONAI
     Label's ``pred``): a pixel whose value equals the source's keeps its stored value bit for bit, the others go
-    through :func:`~xmark_bundle.data.xray_io.to_stored`.
+    through :func:`~xmark_bundle.data.xray_io.to_stored`; with ``epsilon`` none moves by more than
+    :func:`stored_budget` units.
     """
-    return _stored_values(image01, meta, Path(source), source_image01, Path(source))[0]
+    return _stored_values(image01, meta, Path(source), source_image01, Path(source), epsilon)[0]
+
+
+def stored_budget(meta: XRayMeta, epsilon: float) -> float:
+    """Largest change in stored units a budget ``epsilon`` allows: ``epsilon`` of the data's reference range
+    (:func:`~xmark_bundle.data.xray_io.reference_range`), rounded down to whole units for integer data."""
+    limit = epsilon * reference_range(meta)
+    return float(np.floor(limit + 1e-9)) if np.issubdtype(np.dtype(meta.stored_dtype), np.integer) else limit
 
 
 def _stored_values(
-    image01: np.ndarray, meta: XRayMeta, source: Path, source_image01: np.ndarray | None, where: Path
+    image01: np.ndarray,
+    meta: XRayMeta,
+    source: Path,
+    source_image01: np.ndarray | None,
+    where: Path,
+    epsilon: float | None = None,
 ) -> tuple[np.ndarray, Saver]:
     """:func:`stored_values` and the source format's saver (``where`` names the file an error is about)."""
     image01 = np.asarray(image01)
@@ -859,7 +932,12 @@ def _stored_values(
     keep = image01 == source_image01
     if meta.window_source == "data range":
         keep |= (source_image01 == 0.0) | (source_image01 == 1.0)
-    return np.where(keep, stored_source, to_stored(image01, meta)).astype(np.dtype(meta.stored_dtype)), save
+    stored = to_stored(image01, meta)
+    if epsilon is not None:
+        limit = stored_budget(meta, epsilon)
+        reference = stored_source.astype(np.float64)
+        stored = np.clip(stored.astype(np.float64), reference - limit, reference + limit)
+    return np.where(keep, stored_source, stored).astype(np.dtype(meta.stored_dtype)), save
 
 
 def reencode_like(source: str | os.PathLike, out_path: str | os.PathLike) -> Path:
@@ -888,7 +966,9 @@ def max_stored_change(source: str | os.PathLike, written: str | os.PathLike) -> 
     """Largest pixel change between two files of one image, in stored units and in [0, 1] as load_xray reads them.
 
     A file from :func:`write_xray` keeps the source's intensity mapping, so both [0, 1] images share one scale. Also
-    returns the source's :func:`quantisation_step`, the rounding slack of a budget stated in [0, 1].
+    returns the source's :func:`quantisation_step`, the rounding slack of a budget stated in [0, 1], the source's
+    reference range in stored units (:func:`~xmark_bundle.data.xray_io.reference_range`: what the data occupy, not
+    the window) and the stored change as a share of it, ``max_change_of_range``: the figure a budget epsilon bounds.
     """
     source01, meta = _load(source)
     written01, written_meta = _load(written)
@@ -896,8 +976,13 @@ def max_stored_change(source: str | os.PathLike, written: str | os.PathLike) -> 
         raise XRayWriteError(written, f"shape {written01.shape} differs from the source's {source01.shape} ({source})")
     stored_source = _OPENERS[meta.format](Path(source))[0].astype(np.float64)
     stored_written = _OPENERS[written_meta.format](Path(written))[0].astype(np.float64)
+    change = float(np.abs(stored_written - stored_source).max())
+    reference = reference_range(meta)
     return {
-        "max_stored_change": float(np.abs(stored_written - stored_source).max()),
+        "max_stored_change": change,
         "max_abs_change01": float(np.abs(written01.astype(np.float64) - source01).max()),
         "quantisation_step01": quantisation_step(meta),
+        "reference_range": reference,
+        "data_bits": int(meta.data_bits),
+        "max_change_of_range": change / reference,
     }

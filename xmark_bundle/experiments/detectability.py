@@ -8,7 +8,9 @@ manifest (the owner's secret) says which are marked; the analyses may use it as 
 upper bound on what an analyst could learn.
 
 (a) container: each file's container signature (format, codec, bit depth, photometric interpretation, PNG
-    chunks / JPEG tables) compared between marked and unmarked files, and the AUROC of bytes per pixel;
+    chunks / JPEG tables) compared between marked and unmarked files, and the AUROC of bytes per pixel and of
+    :func:`compressibility` (the mark adds fine structure, so marked pixels compress less well: an intrinsic tell);
+    :func:`file_level_tells` adds per kind of file the time stamps and inode numbers;
 (b) pixels: the AUROC of high-pass energy (mean |Laplacian| of the image at 256 px), of a logistic regression on
     Laplacian-pyramid statistics and of a small CNN on the high-pass image at 128 px, both cross-validated
     (stratified folds: each file is scored by a model that never saw it);
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,11 +45,11 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from xmark_bundle.data.selection import target_index
-from xmark_bundle.data.xray_io import load_xray
+from xmark_bundle.data.xray_io import XRayMeta, load_xray, to_stored
 from xmark_bundle.networks.classifier import load_classifier, penultimate_features
 from xmark_bundle.transforms.geometry import letterbox, letterbox_geometry
 
-__all__ = ["candidates", "container_signature", "detectability"]
+__all__ = ["candidates", "compressibility", "container_signature", "detectability", "file_level_tells"]
 
 PIXEL_SIZE, CNN_SIZE, FOLDS, LEVELS = 256, 128, 5, 4
 
@@ -147,6 +150,58 @@ def _suspect_view(features: np.ndarray, marked: np.ndarray, seed: int) -> dict[s
     }
 
 
+def _file_kind(path: Path) -> str:
+    """A homogeneous folder's kind: the extension, and for DICOM the transfer syntax's name."""
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix.lower()
+    if suffix != ".dcm":
+        return suffix
+    return f".dcm {pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.name}"
+
+
+def compressibility(image01: np.ndarray, meta: XRayMeta) -> float:
+    """zlib-compressed size (level 9) of a loaded file's stored pixel values over their raw size: how much a generic
+    compressor finds to squeeze in the pixels, whatever codec the file itself uses."""
+    raw = np.ascontiguousarray(to_stored(image01, meta)).tobytes()
+    return len(zlib.compress(raw, 9)) / len(raw)
+
+
+def file_level_tells(
+    release_dir: str | os.PathLike, manifest_file: str | os.PathLike, target_label: str = "No Finding"
+) -> dict[str, dict[str, Any]]:
+    """Per kind of file (:func:`_file_kind`) among the :func:`candidates`, the AUROC of marked against unmarked files
+    of what the file system and a generic compressor say: bytes per pixel, :func:`compressibility`, modification,
+    access and change time, inode number (0.5: no separation; 0 or 1: complete). The file-system entries are read
+    before any file is opened, since reading may set the access time."""
+    release_dir = Path(release_dir)
+    manifest = json.loads(Path(manifest_file).read_text())
+    paths, marked, _ = candidates(release_dir, manifest, target_label)
+    files = [release_dir / p for p in paths]
+    entries = [f.stat() for f in files]
+    kinds = [_file_kind(f) for f in files]
+    report: dict[str, dict[str, Any]] = {}
+    for kind in sorted(set(kinds)):
+        index = [i for i, k in enumerate(kinds) if k == kind]
+        flags = marked[index]
+        if flags.all() or not flags.any():
+            continue
+        status = [entries[i] for i in index]
+        images = [load_xray(files[i], allow_any_modality=True) for i in index]
+        features = {
+            "bytes_per_pixel": [s.st_size / image.size for s, (image, _) in zip(status, images, strict=True)],
+            "compressibility": [compressibility(image, meta) for image, meta in images],
+            "mtime": [s.st_mtime_ns for s in status],
+            "atime": [s.st_atime_ns for s in status],
+            "ctime": [s.st_ctime_ns for s in status],
+            "inode": [s.st_ino for s in status],
+        }
+        report[kind] = {
+            "n_marked": int(flags.sum()),
+            "n_unmarked": int((~flags).sum()),
+            **{f"{name}_auroc": _auroc(np.asarray(values, np.float64), flags) for name, values in features.items()},
+        }
+    return report
+
+
 def detectability(
     release_dir: str | os.PathLike,
     manifest_file: str | os.PathLike,
@@ -177,7 +232,8 @@ def detectability(
             for path, signature, is_marked in zip(paths, signatures, marked, strict=True)
             if is_marked
         )
-    loaded = [load_xray(f)[0] for f in files]
+    read = [load_xray(f) for f in files]
+    loaded = [image for image, _ in read]
     bytes_per_pixel = np.array([f.stat().st_size / image.size for f, image in zip(files, loaded, strict=True)])
     pixels = [_content(image, PIXEL_SIZE) for image in loaded]
     high_pass = np.array([np.abs(ndimage.laplace(x.astype(np.float64))).mean() for x in pixels])
@@ -199,6 +255,7 @@ def detectability(
             "signature_vs_marked_p": None if association is None else float(association.pvalue),
             "marked_files_whose_container_changed": changed,
             "bytes_per_pixel_auroc": _auroc(bytes_per_pixel, marked),
+            "compressibility_auroc": _auroc(np.array([compressibility(*pair) for pair in read]), marked),
         },
         "pixels": {
             "high_pass_energy_auroc": _auroc(high_pass, marked),

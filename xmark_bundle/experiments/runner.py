@@ -576,4 +576,5 @@ def _watermark_training(folder: Path) -> dict[str, Any]:
 
 def _release_summary(m: Mapping[str, Any]) -> dict[str, Any]:
     """What the release (its manifest ``m``) marked and whether every file kept the budget."""
-    return {"counts": m["counts"], "max_abs_change01": m["max_abs_change01"], "budget_ok": m["budget_ok"]}
+    keys = ("counts", "max_abs_change01", "max_change_of_range", "budget_ok")
+    return {key: m[key] for key in keys if key in m}

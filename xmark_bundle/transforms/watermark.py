@@ -4,6 +4,15 @@ The generator works on the letterboxed ``S x S`` image. The released file is mad
 image, never from a resampled copy: ``delta = watermarked - benign`` at model resolution, padding removed and resized
 to the stored grid (:func:`~xmark_bundle.transforms.geometry.unletterbox`), added in [0, 1] intensity, re-quantised to
 the file's stored type by :func:`~xmark_bundle.data.xray_writer.write_xray`, and the budget checked on the written file.
+
+The budget epsilon is a share of the range the data really occupy (:func:`~xmark_bundle.data.xray_io.reference_range`,
+e.g. 4095 stored units for 12-bit data, whatever their container or window), not of the window that maps the file to
+[0, 1]. Where that window is wider than the data's range (12-bit data in a 16-bit PNG without sBIT or a DICOM whose
+Bits Stored says 16, a window wider than the bit range), the residual is scaled by ``range / window width``
+(:func:`budget_scale`), so that the pattern keeps its shape at ``epsilon`` of the data's range; and the writer clamps
+every stored change to ``epsilon`` of that range (:func:`~xmark_bundle.data.xray_writer.stored_budget`), which bounds
+the pixels a narrow window clips or a sigmoid VOI function flattens. The report measures the change in stored units
+against that range (``max_change_of_range``), so a violated budget is reported as such.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_tensor, ensure_tuple_rep
 from pydicom.uid import UID
 
-from ..data.xray_io import XRayMeta, load_xray
+from ..data.xray_io import XRayMeta, load_xray, reference_range
 from ..data.xray_writer import (
     XRayWriteError,
     check_output_path,
@@ -38,6 +47,7 @@ __all__ = [
     "RestoreWatermarkedd",
     "SaveWatermarkedd",
     "apply_watermark",
+    "budget_scale",
     "full_resolution_residual",
     "watermark_source",
     "watermarked_path",
@@ -64,6 +74,17 @@ def full_resolution_residual(
     return unletterbox(watermarked - benign, geometry).clamp(-epsilon, epsilon)
 
 
+def budget_scale(meta: XRayMeta) -> float:
+    """Factor on a [0, 1] residual that keeps a change of epsilon in [0, 1] within epsilon of the data's reference
+    range (:func:`~xmark_bundle.data.xray_io.reference_range`): ``range / window width`` where the window (linear or
+    sigmoid, in modality units) is wider than the range, else 1. A LUT chain gets 1 (the writer's clamp bounds it)."""
+    if meta.mapping == "lut":
+        return 1.0
+    width = abs(meta.window_high - meta.window_low)
+    data_range = reference_range(meta) * abs(meta.rescale_slope)
+    return float(min(1.0, data_range / width)) if width > 0 else 1.0
+
+
 def watermark_source(
     source_path: str | os.PathLike,
     watermarked: torch.Tensor,
@@ -72,7 +93,8 @@ def watermark_source(
     epsilon: float,
 ) -> tuple[np.ndarray, np.ndarray, XRayMeta]:
     """The full-resolution watermarked image of ``source_path`` in [0, 1], the source's own [0, 1] image, and its
-    metadata: the model-resolution residual ``watermarked - benign`` mapped onto the file's grid and added."""
+    metadata: the model-resolution residual ``watermarked - benign`` mapped onto the file's grid, scaled by
+    :func:`budget_scale` (1 for a window that spans the data's range) and added."""
     if not 0.0 < epsilon <= 1.0:
         raise ValueError(f"epsilon must be in (0, 1] (an L-inf budget in [0, 1] intensity), got {epsilon}.")
     watermarked, benign = _channel_first(watermarked, "watermarked"), _channel_first(benign, "benign")
@@ -82,7 +104,7 @@ def watermark_source(
     expected = tuple(int(s) for s in geometry["original_shape"])
     if expected != tuple(meta.shape):
         raise XRayWriteError(source_path, f"is {meta.shape[0]}x{meta.shape[1]}, but the geometry is for {expected}")
-    residual = full_resolution_residual(watermarked, benign, geometry, epsilon)[0].numpy()
+    residual = full_resolution_residual(watermarked, benign, geometry, epsilon)[0].numpy() * budget_scale(meta)
     return np.clip(image01 + residual, 0.0, 1.0), image01, meta
 
 
@@ -99,22 +121,29 @@ def apply_watermark(
     ``geometry`` is the source's letterbox geometry (``meta["xmark_geometry"]``). The residual is clamped to
     ``[-epsilon, epsilon]`` after resizing as a guard only: bilinear resizing, antialiased or not, forms convex
     combinations (non-negative weights summing to one), so it cannot leave the input range. The written file is read
-    back and ``max |written - source| <= epsilon + one quantisation step`` checked in [0, 1]; a lossless file that
-    fails is deleted and an XRayWriteError raised, one re-encoded with a lossy codec (JPEG, lossy JPEG 2000 or JPEG
-    baseline DICOM, written like its source: :func:`~xmark_bundle.data.xray_writer.is_lossy`) is kept with a warning.
+    back and two bounds checked: ``max |written - source| <= epsilon + one quantisation step`` in [0, 1], and the
+    change in stored units ``<= epsilon`` of the data's reference range (``max_change_of_range``, module docstring);
+    a lossless file that fails is deleted and an XRayWriteError raised, one re-encoded with a lossy codec (JPEG,
+    lossy JPEG 2000 or JPEG baseline DICOM, written like its source: :func:`~xmark_bundle.data.xray_writer.is_lossy`)
+    is kept with a warning.
     Returns a JSON-able report.
     """
     source, out_path = Path(source_path), Path(out_path)
     check_output_path(source, out_path)
     marked01, image01, meta = watermark_source(source, watermarked, benign, geometry, epsilon)
-    write_xray(marked01, meta, source, out_path, source_image01=image01)
+    write_xray(marked01, meta, source, out_path, source_image01=image01, epsilon=epsilon)
 
     change = max_stored_change(source, out_path)
     budget = epsilon + change["quantisation_step01"] + _FLOAT_TOLERANCE
     lossy = is_lossy(meta)
-    budget_ok = change["max_abs_change01"] <= budget
+    in_range = change["max_change_of_range"] <= epsilon + _FLOAT_TOLERANCE
+    budget_ok = change["max_abs_change01"] <= budget and in_range
     if not budget_ok:
-        problem = f"max |change| {change['max_abs_change01']:.6g} exceeds the budget {budget:.6g} (epsilon {epsilon})"
+        problem = (
+            f"max |change| {change['max_abs_change01']:.6g} in [0, 1] (budget {budget:.6g}), "
+            f"{change['max_stored_change']:.6g} stored units = {change['max_change_of_range']:.4g} of the data's range "
+            f"of {change['reference_range']:.6g} ({change['data_bits']} bits) exceeds epsilon {epsilon:.6g}"
+        )
         if not lossy:
             out_path.unlink()
             raise XRayWriteError(out_path, f"{problem}; the file was removed")
@@ -228,6 +257,7 @@ class RestoreWatermarkedd(MapTransform):
             benign = _letterboxed(d, image_key, self)
             source = benign.meta["filename_or_obj"]
             marked01, image01, meta = watermark_source(source, d[key], benign, benign.meta[GEOMETRY_KEY], self.epsilon)
-            d[key] = np.ascontiguousarray(stored_values(marked01, meta, source, source_image01=image01).T)
+            stored = stored_values(marked01, meta, source, source_image01=image01, epsilon=self.epsilon)
+            d[key] = np.ascontiguousarray(stored.T)
             d[f"{key}_meta_dict"] = dict(benign.meta)
         return d
