@@ -473,7 +473,16 @@ def test_nifti_header_claiming_a_huge_image_is_refused_before_reading(tmp_path):
     # under the pixel limit, but more data than the file holds
     with pytest.raises(XRayLoadError, match=r"short\.nii: header claims \(3000, 2000\) voxels of int16, 12000352 b"):
         load_xray(nifti_header_only(tmp_path / "short.nii", (3000, 2000)))
-    assert xray_io.MAX_PIXELS == 2**28
+    assert xray_io.MAX_PIXELS == 2**26
+
+
+def test_a_small_png_claiming_a_huge_image_is_refused_before_it_is_decoded(tmp_path):
+    """A 16-bit PNG of 13000 x 13000 zeros compresses to a few hundred KB; decoding it would take gigabytes."""
+    path = tmp_path / "bomb.png"
+    Image.fromarray(np.zeros((9000, 8000), np.uint16)).save(path)  # 72 M pixels, above the limit of 67 M
+    assert path.stat().st_size < 1_000_000
+    with pytest.raises(XRayLoadError, match=r"bomb\.png: header claims an image of shape \(9000, 8000\), more than"):
+        load_xray(path)
 
 
 def test_dicom_header_claiming_a_huge_image_is_refused(tmp_path):
