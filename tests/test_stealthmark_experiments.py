@@ -1,0 +1,166 @@
+"""StealthMark experiments through the runner: `scripts/experiment.py run stealthmark_quick` trains real MONAI
+segmenters at toy size through the bundle's CLI stages, and the tables count what the reports say."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from xmark_bundle.experiments import ExperimentError, load_experiment, render_page, tables
+from xmark_bundle.experiments.results import load_results, write_results
+from xmark_bundle.experiments.segmentation import SegmentationExperiment
+
+ROOT = Path(__file__).resolve().parents[1]
+DECLARATIONS = ROOT / "configs" / "experiments"
+
+
+@pytest.mark.slow
+def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_reports(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "scripts/experiment.py", "run", "stealthmark_quick", "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    collected = json.loads((out / "collected.json").read_text())
+    declared = json.loads((DECLARATIONS / "stealthmark_quick.json").read_text())
+    seeds = declared["seeds"]
+    assert collected["task"] == "segmentation" and collected["seed_roles"]["owners"] == seeds["owners"]
+
+    # every watermarked and baseline model: trained with its owner's key and seed, evaluated and verified
+    owners = dict(zip(seeds["owners"], seeds["owner_keys"], strict=True))
+    expected = {
+        f"{arch}/{trigger}/{method}/owner{owner}"
+        for arch in declared["architectures"]
+        for trigger in declared["triggers"]
+        for method in ("stealthmark", *declared["baselines"])
+        for owner in owners
+    }
+    assert set(collected["models"]) == expected
+    for name, model in collected["models"].items():
+        record = json.loads((out / "models" / name / "stealthmark_record.json").read_text())
+        assert (record["method"], record["key"], record["seed"]) == (
+            model["method"],
+            owners[model["owner"]],
+            model["owner"],
+        )
+        assert (out / "models" / name / "model.pt").stat().st_size > 0
+        report = json.loads(Path(model["verification"]["report"]).read_text())
+        assert report["suspect"]["location"].startswith(str(out / "models" / name))
+        assert report["verdict"] in ("verified", "not verified") and report["trigger"] == model["trigger"]
+        assert model["verification"]["owned"] == (report["verified"] is True)
+        assert model["verification"]["p_value"] == report["test"]["p_ttest"]
+        harm = json.loads((out / "harmlessness" / name / "harmlessness.json").read_text())
+        assert model["harmlessness"]["dice_clean"] == harm["clean"]["dice"]["mean"]
+
+    # benign models alternate over the architectures, carry no watermark and are verified with every owner's record
+    benign = collected["benign"]
+    archs = declared["architectures"]
+    assert [(b["arch"], b["seed"]) for b in benign.values()] == [
+        (archs[i % len(archs)], seed) for i, seed in enumerate(seeds["benign"])
+    ]
+    runs = []
+    for name, entry in benign.items():
+        record = json.loads(
+            (out / "models" / entry["arch"] / f"benign_seed{entry['seed']}" / "stealthmark_record.json").read_text()
+        )
+        assert record["method"] == "none" and record["trigger_share"] == 0.0
+        for trigger in declared["triggers"]:
+            assert sorted(entry["verification"][trigger]) == sorted(map(str, owners))
+            for owner, result in entry["verification"][trigger].items():
+                report = json.loads(Path(result["report"]).read_text())
+                assert Path(result["report"]).parent.name == name and f"owner{owner}" in result["report"]
+                assert report["n_queries"] == min(
+                    declared["verification"]["n_samples"],
+                    len((out / "phantoms/valid.csv").read_text().splitlines()) - 1,
+                )
+                runs.append(result)
+    assert len(runs) == len(seeds["benign"]) * len(owners) * len(declared["triggers"])
+
+    # the tables: the results.json format, false accusations over every benign model x owner with Clopper-Pearson
+    produced = tables(collected)
+    assert [t["title"].split(" (")[0] for t in produced] == ["Harmlessness", "Verification"]
+    rows = {row["label"]: row["cells"] for row in produced[1]["rows"]}
+    trigger = declared["triggers"][0]
+    overall = next(cells for label, cells in rows.items() if label.startswith(f"all benign models, {trigger}"))
+    k = sum(r["owned"] for r in runs)
+    interval = stats.binomtest(k, len(runs)).proportion_ci(method="exact")
+    assert overall["verified"] == {"value": f"{k} of {len(runs)}"}
+    assert overall["Clopper-Pearson 95 %"] == {"value": f"{interval.low:.3f}-{interval.high:.3f}"}
+    assert len(overall["p (t, margin ε/4)"]["per_seed"]) == len(runs)
+    others = [label for label in rows if label.startswith("other keys")]
+    assert len(others) == len(archs) * len(declared["triggers"])
+    own = next(cells for label, cells in rows.items() if label.startswith(f"stealthmark, {archs[0]}, {trigger}"))
+    assert len(own["p (t, margin ε/4)"]["per_seed"]) == len(owners)
+    results = {
+        "format": 1,
+        "name": "stealthmark_quick",
+        "title": "t",
+        "commands": ["python scripts/experiment.py run stealthmark_quick"],
+        "commit": "c",
+        "seeds": {"development": 0, "report": 1},  # the format check only; this run is not publishable
+        "wall_time_s": {},
+        "tables": produced,
+        "reading": "-",
+    }
+    write_results(tmp_path / "stealthmark_quick" / "results.json", results)
+    assert load_results(tmp_path / "stealthmark_quick" / "results.json")["tables"] == produced
+    assert "Verification (StealthMark)" in render_page([results])
+
+    # a rerun resumes: every stage is found done
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert second.returncode == 0 and ": already done" in second.stdout and "done in" not in second.stdout
+
+
+def _declare(tmp_path: Path, name: str, **changes) -> Path:
+    raw = json.loads((DECLARATIONS / "stealthmark_quick.json").read_text())
+    raw["name"] = name
+    for key, value in changes.items():
+        if key in raw["seeds"]:
+            raw["seeds"][key] = value
+        else:
+            raw[key] = value
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"benign": [21, 12, 23, 24]}, r"owners and benign share \[12\]"),
+        ({"other_keys": [2028]}, r"owner_keys and other_keys share \[2028\]"),
+        ({"other_owners": [31, 24]}, r"benign and other_owners share \[24\]"),
+        ({"owner_keys": [0, 5]}, r"development seed 0 is also in owner_keys"),
+        ({"owner_keys": [2027]}, "one key per seed of seeds.owners"),
+        ({"data": 999}, "report seed 999 < 1000"),
+        ({"data": 1001}, r"needs >= 3 owners .* got \{'owners': 2, 'other_owners': 1, 'benign': 4\}"),
+        ({"removal": {"prune_rates": [0.1]}}, "not built for segmentation yet"),
+        ({"triggers": ["stripes"]}, "architectures and triggers"),
+        ({"task": "detection"}, "task must be"),
+    ],
+)
+def test_a_segmentation_declaration_with_overlapping_roles_or_missing_parts_is_refused(tmp_path, changes, problem):
+    with pytest.raises(ExperimentError, match=problem):
+        load_experiment(_declare(tmp_path, "seg", **changes))
+
+
+def test_the_report_declaration_follows_the_protocol_and_plans_its_stages():
+    declared = load_experiment(DECLARATIONS / "stealthmark_v1.json")
+    assert isinstance(declared, SegmentationExperiment) and declared.seed_roles.report
+    roles = declared.seed_roles
+    assert len(roles.owners) >= 3 and len(roles.benign) >= 20 and len(roles.other_owners) >= 3
+    assert len({arch for arch, _ in declared.benign_models()}) >= 2
+    plan = subprocess.run(
+        [sys.executable, "scripts/experiment.py", "plan", "stealthmark_v1", "--out", "/nonexistent/stealthmark_v1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    archs, triggers, owners = len(declared.architectures), len(declared.triggers), len(roles.owners)
+    trained = archs * triggers * owners * (1 + len(declared.baselines))
+    n_benign, n_other = len(roles.benign), len(roles.other_owners)
+    stages = 1 + 3 * trained + n_benign * (1 + triggers + triggers * owners) + archs * triggers * n_other * (1 + owners)
+    assert f"] {stages} stages to run under" in plan.stdout
