@@ -15,6 +15,8 @@ from xmark_bundle.experiments.segmentation import SegmentationExperiment
 
 ROOT = Path(__file__).resolve().parents[1]
 DECLARATIONS = ROOT / "configs" / "experiments"
+sys.path.insert(0, str(ROOT / "scripts"))
+import experiment  # noqa: E402  (scripts/experiment.py)
 
 
 @pytest.mark.slow
@@ -80,7 +82,7 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
 
     # the tables: the results.json format, false accusations over every benign model x owner with Clopper-Pearson
     produced = tables(collected)
-    assert [t["title"].split(" (")[0] for t in produced] == ["Harmlessness", "Verification"]
+    assert [t["title"].split(" (")[0] for t in produced] == ["Harmlessness", "Verification", "Sweeps"]
     rows = {row["label"]: row["cells"] for row in produced[1]["rows"]}
     trigger = declared["triggers"][0]
     overall = next(cells for label, cells in rows.items() if label.startswith(f"all benign models, {trigger}"))
@@ -93,6 +95,19 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
     assert len(others) == len(archs) * len(declared["triggers"])
     own = next(cells for label, cells in rows.items() if label.startswith(f"stealthmark, {archs[0]}, {trigger}"))
     assert len(own["p (t, margin ε/4)"]["per_seed"]) == len(owners)
+    # the epsilon sweep: each owner's model trained at that epsilon, its record says so, benign models verified with it
+    (tag,) = collected["sweeps"]
+    swept = collected["sweeps"][tag]
+    assert tag == "epsilon=0.2" and len(swept["models"]) == len(archs) * len(declared["triggers"]) * len(owners)
+    for name, model in swept["models"].items():
+        record = json.loads((out / "models/sweeps" / tag / name / "stealthmark_record.json").read_text())
+        assert record["epsilon"] == 0.2 and record["key"] == owners[model["owner"]]
+        assert json.loads(Path(model["verification"]["report"]).read_text())["epsilon"] == 0.2
+    assert len(swept["benign"][trigger]) == len(seeds["benign"]) * len(owners)
+    sweep_rows = {row["label"]: row["cells"] for row in produced[2]["rows"]}
+    assert len(sweep_rows) == len(archs) * len(declared["triggers"])
+    k = sum(r["owned"] for r in swept["benign"][trigger])
+    assert all(cells["benign falsely verified"] == {"value": f"{k} of 8"} for cells in sweep_rows.values())
     results = {
         "format": 1,
         "name": "stealthmark_quick",
@@ -107,6 +122,18 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
     write_results(tmp_path / "stealthmark_quick" / "results.json", results)
     assert load_results(tmp_path / "stealthmark_quick" / "results.json")["tables"] == produced
     assert "Verification (StealthMark)" in render_page([results])
+
+    # --publish dispatches to these tables and records the segmentation roles (a report-sized declaration of this
+    # test's own seed, publishing this run's numbers into a temporary docs folder)
+    seeds_v = {**seeds, "data": 5006, "owners": [11, 12, 13], "owner_keys": [2027, 2028, 2029]}
+    seeds_v |= {"benign": list(range(40, 60)), "other_owners": [31, 32, 33], "other_keys": [3031, 3032, 3033]}
+    report_path = tmp_path / "stealthmark_quick.json"
+    report_path.write_text(json.dumps({**declared, "seeds": seeds_v}))
+    docs = tmp_path / "docs"
+    experiment.publish(load_experiment(report_path), collected, out, ["run", "stealthmark_quick", "--publish"], docs)
+    published = load_results(docs / "experiments" / "stealthmark_quick" / "results.json")
+    assert published["seeds"]["report"] == 5006 and published["seeds"]["other_keys"] == [3031, 3032, 3033]
+    assert published["tables"] == produced and "Verification (StealthMark)" in (docs / "experiments.md").read_text()
 
     # a rerun resumes: every stage is found done
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -137,6 +164,8 @@ def _declare(tmp_path: Path, name: str, **changes) -> Path:
         ({"data": 999}, "report seed 999 < 1000"),
         ({"data": 1001}, r"needs >= 3 owners .* got \{'owners': 2, 'other_owners': 1, 'benign': 4\}"),
         ({"removal": {"prune_rates": [0.1]}}, "not built for segmentation yet"),
+        ({"sweeps": {"epsilon": [0.1]}}, r"values in \(0, 1\) other than the declared 0.1"),
+        ({"sweeps": {"margin": [0.1]}}, "sweeps may vary"),
         ({"triggers": ["stripes"]}, "architectures and triggers"),
         ({"task": "detection"}, "task must be"),
     ],

@@ -19,9 +19,14 @@ A declaration ``configs/experiments/<name>.json`` with ``"task": "segmentation"`
   (benign models alternate over them, in order); ``triggers``: a list of trigger names; ``epsilon`` and
   ``trigger_share``: the watermark's floor and share; ``baselines`` (optional, e.g. ``["badnet_seg"]``: trained like
   the watermarked models, with each owner's key and seed); ``verification``: overrides of
-  ``stealthmark/configs/verify.json`` (``n_samples``, ``margin_fraction``, ...); ``publish`` as for classification.
+  ``stealthmark/configs/verify.json`` (``n_samples``, ``margin_fraction``, ...); ``publish`` as for classification;
+  ``sweeps`` (optional): {``epsilon``: [values], ``trigger_share``: [values]}, one setting varied at a time (the other
+  as declared): per value, every owner's watermarked model per architecture x trigger, evaluated and verified with its
+  own record, and for an epsilon value (the verifier's margin is a quarter of it) every benign model verified with
+  each owner's record at that epsilon.
 
-Not built yet: ``removal`` (fine-tuning, pruning) and ``sweeps`` (epsilon, trigger share) are refused when declared.
+Not built yet: ``removal`` (fine-tuning, pruning: the bundle has no fine-tune or prune config) is refused when
+declared.
 
 Stages (:class:`~xmark_bundle.experiments.stages.Stages`, each a ``monai.bundle`` command with the bundle's configs):
 the phantom set; per architecture x trigger x owner the watermarked model (``method stealthmark``, the owner's key and
@@ -89,8 +94,11 @@ KNOWN_KEYS = {
     "baselines",
     "verification",
     "publish",
+    "sweeps",
 }
-NOT_BUILT = ("removal", "sweeps")
+NOT_BUILT = ("removal",)
+#: What a declaration's ``sweeps`` may vary (one at a time, the others as declared).
+SWEEPS = ("epsilon", "trigger_share")
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,7 @@ class SegmentationExperiment:
     baselines: tuple[str, ...]
     verification: Mapping[str, Any]
     source: Path
+    sweeps: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     publish: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     pretrain: Mapping[str, Any] = field(default_factory=dict)  # none: kept for the CLI's --family
     legacy: bool = False
@@ -263,6 +272,13 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
     overridden = sorted(reserved & set(raw["training"]))
     if overridden:
         raise ExperimentError(path, f"training may not set {overridden}: the declaration's other keys set them")
+    sweeps = raw.get("sweeps", {})
+    if not isinstance(sweeps, Mapping) or set(sweeps) - set(SWEEPS):
+        raise ExperimentError(path, f"sweeps may vary {SWEEPS}, got {sweeps!r}")
+    for setting, values in sweeps.items():
+        declared = float(raw[setting]) if setting in raw else 0.5
+        if not values or not all(0 < float(v) < 1 and float(v) != declared for v in values):
+            raise ExperimentError(path, f"sweeps.{setting}: values in (0, 1) other than the declared {declared}")
     if roles.report and len(archs) < 2:
         raise ExperimentError(path, "a report declaration needs benign models of >= 2 architectures")
     return SegmentationExperiment(
@@ -280,6 +296,7 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
         baselines=baselines,
         verification=raw.get("verification", {}),
         source=path,
+        sweeps={setting: tuple(float(v) for v in values) for setting, values in sweeps.items()},
         publish={name: tuple(int(i) for i in idx) for name, idx in raw.get("publish", {}).items()},
     )
 
@@ -319,11 +336,23 @@ class _SegRun:
             "StealthMark phantoms with masks", [*cmd, "--workers", "2"], self.phantoms / "seg_datalist.json"
         )
 
-    def train(self, label: str, folder: Path, arch: str, method: str, trigger: str, key: int, seed: int) -> Path:
-        """A segmenter (train.json with the declaration's training overrides); its folder."""
+    def train(
+        self,
+        label: str,
+        folder: Path,
+        arch: str,
+        method: str,
+        trigger: str,
+        key: int,
+        seed: int,
+        setting: Mapping[str, float] | None = None,
+    ) -> Path:
+        """A segmenter (train.json with the declaration's training overrides; ``setting``: a sweep's epsilon or
+        trigger share instead of the declared one); its folder."""
         keys = {k: v for k, v in self.x.training.items() if v is not None}
         keys |= {"arch": arch, "method": method, "trigger": trigger, "key": key, "seed": seed}
         keys |= {"epsilon": self.x.epsilon, "trigger_share": self.x.trigger_share, "ckpt_dir": folder}
+        keys |= dict(setting or {})
         self.stages.run(
             f"StealthMark segmenter {label}", bundle_cmd("training", [TRAIN], **self.data, **keys), folder / RECORD
         )
@@ -466,6 +495,7 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
                         f"{label} with owner {owner}'s record", model, records[(trigger, owner)], folder
                     )
                 collected["other_keys"][name] = entry
+    collected["sweeps"] = _sweeps(run, owners, [run.models / b for b in _benign_folders(x)])
     collected["stage_times_s"] = run.stages.run_times()
     collected["stage_commits"] = run.stages.run_commits()
     if dry_run:
@@ -473,6 +503,59 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
     else:
         write_json(out / "collected.json", collected)
     return collected
+
+
+def _benign_folders(x: SegmentationExperiment) -> list[str]:
+    return [f"{arch}/benign_seed{seed}" for arch, seed in x.benign_models()]
+
+
+def _sweeps(run: _SegRun, owners: list[tuple[int, int]], benign: list[Path]) -> dict[str, Any]:
+    """Each sweep value (one setting varied, the rest as declared): every owner's watermarked model per architecture
+    x trigger, evaluated and verified with its own record; for epsilon (the verifier's margin is a share of it) every
+    benign model verified with each owner's record too."""
+    x, out, swept = run.x, run.out, {}
+    for setting, values in x.sweeps.items():
+        for value in values:
+            tag = f"{setting}={value:g}"
+            entry: dict[str, Any] = {"setting": setting, "value": value, "models": {}, "benign": {}}
+            records: dict[tuple[str, int], Path] = {}
+            for arch in x.architectures:
+                for trigger in x.triggers:
+                    for owner, key in owners:
+                        name = f"{arch}/{trigger}/owner{owner}"
+                        label = f"{tag} {arch} {trigger} stealthmark owner {owner}"
+                        model = run.train(
+                            label,
+                            run.models / "sweeps" / tag / name,
+                            arch,
+                            "stealthmark",
+                            trigger,
+                            key,
+                            owner,
+                            {setting: value},
+                        )
+                        record = model / RECORD
+                        records.setdefault((trigger, owner), record)
+                        entry["models"][name] = {
+                            "arch": arch,
+                            "trigger": trigger,
+                            "owner": owner,
+                            "harmlessness": run.evaluate(
+                                label, model, record, out / "harmlessness/sweeps" / tag / name
+                            ),
+                            "verification": run.verify(
+                                f"{label} (own record)", model, record, out / "verification/sweeps" / tag / name
+                            ),
+                        }
+            if setting == "epsilon":
+                for model in benign:
+                    name = f"{model.parent.name}_{model.name}"
+                    for (trigger, owner), record in records.items():
+                        folder = out / "verification/sweeps" / tag / "benign" / trigger / f"owner{owner}" / name
+                        label = f"{tag} benign {name} with owner {owner}'s {trigger} record"
+                        entry["benign"].setdefault(trigger, []).append(run.verify(label, model, record, folder))
+            swept[tag] = entry
+    return swept
 
 
 # ---------------------------------------------------------------- tables (the classification tables' format)
@@ -598,7 +681,7 @@ def segmentation_tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "cells run over owners (watermarked rows), benign models (harmlessness) or model x owner's record "
         "(verification of benign and other-key models)."
     )
-    return [
+    produced = [
         {
             "title": "Harmlessness (StealthMark): masks on clean and triggered validation images against the reference",
             "columns": list(HARMLESSNESS_COLUMNS),
@@ -612,6 +695,58 @@ def segmentation_tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
             "notes": note,
         },
     ]
+    if collected.get("sweeps"):
+        produced.append(_sweep_table(collected, note))
+    return produced
+
+
+SWEEP_COLUMNS = [
+    "verified",
+    "p (t, margin ε/4)",
+    "ASR",
+    "floor clean",
+    "floor triggered",
+    "Dice clean",
+    "Dice triggered",
+    "pixels flipped by the trigger",
+    "benign falsely verified",
+    "benign Clopper-Pearson 95 %",
+]
+
+
+def _sweep_table(collected: Mapping[str, Any], note: str) -> dict[str, Any]:
+    """One row per sweep value x architecture x trigger: verification and harmlessness of the owners' models, and
+    for epsilon the benign models' false accusations at that epsilon (every benign model x owner's record)."""
+    rows = []
+    for tag, entry in collected["sweeps"].items():
+        for arch in collected["architectures"]:
+            for trigger in collected["triggers"]:
+                models = [m for m in entry["models"].values() if (m["arch"], m["trigger"]) == (arch, trigger)]
+                if not models:
+                    continue
+                runs, harm = [m["verification"] for m in models], [m["harmlessness"] for m in models]
+                row = _verification_row("", runs, False)["cells"]
+                cells = {column: row[column] for column in SWEEP_COLUMNS if column in row}
+                cells |= _cells(
+                    (column, _per_seed(h[key] for h in harm))
+                    for column, key in (
+                        ("Dice clean", "dice_clean"),
+                        ("Dice triggered", "dice_triggered"),
+                        ("pixels flipped by the trigger", "flip_share"),
+                    )
+                )
+                benign = entry.get("benign", {}).get(trigger, [])
+                if benign:
+                    share = _share(benign)
+                    cells["benign falsely verified"] = share["verified"]
+                    cells["benign Clopper-Pearson 95 %"] = share["Clopper-Pearson 95 %"]
+                rows.append({"label": f"{tag}, {arch}, {trigger} ({len(models)} owners)", "cells": cells})
+    return {
+        "title": "Sweeps (StealthMark): one setting varied at a time, the others as declared",
+        "columns": SWEEP_COLUMNS,
+        "rows": rows,
+        "notes": note + " Benign rows of an epsilon value: every benign model (all architectures) x owner's record.",
+    }
 
 
 def segmentation_plain_words(collected: Mapping[str, Any]) -> list[str]:
