@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from scipy import stats
 
 from xmark_bundle.experiments import ExperimentError, load_experiment, render_page, tables
@@ -82,7 +83,7 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
 
     # the tables: the results.json format, false accusations over every benign model x owner with Clopper-Pearson
     produced = tables(collected)
-    assert [t["title"].split(" (")[0] for t in produced] == ["Harmlessness", "Verification", "Sweeps"]
+    assert [t["title"].split(" (")[0] for t in produced] == ["Harmlessness", "Verification", "Removal", "Sweeps"]
     rows = {row["label"]: row["cells"] for row in produced[1]["rows"]}
     trigger = declared["triggers"][0]
     overall = next(cells for label, cells in rows.items() if label.startswith(f"all benign models, {trigger}"))
@@ -104,10 +105,31 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
         assert record["epsilon"] == 0.2 and record["key"] == owners[model["owner"]]
         assert json.loads(Path(model["verification"]["report"]).read_text())["epsilon"] == 0.2
     assert len(swept["benign"][trigger]) == len(seeds["benign"]) * len(owners)
-    sweep_rows = {row["label"]: row["cells"] for row in produced[2]["rows"]}
+    sweep_rows = {row["label"]: row["cells"] for row in produced[3]["rows"]}
     assert len(sweep_rows) == len(archs) * len(declared["triggers"])
     k = sum(r["owned"] for r in swept["benign"][trigger])
     assert all(cells["benign falsely verified"] == {"value": f"{k} of 8"} for cells in sweep_rows.values())
+    # removal: each owner's watermarked model fine-tuned from its own weights on clean data, verified with its record
+    removed = collected["removal"]
+    assert len(removed) == len(archs) * len(declared["triggers"]) * len(owners)
+    for tag, entry in removed.items():
+        record = json.loads((out / "models" / tag / "stealthmark_record.json").read_text())
+        assert record["method"] == "none" and record["seed"] == seeds["finetune"][seeds["owners"].index(entry["owner"])]
+        assert tag.startswith(f"{entry['arch']}/{entry['trigger']}/stealthmark/owner{entry['owner']}_finetuned1")
+        report = json.loads(Path(entry["verification"]["report"]).read_text())
+        assert report["suspect"]["location"].startswith(str(out / "models" / tag))
+        # it started from the owner's weights: nearer to them than to another owner's model of the same network
+        tuned, start = (
+            torch.load(out / "models" / n / "model.pt", weights_only=True) for n in (tag, tag[: -len("_finetuned1")])
+        )
+        other_owner = next(o for o in owners if o != entry["owner"])
+        other = torch.load(
+            out / "models" / f"{entry['arch']}/{entry['trigger']}/stealthmark/owner{other_owner}/model.pt",
+            weights_only=True,
+        )
+        assert _distance(tuned, start) < 0.5 * _distance(tuned, other)
+    removal_rows = produced[2]["rows"]
+    assert produced[2]["title"].startswith("Removal") and len(removal_rows) == len(archs) * len(declared["triggers"])
     results = {
         "format": 1,
         "name": "stealthmark_quick",
@@ -126,7 +148,8 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
     # --publish dispatches to these tables and records the segmentation roles (a report-sized declaration of this
     # test's own seed, publishing this run's numbers into a temporary docs folder)
     seeds_v = {**seeds, "data": 5006, "owners": [11, 12, 13], "owner_keys": [2027, 2028, 2029]}
-    seeds_v |= {"benign": list(range(40, 60)), "other_owners": [31, 32, 33], "other_keys": [3031, 3032, 3033]}
+    seeds_v |= {"benign": list(range(60, 80)), "other_owners": [31, 32, 33], "other_keys": [3031, 3032, 3033]}
+    seeds_v["finetune"] = [41, 42, 43]
     report_path = tmp_path / "stealthmark_quick.json"
     report_path.write_text(json.dumps({**declared, "seeds": seeds_v}))
     docs = tmp_path / "docs"
@@ -138,6 +161,10 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
     # a rerun resumes: every stage is found done
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 0 and ": already done" in second.stdout and "done in" not in second.stdout
+
+
+def _distance(first: dict, second: dict) -> float:
+    return sum(float((first[k].float() - second[k].float()).pow(2).sum()) for k in first) ** 0.5
 
 
 def _declare(tmp_path: Path, name: str, **changes) -> Path:
@@ -164,6 +191,8 @@ def _declare(tmp_path: Path, name: str, **changes) -> Path:
         ({"data": 999}, "report seed 999 < 1000"),
         ({"data": 1001}, r"needs >= 3 owners .* got \{'owners': 2, 'other_owners': 1, 'benign': 4\}"),
         ({"removal": {"prune_rates": [0.1]}}, "not built for segmentation yet"),
+        ({"finetune": [41]}, "seeds.finetune needs one seed per owner"),
+        ({"finetune": [41, 11]}, r"owners and finetune share \[11\]"),
         ({"sweeps": {"epsilon": [0.1]}}, r"values in \(0, 1\) other than the declared 0.1"),
         ({"sweeps": {"margin": [0.1]}}, "sweeps may vary"),
         ({"triggers": ["stripes"]}, "architectures and triggers"),
@@ -192,4 +221,7 @@ def test_the_report_declaration_follows_the_protocol_and_plans_its_stages():
     trained = archs * triggers * owners * (1 + len(declared.baselines))
     n_benign, n_other = len(roles.benign), len(roles.other_owners)
     stages = 1 + 3 * trained + n_benign * (1 + triggers + triggers * owners) + archs * triggers * n_other * (1 + owners)
+    stages += 3 * archs * triggers * owners * len(declared.removal.get("finetune_epochs", []))
+    stages += sum(len(v) for v in declared.sweeps.values()) * 3 * archs * triggers * owners
+    stages += len(declared.sweeps.get("epsilon", ())) * n_benign * triggers * owners
     assert f"] {stages} stages to run under" in plan.stdout

@@ -73,10 +73,14 @@ __all__ = [
 SEGMENTATION = "segmentation"
 #: Benign models a report declaration needs at least (DESIGN.md §5: >= 20 over >= 2 architectures).
 MIN_BENIGN = 20
-#: Seed roles, in the order errors name them; the first three are model seeds, the last two keys.
-ROLES = ("owners", "benign", "other_owners", "owner_keys", "other_keys")
+#: Seed roles, in the order errors name them; the first three are model seeds, then keys, then the optional role.
+ROLES = ("owners", "benign", "other_owners", "owner_keys", "other_keys", "finetune")
+#: Roles a declaration may leave out (``finetune``: only with ``removal``).
+OPTIONAL_ROLES = ("finetune",)
 #: The bundle's configs (relative to the repository root, where stages run).
-TRAIN, VERIFY, EVALUATE = (f"stealthmark/configs/{name}.json" for name in ("train", "verify", "evaluate"))
+TRAIN, VERIFY, EVALUATE, FINETUNE = (
+    f"stealthmark/configs/{name}.json" for name in ("train", "verify", "evaluate", "finetune")
+)
 #: The record a training stage writes last (its presence means the stage is done).
 RECORD = "stealthmark_record.json"
 KNOWN_KEYS = {
@@ -95,8 +99,10 @@ KNOWN_KEYS = {
     "verification",
     "publish",
     "sweeps",
+    "removal",
 }
-NOT_BUILT = ("removal",)
+NOT_BUILT = ("prune_rates",)  # removal keys not built for segmentation yet
+REMOVAL_KEYS = {"finetune_epochs", "learning_rate"}
 #: What a declaration's ``sweeps`` may vary (one at a time, the others as declared).
 SWEEPS = ("epsilon", "trigger_share")
 
@@ -112,6 +118,7 @@ class SegmentationRoles:
     benign: tuple[int, ...]
     other_owners: tuple[int, ...]
     other_keys: tuple[int, ...]
+    finetune: tuple[int, ...] = ()
     independent_phantoms: None = None
 
     @property
@@ -141,6 +148,7 @@ class SegmentationExperiment:
     baselines: tuple[str, ...]
     verification: Mapping[str, Any]
     source: Path
+    removal: Mapping[str, Any] = field(default_factory=dict)
     sweeps: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     publish: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     pretrain: Mapping[str, Any] = field(default_factory=dict)  # none: kept for the CLI's --family
@@ -190,7 +198,7 @@ def _seed_list(path: Path, seeds: Mapping[str, Any], key: str) -> tuple[int, ...
 def segmentation_roles(path: Path, seeds: Mapping[str, Any]) -> SegmentationRoles:
     """The seeds by role, checked: every role present, no seed in two roles, one key per owner, report rules."""
     required = ("data", "development", *ROLES)
-    missing = [key for key in required if key not in seeds]
+    missing = [key for key in required if key not in seeds and key not in OPTIONAL_ROLES]
     if missing:
         raise ExperimentError(path, f"seeds lacks {missing}: name every seed by its role ({', '.join(required)})")
     unknown = set(seeds) - set(required)
@@ -199,7 +207,7 @@ def segmentation_roles(path: Path, seeds: Mapping[str, Any]) -> SegmentationRole
     for key in ("data", "development"):
         if not isinstance(seeds[key], int) or isinstance(seeds[key], bool):
             raise ExperimentError(path, f"seeds.{key} must be an integer seed, got {seeds[key]!r}")
-    lists = {role: _seed_list(path, seeds, role) for role in ROLES}
+    lists = {role: _seed_list(path, seeds, role) if role in seeds else () for role in ROLES}
     roles = SegmentationRoles(data=seeds["data"], development=seeds["development"], **lists)
     collisions = []
     for i, first in enumerate(ROLES):
@@ -246,9 +254,16 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
         raise ExperimentError(path, f"lacks {missing}")
     if raw["name"] != path.stem:
         raise ExperimentError(path, f"names experiment {raw['name']!r}; the file must be called {raw['name']}.json")
-    declared_not_built = [key for key in NOT_BUILT if key in raw]
+    removal = raw.get("removal", {})
+    declared_not_built = [f"removal.{key}" for key in NOT_BUILT if key in removal]
     if declared_not_built:
-        raise ExperimentError(path, f"{declared_not_built}: not built for segmentation yet")
+        raise ExperimentError(path, f"{declared_not_built}: not built for segmentation yet (no pruning of these nets)")
+    if set(removal) - REMOVAL_KEYS:
+        raise ExperimentError(path, f"removal: unknown keys {sorted(set(removal) - REMOVAL_KEYS)}")
+    if removal and not (removal.get("finetune_epochs") and all(int(e) > 0 for e in removal["finetune_epochs"])):
+        raise ExperimentError(path, "removal.finetune_epochs must list positive numbers of epochs")
+    if removal and "finetune" not in raw["seeds"]:
+        raise ExperimentError(path, "removal needs seeds.finetune (the fine-tuner's seeds, one per owner)")
     unknown = set(raw) - KNOWN_KEYS
     if unknown:
         raise ExperimentError(path, f"unknown keys {sorted(unknown)}")
@@ -257,6 +272,8 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
     if raw["phantoms"].get("family", "classic") not in FAMILIES:
         raise ExperimentError(path, f"phantoms.family must be one of {FAMILIES}")
     roles = segmentation_roles(path, raw["seeds"])
+    if roles.finetune and len(roles.finetune) != len(roles.owners):
+        raise ExperimentError(path, "seeds.finetune needs one seed per owner")
     archs, triggers = tuple(raw["architectures"]), tuple(raw["triggers"])
     bad = [a for a in archs if a not in SEGMENTATION_ARCHS] + [t for t in triggers if t not in TRIGGERS]
     if bad or not archs or not triggers or len(set(archs)) < len(archs) or len(set(triggers)) < len(triggers):
@@ -296,6 +313,7 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
         baselines=baselines,
         verification=raw.get("verification", {}),
         source=path,
+        removal=removal,
         sweeps={setting: tuple(float(v) for v in values) for setting, values in sweeps.items()},
         publish={name: tuple(int(i) for i in idx) for name, idx in raw.get("publish", {}).items()},
     )
@@ -495,6 +513,7 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
                         f"{label} with owner {owner}'s record", model, records[(trigger, owner)], folder
                     )
                 collected["other_keys"][name] = entry
+    collected["removal"] = _removal(run, collected["models"])
     collected["sweeps"] = _sweeps(run, owners, [run.models / b for b in _benign_folders(x)])
     collected["stage_times_s"] = run.stages.run_times()
     collected["stage_commits"] = run.stages.run_commits()
@@ -503,6 +522,40 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
     else:
         write_json(out / "collected.json", collected)
     return collected
+
+
+def _removal(run: _SegRun, models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Each owner's watermarked model fine-tuned on the clean training split (finetune.json: no trigger, the
+    fine-tuner's seed) for each declared number of epochs, then evaluated and verified with the owner's record."""
+    x, out, removed = run.x, run.out, {}
+    if not x.removal:
+        return removed
+    finetuner = dict(zip(x.roles.owners, x.roles.finetune, strict=True))
+    for name, model in models.items():
+        if model["method"] != "stealthmark":
+            continue
+        start, record = run.models / name, run.models / name / RECORD
+        for epochs in map(int, x.removal["finetune_epochs"]):
+            tag = f"{name}_finetuned{epochs}"
+            keys = {k: v for k, v in x.training.items() if v is not None}
+            keys |= {"arch": model["arch"], "seed": finetuner[model["owner"]], "max_epochs": epochs, "val_interval": 1}
+            keys |= {"init_ckpt": start / "model.pt", "ckpt_dir": run.models / tag}
+            if "learning_rate" in x.removal:
+                keys["learning_rate"] = x.removal["learning_rate"]
+            label = f"{model['arch']} {model['trigger']} owner {model['owner']} fine-tuned {epochs} epochs"
+            cmd = bundle_cmd("training", [TRAIN, FINETUNE], **run.data, **keys)
+            run.stages.run(f"StealthMark segmenter {label}", cmd, run.models / tag / RECORD)
+            removed[tag] = {
+                "arch": model["arch"],
+                "trigger": model["trigger"],
+                "owner": model["owner"],
+                "epochs": epochs,
+                "harmlessness": run.evaluate(label, run.models / tag, record, out / "harmlessness" / tag),
+                "verification": run.verify(
+                    f"{label} (owner's record)", run.models / tag, record, out / "verification" / tag
+                ),
+            }
+    return removed
 
 
 def _benign_folders(x: SegmentationExperiment) -> list[str]:
@@ -695,6 +748,8 @@ def segmentation_tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
             "notes": note,
         },
     ]
+    if collected.get("removal"):
+        produced.append(_removal_table(collected, note))
     if collected.get("sweeps"):
         produced.append(_sweep_table(collected, note))
     return produced
@@ -712,6 +767,40 @@ SWEEP_COLUMNS = [
     "benign falsely verified",
     "benign Clopper-Pearson 95 %",
 ]
+
+
+def _removal_table(collected: Mapping[str, Any], note: str) -> dict[str, Any]:
+    """One row per architecture x trigger x fine-tuning length: the owners' models after clean fine-tuning."""
+    rows = []
+    lengths = sorted({r["epochs"] for r in collected["removal"].values()})
+    for arch in collected["architectures"]:
+        for trigger in collected["triggers"]:
+            for epochs in lengths:
+                runs = [
+                    r
+                    for r in collected["removal"].values()
+                    if (r["arch"], r["trigger"], r["epochs"]) == (arch, trigger, epochs)
+                ]
+                if not runs:
+                    continue
+                row = _verification_row("", [r["verification"] for r in runs], False)["cells"]
+                cells = {column: row[column] for column in SWEEP_COLUMNS if column in row}
+                cells |= _cells(
+                    (column, _per_seed(r["harmlessness"][key] for r in runs))
+                    for column, key in (
+                        ("Dice clean", "dice_clean"),
+                        ("Dice triggered", "dice_triggered"),
+                        ("pixels flipped by the trigger", "flip_share"),
+                    )
+                )
+                label = f"{arch}, {trigger}, fine-tuned {epochs} epochs on clean data ({len(runs)} owners)"
+                rows.append({"label": label, "cells": cells})
+    return {
+        "title": "Removal (StealthMark): each owner's model fine-tuned on the clean training split, then verified",
+        "columns": SWEEP_COLUMNS[:8],
+        "rows": rows,
+        "notes": note + " Pruning is not built for the segmentation networks.",
+    }
 
 
 def _sweep_table(collected: Mapping[str, Any], note: str) -> dict[str, Any]:
