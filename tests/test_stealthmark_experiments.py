@@ -162,6 +162,14 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 0 and ": already done" in second.stdout and "done in" not in second.stdout
 
+    # a training interrupted after saving model.pt but before its record runs again from scratch, alone
+    unfinished = out / "models" / f"{archs[0]}/{trigger}/stealthmark/owner{seeds['owners'][0]}"
+    (unfinished / "stealthmark_record.json").unlink()
+    third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert third.stdout.count("done in") == 1 and "an unfinished training's files are removed" in third.stdout
+    assert json.loads((unfinished / "stealthmark_record.json").read_text())["key"] == seeds["owner_keys"][0]
+
 
 def _distance(first: dict, second: dict) -> float:
     return sum(float((first[k].float() - second[k].float()).pow(2).sum()) for k in first) ** 0.5

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 from collections.abc import Iterable, Mapping
@@ -364,10 +365,18 @@ class _SegRun:
         keys |= {"arch": arch, "method": method, "trigger": trigger, "key": key, "seed": seed}
         keys |= {"epsilon": self.x.epsilon, "trigger_share": self.x.trigger_share, "ckpt_dir": folder}
         keys |= dict(setting or {})
+        self._clear_unfinished(folder)
         self.stages.run(
             f"StealthMark segmenter {label}", bundle_cmd("training", [TRAIN], **self.data, **keys), folder / RECORD
         )
         return folder
+
+    def _clear_unfinished(self, folder: Path) -> None:
+        """Remove what an interrupted training left in ``folder`` (a model.pt without the record training writes last):
+        training refuses to replace a model, and the stage must start again."""
+        if not self.dry_run and folder.is_dir() and not (folder / RECORD).exists():
+            print(f"[{self.x.name}] {folder}: an unfinished training's files are removed before it runs again")
+            shutil.rmtree(folder)
 
     def evaluate(self, label: str, model: Path, record: Path, folder: Path) -> dict[str, Any]:
         """Harmlessness of ``model`` with the trigger of ``record`` (evaluate.json)."""
@@ -537,6 +546,7 @@ def _removal(run: _SegRun, models: Mapping[str, Mapping[str, Any]]) -> dict[str,
                 keys["learning_rate"] = x.removal["learning_rate"]
             label = f"{model['arch']} {model['trigger']} owner {model['owner']} fine-tuned {epochs} epochs"
             cmd = bundle_cmd("training", [TRAIN, FINETUNE], **run.data, **keys)
+            run._clear_unfinished(run.models / tag)
             run.stages.run(f"StealthMark segmenter {label}", cmd, run.models / tag / RECORD)
             removed[tag] = {
                 "arch": model["arch"],
