@@ -91,11 +91,11 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
     interval = stats.binomtest(k, len(runs)).proportion_ci(method="exact")
     assert overall["verified"] == {"value": f"{k} of {len(runs)}"}
     assert overall["Clopper-Pearson 95 %"] == {"value": f"{interval.low:.3f}-{interval.high:.3f}"}
-    assert len(overall["p (t, margin ε/4)"]["per_seed"]) == len(runs)
+    assert len(overall["p (t, with margin)"]["per_seed"]) == len(runs)
     others = [label for label in rows if label.startswith("other keys")]
     assert len(others) == len(archs) * len(declared["triggers"])
     own = next(cells for label, cells in rows.items() if label.startswith(f"stealthmark, {archs[0]}, {trigger}"))
-    assert len(own["p (t, margin ε/4)"]["per_seed"]) == len(owners)
+    assert len(own["p (t, with margin)"]["per_seed"]) == len(owners)
     # the epsilon sweep: each owner's model trained at that epsilon, its record says so, benign models verified with it
     (tag,) = collected["sweeps"]
     swept = collected["sweeps"][tag]

@@ -461,6 +461,7 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
         "epsilon": x.epsilon,
         "trigger_share": x.trigger_share,
         "training": dict(x.training),
+        "verification": dict(x.verification),
         "models": {},
         "benign": {},
         "other_keys": {},
@@ -652,7 +653,7 @@ def _detector(runs: list[Mapping[str, Any]], alpha: float = 0.05) -> dict[str, A
 VERIFICATION_COLUMNS = [
     "verified",
     "Clopper-Pearson 95 %",
-    "p (t, margin ε/4)",
+    "p (t, with margin)",
     "p (t, no margin)",
     "floor clean",
     "floor triggered",
@@ -666,7 +667,7 @@ def _verification_row(label: str, runs: list[Mapping[str, Any]], interval: bool)
     cells = _share(runs) if interval else {"verified": {"value": f"{sum(r['owned'] for r in runs)} of {len(runs)}"}}
     cells |= _cells(
         [
-            ("p (t, margin ε/4)", _per_seed(r.get("p_value") for r in runs)),
+            ("p (t, with margin)", _per_seed(r.get("p_value") for r in runs)),
             ("p (t, no margin)", _per_seed(r.get("p_no_margin") for r in runs)),
             ("floor clean", _per_seed(r.get("floor_clean") for r in runs)),
             ("floor triggered", _per_seed(r.get("floor_triggered") for r in runs)),
@@ -735,7 +736,8 @@ def segmentation_tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         f"ε = {collected['epsilon']}, trigger share {collected['trigger_share']}, {size} px; owners {seeds['owners']} "
         f"(keys {seeds['owner_keys']}), benign seeds {seeds['benign']}, other keys {seeds['other_keys']}. Per-seed "
         "cells run over owners (watermarked rows), benign models (harmlessness) or model x owner's record "
-        "(verification of benign and other-key models)."
+        "(verification of benign and other-key models). The margin of the t-test is margin_fraction x ε "
+        f"(verify.json: a quarter unless overridden; overrides here {collected.get('verification', {})})."
     )
     produced = [
         {
@@ -760,7 +762,7 @@ def segmentation_tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 SWEEP_COLUMNS = [
     "verified",
-    "p (t, margin ε/4)",
+    "p (t, with margin)",
     "ASR",
     "floor clean",
     "floor triggered",
@@ -796,7 +798,7 @@ def _removal_table(collected: Mapping[str, Any], note: str) -> dict[str, Any]:
                         ("pixels flipped by the trigger", "flip_share"),
                     )
                 )
-                label = f"{arch}, {trigger}, fine-tuned {epochs} epochs on clean data ({len(runs)} owners)"
+                label = f"{arch}, {trigger}, fine-tuned {epochs} epoch(s) on clean data ({len(runs)} owners)"
                 rows.append({"label": label, "cells": cells})
     return {
         "title": "Removal (StealthMark): each owner's model fine-tuned on the clean training split, then verified",
