@@ -49,6 +49,8 @@ from xmark_bundle.experiments.ledger import (  # noqa: E402
 )
 from xmark_bundle.experiments.protocol import published_parts  # noqa: E402
 from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results, write_results  # noqa: E402
+from xmark_bundle.experiments.segmentation import SegmentationExperiment  # noqa: E402
+from xmark_bundle.experiments.segmentation import seed_record as segmentation_seed_record  # noqa: E402
 from xmark_bundle.experiments.stages import StageFailed, tree_commit  # noqa: E402
 
 
@@ -82,6 +84,7 @@ STAGE_KINDS = (
     "watermark",
     "release",
     "phantoms",
+    "segmenter",
 )
 
 
@@ -130,7 +133,10 @@ def publication_refused(experiment: Experiment, ledger: Path = LEDGER) -> str | 
 
 
 def seed_record(experiment: Experiment) -> dict:
-    """The seeds a results.json records: the report and development seeds, the suspects, and every role."""
+    """The seeds a results.json records: the report and development seeds, the suspects, and every role (a
+    segmentation experiment: its own roles)."""
+    if isinstance(experiment, SegmentationExperiment):
+        return segmentation_seed_record(experiment)
     roles = experiment.seed_roles
     seeds = {"development": roles.development, "report": roles.data, "suspects": list(roles.suspects)}
     if experiment.legacy:

@@ -173,7 +173,7 @@ def _declared_seeds(raw: dict) -> list[tuple[str, int]]:
     used = []
     for role, value in raw["seeds"].items():
         used += [(role, seed) for seed in (value if isinstance(value, list) else [value])]
-    used += [("benign", seed) for group in raw["benign"] for seed in group["seeds"]]
+    used += [("benign", seed) for group in raw.get("benign", []) for seed in group["seeds"]]  # segmentation: in seeds
     if raw.get("pretrain"):
         used.append(("pretrain", raw["pretrain"]["seed"]))
     return used
@@ -367,7 +367,11 @@ def test_every_declaration_plans_its_stages(path, tmp_path):
     names = [name for name, _ in planned]
     assert len(names) == len(set(names)) and any(" verification " in name for name in names)
     own_size = ["configs/verify_own_size.json" in " ".join(cmd) for name, cmd in planned if " verification " in name]
-    assert all(own_size) if not declared.legacy else not any(own_size)
+    if getattr(declared, "task", "classification") == "segmentation":  # StealthMark: the bundle's own verify.json
+        assert not any(own_size) and all("stealthmark/configs/verify.json" in " ".join(cmd) for _, cmd in planned
+                                         if "verification " in _)
+    else:
+        assert all(own_size) if not declared.legacy else not any(own_size)
 
 
 def test_the_runner_plans_each_owners_family_before_its_release_and_trigger_families_for_independent_owners(tmp_path):

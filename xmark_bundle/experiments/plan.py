@@ -29,7 +29,8 @@ malicious suspect fine-tuned on a clean share of the training split, the head on
 again; ``kept_checkpoint`` ``best`` (default) or ``last``: which epoch of a fine-tuning is measured); ``publish``
 (optional:
 results name -> indexes of the tables it holds; default: one results.json named like the experiment with every
-table).
+table). A declaration with ``"task": "segmentation"`` is a StealthMark experiment, checked and run by
+:mod:`~xmark_bundle.experiments.segmentation` (its own keys); ``task`` absent or ``"classification"``: the keys above.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ from xmark_bundle.experiments.protocol import (
     is_legacy,
     legacy_roles,
     seed_roles,
+)
+from xmark_bundle.experiments.segmentation import (
+    SegmentationExperiment,
+    is_segmentation,
+    load_segmentation_experiment,
 )
 from xmark_bundle.networks.classifier import KEPT_CHECKPOINTS
 
@@ -141,15 +147,18 @@ class Experiment:
         return Experiment(**{**self.__dict__, "methods": {m: self.methods[m] for m in methods}})
 
 
-def load_experiment(path: str | os.PathLike, published: Path = PUBLISHED) -> Experiment:
+def load_experiment(path: str | os.PathLike, published: Path = PUBLISHED) -> Experiment | SegmentationExperiment:
     """Read and check a declaration (its seeds under :mod:`~xmark_bundle.experiments.protocol`); every problem is an
     :class:`ExperimentError` naming the file. ``published``: the folder of published results a legacy declaration
-    needs its own in."""
+    needs its own in. A ``"task": "segmentation"`` declaration is checked by
+    :func:`~xmark_bundle.experiments.segmentation.load_segmentation_experiment`."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ExperimentError(path, f"cannot be read as JSON ({err})") from err
+    if is_segmentation(raw, path):
+        return load_segmentation_experiment(path, raw)
     required = ("name", "title", "phantoms", "seeds", "classifier", "methods", "benign")
     missing = [key for key in required if key not in raw]
     if missing:

@@ -32,6 +32,7 @@ import numpy as np
 
 from xmark_bundle.experiments.figures import save_figures
 from xmark_bundle.experiments.plan import Experiment, Method
+from xmark_bundle.experiments.segmentation import SegmentationExperiment, run_segmentation
 from xmark_bundle.experiments.stages import Stages, bundle_cmd
 from xmark_bundle.fileio import write_json
 
@@ -404,11 +405,16 @@ def _evaluation_keys(recipe: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in _training_keys(recipe).items() if k != "max_epochs"}
 
 
-def run_experiment(experiment: Experiment, root: Path, out: Path, dry_run: bool = False) -> dict[str, Any]:
-    """Run (or resume) every stage of ``experiment`` under ``out``; write and return ``collected.json``.
+def run_experiment(
+    experiment: Experiment | SegmentationExperiment, root: Path, out: Path, dry_run: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) every stage of ``experiment`` under ``out``; write and return ``collected.json`` (a
+    segmentation declaration: :func:`~xmark_bundle.experiments.segmentation.run_segmentation`).
 
     ``dry_run``: print every stage and its command, run none, write nothing; the returned numbers are
     :data:`PENDING` where a stage has not run, and ``planned_stages`` lists (name, command) of those still to run."""
+    if isinstance(experiment, SegmentationExperiment):
+        return run_segmentation(experiment, root, out, dry_run)
     run, x, roles = _Run(experiment, root, out, dry_run), experiment, experiment.seed_roles
     run.make_data()
     surrogate = run.classifier("surrogate", run.models / "surrogate", run.phantoms, roles.surrogate, evaluate=True)

@@ -94,7 +94,12 @@ def false_accusations(ind_m: Mapping[str, Mapping[str, Any]], verdict: str = "ma
 
 
 def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Table 1 and Table 2 of the experiment, one row per method (cells per suspect seed or per benign model)."""
+    """Table 1 and Table 2 of the experiment, one row per method (cells per suspect seed or per benign model); a
+    segmentation experiment's tables come from :func:`~xmark_bundle.experiments.segmentation.segmentation_tables`."""
+    if collected.get("task") == "segmentation":
+        from xmark_bundle.experiments.segmentation import segmentation_tables
+
+        return segmentation_tables(collected)
     quality_columns = ("PSNR full res (dB)", "SSIM full res", "PSNR model res (dB)", "SSIM model res", "LPIPS")
     lap_column = "residual L_Lap (G, val.)"
     columns1 = ["BA", "mean AUROC", "WSR at 0.5", "WSR at val. threshold", "clean over that threshold"]
@@ -342,7 +347,12 @@ def _verdict(result: Mapping[str, Any]) -> str:
 
 
 def plain_words(collected: Mapping[str, Any]) -> list[str]:
-    """One sentence per scenario, suspect and method, with the control's warning where it applies."""
+    """One sentence per scenario, suspect and method, with the control's warning where it applies (a segmentation
+    experiment: :func:`~xmark_bundle.experiments.segmentation.segmentation_plain_words`)."""
+    if collected.get("task") == "segmentation":
+        from xmark_bundle.experiments.segmentation import segmentation_plain_words
+
+        return segmentation_plain_words(collected)
     lines = []
     for name, method in collected["methods"].items():
         for suspect, s in method["suspects"].items():

@@ -1,0 +1,235 @@
+"""StealthMark experiments through the runner: `scripts/experiment.py run stealthmark_quick` trains real MONAI
+segmenters at toy size through the bundle's CLI stages, and the tables count what the reports say."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+
+from xmark_bundle.experiments import ExperimentError, load_experiment, render_page, tables
+from xmark_bundle.experiments.results import load_results, write_results
+from xmark_bundle.experiments.segmentation import SegmentationExperiment
+
+ROOT = Path(__file__).resolve().parents[1]
+DECLARATIONS = ROOT / "configs" / "experiments"
+sys.path.insert(0, str(ROOT / "scripts"))
+import experiment  # noqa: E402  (scripts/experiment.py)
+
+
+@pytest.mark.slow
+def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_reports(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "scripts/experiment.py", "run", "stealthmark_quick", "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    collected = json.loads((out / "collected.json").read_text())
+    declared = json.loads((DECLARATIONS / "stealthmark_quick.json").read_text())
+    seeds = declared["seeds"]
+    assert collected["task"] == "segmentation" and collected["seed_roles"]["owners"] == seeds["owners"]
+
+    # every watermarked and baseline model: trained with its owner's key and seed, evaluated and verified
+    owners = dict(zip(seeds["owners"], seeds["owner_keys"], strict=True))
+    expected = {
+        f"{arch}/{trigger}/{method}/owner{owner}"
+        for arch in declared["architectures"]
+        for trigger in declared["triggers"]
+        for method in ("stealthmark", *declared["baselines"])
+        for owner in owners
+    }
+    assert set(collected["models"]) == expected
+    for name, model in collected["models"].items():
+        record = json.loads((out / "models" / name / "stealthmark_record.json").read_text())
+        assert (record["method"], record["key"], record["seed"]) == (
+            model["method"],
+            owners[model["owner"]],
+            model["owner"],
+        )
+        assert (out / "models" / name / "model.pt").stat().st_size > 0
+        report = json.loads(Path(model["verification"]["report"]).read_text())
+        assert report["suspect"]["location"].startswith(str(out / "models" / name))
+        assert report["verdict"] in ("verified", "not verified") and report["trigger"] == model["trigger"]
+        assert model["verification"]["owned"] == (report["verified"] is True)
+        assert model["verification"]["p_value"] == report["test"]["p_ttest"]
+        harm = json.loads((out / "harmlessness" / name / "harmlessness.json").read_text())
+        assert model["harmlessness"]["dice_clean"] == harm["clean"]["dice"]["mean"]
+
+    # benign models alternate over the architectures, carry no watermark and are verified with every owner's record
+    benign = collected["benign"]
+    archs = declared["architectures"]
+    assert [(b["arch"], b["seed"]) for b in benign.values()] == [
+        (archs[i % len(archs)], seed) for i, seed in enumerate(seeds["benign"])
+    ]
+    runs = []
+    for name, entry in benign.items():
+        record = json.loads(
+            (out / "models" / entry["arch"] / f"benign_seed{entry['seed']}" / "stealthmark_record.json").read_text()
+        )
+        assert record["method"] == "none" and record["trigger_share"] == 0.0
+        for trigger in declared["triggers"]:
+            assert sorted(entry["verification"][trigger]) == sorted(map(str, owners))
+            for owner, result in entry["verification"][trigger].items():
+                report = json.loads(Path(result["report"]).read_text())
+                assert Path(result["report"]).parent.name == name and f"owner{owner}" in result["report"]
+                assert report["n_queries"] == min(
+                    declared["verification"]["n_samples"],
+                    len((out / "phantoms/valid.csv").read_text().splitlines()) - 1,
+                )
+                runs.append(result)
+    assert len(runs) == len(seeds["benign"]) * len(owners) * len(declared["triggers"])
+
+    # the tables: the results.json format, false accusations over every benign model x owner with Clopper-Pearson
+    produced = tables(collected)
+    assert [t["title"].split(" (")[0] for t in produced] == ["Harmlessness", "Verification", "Removal", "Sweeps"]
+    rows = {row["label"]: row["cells"] for row in produced[1]["rows"]}
+    trigger = declared["triggers"][0]
+    overall = next(cells for label, cells in rows.items() if label.startswith(f"all benign models, {trigger}"))
+    k = sum(r["owned"] for r in runs)
+    interval = stats.binomtest(k, len(runs)).proportion_ci(method="exact")
+    assert overall["verified"] == {"value": f"{k} of {len(runs)}"}
+    assert overall["Clopper-Pearson 95 %"] == {"value": f"{interval.low:.3f}-{interval.high:.3f}"}
+    assert len(overall["p (t, with margin)"]["per_seed"]) == len(runs)
+    others = [label for label in rows if label.startswith("other keys")]
+    assert len(others) == len(archs) * len(declared["triggers"])
+    own = next(cells for label, cells in rows.items() if label.startswith(f"stealthmark, {archs[0]}, {trigger}"))
+    assert len(own["p (t, with margin)"]["per_seed"]) == len(owners)
+    # the epsilon sweep: each owner's model trained at that epsilon, its record says so, benign models verified with it
+    (tag,) = collected["sweeps"]
+    swept = collected["sweeps"][tag]
+    assert tag == "epsilon=0.2" and len(swept["models"]) == len(archs) * len(declared["triggers"]) * len(owners)
+    for name, model in swept["models"].items():
+        record = json.loads((out / "models/sweeps" / tag / name / "stealthmark_record.json").read_text())
+        assert record["epsilon"] == 0.2 and record["key"] == owners[model["owner"]]
+        assert json.loads(Path(model["verification"]["report"]).read_text())["epsilon"] == 0.2
+    assert len(swept["benign"][trigger]) == len(seeds["benign"]) * len(owners)
+    sweep_rows = {row["label"]: row["cells"] for row in produced[3]["rows"]}
+    assert len(sweep_rows) == len(archs) * len(declared["triggers"])
+    k = sum(r["owned"] for r in swept["benign"][trigger])
+    assert all(cells["benign falsely verified"] == {"value": f"{k} of 8"} for cells in sweep_rows.values())
+    # removal: each owner's watermarked model fine-tuned from its own weights on clean data, verified with its record
+    removed = collected["removal"]
+    assert len(removed) == len(archs) * len(declared["triggers"]) * len(owners)
+    for tag, entry in removed.items():
+        record = json.loads((out / "models" / tag / "stealthmark_record.json").read_text())
+        assert record["method"] == "none" and record["seed"] == seeds["finetune"][seeds["owners"].index(entry["owner"])]
+        assert tag.startswith(f"{entry['arch']}/{entry['trigger']}/stealthmark/owner{entry['owner']}_finetuned1")
+        report = json.loads(Path(entry["verification"]["report"]).read_text())
+        assert report["suspect"]["location"].startswith(str(out / "models" / tag))
+        # it started from the owner's weights: nearer to them than to another owner's model of the same network
+        tuned, start = (
+            torch.load(out / "models" / n / "model.pt", weights_only=True) for n in (tag, tag[: -len("_finetuned1")])
+        )
+        other_owner = next(o for o in owners if o != entry["owner"])
+        other = torch.load(
+            out / "models" / f"{entry['arch']}/{entry['trigger']}/stealthmark/owner{other_owner}/model.pt",
+            weights_only=True,
+        )
+        assert _distance(tuned, start) < 0.5 * _distance(tuned, other)
+    removal_rows = produced[2]["rows"]
+    assert produced[2]["title"].startswith("Removal") and len(removal_rows) == len(archs) * len(declared["triggers"])
+    results = {
+        "format": 1,
+        "name": "stealthmark_quick",
+        "title": "t",
+        "commands": ["python scripts/experiment.py run stealthmark_quick"],
+        "commit": "c",
+        "seeds": {"development": 0, "report": 1},  # the format check only; this run is not publishable
+        "wall_time_s": {},
+        "tables": produced,
+        "reading": "-",
+    }
+    write_results(tmp_path / "stealthmark_quick" / "results.json", results)
+    assert load_results(tmp_path / "stealthmark_quick" / "results.json")["tables"] == produced
+    assert "Verification (StealthMark)" in render_page([results])
+
+    # --publish dispatches to these tables and records the segmentation roles (a report-sized declaration of this
+    # test's own seed, publishing this run's numbers into a temporary docs folder)
+    seeds_v = {**seeds, "data": 5006, "owners": [11, 12, 13], "owner_keys": [2027, 2028, 2029]}
+    seeds_v |= {"benign": list(range(60, 80)), "other_owners": [31, 32, 33], "other_keys": [3031, 3032, 3033]}
+    seeds_v["finetune"] = [41, 42, 43]
+    report_path = tmp_path / "stealthmark_quick.json"
+    report_path.write_text(json.dumps({**declared, "seeds": seeds_v}))
+    docs = tmp_path / "docs"
+    experiment.publish(load_experiment(report_path), collected, out, ["run", "stealthmark_quick", "--publish"], docs)
+    published = load_results(docs / "experiments" / "stealthmark_quick" / "results.json")
+    assert published["seeds"]["report"] == 5006 and published["seeds"]["other_keys"] == [3031, 3032, 3033]
+    assert published["tables"] == produced and "Verification (StealthMark)" in (docs / "experiments.md").read_text()
+
+    # a rerun resumes: every stage is found done
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert second.returncode == 0 and ": already done" in second.stdout and "done in" not in second.stdout
+
+    # a training interrupted after saving model.pt but before its record runs again from scratch, alone
+    unfinished = out / "models" / f"{archs[0]}/{trigger}/stealthmark/owner{seeds['owners'][0]}"
+    (unfinished / "stealthmark_record.json").unlink()
+    third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert third.stdout.count("done in") == 1 and "an unfinished training's files are removed" in third.stdout
+    assert json.loads((unfinished / "stealthmark_record.json").read_text())["key"] == seeds["owner_keys"][0]
+
+
+def _distance(first: dict, second: dict) -> float:
+    return sum(float((first[k].float() - second[k].float()).pow(2).sum()) for k in first) ** 0.5
+
+
+def _declare(tmp_path: Path, name: str, **changes) -> Path:
+    raw = json.loads((DECLARATIONS / "stealthmark_quick.json").read_text())
+    raw["name"] = name
+    for key, value in changes.items():
+        if key in raw["seeds"]:
+            raw["seeds"][key] = value
+        else:
+            raw[key] = value
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"benign": [21, 12, 23, 24]}, r"owners and benign share \[12\]"),
+        ({"other_keys": [2028]}, r"owner_keys and other_keys share \[2028\]"),
+        ({"other_owners": [31, 24]}, r"benign and other_owners share \[24\]"),
+        ({"owner_keys": [0, 5]}, r"development seed 0 is also in owner_keys"),
+        ({"owner_keys": [2027]}, "one key per seed of seeds.owners"),
+        ({"data": 999}, "report seed 999 < 1000"),
+        ({"data": 1001}, r"needs >= 3 owners .* got \{'owners': 2, 'other_owners': 1, 'benign': 4\}"),
+        ({"removal": {"prune_rates": [0.1]}}, "not built for segmentation yet"),
+        ({"finetune": [41]}, "seeds.finetune needs one seed per owner"),
+        ({"finetune": [41, 11]}, r"owners and finetune share \[11\]"),
+        ({"sweeps": {"epsilon": [0.1]}}, r"values in \(0, 1\) other than the declared 0.1"),
+        ({"sweeps": {"margin": [0.1]}}, "sweeps may vary"),
+        ({"triggers": ["stripes"]}, "architectures and triggers"),
+        ({"task": "detection"}, "task must be"),
+    ],
+)
+def test_a_segmentation_declaration_with_overlapping_roles_or_missing_parts_is_refused(tmp_path, changes, problem):
+    with pytest.raises(ExperimentError, match=problem):
+        load_experiment(_declare(tmp_path, "seg", **changes))
+
+
+def test_the_report_declaration_follows_the_protocol_and_plans_its_stages():
+    declared = load_experiment(DECLARATIONS / "stealthmark_v1.json")
+    assert isinstance(declared, SegmentationExperiment) and declared.seed_roles.report
+    roles = declared.seed_roles
+    assert len(roles.owners) >= 3 and len(roles.benign) >= 20 and len(roles.other_owners) >= 3
+    assert len({arch for arch, _ in declared.benign_models()}) >= 2
+    plan = subprocess.run(
+        [sys.executable, "scripts/experiment.py", "plan", "stealthmark_v1", "--out", "/nonexistent/stealthmark_v1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    archs, triggers, owners = len(declared.architectures), len(declared.triggers), len(roles.owners)
+    trained = archs * triggers * owners * (1 + len(declared.baselines))
+    n_benign, n_other = len(roles.benign), len(roles.other_owners)
+    stages = 1 + 3 * trained + n_benign * (1 + triggers + triggers * owners) + archs * triggers * n_other * (1 + owners)
+    stages += 3 * archs * triggers * owners * len(declared.removal.get("finetune_epochs", []))
+    stages += sum(len(v) for v in declared.sweeps.values()) * 3 * archs * triggers * owners
+    stages += len(declared.sweeps.get("epsilon", ())) * n_benign * triggers * owners
+    assert f"] {stages} stages to run under" in plan.stdout
