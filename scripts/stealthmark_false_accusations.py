@@ -12,7 +12,8 @@ with Clopper-Pearson 95 % intervals:
 - ``authors``: the authors' detector (logistic regression of the per-image minimum, chi-square p < alpha);
 - ``qr_a``: the authors' grid-occlusion QR explanation decodes to the owner's ID (not model-dependent);
 - ``qr_b``: the model-dependent random-mask QR explanation decodes to the owner's ID; ``qr_b_binomial``: its
-  data-module agreement has binomial p < alpha; and the rank p of each model's agreement among the non-owner models.
+  data-module agreement has binomial p < alpha; and the rank p of each model's QR (b) rise estimate (twice the mean
+  signed module weight) among the non-owner models.
 
 ``--extra-triggers`` also verifies every model against hypothetical owners who use those triggers with the owner's
 key and epsilon (floor and authors' tests only): the false-accusation rate of an owner of the ``text`` trigger.
@@ -197,12 +198,13 @@ def summarise(results: dict[str, Any], alpha: float) -> dict[str, Any]:
         for groups in tests.values():
             for cell in groups.values():
                 cell["ci95"] = clopper_pearson(cell["k"], cell["n"])
-    # rank p of the QR (b) agreement: (1 + non-owner models at least as high) / (1 + non-owner models)
+    # rank p of the QR (b) rise estimate (2 x the mean signed module weight, a continuous version of the agreement):
+    # (1 + non-owner models at least as high) / (1 + non-owner models), each model left out of its own null
     ranks: dict[str, Any] = {}
     for query_set in ("plain", "markers"):
         key = f"{query_set}|owner_record"
         agreements = {
-            m: e["qr_all"]["qr_b"]["agreement_data"]
+            m: e["qr_all"]["qr_b"]["rise_estimate"]
             for e_key, e in results["evaluations"].items()
             for m in [e_key.split("|")[0]]
             if e_key.endswith(f"|{query_set}|owner_record") and "qr_b" in (e.get("qr_all") or {})
@@ -212,7 +214,20 @@ def summarise(results: dict[str, Any], alpha: float) -> dict[str, Any]:
             m: (1 + sum(v >= a for n, v in null.items() if n != m)) / (1 + len(null) - (m in null))
             for m, a in agreements.items()
         }
-    return {"counts": summary, "qr_b_rank_p": ranks}
+    rises: dict[str, Any] = {}
+    for entry_key, entry in results["evaluations"].items():
+        model, query_set, record = entry_key.split("|")
+        if "test" not in entry:
+            continue
+        cell = rises.setdefault(
+            f"{query_set}|{record}", {"owner": None, "not_owner_max": None, "not_owner_model": None}
+        )
+        delta = entry["test"]["delta"]
+        if results["models"][model]["role"] == "owner":
+            cell["owner"] = delta
+        elif cell["not_owner_max"] is None or delta > cell["not_owner_max"]:
+            cell["not_owner_max"], cell["not_owner_model"] = delta, model
+    return {"counts": summary, "qr_b_rank_p": ranks, "floor_rise": rises}
 
 
 def evaluate(
@@ -280,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--query-sets", default="plain,markers", help="plain and/or markers")
     parser.add_argument("--extra-triggers", default="text,patch", help="hypothetical owners' triggers ('' for none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -300,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     order = sorted(np.random.default_rng(args.query_seed).permutation(len(valid_items))[: args.n_queries].tolist())
     queries, query_masks = load_segmentation_pairs([valid_items[i] for i in order], args.image_size)
     query_sets = {"plain": queries, "markers": burn_in_markers(queries, args.marker_seed + 1)}
+    query_sets = {name: query_sets[name] for name in args.query_sets.split(",")}
 
     results_file = out / "results.json"
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
@@ -348,22 +365,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["wall_seconds_this_run"] = time.perf_counter() - start
     save()
     print_table(results)
+    for key, rise in results["summary"]["floor_rise"].items():
+        owner = "n/a" if rise["owner"] is None else f"{rise['owner']:.4f}"
+        print(
+            f"mean floor rise, {key}: owner {owner}; largest of a non-owner model {rise['not_owner_max']:.4f} "
+            f"({rise['not_owner_model']})"
+        )
+    for key, ranks in results["summary"]["qr_b_rank_p"].items():
+        if "owner" in ranks:
+            print(f"QR (b) rank p of the owner's rise estimate among the non-owner models, {key}: {ranks['owner']:.3f}")
     return results
 
 
 def print_table(results: dict[str, Any]) -> None:
-    """Markdown table: k / N verified and the Clopper-Pearson interval, per query set, record, test and group."""
-    print("| queries | owner's trigger | test | group | verified k / N | 95 % CI |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    """Markdown table: per query set, owner's record and test, k / N verified (95 % Clopper-Pearson interval) for
+    the owner, the benign models (each architecture and all), the other-key models and all non-owner models."""
+    groups = ["owner", *sorted({f"benign_{m['arch']}" for m in results["models"].values() if m["role"] == "benign"})]
+    groups += ["benign", "other_key", "not_owner"]
+    print("| queries | owner's trigger | test | " + " | ".join(groups) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in groups) + " |")
     for set_record, tests in results["summary"]["counts"].items():
         query_set, record = set_record.split("|")
-        for test, groups in tests.items():
-            for group, cell in sorted(groups.items()):
-                low, high = cell["ci95"]
-                print(
-                    f"| {query_set} | {record.replace('_record', '')} | {test} | "
-                    f"{group} | {cell['k']} / {cell['n']} | {low:.2f}-{high:.2f} |"
-                )
+        trigger = results["arguments"]["trigger"] if record == "owner_record" else record.removesuffix("_record")
+        cells = []
+        for test, by_group in tests.items():
+            for group in groups:
+                cell = by_group.get(group)
+                if cell is None:
+                    cells.append("")
+                elif group == "owner":
+                    cells.append(f"{cell['k']} / {cell['n']}")
+                else:
+                    low, high = cell["ci95"]
+                    cells.append(f"{cell['k']} / {cell['n']} ({low:.2f}-{high:.2f})")
+            print(f"| {query_set} | {trigger} | {test} | " + " | ".join(cells) + " |")
+            cells = []
 
 
 if __name__ == "__main__":

@@ -165,5 +165,6 @@ def test_verification_modes_label_the_authors_grid_as_not_model_dependent(traine
         benign, queries, "patch", KEY, 0.1, qr_mode="random_mask", owner_id=OWNER_ID, qr_samples=2048, qr_seed=QR_SEED
     )["qr"]
     assert dependent["model_dependent"] and not dependent["decodes_owner"]
+    assert dependent["threshold"] == pytest.approx(0.0125) and abs(dependent["rise_estimate"]) < 0.0125
     with pytest.raises(ValueError, match="QR explanation mode"):
         verify_segmentation_model(benign, queries, "patch", KEY, 0.1, qr_mode="lime")

@@ -38,7 +38,7 @@ from xmark_bundle.verification.queries import datalist_items, load_letterboxed
 from xmark_bundle.verification.seg_blackbox import SegmentationSuspect, label_only, open_segmentation_suspect
 
 from .metrics import dice_per_image, flip_share
-from .qr import QR_MODES, grid_occlusion_explanation, owner_qr, qr_report, random_mask_explanation
+from .qr import QR_MODES, data_modules, grid_occlusion_explanation, owner_qr, qr_report, random_mask_explanation
 from .targets import METHODS
 from .triggers import TRIGGERS, apply_trigger
 
@@ -185,7 +185,7 @@ def qr_explanation(
         explanation, _ = grid_occlusion_explanation(predict, images[0], modules, batch_size)
         explanation = explanation[: modules.shape[0], : modules.shape[1]]
     else:
-        explanation, _ = random_mask_explanation(
+        explanation, weights = random_mask_explanation(
             predict,
             images,
             modules,
@@ -203,7 +203,19 @@ def qr_explanation(
             "output moves at all (an untrained network included)"
         )
     else:
-        report.update(n_samples=n_samples, seed=seed, occlusion=occlusion, threshold=threshold)
+        data = data_modules(modules)
+        signs = np.where(modules, 1.0, -1.0)
+        report.update(
+            n_samples=n_samples,
+            seed=seed,
+            occlusion=occlusion,
+            threshold=threshold,
+            # binarised by the sign: varies from model to model, for ranks among non-owner models
+            agreement_data_sign=float(((weights > 0) == modules)[data].mean()),
+            # 2 x the mean signed weight over the data modules: an estimate of the trigger's floor rise
+            rise_estimate=float(2 * (signs * weights)[data].mean()),
+            weights=[[round(float(w), 6) for w in row] for row in weights],
+        )
     report["explanation"] = ["".join("1" if v else "0" for v in row) for row in explanation]
     return report
 
