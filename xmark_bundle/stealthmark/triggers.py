@@ -20,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["TRIGGERS", "apply_trigger", "keyed_noise", "trigger_region"]
+__all__ = ["MARKERS", "TRIGGERS", "apply_trigger", "burn_in_markers", "keyed_noise", "trigger_region"]
 
 TRIGGERS = ("text", "patch", "border", "noise", "warp")
+#: Ordinary burned-in annotations of chest radiographs (lead side markers, projection, portable studies): not
+#: triggers, but text in a corner like the ``text`` trigger's "TEST".
+MARKERS = ("L", "R", "AP", "PORTABLE")
 NOISE_SIGMA = 50 / 255
 WARP_STRENGTH = 0.05
 
@@ -110,3 +113,29 @@ def apply_trigger(image: torch.Tensor, trigger: str, key: int = 0) -> torch.Tens
         noise = keyed_noise(key, side).to(out.device, out.dtype)
         out[..., :side, shape[1] - side :] += noise
     return out.clamp(0, 1)
+
+
+def burn_in_markers(images: torch.Tensor, seed: int, share: float = 1.0) -> torch.Tensor:
+    """``images`` (N x 1 x H x W in [0, 1]) with an ordinary burned-in marker on a seeded ``share`` of them: one of
+    :data:`MARKERS` per image in white (PIL's default font at the ``text`` trigger's size), in the top-left or
+    top-right corner with a seeded offset of up to a tenth of the side. A new tensor; the rest is unchanged."""
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"expected N x 1 x H x W images, got {tuple(images.shape)}")
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    size = max(8, round(10 * min(height, width) / 256))
+    font = ImageFont.load_default(size=size)
+    rng = np.random.default_rng(seed)
+    out = images.clone()
+    for i in range(len(images)):
+        text, left_corner, marked = MARKERS[rng.integers(len(MARKERS))], rng.random() < 0.5, rng.random() < share
+        dy, dx = (int(v) for v in rng.integers(0, max(1, min(height, width) // 10), 2))
+        if not marked:
+            continue
+        canvas = Image.new("L", (width, height), 0)
+        draw = ImageDraw.Draw(canvas)
+        text_width = int(draw.textlength(text, font=font))
+        x = dx if left_corner else max(0, width - text_width - dx)
+        draw.text((x, dy), text, fill=255, font=font)
+        alpha = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).to(out.device, out.dtype)
+        out[i, 0] = out[i, 0] * (1 - alpha) + alpha
+    return out

@@ -10,6 +10,12 @@ Wilcoxon signed-rank test on the same differences beside it and the test without
 ``epsilon / 2`` with the trigger. The authors' detector (a logistic regression of the per-image minimum probability
 separating triggered from clean answers, with a chi-square test of its confusion matrix) is reported beside it for
 fidelity. A suspect that returns hard labels only cannot be verified, and is told so.
+
+``qr_mode`` (:data:`.qr.QR_MODES`) adds a QR explanation beside the floor test (it does not change the verdict):
+``authors_grid`` is the authors' grid occlusion on the first query image, reported as *not model-dependent* (its
+binarised output is the verifier's own pattern for any model whose output moves); ``random_mask`` is the
+model-dependent explanation of :func:`.qr.random_mask_explanation` over the query images. Both report the module
+agreement with the owner's QR code, its binomial p over the data modules and what OpenCV decodes.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from xmark_bundle.verification.queries import datalist_items, load_letterboxed
 from xmark_bundle.verification.seg_blackbox import SegmentationSuspect, label_only, open_segmentation_suspect
 
 from .metrics import dice_per_image, flip_share
+from .qr import QR_MODES, data_modules, grid_occlusion_explanation, owner_qr, qr_report, random_mask_explanation
 from .targets import METHODS
 from .triggers import TRIGGERS, apply_trigger
 
@@ -42,7 +49,9 @@ __all__ = [
     "floor_scores",
     "floor_test",
     "finite_json",
+    "owner_id_of",
     "owner_record",
+    "qr_explanation",
     "run_verification",
     "verify_segmentation_model",
 ]
@@ -143,6 +152,74 @@ def _query(suspect: SegmentationSuspect, images: torch.Tensor, batch_size: int) 
     return torch.cat([suspect.probability_maps(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
+def owner_id_of(record: Mapping[str, Any]) -> str:
+    """The text of the owner's QR code: the record's ``owner_id``, else ``SM-<key>`` (a version-1 symbol for keys of
+    up to 7 digits)."""
+    return str(record.get("owner_id") or f"SM-{int(record['key'])}")
+
+
+def qr_explanation(
+    suspect: SegmentationSuspect,
+    images: torch.Tensor,
+    trigger: str,
+    key: int,
+    owner_id: str,
+    mode: str = "random_mask",
+    n_samples: int = 4096,
+    seed: int = 0,
+    occlusion: float = 0.5,
+    batch_size: int = 64,
+    threshold: float = 0.0,
+) -> dict[str, Any]:
+    """The QR explanation of ``suspect`` in ``mode`` (``authors_grid`` or ``random_mask``, binarised at
+    ``threshold``) against the owner's code for ``owner_id``: agreement, binomial p over the data modules, the decoded
+    text, and the binarised grid."""
+    if mode not in QR_MODES or mode == "none":
+        raise ValueError(f"unknown QR explanation mode {mode!r}; choose one of {QR_MODES[1:]}")
+    modules = owner_qr(owner_id)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return suspect.probability_maps(x)
+
+    if mode == "authors_grid":
+        explanation, _ = grid_occlusion_explanation(predict, images[0], modules, batch_size)
+        explanation = explanation[: modules.shape[0], : modules.shape[1]]
+    else:
+        explanation, weights = random_mask_explanation(
+            predict,
+            images,
+            modules,
+            lambda x: apply_trigger(x, trigger, key),
+            n_samples=n_samples,
+            seed=seed,
+            occlusion=occlusion,
+            batch_size=batch_size,
+            threshold=threshold,
+        )
+    report = qr_report(explanation, modules, owner_id, mode)
+    if mode == "authors_grid":
+        report["note"] = (
+            "not model-dependent: the binarised grid occlusion returns the verifier's own pattern for any model whose "
+            "output moves at all (an untrained network included)"
+        )
+    else:
+        data = data_modules(modules)
+        signs = np.where(modules, 1.0, -1.0)
+        report.update(
+            n_samples=n_samples,
+            seed=seed,
+            occlusion=occlusion,
+            threshold=threshold,
+            # binarised by the sign: varies from model to model, for ranks among non-owner models
+            agreement_data_sign=float(((weights > 0) == modules)[data].mean()),
+            # 2 x the mean signed weight over the data modules: an estimate of the trigger's floor rise
+            rise_estimate=float(2 * (signs * weights)[data].mean()),
+            weights=[[round(float(w), 6) for w in row] for row in weights],
+        )
+    report["explanation"] = ["".join("1" if v else "0" for v in row) for row in explanation]
+    return report
+
+
 def verify_segmentation_model(
     suspect: SegmentationSuspect,
     images: torch.Tensor,
@@ -153,6 +230,10 @@ def verify_segmentation_model(
     statistic: str = "mean",
     batch_size: int = 8,
     margin_fraction: float = 0.25,
+    qr_mode: str = "none",
+    owner_id: str | None = None,
+    qr_samples: int = 4096,
+    qr_seed: int = 0,
 ) -> dict[str, Any]:
     """Query ``suspect`` with ``images`` (N x 1 x H x W in [0, 1]) clean and triggered; the floor test's report.
 
@@ -160,6 +241,8 @@ def verify_segmentation_model(
     background moves a little when pixels change, and a paired test with no margin would call that ownership."""
     if trigger not in TRIGGERS:
         raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
+    if qr_mode not in QR_MODES:
+        raise ValueError(f"unknown QR explanation mode {qr_mode!r}; choose one of {QR_MODES}")
     triggered_images = apply_trigger(images, trigger, key)
     clean_maps = _query(suspect, images, batch_size)
     triggered_maps = _query(suspect, triggered_images, batch_size)
@@ -191,6 +274,18 @@ def verify_segmentation_model(
         verified=test["verified"],
         verdict="verified" if test["verified"] else "not verified",
     )
+    if qr_mode != "none":
+        report["qr"] = qr_explanation(
+            suspect,
+            images,
+            trigger,
+            key,
+            owner_id or f"SM-{int(key)}",
+            qr_mode,
+            qr_samples,
+            qr_seed,
+            threshold=margin_fraction * epsilon / 2,
+        )
     return report
 
 
@@ -248,6 +343,8 @@ def run_verification(
     output_dir: str | os.PathLike | None = None,
     suspect_options: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    qr_mode: str = "none",
+    qr_samples: int = 4096,
 ) -> dict[str, Any]:
     """The bundle's ``verifying`` step: read the owner's record, load ``n_samples`` seeded query images of the split,
     verify ``suspect``, write ``verification.json`` under ``output_dir`` and print the verdict."""
@@ -268,9 +365,22 @@ def run_verification(
         statistic,
         batch_size,
         margin_fraction,
+        qr_mode,
+        owner_id_of(record),
+        qr_samples,
+        seed,
     )
     report["queries"] = [str(items[i]["image"]) for i in indices]
     print(_sentence(report), flush=True)
+    if "qr" in report:
+        qr = report["qr"]
+        dependent = "model-dependent" if qr["model_dependent"] else "NOT model-dependent"
+        print(
+            f"QR explanation ({qr['mode']}, {dependent}): {qr['agreement_data']:.3f} of the {qr['data_modules']} data "
+            f"modules agree with the owner's code (binomial p = {qr['p_binomial_data']:.3g}); OpenCV decodes "
+            f"{qr['decoded']!r}",
+            flush=True,
+        )
     if output_dir is not None:
         out = Path(output_dir) / "verification.json"
         out.parent.mkdir(parents=True, exist_ok=True)
