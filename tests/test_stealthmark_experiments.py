@@ -96,6 +96,7 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
     assert len(others) == len(archs) * len(declared["triggers"])
     own = next(cells for label, cells in rows.items() if label.startswith(f"stealthmark, {archs[0]}, {trigger}"))
     assert len(own["p (t, with margin)"]["per_seed"]) == len(owners)
+    assert "QR decodes the owner's ID" not in overall  # quick runs no QR explanation (stealthmark_v1 does)
     # the epsilon sweep: each owner's model trained at that epsilon, its record says so, benign models verified with it
     (tag,) = collected["sweeps"]
     swept = collected["sweeps"][tag]
@@ -233,3 +234,23 @@ def test_the_report_declaration_follows_the_protocol_and_plans_its_stages():
     stages += sum(len(v) for v in declared.sweeps.values()) * 3 * archs * triggers * owners
     stages += len(declared.sweeps.get("epsilon", ())) * n_benign * triggers * owners
     assert f"] {stages} stages to run under" in plan.stdout
+
+
+def test_the_verification_table_counts_the_qr_explanations_by_mode():
+    """Each verification.json's QR block (qr_mode) becomes a count of decoded owner IDs, labelled by its mode."""
+    from xmark_bundle.experiments.segmentation import _verification, _verification_row
+
+    def report(decodes: bool, agreement: float, mode: str = "random_mask") -> dict:
+        qr = {"mode": mode, "decodes_owner": decodes, "agreement_data": agreement, "model_dependent": True}
+        return {"verdict": "not verified", "verified": False, "test": {"p_ttest": 0.5}, "qr": qr}
+
+    runs = [_verification(report(d, a), Path("v.json")) for d, a in ((True, 1.0), (False, 0.5), (False, 0.48))]
+    cells = _verification_row("benign", runs, True)["cells"]
+    assert cells["QR decodes the owner's ID"] == {"value": "1 of 3 (random_mask)"}
+    assert cells["QR data-module agreement"] == {"per_seed": [1.0, 0.5, 0.48]}
+    mixed = [*runs, _verification(report(True, 1.0, "authors_grid"), Path("v.json"))]
+    assert _verification_row("b", mixed, True)["cells"]["QR decodes the owner's ID"]["value"].endswith(
+        "(authors_grid, random_mask)"
+    )
+    without = [*runs, _verification({"verified": False, "test": {}}, Path("v.json"))]
+    assert "QR decodes the owner's ID" not in _verification_row("b", without, True)["cells"]

@@ -441,8 +441,18 @@ def _verification(report: Mapping[str, Any], path: Path) -> dict[str, Any]:
         "n": test.get("n"),
         "detector_accuracy": detector.get("accuracy"),
         "detector_p_chi2": detector.get("p_chi2"),
+        "qr": _qr(report.get("qr")),
         "report": str(path),
     }
+
+
+def _qr(qr: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A verification's QR explanation (verify.json ``qr_mode``): its mode, whether OpenCV decoded the owner's ID from
+    it, and its agreement with the owner's code on the data modules."""
+    if not qr:
+        return None
+    decodes = qr.get("decodes_owner") is True
+    return {"mode": qr.get("mode"), "decodes_owner": decodes, "agreement": qr.get("agreement_data")}
 
 
 def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: bool = False) -> dict[str, Any]:
@@ -660,6 +670,8 @@ VERIFICATION_COLUMNS = [
     "ASR",
     "authors' detector accuracy",
     "authors' detector: chi2 p < 0.05",
+    "QR decodes the owner's ID",
+    "QR data-module agreement",
 ]
 
 
@@ -674,7 +686,20 @@ def _verification_row(label: str, runs: list[Mapping[str, Any]], interval: bool)
             ("ASR", _per_seed(r.get("asr") for r in runs)),
         ]
     )
-    return {"label": label, "cells": cells | _detector(runs)}
+    return {"label": label, "cells": cells | _detector(runs) | _qr_cells(runs)}
+
+
+def _qr_cells(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The QR explanation's cells, where every run has one (labelled by its mode: only random_mask depends on the
+    model; the authors' grid decodes the owner's ID for any model whose output moves)."""
+    qrs = [r.get("qr") for r in runs]
+    if not qrs or any(q is None for q in qrs):
+        return {}
+    modes = ", ".join(sorted({str(q["mode"]) for q in qrs}))
+    return {
+        "QR decodes the owner's ID": {"value": f"{sum(q['decodes_owner'] for q in qrs)} of {len(qrs)} ({modes})"},
+        **_cells([("QR data-module agreement", _per_seed(q.get("agreement") for q in qrs))]),
+    }
 
 
 HARMLESSNESS_COLUMNS = {
