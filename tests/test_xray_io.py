@@ -642,3 +642,20 @@ def test_a_ct_slice_without_a_telling_modality_is_refused_by_its_sop_class(modal
     assert load_xray(tmp_path / "slice.dcm", allow_any_modality=True)[0].shape == (128, 128)
     secondary = pydicom.dcmread(get_testdata_file("image_dfl.dcm"))  # OT, secondary capture: still read
     assert secondary.Modality == "OT" and load_xray(get_testdata_file("image_dfl.dcm"))[0].ndim == 2
+
+
+@pytest.mark.parametrize("voi", ["LINEAR", "SIGMOID"])
+def test_a_large_image_is_mapped_in_blocks_to_the_same_numbers_as_at_once(tmp_path, voi):
+    """load_xray maps the window a block of rows at a time (bounded float64 temporaries): the result must equal the
+    whole-image float64 chain bit for bit, or a release would change with the image's size."""
+    rows = 2 * xray_io._BLOCK_PIXELS // 1500 + 7  # more than two blocks, the last one partial
+    pixels = np.random.default_rng(3).integers(0, 4096, (rows, 1500)).astype(np.uint16)
+    tags = {"WindowCenter": 1500, "WindowWidth": 2200, "RescaleSlope": 1.5, "RescaleIntercept": -100}
+    tags["VOILUTFunction"] = voi
+    image, meta = load_xray(write_dicom(tmp_path / "big.dcm", pixels, "MONOCHROME1", 12, **tags))
+    modality = pixels.astype(np.float64) * 1.5 - 100
+    if voi == "SIGMOID":
+        expected = 1.0 / (1.0 + np.exp(-4.0 * (modality - 1500) / 2200))
+    else:
+        expected = np.clip((modality - meta.window_low) / (meta.window_high - meta.window_low), 0.0, 1.0)
+    np.testing.assert_array_equal(image, (1.0 - expected).astype(np.float32))

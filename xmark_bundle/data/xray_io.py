@@ -102,6 +102,8 @@ __all__ = [
 #: 8192 x 8192: above any chest detector (43 cm at 100 um is 4300 px) and a film digitised at 50 um (7000 x 8600);
 #: a 320 KB PNG claiming 13000 x 13000 would otherwise cost about 4 GB to decode.
 MAX_PIXELS = 2**26
+#: Pixels load_xray maps through the window at a time (float64 temporaries of this size, 8 MB each).
+_BLOCK_PIXELS = 2**20
 #: DICOM Modality values read by default: projection X-ray (computed/digital radiography, film, mammography,
 #: angiography, fluoroscopy, dental) and OT (secondary captures, e.g. digitised films).
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "RG", "MG", "XA", "RF", "DF", "PX", "IO", "OT"})
@@ -594,24 +596,24 @@ def load_xray(
             values, meta = _read_itk(path)
         else:
             values, meta = _read_pil(path, fmt)
-    if meta.mapping != "lut":  # in place, in one float32 buffer: a large image costs 4 bytes a pixel here, not 24
-        values = values.astype(np.float32)
-        centre, width = (meta.window_low + meta.window_high) / 2, meta.window_high - meta.window_low
-        # modality = stored * slope + intercept, then centred and scaled by the window, folded into one affine map
-        scale = meta.rescale_slope / width
-        values *= np.float32(scale * (-4.0 if meta.mapping == "sigmoid" else 1.0))
+    if meta.mapping == "lut":  # the LUT chain gave [0, 1] values already
+        values = 1.0 - values if meta.photometric == "MONOCHROME1" else values
+        return values.astype(np.float32), meta
+    # the window in float64, a block of rows at a time into the float32 result: the same numbers as over the whole
+    # image at once, with float64 temporaries of one block (a large image costs 4 bytes a pixel here, not 24)
+    out = np.empty(values.shape, np.float32)
+    rows = max(1, _BLOCK_PIXELS // max(1, math.prod(values.shape[1:])))
+    for first in range(0, values.shape[0], rows):
+        modality = values[first : first + rows].astype(np.float64) * meta.rescale_slope + meta.rescale_intercept
         if meta.mapping == "sigmoid":
-            values += np.float32(-4.0 * (meta.rescale_intercept - centre) / width)
-            np.exp(values, out=values)
-            values += np.float32(1.0)
-            np.reciprocal(values, out=values)
+            centre, width = (meta.window_low + meta.window_high) / 2, meta.window_high - meta.window_low
+            block = 1.0 / (1.0 + np.exp(-4.0 * (modality - centre) / width))
         else:
-            values += np.float32((meta.rescale_intercept - meta.window_low) / width)
-            np.clip(values, 0.0, 1.0, out=values)
-    values = values.astype(np.float32, copy=False)  # a LUT's output is already in [0, 1]
-    if meta.photometric == "MONOCHROME1":
-        np.subtract(np.float32(1.0), values, out=values)
-    return values, meta
+            block = np.clip((modality - meta.window_low) / (meta.window_high - meta.window_low), 0.0, 1.0)
+        if meta.photometric == "MONOCHROME1":
+            block = 1.0 - block
+        out[first : first + rows] = block
+    return out, meta
 
 
 def to_stored(image01: np.ndarray, meta: XRayMeta) -> np.ndarray:
