@@ -36,6 +36,7 @@ __all__ = [
     "SeedRoles",
     "legacy_roles",
     "published_parts",
+    "seed_list",
     "seed_roles",
 ]
 
@@ -101,7 +102,7 @@ def _error(path: Path, problem: str) -> ExperimentError:
     return ExperimentError(path, problem)
 
 
-def _seed_list(path: Path, seeds: Mapping[str, Any], key: str) -> tuple[int, ...]:
+def seed_list(path: Path, seeds: Mapping[str, Any], key: str) -> tuple[int, ...]:
     """A non-empty list of distinct integer seeds under ``seeds[key]``."""
     values = seeds.get(key)
     integers = isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
@@ -134,12 +135,12 @@ def seed_roles(path: Path, seeds: Mapping[str, Any], benign: Iterable[int]) -> S
         data=_seed(path, seeds, "data"),
         development=_seed(path, seeds, "development"),
         surrogate=_seed(path, seeds, "surrogate"),
-        owners=_seed_list(path, seeds, "owners"),
-        independent_owners=_seed_list(path, seeds, "independent_owners"),
-        suspects=_seed_list(path, seeds, "suspects"),
+        owners=seed_list(path, seeds, "owners"),
+        independent_owners=seed_list(path, seeds, "independent_owners"),
+        suspects=seed_list(path, seeds, "suspects"),
         benign=tuple(benign),
         independent_phantoms=None if phantoms is None else _seed(path, seeds, "independent_phantoms"),
-        family_pool=_seed_list(path, seeds, "family_pool") if "family_pool" in seeds else (),
+        family_pool=seed_list(path, seeds, "family_pool") if "family_pool" in seeds else (),
     )
     check_disjoint(path, roles)
     if roles.independent_phantoms is not None and roles.independent_phantoms in (roles.data, roles.development):

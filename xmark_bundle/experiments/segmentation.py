@@ -54,7 +54,7 @@ from typing import Any
 
 from scipy import stats
 
-from xmark_bundle.experiments.protocol import MIN_REPLICATES, MIN_REPORT_SEED, ExperimentError
+from xmark_bundle.experiments.protocol import MIN_REPLICATES, MIN_REPORT_SEED, ExperimentError, seed_list
 from xmark_bundle.experiments.stages import Stages, bundle_cmd
 from xmark_bundle.fileio import write_json
 
@@ -185,17 +185,6 @@ class SegmentationExperiment:
         return [(self.architectures[i % len(self.architectures)], seed) for i, seed in enumerate(self.roles.benign)]
 
 
-def _seed_list(path: Path, seeds: Mapping[str, Any], key: str) -> tuple[int, ...]:
-    values = seeds.get(key)
-    integers = isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-    if not integers or not values:
-        raise ExperimentError(path, f"seeds.{key} must be a non-empty list of integers, got {values!r}")
-    repeated = sorted({v for v in values if values.count(v) > 1})
-    if repeated:
-        raise ExperimentError(path, f"seeds.{key} lists {repeated} more than once")
-    return tuple(values)
-
-
 def segmentation_roles(path: Path, seeds: Mapping[str, Any]) -> SegmentationRoles:
     """The seeds by role, checked: every role present, no seed in two roles, one key per owner, report rules."""
     required = ("data", "development", *ROLES)
@@ -208,7 +197,7 @@ def segmentation_roles(path: Path, seeds: Mapping[str, Any]) -> SegmentationRole
     for key in ("data", "development"):
         if not isinstance(seeds[key], int) or isinstance(seeds[key], bool):
             raise ExperimentError(path, f"seeds.{key} must be an integer seed, got {seeds[key]!r}")
-    lists = {role: _seed_list(path, seeds, role) if role in seeds else () for role in ROLES}
+    lists = {role: seed_list(path, seeds, role) if role in seeds else () for role in ROLES}
     roles = SegmentationRoles(data=seeds["data"], development=seeds["development"], **lists)
     collisions = []
     for i, first in enumerate(ROLES):
