@@ -34,7 +34,6 @@ from xmark_bundle.experiments.figures import save_figures
 from xmark_bundle.experiments.plan import Experiment, Method
 from xmark_bundle.experiments.segmentation import SegmentationExperiment, run_segmentation
 from xmark_bundle.experiments.stages import Stages, bundle_cmd
-from xmark_bundle.fileio import write_json
 
 __all__ = ["PENDING", "run_experiment", "watermark_recipe"]
 
@@ -485,12 +484,8 @@ def run_experiment(
         for owner in roles.owners:
             _owner_runs(run, method, owner, surrogate, others, benign_models, seed_controls, entry, started)
         collected["methods"][method.name] = entry
-    collected["stage_times_s"] = run.stages.run_times()
-    collected["stage_commits"] = run.stages.run_commits()
-    if dry_run:
-        collected["planned_stages"] = run.stages.planned
-    else:
-        write_json(out / "collected.json", collected)
+    run.stages.finish(collected, out)
+    if not dry_run:
         save_figures(collected, out)
     return collected
 

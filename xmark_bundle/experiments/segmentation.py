@@ -56,7 +56,6 @@ from scipy import stats
 
 from xmark_bundle.experiments.protocol import MIN_REPLICATES, MIN_REPORT_SEED, ExperimentError, seed_list
 from xmark_bundle.experiments.stages import Stages, bundle_cmd
-from xmark_bundle.fileio import write_json
 
 __all__ = [
     "MIN_BENIGN",
@@ -517,13 +516,7 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
                 collected["other_keys"][name] = entry
     collected["removal"] = _removal(run, collected["models"])
     collected["sweeps"] = _sweeps(run, owners, [run.models / b for b in _benign_folders(x)])
-    collected["stage_times_s"] = run.stages.run_times()
-    collected["stage_commits"] = run.stages.run_commits()
-    if dry_run:
-        collected["planned_stages"] = run.stages.planned
-    else:
-        write_json(out / "collected.json", collected)
-    return collected
+    return run.stages.finish(collected, out)
 
 
 def _removal(run: _SegRun, models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

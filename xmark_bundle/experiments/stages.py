@@ -25,6 +25,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from xmark_bundle.fileio import write_json
 
@@ -103,6 +104,17 @@ class Stages:
         self.commits[name] = commit
         write_json(self.commits_file, self.commits)
         print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+
+    def finish(self, collected: dict[str, Any], out: Path) -> dict[str, Any]:
+        """Add this run's stage times and commits to ``collected``; a dry run adds the stages still to run, a real
+        one writes ``collected.json`` under ``out``. Returns ``collected``."""
+        collected["stage_times_s"] = self.run_times()
+        collected["stage_commits"] = self.run_commits()
+        if self.dry_run:
+            collected["planned_stages"] = self.planned
+        else:
+            write_json(out / "collected.json", collected)
+        return collected
 
     def run_commits(self) -> dict[str, int]:
         """How many of the stages this run visited ran at each commit (:data:`UNRECORDED`: before commits were kept)."""
