@@ -111,8 +111,27 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
     k = sum(r["owned"] for r in swept["benign"][trigger])
     assert all(cells["benign falsely verified"] == {"value": f"{k} of 8"} for cells in sweep_rows.values())
     # removal: each owner's watermarked model fine-tuned from its own weights on clean data, verified with its record
-    removed = collected["removal"]
-    assert len(removed) == len(archs) * len(declared["triggers"]) * len(owners)
+    removed = {tag: entry for tag, entry in collected["removal"].items() if "prune_rate" not in entry}
+    pruned = {tag: entry for tag, entry in collected["removal"].items() if "prune_rate" in entry}
+    assert len(removed) == len(pruned) == len(archs) * len(declared["triggers"]) * len(owners)
+    # pruning: the owner's own weights with the declared share of the smallest set to zero, the rest unchanged
+    (rate,) = declared["removal"]["prune_rates"]
+    for tag, entry in pruned.items():
+        assert tag == f"{entry['arch']}/{entry['trigger']}/stealthmark/owner{entry['owner']}_pruned{100 * rate:g}"
+        weights = torch.load(out / "models" / tag / "model.pt", weights_only=True)
+        start = torch.load(out / "models" / tag.rsplit("_pruned", 1)[0] / "model.pt", weights_only=True)
+        assert weights.keys() == start.keys()  # a plain state dict like training's
+        report = json.loads((out / "models" / tag / "pruning.json").read_text())
+        assert (
+            entry["zero_share"] == report["zero_share"] and abs(report["zero_share"] - rate) <= 1 / report["n_weights"]
+        )
+        assert sum(int((w == 0).sum()) for w in weights.values()) >= report["n_zero"]
+        assert all(torch.equal(weights[k][weights[k] != 0], start[k][weights[k] != 0]) for k in weights)
+        assert not (out / "models" / tag / "stealthmark_record.json").exists()
+        verification = json.loads(Path(entry["verification"]["report"]).read_text())
+        assert verification["suspect"]["location"].startswith(str(out / "models" / tag))
+        harm = json.loads((out / "harmlessness" / tag / "harmlessness.json").read_text())
+        assert entry["harmlessness"]["dice_clean"] == harm["clean"]["dice"]["mean"]
     for tag, entry in removed.items():
         record = json.loads((out / "models" / tag / "stealthmark_record.json").read_text())
         assert record["method"] == "none" and record["seed"] == seeds["finetune"][seeds["owners"].index(entry["owner"])]
@@ -129,8 +148,19 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
             weights_only=True,
         )
         assert _distance(tuned, start) < 0.5 * _distance(tuned, other)
-    removal_rows = produced[2]["rows"]
-    assert produced[2]["title"].startswith("Removal") and len(removal_rows) == len(archs) * len(declared["triggers"])
+    removal_rows = {row["label"]: row["cells"] for row in produced[2]["rows"]}
+    assert produced[2]["title"].startswith("Removal") and len(removal_rows) == 2 * len(archs) * len(
+        declared["triggers"]
+    )
+    for arch in archs:
+        cells = removal_rows[
+            f"{arch}, {trigger}, pruned {100 * rate:g} % (global L1 magnitude, no fine-tuning) (2 owners)"
+        ]
+        runs = [e for e in pruned.values() if e["arch"] == arch]
+        assert cells["verified"] == {"value": f"{sum(e['verification']['owned'] for e in runs)} of 2"}
+        assert cells["share of weights zeroed"] == {"per_seed": [e["zero_share"] for e in runs]}
+        assert cells["Dice clean"] == {"per_seed": [e["harmlessness"]["dice_clean"] for e in runs]}
+        assert len(cells["p (t, with margin)"]["per_seed"]) == 2 and "ASR" in cells
     results = {
         "format": 1,
         "name": "stealthmark_quick",
@@ -199,7 +229,13 @@ def _declare(tmp_path: Path, name: str, **changes) -> Path:
         ({"owner_keys": [2027]}, "one key per seed of seeds.owners"),
         ({"data": 999}, "report seed 999 < 1000"),
         ({"data": 1001}, r"needs >= 3 owners .* got \{'owners': 2, 'other_owners': 1, 'benign': 4\}"),
-        ({"removal": {"prune_rates": [0.1]}}, "not built for segmentation yet"),
+        (
+            {"removal": {"finetune_epochs": [1], "prune_rates": [1.0]}},
+            r"prune_rates must be distinct shares in \(0, 1\)",
+        ),
+        ({"removal": {"prune_rates": [0.3, 0.3]}}, r"prune_rates must be distinct shares in \(0, 1\)"),
+        ({"removal": {"learning_rate": 0.1}}, "removal declares neither finetune_epochs nor prune_rates"),
+        ({"removal": {"prune_epochs": 2, "prune_rates": [0.1]}}, r"removal: unknown keys \['prune_epochs'\]"),
         ({"finetune": [41]}, "seeds.finetune needs one seed per owner"),
         ({"finetune": [41, 11]}, r"owners and finetune share \[11\]"),
         ({"sweeps": {"epsilon": [0.1]}}, r"values in \(0, 1\) other than the declared 0.1"),
@@ -231,9 +267,21 @@ def test_the_report_declaration_follows_the_protocol_and_plans_its_stages():
     n_benign, n_other = len(roles.benign), len(roles.other_owners)
     stages = 1 + 3 * trained + n_benign * (1 + triggers + triggers * owners) + archs * triggers * n_other * (1 + owners)
     stages += 3 * archs * triggers * owners * len(declared.removal.get("finetune_epochs", []))
+    stages += 3 * archs * triggers * owners * len(declared.removal.get("prune_rates", []))  # prune, evaluate, verify
     stages += sum(len(v) for v in declared.sweeps.values()) * 3 * archs * triggers * owners
     stages += len(declared.sweeps.get("epsilon", ())) * n_benign * triggers * owners
     assert f"] {stages} stages to run under" in plan.stdout
+    # each owner's watermarked model is pruned at 10, 30 and 50 % (the bundle's prune.json), evaluated and verified
+    assert declared.removal["prune_rates"] == [0.1, 0.3, 0.5]
+    for rate in (10, 30, 50):
+        for arch in declared.architectures:
+            for owner in roles.owners:
+                label = f"{arch} {declared.triggers[0]} owner {owner} pruned {rate} %"
+                pruning = [line for line in plan.stdout.splitlines() if f"StealthMark segmenter {label}" in line]
+                assert len(pruning) == 1, label
+                assert f"StealthMark evaluation {label}" in plan.stdout
+                assert f"StealthMark verification {label} (owner's record)" in plan.stdout
+    assert plan.stdout.count("stealthmark/configs/prune.json") == archs * triggers * owners * 3
 
 
 def test_the_verification_table_counts_the_qr_explanations_by_mode():
@@ -254,3 +302,108 @@ def test_the_verification_table_counts_the_qr_explanations_by_mode():
     )
     without = [*runs, _verification({"verified": False, "test": {}}, Path("v.json"))]
     assert "QR decodes the owner's ID" not in _verification_row("b", without, True)["cells"]
+
+
+# ---------------------------------------------------------------- false accusations (the runner's option)
+
+
+def _false_accusation_declaration(tmp_path: Path, name: str = "seg_fa", **changes) -> Path:
+    """A toy declaration with the false-accusation option: one architecture at 32 px, two owners, two benign models,
+    one other key, both QR explanations (few samples), markers seeded apart from every other role."""
+    raw = json.loads((DECLARATIONS / "stealthmark_quick.json").read_text())
+    raw |= {"name": name, "architectures": ["unet"], "baselines": [], "false_accusations": {"marker_share": 0.5}}
+    raw["phantoms"] = {"n": 16, "min_size": 64, "max_size": 80, "valid_fraction": 0.5}  # >= 4 queries: the detector
+    raw["training"] |= {"image_size": 32, "max_epochs": 1}
+    raw["verification"] = {"n_samples": 4, "qr_mode": "both", "qr_samples": 1800}
+    raw["seeds"] |= {"benign": [21, 22], "markers": [51, 52]}
+    for key in ("sweeps", "removal"):
+        raw.pop(key)
+    raw["seeds"].pop("finetune")
+    for key, value in changes.items():
+        (raw["seeds"] if key == "markers" else raw)[key] = value
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"markers": [51]}, r"false_accusations needs seeds.markers = \[training"),
+        ({"markers": [51, 11]}, r"owners and markers share \[11\]"),
+        ({"false_accusations": {"marker_share": 0}}, r"marker_share must lie in \(0, 1\]"),
+        ({"false_accusations": {"queries": 3}}, "false_accusations may set"),
+    ],
+)
+def test_a_false_accusation_declaration_needs_its_own_marker_seeds(tmp_path, change, problem):
+    with pytest.raises(ExperimentError, match=problem):
+        load_experiment(_false_accusation_declaration(tmp_path, **change))
+
+
+def test_markers_without_the_false_accusation_option_are_refused(tmp_path):
+    raw = json.loads(_false_accusation_declaration(tmp_path).read_text())
+    raw.pop("false_accusations")
+    (tmp_path / "seg_fa.json").write_text(json.dumps(raw))
+    with pytest.raises(ExperimentError, match="false_accusations needs seeds.markers"):
+        load_experiment(tmp_path / "seg_fa.json")
+
+
+def test_the_false_accusation_option_trains_with_markers_and_verifies_again_with_marked_queries(tmp_path):
+    """The dry run: every training gets the training markers' seed, and every verification of an owner's, a benign
+    and an other-key model is planned a second time with the query markers' seed."""
+    from xmark_bundle.experiments.runner import run_experiment
+
+    x = load_experiment(_false_accusation_declaration(tmp_path))
+    planned = run_experiment(x, ROOT, tmp_path / "run", dry_run=True)["planned_stages"]
+    trainings = [cmd for name, cmd in planned if name.startswith("StealthMark segmenter")]
+    assert len(trainings) == 2 + 2 + 1  # owners, benign, other key
+    for cmd in trainings:
+        assert cmd[cmd.index("--marker_seed") + 1] == "51" and cmd[cmd.index("--marker_share") + 1] == "0.5"
+    marked = [(name, cmd) for name, cmd in planned if name.endswith("with markers on every query")]
+    plain = [name for name, _ in planned if name.startswith("StealthMark verification") and "markers" not in name]
+    assert len(plain) == len(marked) == 2 + 2 * 2 + 1 * 2  # own records, benign x owners, other key x owners
+    for _, cmd in marked:
+        assert (
+            cmd[cmd.index("--query_markers") + 1] == "52"
+            and "/verification/markers/" in cmd[cmd.index("--output_dir") + 1]
+        )
+    assert all("--query_markers" not in cmd for name, cmd in planned if name in plain)
+
+
+@pytest.mark.slow
+def test_the_false_accusation_option_counts_every_test_per_query_set(tmp_path):
+    """A real toy run: the table's counts are the reports' verdicts, with exact intervals, for plain and marked
+    queries; the marked queries carry markers (their floors differ from the plain ones'); the authors' grid QR decodes
+    the owner's ID for every model whatever it learnt (it is not model-dependent)."""
+    from xmark_bundle.experiments.runner import run_experiment
+
+    x = load_experiment(_false_accusation_declaration(tmp_path))
+    collected = run_experiment(x, ROOT, tmp_path / "run")
+    (table,) = [t for t in tables(collected) if t["title"].startswith("False accusations")]
+    rows = {row["label"]: row["cells"] for row in table["rows"]}
+    benign_plain = [v for b in collected["benign"].values() for v in b["verification"]["noise"].values()]
+    others_plain = [v for o in collected["other_keys"].values() for v in o["verification"].values()]
+    for queries, where in (("plain", "queries as they are"), ("markers", "a burned-in marker on every query")):
+        benign = [r if queries == "plain" else r["markers"] for r in benign_plain]
+        others = [r if queries == "plain" else r["markers"] for r in others_plain]
+        for label, runs in (("benign, all", benign), ("not the owner's (benign and other keys)", benign + others)):
+            cells = rows[f"noise, {where}: {label}" + (" x every owner's record" if label == "benign, all" else "")]
+            assert set(cells) == {"floor", "authors' detector", "qr_a", "qr_b", "qr_b_binomial"}
+            reports = [json.loads(Path(r["report"]).read_text()) for r in runs]
+            assert all(rep["query_markers"] == (52 if queries == "markers" else None) for rep in reports)
+            k = sum(rep["verified"] is True for rep in reports)
+            ci = stats.binomtest(k, len(runs)).proportion_ci(method="exact")
+            assert cells["floor"] == {"value": f"{k} of {len(runs)} ({ci.low:.3f}-{ci.high:.3f})"}
+            k = sum(rep["qr_all"]["random_mask"]["decodes_owner"] is True for rep in reports)
+            assert cells["qr_b"]["value"].startswith(f"{k} of {len(runs)} (")
+            k = sum(rep["qr_all"]["random_mask"]["p_binomial_data"] < 0.05 for rep in reports)
+            assert cells["qr_b_binomial"]["value"].startswith(f"{k} of {len(runs)} (")
+            assert cells["qr_a"]["value"].startswith(f"{len(runs)} of {len(runs)} (")  # the verifier's own pattern
+    # a marked query set is the plain one with markers burned in: same images, other floors
+    plain = json.loads(Path(benign_plain[0]["report"]).read_text())
+    marked = json.loads(Path(benign_plain[0]["markers"]["report"]).read_text())
+    assert plain["queries"] == marked["queries"] and plain["floor_clean"] != marked["floor_clean"]
+    owners = rows["noise, queries as they are: owners' watermarked models, own record"]
+    assert owners["floor"]["value"].startswith(
+        f"{sum(m['verification']['owned'] for m in collected['models'].values())} of 2"
+    )

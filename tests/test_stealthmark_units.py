@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +19,21 @@ from xmark_bundle.stealthmark.metrics import (
 from xmark_bundle.stealthmark.networks import SEGMENTATION_ARCHS, build_segmentation_network
 from xmark_bundle.stealthmark.records import refuse_to_replace, write_records
 from xmark_bundle.stealthmark.targets import (
+    BurnInMarkersd,
     StealthMarkd,
     badnet_seg_target,
     floor_target,
     keyed_share,
     mark_datalist,
+    marker_datalist,
 )
-from xmark_bundle.stealthmark.triggers import TRIGGERS, apply_trigger, keyed_noise, trigger_region
+from xmark_bundle.stealthmark.triggers import (
+    TRIGGERS,
+    apply_trigger,
+    burn_in_markers,
+    keyed_noise,
+    trigger_region,
+)
 
 _EINOPS = importlib.util.find_spec("einops") is not None
 
@@ -180,3 +189,49 @@ def test_training_refuses_to_replace_a_trained_model_and_keeps_the_key_out_of_th
     with pytest.raises(FileExistsError, match=r"model\.pt already holds a trained segmentation model"):
         refuse_to_replace(tmp_path)
     assert "987654321" not in str(err.value)
+
+
+def test_markers_are_white_text_in_a_top_corner():
+    images = torch.full((40, 1, 64, 64), 0.2)
+    marked = burn_in_markers(images, seed=1201)
+    changed = (marked != images).any(1)  # N x H x W
+    assert changed.flatten(1).any(1).all()  # every image got a marker
+    assert not changed[:, 32:].any()  # top half only
+    left, right = changed[:, :, :16].flatten(1).any(1), changed[:, :, 48:].flatten(1).any(1)
+    assert left.any() and right.any()  # both corners occur
+    assert marked.max() > 0.9 and (marked >= images).all()  # white, blended over the image
+    assert torch.equal(marked, burn_in_markers(images, seed=1201))
+    half = burn_in_markers(images, seed=1201, share=0.5)
+    assert 0 < int((half != images).flatten(1).any(1).sum()) < 40
+    # the text trigger writes "TEST" in the same top-left corner: a marker overlaps it on some images
+    text = trigger_region("text", (64, 64))
+    assert (changed & text).flatten(1).any(1).any()
+    assert not torch.equal(apply_trigger(images, "text"), marked)
+
+
+def test_a_seeded_share_of_the_training_images_carries_a_marker_drawn_before_the_trigger(tmp_path):
+    items = [{"image": str(tmp_path / f"p{i:03d}.png"), "label": "m.png", "trigger": 1} for i in range(200)]
+    flagged = marker_datalist(items, 6001, 0.5, tmp_path)
+    seeds = [item["marker"] for item in flagged]
+    assert 70 < sum(s > 0 for s in seeds) < 130 and all(s >= 0 for s in seeds)  # about half
+    # the share is chosen from the path relative to the data set (the same on every machine) and the seed
+    assert seeds == [item["marker"] for item in marker_datalist(items, 6001, 0.5, tmp_path)]
+    assert seeds != [item["marker"] for item in marker_datalist(items, 6002, 0.5, tmp_path)]
+    assert [s > 0 for s in seeds] == [keyed_share(f"p{i:03d}.png", 6001, 0.5) for i in range(200)]
+    assert len({s for s in seeds if s > 0}) > 90  # each marked image its own marker seed
+    assert all(item["marker"] == 0 for item in marker_datalist(items, None, 0.5, tmp_path))
+    image = torch.full((1, 32, 32), 0.2)
+    burn = BurnInMarkersd(keys="image")
+    unmarked = next(i for i in flagged if i["marker"] == 0)
+    marked = next(i for i in flagged if i["marker"] > 0)
+    assert torch.equal(burn({**unmarked, "image": image})["image"], image)
+    out = burn({**marked, "image": image})["image"]
+    assert torch.equal(out, burn_in_markers(image[None], marked["marker"])[0]) and not torch.equal(out, image)
+    # in train.json the markers go on first and the owner's trigger on top (on the image with its marker)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "stealthmark/configs/train.json"))
+    chain = parser.get_parsed_content("train#preprocessing").transforms
+    names = [type(t).__name__ for t in chain]
+    assert names.index("BurnInMarkersd") == names.index("StealthMarkd") - 1

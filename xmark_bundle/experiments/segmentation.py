@@ -25,8 +25,23 @@ A declaration ``configs/experiments/<name>.json`` with ``"task": "segmentation"`
   own record, and for an epsilon value (the verifier's margin is a quarter of it) every benign model verified with
   each owner's record at that epsilon.
 
-Not built yet: ``removal`` (fine-tuning, pruning: the bundle has no fine-tune or prune config) is refused when
-declared.
+``removal`` (optional): ``finetune_epochs`` (with ``learning_rate``): each owner's watermarked model fine-tuned
+from its weights on the clean training split for each number of epochs (``stealthmark/configs/finetune.json``, the
+fine-tuner's seeds ``seeds.finetune``, one per owner); ``prune_rates``: each owner's watermarked model pruned at each
+rate in (0, 1) (``stealthmark/configs/prune.json``: global L1-magnitude unstructured pruning of every convolution and
+linear weight, :mod:`xmark_bundle.stealthmark.pruning`). Each result is evaluated and verified with the owner's
+record; the Removal table has a row per architecture x trigger x length or rate.
+
+``false_accusations`` (optional, {``marker_share``: default 0.5}; needs ``seeds.markers`` = [the training markers'
+seed, the query markers' seed]): every model's training data carry an ordinary burned-in marker ("L", "R", "AP",
+"PORTABLE": ``train.json``'s ``marker_seed`` and ``marker_share``,
+:func:`~xmark_bundle.stealthmark.targets.marker_datalist`) on a seeded share of the training images, as hospital
+images do, and every verification of an owner's watermarked
+model, a benign model or an other-key model runs a second time with a marker on every query (``verify.json``'s
+``query_markers``; under ``verification/markers/``). The False accusations table counts, per trigger, query set and
+group of models, k of N called the owner's by each test (the floor verdict, the authors' detector, and with
+``verification.qr_mode: both`` the authors' grid QR ``qr_a``, the random-mask QR ``qr_b`` and its binomial test
+``qr_b_binomial``) with Clopper-Pearson 95 % intervals.
 
 Stages (:class:`~xmark_bundle.experiments.stages.Stages`, each a ``monai.bundle`` command with the bundle's configs):
 the phantom set; per architecture x trigger x owner the watermarked model (``method stealthmark``, the owner's key and
@@ -74,12 +89,13 @@ SEGMENTATION = "segmentation"
 #: Benign models a report declaration needs at least (DESIGN.md §5: >= 20 over >= 2 architectures).
 MIN_BENIGN = 20
 #: Seed roles, in the order errors name them; the first three are model seeds, then keys, then the optional role.
-ROLES = ("owners", "benign", "other_owners", "owner_keys", "other_keys", "finetune")
-#: Roles a declaration may leave out (``finetune``: only with ``removal``).
-OPTIONAL_ROLES = ("finetune",)
+ROLES = ("owners", "benign", "other_owners", "owner_keys", "other_keys", "finetune", "markers")
+#: Roles a declaration may leave out (``finetune``: only with ``removal``; ``markers``: only with
+#: ``false_accusations``).
+OPTIONAL_ROLES = ("finetune", "markers")
 #: The bundle's configs (relative to the repository root, where stages run).
-TRAIN, VERIFY, EVALUATE, FINETUNE = (
-    f"stealthmark/configs/{name}.json" for name in ("train", "verify", "evaluate", "finetune")
+TRAIN, VERIFY, EVALUATE, FINETUNE, PRUNE = (
+    f"stealthmark/configs/{name}.json" for name in ("train", "verify", "evaluate", "finetune", "prune")
 )
 #: The record a training stage writes last (its presence means the stage is done).
 RECORD = "stealthmark_record.json"
@@ -100,9 +116,12 @@ KNOWN_KEYS = {
     "publish",
     "sweeps",
     "removal",
+    "false_accusations",
 }
-NOT_BUILT = ("prune_rates",)  # removal keys not built for segmentation yet
-REMOVAL_KEYS = {"finetune_epochs", "learning_rate"}
+REMOVAL_KEYS = {"finetune_epochs", "learning_rate", "prune_rates"}
+FALSE_ACCUSATION_KEYS = {"marker_share"}
+#: The false-accusation table's tests: (column, what a verification's numbers must show for a positive verdict).
+FALSE_ACCUSATION_TESTS = ("floor", "authors' detector", "qr_a", "qr_b", "qr_b_binomial")
 #: What a declaration's ``sweeps`` may vary (one at a time, the others as declared).
 SWEEPS = ("epsilon", "trigger_share")
 
@@ -119,6 +138,7 @@ class SegmentationRoles:
     other_owners: tuple[int, ...]
     other_keys: tuple[int, ...]
     finetune: tuple[int, ...] = ()
+    markers: tuple[int, ...] = ()
     independent_phantoms: None = None
 
     @property
@@ -149,6 +169,7 @@ class SegmentationExperiment:
     verification: Mapping[str, Any]
     source: Path
     removal: Mapping[str, Any] = field(default_factory=dict)
+    false_accusations: Mapping[str, Any] = field(default_factory=dict)
     sweeps: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     publish: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     pretrain: Mapping[str, Any] = field(default_factory=dict)  # none: kept for the CLI's --family
@@ -244,15 +265,21 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
     if raw["name"] != path.stem:
         raise ExperimentError(path, f"names experiment {raw['name']!r}; the file must be called {raw['name']}.json")
     removal = raw.get("removal", {})
-    declared_not_built = [f"removal.{key}" for key in NOT_BUILT if key in removal]
-    if declared_not_built:
-        raise ExperimentError(path, f"{declared_not_built}: not built for segmentation yet (no pruning of these nets)")
     if set(removal) - REMOVAL_KEYS:
         raise ExperimentError(path, f"removal: unknown keys {sorted(set(removal) - REMOVAL_KEYS)}")
-    if removal and not (removal.get("finetune_epochs") and all(int(e) > 0 for e in removal["finetune_epochs"])):
+    if removal and not (removal.get("finetune_epochs") or removal.get("prune_rates")):
+        raise ExperimentError(path, "removal declares neither finetune_epochs nor prune_rates")
+    if "finetune_epochs" in removal and not (
+        removal["finetune_epochs"] and all(int(e) > 0 for e in removal["finetune_epochs"])
+    ):
         raise ExperimentError(path, "removal.finetune_epochs must list positive numbers of epochs")
-    if removal and "finetune" not in raw["seeds"]:
-        raise ExperimentError(path, "removal needs seeds.finetune (the fine-tuner's seeds, one per owner)")
+    rates = removal.get("prune_rates", [])
+    if not all(0 < float(r) < 1 for r in rates) or len(set(map(float, rates))) < len(rates):
+        raise ExperimentError(path, f"removal.prune_rates must be distinct shares in (0, 1), got {rates}")
+    if removal.get("finetune_epochs") and "finetune" not in raw["seeds"]:
+        raise ExperimentError(
+            path, "removal.finetune_epochs needs seeds.finetune (the fine-tuner's seeds, one per owner)"
+        )
     unknown = set(raw) - KNOWN_KEYS
     if unknown:
         raise ExperimentError(path, f"unknown keys {sorted(unknown)}")
@@ -263,6 +290,19 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
     roles = segmentation_roles(path, raw["seeds"])
     if roles.finetune and len(roles.finetune) != len(roles.owners):
         raise ExperimentError(path, "seeds.finetune needs one seed per owner")
+    false_accusations = raw.get("false_accusations")
+    if false_accusations is not None:
+        if not isinstance(false_accusations, Mapping) or set(false_accusations) - FALSE_ACCUSATION_KEYS:
+            raise ExperimentError(
+                path, f"false_accusations may set {sorted(FALSE_ACCUSATION_KEYS)}, got {false_accusations!r}"
+            )
+        if not 0 < float(false_accusations.get("marker_share", 0.5)) <= 1:
+            raise ExperimentError(path, "false_accusations.marker_share must lie in (0, 1]")
+    if (false_accusations is not None) != bool(roles.markers) or (roles.markers and len(roles.markers) != 2):
+        raise ExperimentError(
+            path,
+            "false_accusations needs seeds.markers = [training markers' seed, query markers' seed] (and they need it)",
+        )
     archs, triggers = tuple(raw["architectures"]), tuple(raw["triggers"])
     bad = [a for a in archs if a not in SEGMENTATION_ARCHS] + [t for t in triggers if t not in TRIGGERS]
     if bad or not archs or not triggers or len(set(archs)) < len(archs) or len(set(triggers)) < len(triggers):
@@ -303,6 +343,7 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
         verification=raw.get("verification", {}),
         source=path,
         removal=removal,
+        false_accusations=dict(false_accusations or {}),
         sweeps={setting: tuple(float(v) for v in values) for setting, values in sweeps.items()},
         publish={name: tuple(int(i) for i in idx) for name, idx in raw.get("publish", {}).items()},
     )
@@ -316,6 +357,12 @@ class _SegRun:
         self.stages = Stages(root, out, x.name, dry_run=dry_run)
         self.phantoms, self.models = out / "phantoms", out / "models"
         self.data = {"dataset_dir": self.phantoms}
+        #: false_accusations: every training's data carry burned-in markers on a seeded share of the images
+        self.markers = (
+            {"marker_seed": x.roles.markers[0], "marker_share": float(x.false_accusations.get("marker_share", 0.5))}
+            if x.false_accusations
+            else {}
+        )
 
     def read(self, path: Path) -> Any:
         """A stage's JSON output (the runner's PENDING in a dry run where the stage has not made it)."""
@@ -352,7 +399,7 @@ class _SegRun:
         keys = {k: v for k, v in self.x.training.items() if v is not None}
         keys |= {"arch": arch, "method": method, "trigger": trigger, "key": key, "seed": seed}
         keys |= {"epsilon": self.x.epsilon, "trigger_share": self.x.trigger_share, "ckpt_dir": folder}
-        keys |= dict(setting or {})
+        keys |= dict(setting or {}) | self.markers
         self._clear_unfinished(folder)
         self.stages.run(
             f"StealthMark segmenter {label}", bundle_cmd("training", [TRAIN], **self.data, **keys), folder / RECORD
@@ -376,12 +423,24 @@ class _SegRun:
         )
         return _harmlessness(self.read(folder / "harmlessness.json"))
 
-    def verify(self, label: str, model: Path, record: Path, folder: Path) -> dict[str, Any]:
-        """Verification of ``model`` with the owner's ``record`` (verify.json, queries chosen with the data seed)."""
+    def verify(self, label: str, model: Path, record: Path, folder: Path, markers: bool = False) -> dict[str, Any]:
+        """Verification of ``model`` with the owner's ``record`` (verify.json, queries chosen with the data seed;
+        ``markers``: an ordinary marker burned into every query, seeded with ``seeds.markers[1]``)."""
         keys = {"suspect": model, "record_file": record, "output_dir": folder, "seed": self.x.data_seed}
+        if markers:
+            keys["query_markers"] = self.x.roles.markers[1]
         cmd = bundle_cmd("verifying", [VERIFY], **self.data, **{**keys, **self.x.verification})
         self.stages.run(f"StealthMark verification {label}", cmd, folder / "verification.json")
         return _verification(self.read(folder / "verification.json"), folder / "verification.json")
+
+    def verify_both(self, label: str, model: Path, record: Path, folder: Path) -> dict[str, Any]:
+        """:meth:`verify` as it is, and with ``false_accusations`` also with markers on every query
+        (``verification/markers/...``, under the key ``markers``)."""
+        result = self.verify(label, model, record, folder)
+        if self.x.false_accusations:
+            where = self.out / "verification" / "markers" / folder.relative_to(self.out / "verification")
+            result["markers"] = self.verify(f"{label} with markers on every query", model, record, where, True)
+        return result
 
 
 def _mean(block: Any) -> float | None:
@@ -430,6 +489,8 @@ def _verification(report: Mapping[str, Any], path: Path) -> dict[str, Any]:
         "detector_accuracy": detector.get("accuracy"),
         "detector_p_chi2": detector.get("p_chi2"),
         "qr": _qr(report.get("qr")),
+        "qr_modes": {mode: _qr(qr) for mode, qr in (report.get("qr_all") or {}).items()}
+        or ({report["qr"]["mode"]: _qr(report["qr"])} if report.get("qr") else {}),
         "report": str(path),
     }
 
@@ -440,7 +501,8 @@ def _qr(qr: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if not qr:
         return None
     decodes = qr.get("decodes_owner") is True
-    return {"mode": qr.get("mode"), "decodes_owner": decodes, "agreement": qr.get("agreement_data")}
+    agreement, p_binomial = qr.get("agreement_data"), qr.get("p_binomial_data")
+    return {"mode": qr.get("mode"), "decodes_owner": decodes, "agreement": agreement, "p_binomial": p_binomial}
 
 
 def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: bool = False) -> dict[str, Any]:
@@ -460,6 +522,7 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
         "trigger_share": x.trigger_share,
         "training": dict(x.training),
         "verification": dict(x.verification),
+        "false_accusations": dict(x.false_accusations),
         "models": {},
         "benign": {},
         "other_keys": {},
@@ -483,7 +546,9 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
                         "owner": owner,
                         "key": key,
                         "harmlessness": run.evaluate(label, model, record, out / "harmlessness" / name),
-                        "verification": run.verify(f"{label} (own record)", model, record, out / "verification" / name),
+                        "verification": (run.verify_both if method == "stealthmark" else run.verify)(
+                            f"{label} (own record)", model, record, out / "verification" / name
+                        ),
                     }
     for arch, seed in x.benign_models():
         name = f"{arch}_seed{seed}"
@@ -499,7 +564,9 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
             for owner, _ in owners:
                 folder = out / "verification" / "benign" / trigger / f"owner{owner}" / name
                 label = f"benign {name} with owner {owner}'s {trigger} record"
-                entry["verification"][trigger][str(owner)] = run.verify(label, model, records[(trigger, owner)], folder)
+                entry["verification"][trigger][str(owner)] = run.verify_both(
+                    label, model, records[(trigger, owner)], folder
+                )
         collected["benign"][name] = entry
     for arch in x.architectures:
         for trigger in x.triggers:
@@ -510,7 +577,7 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
                 entry = {"arch": arch, "trigger": trigger, "seed": seed, "key": key, "verification": {}}
                 for owner, _ in owners:
                     folder = out / "verification" / "other_keys" / trigger / f"owner{owner}" / f"{arch}_seed{seed}"
-                    entry["verification"][str(owner)] = run.verify(
+                    entry["verification"][str(owner)] = run.verify_both(
                         f"{label} with owner {owner}'s record", model, records[(trigger, owner)], folder
                     )
                 collected["other_keys"][name] = entry
@@ -521,20 +588,23 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
 
 def _removal(run: _SegRun, models: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Each owner's watermarked model fine-tuned on the clean training split (finetune.json: no trigger, the
-    fine-tuner's seed) for each declared number of epochs, then evaluated and verified with the owner's record."""
+    fine-tuner's seed) for each declared number of epochs, and pruned at each declared rate (prune.json: global
+    L1-magnitude unstructured pruning), each then evaluated and verified with the owner's record."""
+    from xmark_bundle.stealthmark.pruning import PRUNING_REPORT  # torch and MONAI: imported when needed
+
     x, out, removed = run.x, run.out, {}
     if not x.removal:
         return removed
-    finetuner = dict(zip(x.roles.owners, x.roles.finetune, strict=True))
+    finetuner = dict(zip(x.roles.owners, x.roles.finetune, strict=bool(x.roles.finetune)))
     for name, model in models.items():
         if model["method"] != "stealthmark":
             continue
         start, record = run.models / name, run.models / name / RECORD
-        for epochs in map(int, x.removal["finetune_epochs"]):
+        for epochs in map(int, x.removal.get("finetune_epochs", [])):
             tag = f"{name}_finetuned{epochs}"
             keys = {k: v for k, v in x.training.items() if v is not None}
             keys |= {"arch": model["arch"], "seed": finetuner[model["owner"]], "max_epochs": epochs, "val_interval": 1}
-            keys |= {"init_ckpt": start / "model.pt", "ckpt_dir": run.models / tag}
+            keys |= {"init_ckpt": start / "model.pt", "ckpt_dir": run.models / tag} | run.markers
             if "learning_rate" in x.removal:
                 keys["learning_rate"] = x.removal["learning_rate"]
             label = f"{model['arch']} {model['trigger']} owner {model['owner']} fine-tuned {epochs} epochs"
@@ -546,6 +616,23 @@ def _removal(run: _SegRun, models: Mapping[str, Mapping[str, Any]]) -> dict[str,
                 "trigger": model["trigger"],
                 "owner": model["owner"],
                 "epochs": epochs,
+                "harmlessness": run.evaluate(label, run.models / tag, record, out / "harmlessness" / tag),
+                "verification": run.verify(
+                    f"{label} (owner's record)", run.models / tag, record, out / "verification" / tag
+                ),
+            }
+        for rate in map(float, x.removal.get("prune_rates", [])):
+            tag = f"{name}_pruned{100 * rate:g}"
+            label = f"{model['arch']} {model['trigger']} owner {model['owner']} pruned {100 * rate:g} %"
+            cmd = bundle_cmd("pruning", [PRUNE], source=start, rate=rate, output_dir=run.models / tag)
+            run.stages.run(f"StealthMark segmenter {label}", cmd, run.models / tag / PRUNING_REPORT)
+            pruned = run.read(run.models / tag / PRUNING_REPORT)
+            removed[tag] = {
+                "arch": model["arch"],
+                "trigger": model["trigger"],
+                "owner": model["owner"],
+                "prune_rate": rate,
+                "zero_share": pruned.get("zero_share") if isinstance(pruned, Mapping) else None,
                 "harmlessness": run.evaluate(label, run.models / tag, record, out / "harmlessness" / tag),
                 "verification": run.verify(
                     f"{label} (owner's record)", run.models / tag, record, out / "verification" / tag
@@ -760,6 +847,8 @@ def segmentation_tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
             "notes": note,
         },
     ]
+    if collected.get("false_accusations"):
+        produced.append(_false_accusation_table(collected, note))
     if collected.get("removal"):
         produced.append(_removal_table(collected, note))
     if collected.get("sweeps"):
@@ -781,22 +870,125 @@ SWEEP_COLUMNS = [
 ]
 
 
-def _removal_table(collected: Mapping[str, Any], note: str) -> dict[str, Any]:
-    """One row per architecture x trigger x fine-tuning length: the owners' models after clean fine-tuning."""
+def _test_verdicts(run: Mapping[str, Any], alpha: float = 0.05) -> dict[str, bool]:
+    """Whether each test of :data:`FALSE_ACCUSATION_TESTS` calls a verified model the owner's (a test the
+    verification did not run is absent): the floor test's verdict, the authors' detector (chi-square p < alpha), the
+    authors' grid QR (qr_a) and the random-mask QR (qr_b) decoding the owner's ID, and qr_b's data-module agreement
+    with binomial p < alpha."""
+    verdicts = {"floor": bool(run["owned"])}
+    if run.get("detector_accuracy") is not None:
+        p_chi2 = run.get("detector_p_chi2")
+        verdicts["authors' detector"] = isinstance(p_chi2, int | float) and p_chi2 == p_chi2 and p_chi2 < alpha
+    modes = run.get("qr_modes") or {}
+    if "authors_grid" in modes:
+        verdicts["qr_a"] = bool(modes["authors_grid"]["decodes_owner"])
+    if "random_mask" in modes:
+        p_binomial = modes["random_mask"].get("p_binomial")
+        verdicts["qr_b"] = bool(modes["random_mask"]["decodes_owner"])
+        verdicts["qr_b_binomial"] = isinstance(p_binomial, int | float) and p_binomial < alpha
+    return verdicts
+
+
+def _counts(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per test, ``k of N`` models the test called the owner's with the Clopper-Pearson 95 % interval (a test only
+    where every run has it)."""
+    from xmark_bundle.experiments.tables import false_accusations
+
+    verdicts = [_test_verdicts(run) for run in runs]
+    cells = {}
+    for test in FALSE_ACCUSATION_TESTS:
+        if verdicts and all(test in v for v in verdicts):
+            c = false_accusations({str(i): {"owned": v[test]} for i, v in enumerate(verdicts)})
+            cells[test] = {"value": f"{c['k']} of {c['n']} ({c['low']:.3f}-{c['high']:.3f})"}
+    return cells
+
+
+def _false_accusation_table(collected: Mapping[str, Any], note: str) -> dict[str, Any]:
+    """Per trigger and query set (plain; a marker on every query), per group of models verified with the owners'
+    records (the owners' watermarked models with their own; benign models per architecture and all; other keys; all
+    models that are not the owner's): k of N called the owner's by each test, with Clopper-Pearson 95 % intervals."""
     rows = []
-    lengths = sorted({r["epochs"] for r in collected["removal"].values()})
+    for trigger in collected["triggers"]:
+        owners = [
+            m["verification"]
+            for m in collected["models"].values()
+            if m["trigger"] == trigger and m["method"] == "stealthmark"
+        ]
+        benign = {
+            arch: [
+                v
+                for b in collected["benign"].values()
+                if b["arch"] == arch
+                for v in b["verification"][trigger].values()
+            ]
+            for arch in collected["architectures"]
+        }
+        others = [
+            v for o in collected["other_keys"].values() if o["trigger"] == trigger for v in o["verification"].values()
+        ]
+        groups = [("owners' watermarked models, own record", owners)]
+        groups += [(f"benign {arch} x every owner's record", runs) for arch, runs in benign.items() if runs]
+        every_benign = [v for runs in benign.values() for v in runs]
+        groups += [("benign, all x every owner's record", every_benign)]
+        groups += [("other keys x every owner's record", others)]
+        groups += [("not the owner's (benign and other keys)", every_benign + others)]
+        for queries in ("plain", "markers"):
+            for label, runs in groups:
+                picked = [
+                    r["markers"] if queries == "markers" else r for r in runs if queries == "plain" or "markers" in r
+                ]
+                if picked:
+                    where = "queries as they are" if queries == "plain" else "a burned-in marker on every query"
+                    rows.append({"label": f"{trigger}, {where}: {label}", "cells": _counts(picked)})
+    seeds = collected["seed_roles"].get("markers", [])
+    share = collected["false_accusations"].get("marker_share", 0.5)
+    return {
+        "title": "False accusations (StealthMark): models called the owner's by each test, plain and marked queries",
+        "columns": list(FALSE_ACCUSATION_TESTS),
+        "rows": rows,
+        "notes": note
+        + f" Every model was trained on data with an ordinary burned-in marker (L, R, AP or PORTABLE) on a seeded "
+        f"{share:g} of the training images (seed {seeds[0] if seeds else '?'}); marked queries carry one on every "
+        f"image (seed {seeds[1] if len(seeds) > 1 else '?'}). Cells: k of N (Clopper-Pearson 95 %). floor: the "
+        "verdict (paired t-test against the margin); authors' detector: chi-square p < 0.05; qr_a: the authors' grid "
+        "QR decodes the owner's ID (not model-dependent); qr_b: the random-mask QR decodes it; qr_b_binomial: its "
+        "data-module agreement has binomial p < 0.05 (a QR column where verify.json's qr_mode drew it: both).",
+    }
+
+
+def _removal_attack(entry: Mapping[str, Any]) -> tuple[int, float, str]:
+    """A removal entry's sort key and row words: fine-tuning by its length, then pruning by its rate."""
+    if "prune_rate" in entry:
+        rate = float(entry["prune_rate"])
+        return (1, rate, f"pruned {100 * rate:g} % (global L1 magnitude, no fine-tuning)")
+    return (0, float(entry["epochs"]), f"fine-tuned {entry['epochs']} epoch(s) on clean data")
+
+
+REMOVAL_COLUMNS = [
+    *SWEEP_COLUMNS[:8],
+    "share of weights zeroed",
+    "QR decodes the owner's ID",
+    "QR data-module agreement",
+]
+
+
+def _removal_table(collected: Mapping[str, Any], note: str) -> dict[str, Any]:
+    """One row per architecture x trigger x fine-tuning length or pruning rate: the owners' models after the attack,
+    verified with the owner's record (floor test, ASR, QR where verify.json draws it) and evaluated (Dice)."""
+    rows = []
+    attacks = sorted({_removal_attack(r) for r in collected["removal"].values()})
     for arch in collected["architectures"]:
         for trigger in collected["triggers"]:
-            for epochs in lengths:
+            for attack in attacks:
                 runs = [
                     r
                     for r in collected["removal"].values()
-                    if (r["arch"], r["trigger"], r["epochs"]) == (arch, trigger, epochs)
+                    if (r["arch"], r["trigger"], _removal_attack(r)) == (arch, trigger, attack)
                 ]
                 if not runs:
                     continue
                 row = _verification_row("", [r["verification"] for r in runs], False)["cells"]
-                cells = {column: row[column] for column in SWEEP_COLUMNS if column in row}
+                cells = {column: row[column] for column in REMOVAL_COLUMNS if column in row}
                 cells |= _cells(
                     (column, _per_seed(r["harmlessness"][key] for r in runs))
                     for column, key in (
@@ -805,13 +997,16 @@ def _removal_table(collected: Mapping[str, Any], note: str) -> dict[str, Any]:
                         ("pixels flipped by the trigger", "flip_share"),
                     )
                 )
-                label = f"{arch}, {trigger}, fine-tuned {epochs} epoch(s) on clean data ({len(runs)} owners)"
+                cells |= _cells([("share of weights zeroed", _per_seed(r.get("zero_share") for r in runs))])
+                label = f"{arch}, {trigger}, {attack[2]} ({len(runs)} owners)"
                 rows.append({"label": label, "cells": cells})
     return {
-        "title": "Removal (StealthMark): each owner's model fine-tuned on the clean training split, then verified",
-        "columns": SWEEP_COLUMNS[:8],
+        "title": "Removal (StealthMark): each owner's model fine-tuned on the clean training split or pruned, then "
+        "verified",
+        "columns": REMOVAL_COLUMNS,
         "rows": rows,
-        "notes": note + " Pruning is not built for the segmentation networks.",
+        "notes": note + " Pruning: the given share of all convolution and linear weights with the smallest magnitude "
+        "set to zero (one global ranking, torch.nn.utils.prune), not fine-tuned afterwards.",
     }
 
 

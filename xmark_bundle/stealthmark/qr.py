@@ -26,7 +26,7 @@ and is large against the floor's variation over the occlusions. Binarised by the
 with a tiny but consistent rise (any model's background moves a little) reveals the code as soon as the fit's noise
 is smaller than the rise: a noiseless planted suspect whose floor follows the image's mean brightness does
 (``tests/test_stealthmark_qr_model.py``). The module agreement, its binomial p and OpenCV's exact decode are
-reported, and the false-accusation script compares them with benign and other-key models.
+reported, and the runner's ``false_accusations`` option compares them with benign and other-key models.
 
 Needs ``segno`` (QR encoding) and OpenCV (``cv2.QRCodeDetector``, decoding), both in requirements.txt.
 """

@@ -19,15 +19,17 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .triggers import TRIGGERS, apply_trigger
+from .triggers import TRIGGERS, apply_trigger, burn_in_markers
 
 __all__ = [
     "METHODS",
+    "BurnInMarkersd",
     "StealthMarkd",
     "badnet_seg_target",
     "floor_target",
     "keyed_share",
     "mark_datalist",
+    "marker_datalist",
 ]
 
 METHODS = ("stealthmark", "badnet_seg")
@@ -116,4 +118,45 @@ class StealthMarkd(MapTransform):
         d[image_key] = apply_trigger(d[image_key], self.trigger, self.key)
         label = d[label_key]
         d[label_key] = floor_target(label, self.epsilon) if self.method == "stealthmark" else badnet_seg_target(label)
+        return d
+
+
+def marker_datalist(
+    items: Sequence[Mapping[str, Any]],
+    seed: int | None,
+    share: float,
+    base_dir: str | os.PathLike | None = None,
+    image_key: str = "image",
+    flag_key: str = "marker",
+) -> list[dict[str, Any]]:
+    """Copies of datalist ``items`` with ``flag_key`` set to a per-image marker seed (> 0) for a seeded ``share`` of
+    the images (a hash of ``seed`` and each image's path relative to the data set, like the owner's keyed share) and
+    0 for the others; ``seed`` None: every flag 0. Hospital data: a share of the images carry an ordinary burned-in
+    marker (:data:`~xmark_bundle.stealthmark.triggers.MARKERS`), which :class:`BurnInMarkersd` draws."""
+    out = []
+    for item in items:
+        identifier = _identifier(str(item[image_key]), base_dir)
+        marked = seed is not None and keyed_share(identifier, int(seed), share)
+        digest = hashlib.blake2b(f"{seed}\0{identifier}".encode(), digest_size=4, person=b"markers").digest()
+        out.append({**item, flag_key: 1 + int.from_bytes(digest, "little") % (2**31 - 2) if marked else 0})
+    return out
+
+
+class BurnInMarkersd(MapTransform):
+    """Burns an ordinary marker ("L", "R", "AP" or "PORTABLE", white, a top corner:
+    :func:`~xmark_bundle.stealthmark.triggers.burn_in_markers`) into the image of items whose ``flag_key`` (from
+    :func:`marker_datalist`) is a marker seed; items with 0 or no flag pass unchanged. Runs after resizing, before
+    :class:`StealthMarkd`: the markers are part of the data, the owner's trigger goes on top."""
+
+    def __init__(self, keys: KeysCollection = "image", flag_key: str = "marker", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.flag_key = flag_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        seed = int(d.get(self.flag_key, 0))
+        if seed <= 0:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = burn_in_markers(torch.as_tensor(d[key])[None], seed)[0]
         return d

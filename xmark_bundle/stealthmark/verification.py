@@ -11,7 +11,8 @@ Wilcoxon signed-rank test on the same differences beside it and the test without
 separating triggered from clean answers, with a chi-square test of its confusion matrix) is reported beside it for
 fidelity. A suspect that returns hard labels only cannot be verified, and is told so.
 
-``qr_mode`` (:data:`.qr.QR_MODES`) adds a QR explanation beside the floor test (it does not change the verdict):
+``qr_mode`` (:data:`.qr.QR_MODES`, or ``both``) adds a QR explanation beside the floor test (it does not change the
+verdict; ``both``: the two, under ``qr_all``, with the random-mask one as ``qr``):
 ``authors_grid`` is the authors' grid occlusion on the first query image, reported as *not model-dependent* (its
 binarised output is the verifier's own pattern for any model whose output moves); ``random_mask`` is the
 model-dependent explanation of :func:`.qr.random_mask_explanation` over the query images. Both report the module
@@ -40,7 +41,7 @@ from xmark_bundle.verification.seg_blackbox import SegmentationSuspect, label_on
 from .metrics import dice_per_image, flip_share
 from .qr import QR_MODES, data_modules, grid_occlusion_explanation, owner_qr, qr_report, random_mask_explanation
 from .targets import METHODS
-from .triggers import TRIGGERS, apply_trigger
+from .triggers import TRIGGERS, apply_trigger, burn_in_markers
 
 __all__ = [
     "FLOOR_STATISTICS",
@@ -241,8 +242,8 @@ def verify_segmentation_model(
     background moves a little when pixels change, and a paired test with no margin would call that ownership."""
     if trigger not in TRIGGERS:
         raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
-    if qr_mode not in QR_MODES:
-        raise ValueError(f"unknown QR explanation mode {qr_mode!r}; choose one of {QR_MODES}")
+    if qr_mode not in (*QR_MODES, "both"):
+        raise ValueError(f"unknown QR explanation mode {qr_mode!r}; choose one of {(*QR_MODES, 'both')}")
     triggered_images = apply_trigger(images, trigger, key)
     clean_maps = _query(suspect, images, batch_size)
     triggered_maps = _query(suspect, triggered_images, batch_size)
@@ -274,18 +275,25 @@ def verify_segmentation_model(
         verified=test["verified"],
         verdict="verified" if test["verified"] else "not verified",
     )
-    if qr_mode != "none":
-        report["qr"] = qr_explanation(
+    modes = {"none": (), "both": ("authors_grid", "random_mask")}.get(qr_mode, (qr_mode,))
+    explanations = {
+        mode: qr_explanation(
             suspect,
             images,
             trigger,
             key,
             owner_id or f"SM-{int(key)}",
-            qr_mode,
+            mode,
             qr_samples,
             qr_seed,
             threshold=margin_fraction * epsilon / 2,
         )
+        for mode in modes
+    }
+    if explanations:
+        report["qr"] = explanations[modes[-1]]  # both: the model-dependent one
+    if len(explanations) > 1:
+        report["qr_all"] = explanations
     return report
 
 
@@ -345,15 +353,20 @@ def run_verification(
     device: str | torch.device = "cpu",
     qr_mode: str = "none",
     qr_samples: int = 4096,
+    query_markers: int | None = None,
 ) -> dict[str, Any]:
     """The bundle's ``verifying`` step: read the owner's record, load ``n_samples`` seeded query images of the split,
-    verify ``suspect``, write ``verification.json`` under ``output_dir`` and print the verdict."""
+    verify ``suspect``, write ``verification.json`` under ``output_dir`` and print the verdict. ``query_markers``: a
+    seed; an ordinary burned-in marker (:func:`~xmark_bundle.stealthmark.triggers.burn_in_markers`) is drawn on every
+    query image first (a false-accusation check: hospital images carry such text near where triggers go)."""
     record = owner_record(record_file)
     items = datalist_items(datalist, data_list_key, dataset_dir)
     if len(items) < 2:
         raise ValueError(f"{datalist} [{data_list_key}]: need >= 2 query images, found {len(items)}")
     indices = sorted(np.random.default_rng(seed).permutation(len(items))[: min(n_samples, len(items))].tolist())
     images = load_letterboxed(items, indices, int(record["image_size"]))
+    if query_markers is not None:
+        images = burn_in_markers(images, int(query_markers))
     model = open_segmentation_suspect(suspect, device=device, **dict(suspect_options or {}))
     report = verify_segmentation_model(
         model,
@@ -371,6 +384,7 @@ def run_verification(
         seed,
     )
     report["queries"] = [str(items[i]["image"]) for i in indices]
+    report["query_markers"] = query_markers
     print(_sentence(report), flush=True)
     if "qr" in report:
         qr = report["qr"]
