@@ -193,9 +193,11 @@ class XMarkApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
+        from xmark_bundle.errors import require_checkpoint
+
+        # MONAI Label's is_valid also accepts models/model.ts alone, which cannot mark: the checkpoint is required
+        require_checkpoint(self.bundle / "models" / "model.pt")
         task = XMarkInferTask(str(self.bundle), self.conf)
-        if not task.is_valid():
-            raise FileNotFoundError(f"{self.bundle / 'models' / 'model.pt'}: the owner's watermark is missing")
         return {MODEL: task}
 
     def init_trainers(self) -> dict[str, TrainTask]:

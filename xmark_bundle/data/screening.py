@@ -19,6 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from xmark_bundle.data.xray_io import find_xray_files, load_xray
+from xmark_bundle.errors import require_checkpoint
 from xmark_bundle.fileio import sha256_file
 from xmark_bundle.locations import is_inside
 
@@ -84,6 +85,8 @@ def screen_inputs(
         raise NotADirectoryError(f"{source}: dataset_dir is not a folder")
     if is_inside(source, target) or is_inside(target, source):  # one is, or lies inside, the other (bind mounts too)
         raise ValueError(f"output_dir {target} and dataset_dir {source} overlap; choose an output folder outside it")
+    if checkpoint is not None:
+        require_checkpoint(checkpoint)
     screened = ScreenedInputs(source, target, None if checkpoint is None else sha256_file(checkpoint))
     journal = read_journal(target)
     for path in tqdm(find_xray_files(source), desc="check inputs", unit="file", disable=not progress):
