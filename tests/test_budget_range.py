@@ -219,3 +219,24 @@ def test_jpeg_baseline_dicom_is_kept_within_the_budget(tmp_path):
     assert pydicom.dcmread(tmp_path / "out" / "jpeg.dcm").file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     assert change.max() <= 16 and report["budget_ok"] and report["lossy_rewrites"] >= 1
     assert (change > 0).mean() > 0.85
+
+
+def test_a_lossy_file_that_cannot_be_kept_within_the_budget_is_not_written(tmp_path):
+    """pydicom-data's 693_J2KI.dcm (lossy JPEG 2000 from another encoder): OpenJPEG at the source's ratio moves it by
+    over 1000 of its 16383 units even unchanged, so no shrinking of the residual brings it within epsilon. The file is
+    removed and the error names it, the codec and the budget, so the caller leaves it unmarked (never over budget)."""
+    import shutil
+    import warnings
+
+    from xmark_bundle.data.xray_writer import XRayWriteError
+
+    source = Path(shutil.copy(get_testdata_file("693_J2KI.dcm"), tmp_path / "693_J2KI.dcm"))
+    out = tmp_path / "out" / "693_J2KI.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # OpenJPEG's codestream parameters differ from the source encoder's
+        with pytest.raises(XRayWriteError) as caught:
+            _mark_full_budget(source, out)
+    message = str(caught.value)
+    assert message.startswith(f"{out}: ") and "exceeds epsilon 0.0627451 after lossy JPEG 2000" in message
+    assert "(6 writes); the file is not marked; the file was removed" in message
+    assert not out.exists()

@@ -47,6 +47,7 @@ from pydicom.uid import UID
 
 from ..data.xray_io import XRayMeta, load_xray, reference_range
 from ..data.xray_writer import (
+    ContainerMismatchWarning,
     XRayWriteError,
     check_output_path,
     is_lossy,
@@ -216,7 +217,9 @@ def apply_watermark(
             )
             pixel_factor = np.kron(factor, np.ones((block, block)))[: meta.shape[0], : meta.shape[1]]
             shrunk01 = np.where(pixel_factor == 1.0, marked01, image01 + pixel_factor * residual)
-            write_xray(shrunk01, meta, source, out_path, source_image01=image01, epsilon=epsilon, derived=derived)
+            with warnings.catch_warnings():  # the source's codec parameters: warned about by the first write
+                warnings.simplefilter("ignore", ContainerMismatchWarning)
+                write_xray(shrunk01, meta, source, out_path, source_image01=image01, epsilon=epsilon, derived=derived)
             change = max_stored_change(source, out_path)
             problem = _budget_problem(change, epsilon)
         shrunk = factor < 1.0
