@@ -126,10 +126,10 @@ def test_exported_torchscript_matches_eager(tmp_path, checkpoint, keyed):
         torch.testing.assert_close(scripted(x), eager(x), atol=1e-5, rtol=0)
 
 
-def _infer(inputs: Path, output: Path, checkpoint: Path) -> subprocess.CompletedProcess:
+def _infer(inputs: Path, output: Path, checkpoint: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
     cmd += ["--dataset_dir", str(inputs), "--output_dir", str(output), "--ckpt_path", str(checkpoint)]
-    cmd += ["--progress", "False"]
+    cmd += ["--progress", "False", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
 
@@ -330,3 +330,23 @@ def test_inference_and_deploy_write_derived_dicoms_unless_told_to_keep_the_uid(t
         kept = [w for w in caught if issubclass(w.category, KeptInstanceUIDWarning)]
         assert (written.SOPInstanceUID == original.SOPInstanceUID) == (mode == "keep") == bool(kept)
         assert ("SourceImageSequence" in written) == (mode == "new")
+
+
+def test_a_rerun_with_the_other_uid_choice_writes_the_dicom_again(tmp_path, checkpoint):
+    """The journal records the UID choice: files written with ``--sop_instance_uid keep`` (warned) are written again
+    as derived images by a default rerun, and a third run finds them done."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    source = chest_copies(["MR_small_RLE.dcm"], inputs)[0]
+    out = tmp_path / "out" / source.name
+    kept = _infer(inputs, tmp_path / "out", checkpoint, "--sop_instance_uid", "keep")
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert f"{out}: keeps the SOP Instance UID of its source" in kept.stderr
+    assert pydicom.dcmread(out).SOPInstanceUID == pydicom.dcmread(source).SOPInstanceUID
+    derived = _infer(inputs, tmp_path / "out", checkpoint)
+    assert derived.returncode == 0 and "watermarking 1 files" in derived.stdout, derived.stdout[-2000:]
+    assert "keeps the SOP Instance UID" not in derived.stderr
+    written = pydicom.dcmread(out)
+    assert written.SOPInstanceUID != pydicom.dcmread(source).SOPInstanceUID and "SourceImageSequence" in written
+    again = _infer(inputs, tmp_path / "out", checkpoint)
+    assert again.returncode == 0 and "watermarking 0 files" in again.stdout and "(1 already done" in again.stdout
