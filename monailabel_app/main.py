@@ -193,9 +193,19 @@ class XMarkApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
+        try:
+            from xmark_bundle.errors import require_checkpoint
+        except ModuleNotFoundError as err:  # a folder of configs and models without the package
+            raise ModuleNotFoundError(
+                f"{self.bundle}: the bundle's Python package xmark_bundle is not importable ({err}); give --conf "
+                "bundle PATH with the bundle root (configs/, models/model.pt, xmark_bundle/) or pip install the bundle"
+            ) from err
+
+        # MONAI Label's is_valid also accepts models/model.ts alone, which cannot mark: the checkpoint is required
+        require_checkpoint(self.bundle / "models" / "model.pt")
         task = XMarkInferTask(str(self.bundle), self.conf)
         if not task.is_valid():
-            raise FileNotFoundError(f"{self.bundle / 'models' / 'model.pt'}: the owner's watermark is missing")
+            raise FileNotFoundError(f"{self.bundle}: MONAI Label does not take it as a bundle (configs, models)")
         return {MODEL: task}
 
     def init_trainers(self) -> dict[str, TrainTask]:

@@ -10,8 +10,10 @@ watermark is written back into. The SDK's MonaiBundleInferenceOperator runs ``mo
 scripts/export_deploy.py writes it (configs ``inference`` + ``deploy``): preprocessing (LoadXRayd passes the image
 through, letterbox), the scripted watermarking network, and the postprocessing, whose SaveWatermarkedd writes the
 marked file into the output folder in the source's container (header, transfer syntax, stored type: the release's
-own writer and budget check). The operator's ``pred`` is an 8-bit preview (the SDK casts image outputs to uint8),
-written as ``<name>_preview.png``. One radiograph per run, as the SDK's single-series operators take it.
+own writer and budget check), as a derived image with a new SOP Instance UID that references the source, so that a
+MAP sending it to the PACS holding the source does not collide with it (``sop_instance_uid`` in inference.json).
+The operator's ``pred`` is an 8-bit preview (the SDK casts image outputs to uint8), written as ``<name>_preview.png``.
+One radiograph per run, as the SDK's single-series operators take it.
 
 Run: ``python scripts/deploy_app.py -i DICOM_FOLDER -o OUTPUT -m models/model.ts`` (the SDK's own arguments; also
 ``HOLOSCAN_INPUT_PATH``, ``HOLOSCAN_OUTPUT_PATH``, ``HOLOSCAN_MODEL_PATH`` in a MAP).

@@ -154,3 +154,89 @@ def test_reference_range_of_loaded_files(tmp_path):
     assert (meta.bits_stored, meta.data_bits, reference_range(meta)) == (16, 12, 4095.0)
     Image.fromarray(np.full((4, 4), 40, np.uint8)).save(tmp_path / "b.png")
     assert reference_range(load_xray(tmp_path / "b.png")[1]) == 255.0
+
+
+def _jpeg_with_full_budget_residual(tmp_path: Path, quality: int, size: int):
+    """A real 8-bit JPEG (Pillow, libjpeg) and a +-epsilon sign residual at model size ``size``: re-encoded by the
+    source's own tables, the residual comes back over the budget in places (the 18-against-16 case)."""
+    rng = np.random.default_rng(quality)
+    pixels = np.clip(np.add.outer(np.arange(96) * 1.5, np.arange(80)) + 40 + rng.normal(0, 4, (96, 80)), 0, 255)
+    source = tmp_path / f"q{quality}.jpg"
+    Image.fromarray(pixels.astype(np.uint8)).save(source, quality=quality)
+    image = load_xray(source)[0]
+    geometry = letterbox_geometry(image.shape, size)
+    benign = letterbox(torch.from_numpy(image)[None], geometry)
+    pattern = torch.sign(torch.randn(benign.shape, generator=torch.Generator().manual_seed(0)))
+    return source, (benign + EPS * pattern).clamp(0, 1), benign, geometry
+
+
+def _decoded(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image).astype(np.int64)
+
+
+@pytest.mark.parametrize(("quality", "size"), [(75, 32), (75, 96), (90, 96), (95, 32)])
+def test_lossy_jpeg_re_encoding_is_kept_within_the_budget(tmp_path, quality, size):
+    """The written JPEG, decoded by Pillow, changes no pixel by more than 16 of 255: where the first encoding went
+    over, the residual was shrunk and the file written again; the watermark still covers most of the image."""
+    from xmark_bundle.data.xray_writer import write_xray
+    from xmark_bundle.transforms.watermark import watermark_source
+
+    source, watermarked, benign, geometry = _jpeg_with_full_budget_residual(tmp_path, quality, size)
+    # the plain write (the writer's stored clamp alone) goes over the budget: what the rewrites must prevent
+    marked01, image01, meta = watermark_source(source, watermarked, benign, geometry, EPS)
+    write_xray(marked01, meta, source, tmp_path / "plain.jpg", source_image01=image01, epsilon=EPS)
+    assert np.abs(_decoded(tmp_path / "plain.jpg") - _decoded(source)).max() > 16
+
+    report = apply_watermark(source, watermarked, benign, geometry, EPS, tmp_path / "out" / source.name)
+    change = np.abs(_decoded(tmp_path / "out" / source.name) - _decoded(source))
+    assert change.max() <= 16 == round(EPS * 255)
+    assert report["budget_ok"] and report["max_stored_change"] == change.max() and report["lossy"]
+    assert 1 <= report["lossy_rewrites"] < 6 and report["residual_shrunk_blocks"] > 0
+    assert (change > 0).mean() > 0.85 and change.max() >= 12  # shrunk where needed, not removed
+
+
+def test_jpeg_baseline_dicom_is_kept_within_the_budget(tmp_path):
+    """The same for a JPEG baseline DICOM (a Pillow JPEG encapsulated by pydicom), decoded by pydicom's plugins."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    jpeg, watermarked, benign, geometry = _jpeg_with_full_budget_residual(tmp_path, 75, 96)
+    with Image.open(jpeg) as image:
+        rows, cols = image.height, image.width
+    source = _dicom(tmp_path / "jpeg.dcm", np.zeros((rows, cols)), 8)
+    ds = pydicom.dcmread(source)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([jpeg.read_bytes()])
+    ds["PixelData"].VR = "OB"
+    ds.LossyImageCompression = "01"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(source, enforce_file_format=True)
+    assert np.abs(_stored(source) - _decoded(jpeg)).max() <= 1  # that JPEG (pydicom's decoder rounds otherwise)
+
+    report = apply_watermark(source, watermarked, benign, geometry, EPS, tmp_path / "out" / "jpeg.dcm")
+    change = np.abs(_stored(tmp_path / "out" / "jpeg.dcm") - _stored(source))
+    assert pydicom.dcmread(tmp_path / "out" / "jpeg.dcm").file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert change.max() <= 16 and report["budget_ok"] and report["lossy_rewrites"] >= 1
+    assert (change > 0).mean() > 0.85
+
+
+def test_a_lossy_file_that_cannot_be_kept_within_the_budget_is_not_written(tmp_path):
+    """pydicom-data's 693_J2KI.dcm (lossy JPEG 2000 from another encoder): OpenJPEG at the source's ratio moves it by
+    over 1000 of its 16383 units even unchanged, so no shrinking of the residual brings it within epsilon. The file is
+    removed and the error names it, the codec and the budget, so the caller leaves it unmarked (never over budget)."""
+    import shutil
+    import warnings
+
+    from xmark_bundle.data.xray_writer import XRayWriteError
+
+    source = Path(shutil.copy(get_testdata_file("693_J2KI.dcm"), tmp_path / "693_J2KI.dcm"))
+    out = tmp_path / "out" / "693_J2KI.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # OpenJPEG's codestream parameters differ from the source encoder's
+        with pytest.raises(XRayWriteError) as caught:
+            _mark_full_budget(source, out)
+    message = str(caught.value)
+    assert message.startswith(f"{out}: ") and "exceeds epsilon 0.0627451 after lossy JPEG 2000" in message
+    assert "(6 writes); the file is not marked; the file was removed" in message
+    assert not out.exists()

@@ -75,10 +75,17 @@ def test_inference_watermarks_real_cr_radiograph(tmp_path, checkpoint):
     ]
     assert (inputs / "chest" / "cr.dcm").read_bytes() == before  # source untouched
     ref, new = pydicom.dcmread(source), pydicom.dcmread(out)
+    # written as a derived image (it may go back to the PACS that holds the source): its own SOP Instance UID,
+    # ImageType DERIVED, a Derivation Description and a reference to the source; every other element is the source's
+    derived = {"SOPInstanceUID", "ImageType", "DerivationDescription", "SourceImageSequence"}
     for element in ref:
-        if element.tag != 0x7FE00010:
+        if element.tag != 0x7FE00010 and element.keyword not in derived:
             assert new[element.tag].value == element.value, element.name
-    assert {e.tag for e in new} == {e.tag for e in ref}
+    assert {e.keyword for e in new} == {e.keyword for e in ref} | derived
+    assert new.SOPInstanceUID != ref.SOPInstanceUID and new.file_meta.MediaStorageSOPInstanceUID == new.SOPInstanceUID
+    assert new.SourceImageSequence[0].ReferencedSOPInstanceUID == ref.SOPInstanceUID
+    assert new.SourceImageSequence[0].ReferencedSOPClassUID == ref.SOPClassUID
+    assert new.ImageType[0] == "DERIVED" and new.DerivationDescription.startswith("X-Mark")
     assert new.PhotometricInterpretation == "MONOCHROME1" and new.BitsStored == ref.BitsStored
     assert new.pixel_array.shape == ref.pixel_array.shape == (1955, 1841)
     benign01, meta = load_xray(source)
@@ -119,10 +126,10 @@ def test_exported_torchscript_matches_eager(tmp_path, checkpoint, keyed):
         torch.testing.assert_close(scripted(x), eager(x), atol=1e-5, rtol=0)
 
 
-def _infer(inputs: Path, output: Path, checkpoint: Path) -> subprocess.CompletedProcess:
+def _infer(inputs: Path, output: Path, checkpoint: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
     cmd += ["--dataset_dir", str(inputs), "--output_dir", str(output), "--ckpt_path", str(checkpoint)]
-    cmd += ["--progress", "False"]
+    cmd += ["--progress", "False", *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
 
@@ -248,3 +255,98 @@ def test_the_chest_scope_is_widened_from_the_command_line(tmp_path, checkpoint):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "watermarked 1 file(s)" in done.stdout and (tmp_path / "out" / "knee.dcm").is_file()
+
+
+# pydicom's test files in syntaxes that the installed decoders (pylibjpeg-libjpeg) read but nothing here writes back,
+# and one 12-bit JPEG Extended file that libjpeg cannot decode either: (file, transfer syntax UID, what is said)
+COMPRESSED = [
+    ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51", "JPEG process SOF1 with 12-bit samples cannot be re-encoded"),
+    ("JPGLosslessP14SV1_1s_1f_8b.dcm", "1.2.840.10008.1.2.4.70", "no encoder for its transfer syntax JPEG Lossless"),
+    ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80", "no encoder for its transfer syntax JPEG-LS Lossless"),
+    ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81", "no encoder for its transfer syntax JPEG-LS Lossy"),
+    ("JPEG-lossy.dcm", "1.2.840.10008.1.2.4.51", "cannot decode Pixel Data with transfer syntax JPEG Extended"),
+]
+
+
+def chest_copies(names: list[str], folder: Path) -> list[Path]:
+    """pydicom test files relabelled as CR chest films (the loader's scope), saved under ``folder``."""
+    written = []
+    for name in names:
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+        ds.save_as(folder / name)
+        written.append(folder / name)
+    return written
+
+
+def test_12_bit_jpeg_jpeg_lossless_and_jpeg_ls_are_skipped_naming_file_and_syntax(tmp_path, checkpoint):
+    """Each compressed DICOM that cannot be written back in its own syntax (or not decoded) is skipped with its name
+    and transfer syntax; the run goes on, writes the PNG beside them and ends with status 1 listing them."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray((np.arange(90 * 70).reshape(90, 70) * 9).astype(np.uint16)).save(inputs / "good.png")
+    chest_copies([name for name, _, _ in COMPRESSED], inputs)
+    done = _infer(inputs, tmp_path / "out", checkpoint)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{len(COMPRESSED)} input file(s) could not be read or written back and were skipped"), last
+    for name, uid, said in COMPRESSED:
+        lines = [line for line in done.stdout.splitlines() if name in line and uid in line]
+        assert lines and said in lines[0], (name, done.stdout[-3000:])
+        assert name in last
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".xmark-inference.jsonl", "good.png"]
+
+
+@pytest.mark.parametrize("configs", [["inference"], ["inference", "deploy"]], ids=["inference", "deploy"])
+def test_inference_and_deploy_write_derived_dicoms_unless_told_to_keep_the_uid(tmp_path, checkpoint, configs):
+    """configs/inference.json and the MONAI Deploy app's inference + deploy: SaveWatermarkedd writes a derived image
+    (new SOP Instance UID) by default; ``--sop_instance_uid keep`` keeps the source's with a warning."""
+    import warnings
+
+    from xmark_bundle.transforms import KeptInstanceUIDWarning
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    source = chest_copies(["MR_small_RLE.dcm"], inputs)[0]
+    original = pydicom.dcmread(source)
+    for mode in ("new", "keep"):
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "configs" / f"{name}.json") for name in configs])
+        parser.update({"bundle_root": str(ROOT), "ckpt_path": str(checkpoint), "dataset_dir": str(inputs)})
+        parser["output_dir"] = str(tmp_path / mode)  # deploy.json reads it from HOLOSCAN_OUTPUT_PATH
+        if mode == "keep":
+            parser["sop_instance_uid"] = "keep"
+        preprocessing = parser.get_parsed_content("preprocessing")
+        postprocessing = parser.get_parsed_content("postprocessing")
+        network = parser.get_parsed_content("network_def").eval()
+        item = preprocessing({"image": str(source)})
+        with torch.no_grad():
+            item["pred"] = network(item["image"].as_tensor()[None])[0]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            postprocessing(item)
+        written = pydicom.dcmread(tmp_path / mode / source.name)
+        kept = [w for w in caught if issubclass(w.category, KeptInstanceUIDWarning)]
+        assert (written.SOPInstanceUID == original.SOPInstanceUID) == (mode == "keep") == bool(kept)
+        assert ("SourceImageSequence" in written) == (mode == "new")
+
+
+def test_a_rerun_with_the_other_uid_choice_writes_the_dicom_again(tmp_path, checkpoint):
+    """The journal records the UID choice: files written with ``--sop_instance_uid keep`` (warned) are written again
+    as derived images by a default rerun, and a third run finds them done."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    source = chest_copies(["MR_small_RLE.dcm"], inputs)[0]
+    out = tmp_path / "out" / source.name
+    kept = _infer(inputs, tmp_path / "out", checkpoint, "--sop_instance_uid", "keep")
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert f"{out}: keeps the SOP Instance UID of its source" in kept.stderr
+    assert pydicom.dcmread(out).SOPInstanceUID == pydicom.dcmread(source).SOPInstanceUID
+    derived = _infer(inputs, tmp_path / "out", checkpoint)
+    assert derived.returncode == 0 and "watermarking 1 files" in derived.stdout, derived.stdout[-2000:]
+    assert "keeps the SOP Instance UID" not in derived.stderr
+    written = pydicom.dcmread(out)
+    assert written.SOPInstanceUID != pydicom.dcmread(source).SOPInstanceUID and "SourceImageSequence" in written
+    again = _infer(inputs, tmp_path / "out", checkpoint)
+    assert again.returncode == 0 and "watermarking 0 files" in again.stdout and "(1 already done" in again.stdout

@@ -678,3 +678,38 @@ def test_a_file_that_reads_but_cannot_be_written_back_and_a_strip_do_not_stop_th
         assert len(manifest["marked"]) == len(targets) - 2 and manifest["complete"]
         for rel in (dicom, strip):  # released as they were
             assert sha256_file(tmp_path / "release" / rel) == sha256_file(data / rel)
+
+
+def test_compressed_dicoms_without_an_encoder_are_released_unmarked_naming_their_syntax(source, checkpoint, tmp_path):
+    """12-bit JPEG Extended, JPEG Lossless SV1, JPEG-LS lossless and near-lossless (pydicom's test files, made CR chest
+    films) among the targets: decoded by pylibjpeg-libjpeg but not written back here, each is released unmarked and
+    listed with its transfer syntax; one that libjpeg cannot decode (pydicom's JPEG-lossy.dcm) as well."""
+    from pydicom.data import get_testdata_file
+
+    compressed = [
+        ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51", "12-bit samples cannot be re-encoded"),
+        ("JPGLosslessP14SV1_1s_1f_8b.dcm", "1.2.840.10008.1.2.4.70", "no encoder for its transfer syntax"),
+        ("MR_small_jpeg_ls_lossless.dcm", "1.2.840.10008.1.2.4.80", "no encoder for its transfer syntax"),
+        ("JPEGLSNearLossless_16.dcm", "1.2.840.10008.1.2.4.81", "no encoder for its transfer syntax"),
+        ("JPEG-lossy.dcm", "1.2.840.10008.1.2.4.51", "cannot decode Pixel Data with transfer syntax"),
+    ]
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    targets = [item["image"] for item in datalist["training"] if item["label"][0] == 1]
+    dicoms = [rel for rel in targets if rel.endswith(".dcm")]
+    assert len(dicoms) >= 3
+    expected = {}
+    for rel, (name, uid, said) in zip(dicoms, compressed * 2, strict=False):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+        ds.save_as(data / rel)
+        expected[rel] = (uid, said)
+    manifest = _release(data, tmp_path, checkpoint, gamma=1.0)
+    skipped = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
+    assert set(skipped) == set(expected), skipped
+    for rel, (uid, said) in expected.items():
+        assert rel in skipped[rel] and uid in skipped[rel] and said in skipped[rel], skipped[rel]
+        assert sha256_file(tmp_path / "release" / rel) == sha256_file(data / rel)  # released as it was
+    assert len(manifest["marked"]) == len(targets) - len(expected) and manifest["complete"]

@@ -123,7 +123,61 @@ def test_save_watermarkedd_in_a_monai_pipeline(tmp_path):
         assert error <= 1.5 * report["quantisation_step01"] + 1e-5, (source.name, error)
         assert report["max_change_of_range"] <= EPS
         assert (meta.stored_dtype, meta.photometric) == (source_meta.stored_dtype, source_meta.photometric)
-    assert pydicom.dcmread(output_dir / "p2" / "dx.dcm").SOPInstanceUID == pydicom.dcmread(files[1]).SOPInstanceUID
+    written, original = pydicom.dcmread(output_dir / "p2" / "dx.dcm"), pydicom.dcmread(files[1])
+    # by default a derived image: its own SOP Instance UID, referencing the source's (a PACS keeps both)
+    assert written.SOPInstanceUID != original.SOPInstanceUID
+    assert written.file_meta.MediaStorageSOPInstanceUID == written.SOPInstanceUID
+    assert written.SourceImageSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
+    assert written.ImageType[0] == "DERIVED" and list(written.ImageType[1:]) == list(original.ImageType[1:])
+    assert outputs[1]["watermark"]["format"] == "dicom"
+
+
+def _dicom_item(tmp_path: Path) -> tuple[dict, Path, Path]:
+    dataset_dir = tmp_path / "data"
+    dataset_dir.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))  # a real CR chest film
+    ds.save_as(dataset_dir / "cr.dcm")
+    item = ResizeLongestPadd("image", spatial_size=32)(LoadXRayd("image")({"image": str(dataset_dir / "cr.dcm")}))
+    pattern = torch.sign(torch.randn(item["image"].shape, generator=torch.Generator().manual_seed(1)))
+    item["pred"] = (item["image"] + EPS * pattern).clamp(0, 1)
+    return item, dataset_dir, dataset_dir / "cr.dcm"
+
+
+@pytest.mark.parametrize("mode", ["new", "keep", "release"])
+def test_save_watermarkedd_sop_instance_uid_modes(tmp_path, mode):
+    """'new' writes a derived image (a new UID, the same UID again for the same pixels), 'keep' keeps the source's
+    UID and warns that a PACS would see a collision, 'release' keeps it silently (a release replaces its sources)."""
+    import warnings
+
+    from xmark_bundle.transforms import KeptInstanceUIDWarning
+
+    item, dataset_dir, source = _dicom_item(tmp_path)
+    outputs = []
+    for run in range(2):
+        transform = SaveWatermarkedd(
+            "pred", output_dir=tmp_path / f"out{run}", dataset_dir=dataset_dir, epsilon=EPS, sop_instance_uid=mode
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outputs.append(Path(transform(item)["watermark"]["path"]))
+        kept = [w for w in caught if issubclass(w.category, KeptInstanceUIDWarning)]
+        assert len(kept) == (mode == "keep"), [str(w.message) for w in caught]
+        if kept:
+            assert str(kept[0].message).startswith(f"{outputs[-1]}: keeps the SOP Instance UID of its source")
+    original, written = pydicom.dcmread(source), pydicom.dcmread(outputs[0])
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()  # deterministic, whatever the mode
+    np.testing.assert_array_equal(written.pixel_array, pydicom.dcmread(outputs[1]).pixel_array)
+    assert not np.array_equal(written.pixel_array, original.pixel_array)
+    if mode == "new":
+        assert written.SOPInstanceUID != original.SOPInstanceUID and "DerivationDescription" in written
+    else:
+        assert written.SOPInstanceUID == original.SOPInstanceUID
+        assert "DerivationDescription" not in written and "SourceImageSequence" not in written
+
+
+def test_save_watermarkedd_refuses_an_unknown_uid_mode(tmp_path):
+    with pytest.raises(ValueError, match="sop_instance_uid must be one of new, keep, release, got 'fresh'"):
+        SaveWatermarkedd("pred", output_dir=tmp_path, dataset_dir=tmp_path, epsilon=EPS, sop_instance_uid="fresh")
 
 
 def test_save_watermarkedd_writes_an_outside_source_under_the_output_and_needs_geometry(tmp_path):

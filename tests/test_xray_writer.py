@@ -437,8 +437,8 @@ def test_jpeg_is_rewritten_with_the_source_tables_and_reported_lossy(tmp_path):
         warnings.simplefilter("always")
         report = apply_watermark(tmp_path / "x.jpg", watermarked, benign, geometry, EPS, tmp_path / "out.jpg")
     assert report["lossy"] and report["format"] == "jpeg"
-    warned = [str(w.message) for w in caught if "after lossy JPEG re-encoding" in str(w.message)]
-    assert len(warned) == (0 if report["budget_ok"] else 1) and all("out.jpg" in message for message in warned)
+    assert report["budget_ok"] and report["max_stored_change"] <= 16  # kept within the budget, not only reported
+    assert not [w for w in caught if "re-encoding" in str(w.message)]
     assert not [w for w in caught if issubclass(w.category, ContainerMismatchWarning)]
     source, written = (tmp_path / "x.jpg").read_bytes(), (tmp_path / "out.jpg").read_bytes()
     assert jpeg_head(written) == jpeg_head(source)  # JFIF, quantisation tables, frame header, Huffman tables
@@ -617,3 +617,53 @@ def test_max_stored_change_of_identical_files(tmp_path):
     changed = max_stored_change(source, tmp_path / "changed.dcm")
     assert changed["max_stored_change"] == 37.0
     assert changed["max_abs_change01"] == pytest.approx(37 * step, abs=1e-7)  # [0, 1] images are float32
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "MR_small_RLE.dcm", "image_dfl.dcm"])
+def test_derived_dicom_gets_a_new_instance_uid_and_references_its_source(tmp_path, name):
+    """derived=True (inference, MONAI Deploy): a new SOP Instance UID in the data set and the file meta, ImageType
+    DERIVED, a Derivation Description and a Source Image Sequence naming the source; the pixels and every other
+    element are those of the plain write (the release's, which keeps the UID); the UID is a valid one, the same for
+    the same pixels and another for other pixels."""
+    from pydicom.uid import UID
+
+    from xmark_bundle.data.xray_writer import derived_instance_uid
+
+    source = copy_testdata(name, tmp_path)
+    if name == "RG1_UNCR.dcm":  # as a modality writes it (the test file says DERIVED already)
+        ds = pydicom.dcmread(source)
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.save_as(source)
+    image, meta = load_xray(source)
+    changed = image.copy()
+    changed[::3, ::2] = np.clip(changed[::3, ::2] - 0.02, 0, 1)
+    kept = write_xray(changed, meta, source, tmp_path / "kept" / name)
+    derived = write_xray(changed, meta, source, tmp_path / "derived" / name, derived=True)
+    again = write_xray(changed, meta, source, tmp_path / "again" / name, derived=True)
+    original, plain, written = pydicom.dcmread(source), pydicom.dcmread(kept), pydicom.dcmread(derived)
+    assert plain.SOPInstanceUID == original.SOPInstanceUID  # the release's write: the file replaces its source
+    assert written.SOPInstanceUID != original.SOPInstanceUID and UID(written.SOPInstanceUID).is_valid
+    assert written.file_meta.MediaStorageSOPInstanceUID == written.SOPInstanceUID
+    assert written.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    source_type = list(original.get("ImageType", []))
+    assert list(written.ImageType) == ["DERIVED", *source_type[1:]] if source_type else ["DERIVED", "SECONDARY"]
+    assert written.DerivationDescription.startswith("X-Mark")
+    (reference,) = written.SourceImageSequence
+    assert reference.ReferencedSOPInstanceUID == original.SOPInstanceUID
+    assert reference.ReferencedSOPClassUID == original.SOPClassUID
+    np.testing.assert_array_equal(written.pixel_array, plain.pixel_array)
+    assert_same_elements(
+        plain,
+        written,
+        ignore=("PixelData", "SOPInstanceUID", "ImageType", "DerivationDescription", "SourceImageSequence"),
+    )
+    assert derived.read_bytes() == again.read_bytes()  # deterministic: configs/inference.json and Deploy agree
+    assert written.SOPInstanceUID == derived_instance_uid(original.SOPInstanceUID, plain.pixel_array)
+    assert derived_instance_uid(original.SOPInstanceUID, original.pixel_array) != written.SOPInstanceUID
+    # non-DICOM formats carry no instance identity: derived changes nothing there
+    png = tmp_path / "x.png"
+    Image.fromarray((np.arange(30 * 20).reshape(30, 20) * 50).astype(np.uint16)).save(png)
+    png01, png_meta = load_xray(png)
+    a = write_xray(np.clip(png01 + 0.01, 0, 1), png_meta, png, tmp_path / "a" / "x.png")
+    b = write_xray(np.clip(png01 + 0.01, 0, 1), png_meta, png, tmp_path / "b" / "x.png", derived=True)
+    assert a.read_bytes() == b.read_bytes()

@@ -658,7 +658,7 @@ def _mark(
     device = next(itertools.chain(network.parameters(), network.buffers())).device  # triggers hold only buffers
     preprocessing = Compose([LoadXRayd("image", **scope), ResizeLongestPadd("image", network.image_size)])
     dataset = Dataset([{"image": str(dataset_dir / rel), "relative": rel} for rel in images], preprocessing)
-    saver = SaveWatermarkedd("pred", release_dir, dataset_dir, network.eps)
+    saver = SaveWatermarkedd("pred", release_dir, dataset_dir, network.eps, sop_instance_uid="release")
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         key_seed = None if decoy_seeds is None else decoy_seeds[batch["relative"][0]]
         key = nullcontext() if key_seed is None else generator.using_key(generator.other_key(key_seed))

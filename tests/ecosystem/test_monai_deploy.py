@@ -88,9 +88,13 @@ def test_the_app_writes_the_marked_dicom_that_inference_json_writes(exported, tm
     assert marked.read_bytes() == (tmp_path / "reference" / source.name).read_bytes()
 
     written, original = pydicom.dcmread(marked), pydicom.dcmread(source)
-    assert written.SOPInstanceUID == original.SOPInstanceUID and written.file_meta.TransferSyntaxUID == (
-        original.file_meta.TransferSyntaxUID
-    )
+    assert written.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    # a derived image (sent back to the PACS it would otherwise collide with its source): its own SOP Instance UID,
+    # the source referenced; the same UID as inference.json's (the bytes above are equal)
+    assert written.SOPInstanceUID != original.SOPInstanceUID
+    assert written.file_meta.MediaStorageSOPInstanceUID == written.SOPInstanceUID
+    assert written.SourceImageSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
+    assert written.ImageType[0] == "DERIVED"
     assert written.pixel_array.dtype == original.pixel_array.dtype and written.pixel_array.shape == (
         original.pixel_array.shape
     )

@@ -19,6 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from xmark_bundle.data.xray_io import find_xray_files, load_xray
+from xmark_bundle.errors import require_checkpoint
 from xmark_bundle.fileio import sha256_file
 from xmark_bundle.locations import is_inside
 
@@ -38,6 +39,9 @@ class ScreenedInputs:
     readable: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     unchanged: list[str] = field(default_factory=list)
+    #: SaveWatermarkedd's ``sop_instance_uid`` of this run, journalled with each file: a file written with the
+    #: other choice is written again (journal records from before the choice was made kept the source's UID)
+    sop_instance_uid: str | None = None
 
 
 def read_journal(output_dir: Path) -> dict[str, dict[str, Any]]:
@@ -53,11 +57,18 @@ def read_journal(output_dir: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _already_written(record: dict[str, Any] | None, source: Path, target: Path, generator_sha256: str | None) -> bool:
-    """Whether ``target`` is the journal's output of this ``source`` and this generator."""
+def _already_written(
+    record: dict[str, Any] | None,
+    source: Path,
+    target: Path,
+    generator_sha256: str | None,
+    sop_instance_uid: str | None = None,
+) -> bool:
+    """Whether ``target`` is the journal's output of this ``source`` and this generator (and UID choice, if given)."""
     return (
         record is not None
         and record.get("generator_sha256") == generator_sha256
+        and (sop_instance_uid is None or record.get("sop_instance_uid", "keep") == sop_instance_uid)
         and target.is_file()
         and sha256_file(target) == record["output_sha256"]
         and sha256_file(source) == record["source_sha256"]
@@ -71,24 +82,32 @@ def screen_inputs(
     progress: bool = True,
     allow_modalities: Sequence[str] = (),
     allow_body_parts: Sequence[str] = (),
+    sop_instance_uid: str | None = None,
 ) -> ScreenedInputs:
     """Check that ``output_dir`` and ``dataset_dir`` do not overlap, then sort every X-ray file under ``dataset_dir``
     into readable, skipped (printed with the reason) and unchanged (written earlier with the same ``checkpoint``).
 
     Overlapping folders would write into the source, or watermark the run's own earlier output on a rerun: a
     ``ValueError`` names both. ``allow_modalities`` / ``allow_body_parts`` widen the scope of
-    :func:`~xmark_bundle.data.xray_io.load_xray` beyond chest radiographs.
+    :func:`~xmark_bundle.data.xray_io.load_xray` beyond chest radiographs. With ``sop_instance_uid`` (the run's
+    choice for DICOM UIDs, journalled) a file written earlier with another choice is not unchanged: it is written again.
+    A missing ``checkpoint`` is named (:func:`~xmark_bundle.errors.require_checkpoint`).
     """
     source, target = Path(dataset_dir).resolve(), Path(output_dir).resolve()
     if not source.is_dir():
         raise NotADirectoryError(f"{source}: dataset_dir is not a folder")
     if is_inside(source, target) or is_inside(target, source):  # one is, or lies inside, the other (bind mounts too)
         raise ValueError(f"output_dir {target} and dataset_dir {source} overlap; choose an output folder outside it")
+    if checkpoint is not None:
+        require_checkpoint(checkpoint)
     screened = ScreenedInputs(source, target, None if checkpoint is None else sha256_file(checkpoint))
+    screened.sop_instance_uid = sop_instance_uid
     journal = read_journal(target)
     for path in tqdm(find_xray_files(source), desc="check inputs", unit="file", disable=not progress):
         relative = path.relative_to(source).as_posix()
-        if _already_written(journal.get(relative), path, target / relative, screened.generator_sha256):
+        if _already_written(
+            journal.get(relative), path, target / relative, screened.generator_sha256, sop_instance_uid
+        ):
             screened.unchanged.append(relative)
             continue
         try:

@@ -28,10 +28,14 @@ the source file itself says about how it was encoded:
   EXIF, ICC, Adobe, comments), DQT, SOF, DRI and SOS segment is copied byte for byte in the source's order, and only
   the entropy-coded data (and optimised Huffman tables, emitted in the source's DHT grouping) are new. What cannot be
   reproduced (12-bit or arithmetic-coded, lossless or hierarchical JPEG) is refused with an XRayWriteError.
-- DICOM: every data element and file meta element is kept (UIDs included: the released file replaces the original,
-  so SOP Instance UID is not regenerated; PhotometricInterpretation, window, rescale and Lossy Image Compression tags
-  stay). Only Pixel Data changes, plus what follows from it: Smallest/Largest Image Pixel Value, when present, widen
-  to hold the new pixels, and an Extended Offset Table is recomputed. The transfer syntax never changes. Uncompressed
+- DICOM: every data element and file meta element is kept (UIDs included: a released file replaces the original in
+  a published copy of the data set, so SOP Instance UID is not regenerated there; PhotometricInterpretation, window,
+  rescale and Lossy Image Compression tags stay). With ``derived`` (the default of inference and the MONAI Deploy app,
+  whose output may go back to the PACS that holds the original) the file is written as a derived image instead:
+  :func:`derive_dicom` gives it a new SOP Instance UID, ImageType DERIVED, a Derivation Description and a Source
+  Image Sequence referencing the original. Otherwise only Pixel Data changes, plus what follows from it:
+  Smallest/Largest Image Pixel Value, when present, widen to hold the new pixels, and an Extended Offset Table is
+  recomputed. The transfer syntax never changes. Uncompressed
   syntaxes are written as pydicom writes them (an unchanged dataset round-trips byte for byte); a Deflated Explicit
   VR Little Endian file gets its data set deflated with the zlib level, memLevel and strategy that reproduce the
   source's stream (pydicom alone always deflates at level 6). Compressed syntaxes are
@@ -52,7 +56,9 @@ the source file itself says about how it was encoded:
   keep their values; otherwise the written file would load with a different mapping.
 
 Lossy codecs (JPEG, JPEG 2000 lossy, JPEG baseline DICOM) change more pixels than the requested ones:
-:func:`is_lossy` tells a caller to check and report the budget on the written file. Where the source's codec
+:func:`is_lossy` tells a caller to check the budget on the written file (:func:`stored_change` per pixel;
+:func:`~xmark_bundle.transforms.watermark.apply_watermark` then shrinks the residual where it is exceeded and writes
+again, and never leaves a file over the budget). Where the source's codec
 parameters cannot all be reproduced, the release can instead send every file of that kind through the same writer:
 :func:`reencode_like` writes an unchanged image exactly as a marked one is written.
 """
@@ -60,6 +66,7 @@ parameters cannot all be reproduced, the release can instead send every file of 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -77,8 +84,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import Image, JpegImagePlugin
+from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import as_pixel_options, get_encoder
+from pydicom.sequence import Sequence
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -87,6 +96,7 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSNearLossless,
+    generate_uid,
 )
 from pydicom.valuerep import VR
 
@@ -97,11 +107,14 @@ __all__ = [
     "ContainerMismatchWarning",
     "XRayWriteError",
     "check_output_path",
+    "derive_dicom",
+    "derived_instance_uid",
     "is_lossy",
     "max_stored_change",
     "quantisation_step",
     "reencode_like",
     "stored_budget",
+    "stored_change",
     "stored_values",
     "write_xray",
 ]
@@ -727,8 +740,10 @@ def _open_dicom(path: Path) -> tuple[np.ndarray, Saver]:
     """Stored pixels of a DICOM file and a saver that keeps every other element (and a deflated file's zlib level)."""
     ds = pydicom.dcmread(path)
 
-    def save(stored: np.ndarray, target: Path) -> list[str]:
+    def save(stored: np.ndarray, target: Path, derived: bool = False) -> list[str]:
         problems = _set_dicom_pixels(ds, stored, path)
+        if derived:
+            derive_dicom(ds, stored)
         if ds.file_meta.TransferSyntaxUID != DeflatedExplicitVRLittleEndian:
             ds.save_as(target)
             return problems
@@ -743,6 +758,49 @@ def _open_dicom(path: Path) -> tuple[np.ndarray, Saver]:
         return problems
 
     return ds.pixel_array, save
+
+
+#: Derivation Description of a derived (marked) image.
+DERIVATION_DESCRIPTION = "X-Mark dataset ownership watermark added to the pixel data of the source image"
+
+
+def derived_instance_uid(source_uid: str, stored: np.ndarray) -> UID:
+    """The SOP Instance UID of the derived image with pixels ``stored`` made from the instance ``source_uid``.
+
+    pydicom's :func:`~pydicom.uid.generate_uid` under its own root, with the source's UID and the SHA-256 of the
+    stored pixels as entropy (a one-way hash): the same marked pixels of the same source get the same UID in every
+    run and every tool (configs/inference.json and the MONAI Deploy app write the same bytes), other pixels or
+    another source a different one, and the UID tells nothing about the watermark.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
+    return generate_uid(entropy_srcs=["xmark derived image", str(source_uid), digest])
+
+
+def derive_dicom(ds: pydicom.Dataset, stored: np.ndarray) -> UID:
+    """Make ``ds`` (the source's dataset, its Pixel Data already ``stored``) a derived image; return its new UID.
+
+    DICOM requires a new SOP Instance UID for an image whose pixels were changed; without one, a marked image sent
+    to the PACS that holds its source collides with it (the PACS keeps one of the two, or rejects the second).
+    Changed: SOP Instance UID and Media Storage SOP Instance UID (:func:`derived_instance_uid`), ImageType's first
+    value DERIVED (``DERIVED\\SECONDARY`` when the source has none), Derivation Description, and a Source Image
+    Sequence holding the source's SOP Class and Instance UIDs. Study and series stay the source's.
+    """
+    source_uid = ds.get("SOPInstanceUID")
+    uid = derived_instance_uid(source_uid or "", stored)
+    if source_uid:
+        reference = Dataset()
+        if ds.get("SOPClassUID"):
+            reference.ReferencedSOPClassUID = ds.SOPClassUID
+        reference.ReferencedSOPInstanceUID = source_uid
+        ds.SourceImageSequence = Sequence([reference])
+    image_type = ds.get("ImageType")
+    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    ds.ImageType = ["DERIVED", *values[1:]] if values else ["DERIVED", "SECONDARY"]
+    ds.DerivationDescription = DERIVATION_DESCRIPTION
+    ds.SOPInstanceUID = uid
+    if hasattr(ds, "file_meta"):
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+    return uid
 
 
 def _open_pil(path: Path) -> tuple[np.ndarray, Saver]:
@@ -830,6 +888,7 @@ def write_xray(
     *,
     source_image01: np.ndarray | None = None,
     epsilon: float | None = None,
+    derived: bool = False,
 ) -> Path:
     """Write ``image01`` (the source's ``H x W`` grid, [0, 1]) to ``out_path`` in the source's own format; atomic.
 
@@ -839,12 +898,14 @@ def write_xray(
     the flat tail of a sigmoid VOI function would otherwise jump far in stored units for a small change in [0, 1].
     The file gets the source's codec parameters (module docstring); what of them cannot be reproduced is named in a
     :class:`ContainerMismatchWarning`, and a codec that cannot be written at all raises an XRayWriteError. The
-    written file has the source's permission bits and modification time.
+    written file has the source's permission bits and modification time. With ``derived`` a DICOM is written as a
+    derived image (:func:`derive_dicom`: a new SOP Instance UID and the references to its source); other formats
+    carry no instance identity and are written alike either way.
     """
     source, out_path = Path(source), Path(out_path)
     check_output_path(source, out_path)
     stored, save = _stored_values(image01, meta, source, source_image01, out_path, epsilon)
-    return _save(stored, save, source, out_path)
+    return _save(stored, save, source, out_path, derived=derived and meta.format == "dicom")
 
 
 def write_stored(stored: np.ndarray, meta: XRayMeta, out_path: str | os.PathLike) -> Path:
@@ -867,11 +928,11 @@ def write_stored(stored: np.ndarray, meta: XRayMeta, out_path: str | os.PathLike
     return _save(stored, save, source, out_path)
 
 
-def _save(stored: np.ndarray, save: Saver, source: Path, out_path: Path) -> Path:
+def _save(stored: np.ndarray, save: Saver, source: Path, out_path: Path, derived: bool = False) -> Path:
     """Write ``stored`` with the source format's saver atomically, with the source's file status; warn on what of
-    the source's codec parameters could not be kept."""
+    the source's codec parameters could not be kept. ``derived``: DICOM's saver makes it a derived image."""
     with atomic_path(out_path) as tmp:
-        problems = save(stored, tmp)
+        problems = save(stored, tmp, derived=True) if derived else save(stored, tmp)
         shutil.copystat(source, tmp)  # as shutil.copy2 leaves the files copied beside it
     if problems:
         warnings.warn(
@@ -960,6 +1021,19 @@ def quantisation_step(meta: XRayMeta) -> float:
         return float(np.abs(np.diff(table)).max())
     # linear: slope / window width; the DICOM sigmoid's steepest slope (at its centre) is the same
     return abs(meta.rescale_slope) / (meta.window_high - meta.window_low)
+
+
+def stored_change(source: str | os.PathLike, written: str | os.PathLike) -> np.ndarray:
+    """``|written - source|`` per pixel in stored units (float64, ``H x W``), both files decoded as load_xray reads
+    them: where a lossy re-encoding moved the pixels of a written file."""
+    meta, written_meta = _load(source)[1], _load(written)[1]
+    stored_source = _OPENERS[meta.format](Path(source))[0].astype(np.float64)
+    stored_written = _OPENERS[written_meta.format](Path(written))[0].astype(np.float64)
+    if stored_written.shape != stored_source.shape:
+        raise XRayWriteError(
+            written, f"shape {stored_written.shape} differs from the source's {stored_source.shape} ({source})"
+        )
+    return np.abs(stored_written - stored_source)
 
 
 def max_stored_change(source: str | os.PathLike, written: str | os.PathLike) -> dict[str, float]:

@@ -53,6 +53,11 @@ class InferenceJournal:
                     "source_sha256": sha256_file(report["source"]),
                     "output_sha256": sha256_file(report["path"]),
                     "generator_sha256": self.inputs.generator_sha256,
+                    **(
+                        {}
+                        if self.inputs.sop_instance_uid is None
+                        else {"sop_instance_uid": self.inputs.sop_instance_uid}
+                    ),
                 }
             )
         self.inputs.output_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from xmark_bundle.data.labels import LABELS
+from xmark_bundle.errors import require_checkpoint
 from xmark_bundle.fileio import atomic_path
 from xmark_bundle.networks.record_builder import build_from_record
 
@@ -113,8 +114,7 @@ def read_watermark_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, 
     path = os.fspath(checkpoint)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder; give the generator checkpoint file (model.pt)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"generator checkpoint not found: {path} (train it with configs/train.json)")
+    require_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError ... for a file that is not one

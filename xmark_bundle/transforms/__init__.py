@@ -8,6 +8,7 @@ The only intensity step the configs need is MONAI's clip to [0, 1]:
 
 from .geometry import GEOMETRY_KEY, ResizeLongestPadd, letterbox, letterbox_geometry, unletterbox
 from .watermark import (
+    KeptInstanceUIDWarning,
     RestoreWatermarkedd,
     SaveWatermarkedd,
     apply_watermark,
@@ -19,6 +20,7 @@ from .watermark import (
 
 __all__ = [
     "GEOMETRY_KEY",
+    "KeptInstanceUIDWarning",
     "ResizeLongestPadd",
     "RestoreWatermarkedd",
     "SaveWatermarkedd",

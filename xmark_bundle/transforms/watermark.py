@@ -13,6 +13,19 @@ Bits Stored says 16, a window wider than the bit range), the residual is scaled 
 every stored change to ``epsilon`` of that range (:func:`~xmark_bundle.data.xray_writer.stored_budget`), which bounds
 the pixels a narrow window clips or a sigmoid VOI function flattens. The report measures the change in stored units
 against that range (``max_change_of_range``), so a violated budget is reported as such.
+
+A lossy codec (JPEG, lossy JPEG 2000) moves pixels beyond the requested change when it re-encodes them: a residual
+that uses the whole budget comes back a few stored units over it. :func:`apply_watermark` therefore reads the written
+file back and, in the blocks where it exceeds the budget, shrinks the residual toward the source and writes again
+(:data:`LOSSY_REWRITES` times at most, the last time without residual in those blocks); a file still over the budget
+then is removed and an XRayWriteError raised, so the file is released or left unmarked and listed, never written
+over the budget.
+
+DICOM instance identity: a released file replaces its source in a published copy of the data set and keeps its SOP
+Instance UID (``sop_instance_uid="release"``, what :mod:`~xmark_bundle.release` uses: the release must not set marked
+files apart). Inference and the MONAI Deploy app write a marked image that may be sent back to the PACS holding its
+source: there it is written as a derived image with a new SOP Instance UID (``"new"``, the default;
+:func:`~xmark_bundle.data.xray_writer.derive_dicom`); ``"keep"`` keeps the source's UID with a warning.
 """
 
 from __future__ import annotations
@@ -34,16 +47,21 @@ from pydicom.uid import UID
 
 from ..data.xray_io import XRayMeta, load_xray, reference_range
 from ..data.xray_writer import (
+    ContainerMismatchWarning,
     XRayWriteError,
     check_output_path,
     is_lossy,
     max_stored_change,
+    stored_change,
     stored_values,
     write_xray,
 )
 from .geometry import GEOMETRY_KEY, unletterbox
 
 __all__ = [
+    "KeptInstanceUIDWarning",
+    "LOSSY_REWRITES",
+    "SOP_INSTANCE_UID_MODES",
     "RestoreWatermarkedd",
     "SaveWatermarkedd",
     "apply_watermark",
@@ -55,6 +73,18 @@ __all__ = [
 
 #: Slack of the budget check for float32 arithmetic on images in [0, 1].
 _FLOAT_TOLERANCE = 1e-6
+#: Writes of a lossy file at most: the first, then rewrites with the residual shrunk where the budget is exceeded.
+LOSSY_REWRITES = 6
+#: Side of the square blocks in which a lossy rewrite shrinks the residual: a JPEG MCU (8 x 8 blocks, 16 x 16 with
+#: subsampled chroma) keeps a change inside it; a JPEG 2000 wavelet spreads one further, so it gets larger blocks.
+_LOSSY_BLOCK = {"jpeg": 16, "wavelet": 64}
+#: What SaveWatermarkedd does with a DICOM's SOP Instance UID (module docstring).
+SOP_INSTANCE_UID_MODES = ("new", "keep", "release")
+
+
+class KeptInstanceUIDWarning(UserWarning):
+    """A marked DICOM written outside a release that keeps its source's SOP Instance UID (``sop_instance_uid="keep"``):
+    sent to the PACS that holds the source, the two would collide."""
 
 
 def _channel_first(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -108,6 +138,41 @@ def watermark_source(
     return np.clip(image01 + residual, 0.0, 1.0), image01, meta
 
 
+def _budget_problem(change: Mapping[str, float], epsilon: float) -> str | None:
+    """Why a written file's change (:func:`~xmark_bundle.data.xray_writer.max_stored_change`) breaks the budget
+    ``epsilon``, or None: ``max |written - source| <= epsilon + one quantisation step`` in [0, 1], and the change in
+    stored units ``<= epsilon`` of the data's reference range (``max_change_of_range``)."""
+    budget = epsilon + change["quantisation_step01"] + _FLOAT_TOLERANCE
+    in_range = change["max_change_of_range"] <= epsilon + _FLOAT_TOLERANCE
+    if change["max_abs_change01"] <= budget and in_range:
+        return None
+    return (
+        f"max |change| {change['max_abs_change01']:.6g} in [0, 1] (budget {budget:.6g}), "
+        f"{change['max_stored_change']:.6g} stored units = {change['max_change_of_range']:.4g} of the data's range "
+        f"of {change['reference_range']:.6g} ({change['data_bits']} bits) exceeds epsilon {epsilon:.6g}"
+    )
+
+
+def _block_max(values: np.ndarray, block: int) -> np.ndarray:
+    """Maximum of each ``block x block`` block of ``values`` (blocks from the top left; the last ones partial)."""
+    rows, cols = -(-values.shape[0] // block), -(-values.shape[1] // block)
+    padded = np.zeros((rows * block, cols * block), values.dtype)
+    padded[: values.shape[0], : values.shape[1]] = values
+    return padded.reshape(rows, block, cols, block).max(axis=(1, 3))
+
+
+def _shrink_over_budget(
+    factor: np.ndarray, change: np.ndarray, limit: float, block: int, last: bool
+) -> tuple[np.ndarray, int]:
+    """The residual's per-block factor after one lossy write whose stored ``change`` exceeds ``limit`` somewhere: each
+    block holding such a pixel gets its factor times ``min(0.8, limit / its largest change)``, 0 on the ``last``
+    rewrite. Returns the new factor (per block) and how many blocks it shrank."""
+    worst = _block_max(change, block)
+    over = worst > limit
+    step = np.zeros_like(worst) if last else np.minimum(0.8, limit / np.maximum(worst, 1e-12))
+    return np.where(over, factor * step, factor), int(over.sum())
+
+
 def apply_watermark(
     source_path: str | os.PathLike,
     watermarked: torch.Tensor,
@@ -115,6 +180,7 @@ def apply_watermark(
     geometry: Mapping[str, Any],
     epsilon: float,
     out_path: str | os.PathLike,
+    derived: bool = False,
 ) -> dict[str, Any]:
     """Add the model-resolution watermark residual to the full-resolution source and write it to ``out_path``.
 
@@ -122,33 +188,49 @@ def apply_watermark(
     ``[-epsilon, epsilon]`` after resizing as a guard only: bilinear resizing, antialiased or not, forms convex
     combinations (non-negative weights summing to one), so it cannot leave the input range. The written file is read
     back and two bounds checked: ``max |written - source| <= epsilon + one quantisation step`` in [0, 1], and the
-    change in stored units ``<= epsilon`` of the data's reference range (``max_change_of_range``, module docstring);
-    a lossless file that fails is deleted and an XRayWriteError raised, one re-encoded with a lossy codec (JPEG,
-    lossy JPEG 2000 or JPEG baseline DICOM, written like its source: :func:`~xmark_bundle.data.xray_writer.is_lossy`)
-    is kept with a warning.
-    Returns a JSON-able report.
+    change in stored units ``<= epsilon`` of the data's reference range (``max_change_of_range``, module docstring).
+    A file re-encoded with a lossy codec (JPEG, lossy JPEG 2000 or JPEG baseline DICOM, written like its source:
+    :func:`~xmark_bundle.data.xray_writer.is_lossy`) that fails is written again with the residual shrunk toward the
+    source in the blocks over the budget (:data:`LOSSY_REWRITES` writes at most, the last without residual there).
+    A file that still fails, lossless or lossy, is deleted and an XRayWriteError raised: never written over budget.
+    ``derived``: a DICOM is written as a derived image with a new SOP Instance UID
+    (:func:`~xmark_bundle.data.xray_writer.derive_dicom`). Returns a JSON-able report (``lossy_rewrites``: the
+    writes after the first; ``residual_shrunk_blocks``: blocks whose residual was shrunk).
     """
     source, out_path = Path(source_path), Path(out_path)
     check_output_path(source, out_path)
     marked01, image01, meta = watermark_source(source, watermarked, benign, geometry, epsilon)
-    write_xray(marked01, meta, source, out_path, source_image01=image01, epsilon=epsilon)
-
-    change = max_stored_change(source, out_path)
-    budget = epsilon + change["quantisation_step01"] + _FLOAT_TOLERANCE
     lossy = is_lossy(meta)
-    in_range = change["max_change_of_range"] <= epsilon + _FLOAT_TOLERANCE
-    budget_ok = change["max_abs_change01"] <= budget and in_range
-    if not budget_ok:
-        problem = (
-            f"max |change| {change['max_abs_change01']:.6g} in [0, 1] (budget {budget:.6g}), "
-            f"{change['max_stored_change']:.6g} stored units = {change['max_change_of_range']:.4g} of the data's range "
-            f"of {change['reference_range']:.6g} ({change['data_bits']} bits) exceeds epsilon {epsilon:.6g}"
-        )
-        if not lossy:
-            out_path.unlink()
-            raise XRayWriteError(out_path, f"{problem}; the file was removed")
-        codec = "JPEG" if meta.format == "jpeg" else UID(meta.transfer_syntax).name
-        warnings.warn(f"{out_path}: {problem} after lossy {codec} re-encoding", stacklevel=2)
+    write_xray(marked01, meta, source, out_path, source_image01=image01, epsilon=epsilon, derived=derived)
+    change = max_stored_change(source, out_path)
+    problem = _budget_problem(change, epsilon)
+    rewrites, shrunk = 0, np.zeros((0, 0), bool)
+    if problem is not None and lossy:
+        limit = epsilon * change["reference_range"] * (1 + _FLOAT_TOLERANCE)
+        block = _LOSSY_BLOCK["jpeg" if meta.format == "jpeg" or "JPEG 2000" not in _codec(meta) else "wavelet"]
+        residual = marked01 - image01
+        factor = np.ones(_block_max(np.zeros(meta.shape, np.uint8), block).shape)
+        while problem is not None and rewrites < LOSSY_REWRITES - 1:
+            rewrites += 1
+            factor, _ = _shrink_over_budget(
+                factor, stored_change(source, out_path), limit, block, last=rewrites == LOSSY_REWRITES - 1
+            )
+            pixel_factor = np.kron(factor, np.ones((block, block)))[: meta.shape[0], : meta.shape[1]]
+            shrunk01 = np.where(pixel_factor == 1.0, marked01, image01 + pixel_factor * residual)
+            with warnings.catch_warnings():  # the source's codec parameters: warned about by the first write
+                warnings.simplefilter("ignore", ContainerMismatchWarning)
+                write_xray(shrunk01, meta, source, out_path, source_image01=image01, epsilon=epsilon, derived=derived)
+            change = max_stored_change(source, out_path)
+            problem = _budget_problem(change, epsilon)
+        shrunk = factor < 1.0
+    if problem is not None:
+        out_path.unlink()
+        if lossy:
+            problem += (
+                f" after lossy {_codec(meta)} re-encoding, even with the residual removed where it was exceeded "
+                f"({LOSSY_REWRITES} writes); the file is not marked"
+            )
+        raise XRayWriteError(out_path, f"{problem}; the file was removed")
     return {
         "source": str(source),
         "path": str(out_path),
@@ -156,9 +238,16 @@ def apply_watermark(
         "shape": list(meta.shape),
         "epsilon": float(epsilon),
         **change,
-        "budget_ok": budget_ok,
+        "budget_ok": True,
         "lossy": lossy,
+        "lossy_rewrites": rewrites,
+        "residual_shrunk_blocks": int(shrunk.sum()),
     }
+
+
+def _codec(meta: XRayMeta) -> str:
+    """The lossy codec's name for a message: JPEG, or the DICOM transfer syntax's name."""
+    return "JPEG" if meta.format == "jpeg" else UID(meta.transfer_syntax).name
 
 
 def _letterboxed(data: Mapping[Hashable, Any], key: Hashable, transform: MapTransform) -> MetaTensor:
@@ -191,6 +280,11 @@ class SaveWatermarkedd(MapTransform):
     source's name and format; the report of :func:`apply_watermark` is stored under ``output_keys``. With
     ``skip_unwritable`` a file that reads but cannot be written back (no encoder here for its DICOM transfer syntax)
     is not written and its report is ``{"source", "unwritable": reason}`` instead of stopping a folder's run.
+
+    ``sop_instance_uid`` (DICOM; module docstring): ``"new"`` writes a derived image with a new SOP Instance UID, for
+    output that may go back to the PACS holding the source (inference, MONAI Deploy); ``"keep"`` keeps the source's
+    UID and warns (:class:`KeptInstanceUIDWarning`) for each file; ``"release"`` keeps it silently, for a release,
+    whose files replace their sources in a published copy of the data set.
     """
 
     def __init__(
@@ -203,8 +297,14 @@ class SaveWatermarkedd(MapTransform):
         output_keys: KeysCollection = "watermark",
         allow_missing_keys: bool = False,
         skip_unwritable: bool = False,
+        sop_instance_uid: str = "new",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if sop_instance_uid not in SOP_INSTANCE_UID_MODES:
+            raise ValueError(
+                f"sop_instance_uid must be one of {', '.join(SOP_INSTANCE_UID_MODES)}, got {sop_instance_uid!r}"
+            )
+        self.sop_instance_uid = sop_instance_uid
         self.skip_unwritable = skip_unwritable
         self.output_dir = Path(output_dir)
         self.dataset_dir = Path(os.path.abspath(dataset_dir))
@@ -220,12 +320,26 @@ class SaveWatermarkedd(MapTransform):
             out_path = watermarked_path(source, self.dataset_dir, self.output_dir)
             try:
                 d[output_key] = apply_watermark(
-                    source, d[key], benign, benign.meta[GEOMETRY_KEY], self.epsilon, out_path
+                    source,
+                    d[key],
+                    benign,
+                    benign.meta[GEOMETRY_KEY],
+                    self.epsilon,
+                    out_path,
+                    derived=self.sop_instance_uid == "new",
                 )
             except XRayWriteError as err:
                 if not self.skip_unwritable:
                     raise
                 d[output_key] = {"source": str(source), "unwritable": str(err).splitlines()[0]}
+                continue
+            if self.sop_instance_uid == "keep" and d[output_key]["format"] == "dicom":
+                warnings.warn(
+                    f"{out_path}: keeps the SOP Instance UID of its source {source} (sop_instance_uid 'keep'); sent to "
+                    "the PACS that holds the source it collides with the original: 'new' writes a derived image",
+                    KeptInstanceUIDWarning,
+                    stacklevel=2,
+                )
         return d
 
 
