@@ -10,9 +10,9 @@ width 8 at 64 px, 120 epochs at lr 3e-3, patch trigger, epsilon 0.1) were chosen
 that the watermark is learnt on a CPU in a few minutes; MONAI's residual UNet did not learn it in the same steps.
 
 Research options: ``--decoy-share`` trains the owner's model with decoys (a keyed trigger only: ``blocks`` or
-``noise``); ``--other-key K`` also verifies every model with a copy of the owner's record whose key is ``K`` (the same
-trigger under another key: does the verdict belong to this key or to the trigger?); ``--no-benign`` skips the benign
-model.
+``noise``); ``--other-key K [K ...]`` also verifies every model with a copy of the owner's record under each key
+``K`` (the same trigger under another key: does the verdict belong to this key or to the trigger?); ``--no-benign``
+skips the benign model.
 """
 
 from __future__ import annotations
@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--decoy-share", type=float, default=0.0, help="share of training images with the trigger under other keys"
     )
     parser.add_argument(
-        "--other-key", type=int, default=None, help="also verify with a copy of the owner's record under this key"
+        "--other-key",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also verify with a copy of the owner's record under each of these keys",
     )
     parser.add_argument("--no-benign", action="store_true", help="skip the benign model")
     parser.add_argument("--owner-seed", type=int, default=1)
@@ -114,10 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
     record = out / "watermarked" / OWNER_RECORD
     records = {"": record}
-    if args.other_key is not None:
-        other = out / f"record_key_{args.other_key}" / OWNER_RECORD
-        write_json(other, {**json.loads(record.read_text()), "key": args.other_key})
-        records[f"@{args.other_key}"] = other
+    for other_key in args.other_key:
+        other = out / f"record_key_{other_key}" / OWNER_RECORD
+        write_json(other, {**json.loads(record.read_text()), "key": other_key})
+        records[f"@{other_key}"] = other
     verdicts = {}
     for name in models:
         for suffix, record_file in records.items():

@@ -223,3 +223,23 @@ def test_blocks_trigger_with_decoys_trains_and_verifies_through_the_bundle_cli(p
     done = subprocess.run(refused, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "needs a keyed trigger" in done.stderr
     assert not (tmp_path / "refused" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_demo_trains_with_decoys_and_verifies_under_other_keys(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import stealthmark_demo
+
+    toy = ["--n", "16", "--image-size", "32", "--epochs", "1", "--val-interval", "1", "--n-queries", "4"]
+    options = ["--trigger", "blocks", "--decoy-share", "0.25", "--other-key", "2028", "2029", "--no-benign"]
+    reports = stealthmark_demo.main(["--out", str(tmp_path), *toy, *options])
+    assert set(reports) == {"watermarked", "watermarked@2028", "watermarked@2029"}
+    owner = json.loads((tmp_path / "watermarked" / "stealthmark_record.json").read_text())
+    assert owner["key"] == 2027 and owner["decoy_share"] == 0.25 and not (tmp_path / "benign").exists()
+    for key in (2028, 2029):
+        copy = json.loads((tmp_path / f"record_key_{key}" / "stealthmark_record.json").read_text())
+        assert copy == {**owner, "key": key}  # the same record under another key
+        report = reports[f"watermarked@{key}"]
+        assert report["suspect"]["sha256"] == reports["watermarked"]["suspect"]["sha256"]
+        assert report["floor_clean"] == reports["watermarked"]["floor_clean"]  # the same queries, clean
+        assert report["floor_triggered"] != reports["watermarked"]["floor_triggered"]  # another key's pattern
