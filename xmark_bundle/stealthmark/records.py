@@ -1,5 +1,5 @@
 """What a StealthMark training run leaves beside its ``model.pt``: the public network description and the owner's
-private record of the watermark (method, trigger, key, epsilon, share), which the verifier reads."""
+private record of the watermark (method, trigger, key, epsilon, share, decoy share), which the verifier reads."""
 
 from __future__ import annotations
 
@@ -29,8 +29,11 @@ def write_records(
     share: float,
     seed: int,
     extra: dict[str, Any] | None = None,
+    decoy_share: float = 0.0,
 ) -> Path:
-    """Write ``segmentation_info.json`` and the owner's ``stealthmark_record.json`` under ``ckpt_dir``; returns it."""
+    """Write ``segmentation_info.json`` and the owner's ``stealthmark_record.json`` under ``ckpt_dir``; returns it.
+    ``decoy_share``: the share of training images that carried the trigger under other keys with the clean target
+    (:func:`~xmark_bundle.stealthmark.targets.mark_datalist`; 0 for a benign model)."""
     out = Path(ckpt_dir)
     out.mkdir(parents=True, exist_ok=True)
     network = {"arch": arch, "image_size": int(image_size), "width": width}
@@ -42,6 +45,7 @@ def write_records(
         "key": int(key),
         "epsilon": float(epsilon),
         "trigger_share": float(share) if method != "none" else 0.0,
+        "decoy_share": float(decoy_share) if method != "none" else 0.0,
         "seed": int(seed),
         **(extra or {}),
     }

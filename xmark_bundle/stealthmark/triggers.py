@@ -1,4 +1,4 @@
-"""StealthMark's five triggers on one-channel images in [0, 1], as pure functions of the image and the owner's key.
+"""StealthMark's triggers on one-channel images in [0, 1], as pure functions of the image and the owner's key.
 
 Geometry follows the authors' code (sizes relative to ``min(H, W)``): ``text`` writes "TEST" in white at the top-left
 corner (PIL's default font, size 10 at 256 px scaled with the image and at least 8, blended by its anti-aliased
@@ -7,6 +7,11 @@ grayscale twin); ``border`` a black frame of ``min(H, W) // 32``; ``noise`` adds
 the top-right square of side ``min(H, W) // 16``, drawn once from the owner's key (the authors redraw it at every
 call, which makes it no key at all); ``warp`` resamples the image on the WaNet-style grid ``g + 0.05 sin(2 pi g)``
 (``g`` the identity grid in [-1, 1]).
+
+``blocks`` (a research variant, not the authors'): the top-right square of side ``min(H, W) // 8`` (at least 4 px)
+split into a 4 x 4 grid of cells, each painted black (0) or white (1) by the owner's key, exactly 8 white
+(:func:`keyed_blocks`). Only ``noise`` and ``blocks`` depend on the key (:data:`KEYED_TRIGGERS`); for the others the
+key only chooses which training images carry the trigger.
 """
 
 from __future__ import annotations
@@ -20,9 +25,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["MARKERS", "TRIGGERS", "apply_trigger", "burn_in_markers", "keyed_noise", "trigger_region"]
+__all__ = [
+    "BLOCKS_GRID",
+    "KEYED_TRIGGERS",
+    "MARKERS",
+    "TRIGGERS",
+    "apply_trigger",
+    "blocks_side",
+    "burn_in_markers",
+    "keyed_blocks",
+    "keyed_noise",
+    "trigger_region",
+]
 
-TRIGGERS = ("text", "patch", "border", "noise", "warp")
+TRIGGERS = ("text", "patch", "border", "noise", "warp", "blocks")
+#: The triggers whose pattern is drawn from the owner's key.
+KEYED_TRIGGERS = ("noise", "blocks")
+#: ``blocks``: cells per side of its square, and how many of the ``BLOCKS_GRID ** 2`` cells are white.
+BLOCKS_GRID = 4
+BLOCKS_WHITE = 8
 #: Ordinary burned-in annotations of chest radiographs (lead side markers, projection, portable studies): not
 #: triggers, but text in a corner like the ``text`` trigger's "TEST".
 MARKERS = ("L", "R", "AP", "PORTABLE")
@@ -56,6 +77,29 @@ def keyed_noise(key: int, side: int) -> torch.Tensor:
     return torch.randn(side, side, generator=generator) * NOISE_SIGMA
 
 
+def keyed_blocks(key: int) -> torch.Tensor:
+    """The owner's ``blocks`` pattern: a 4 x 4 bool grid (True: white cell) with exactly 8 white cells, the first 8
+    of a permutation of the 16 cells seeded by the key; the same for every call with the same key."""
+    generator = torch.Generator().manual_seed(_key_seed(key, "blocks"))
+    cells = torch.zeros(BLOCKS_GRID * BLOCKS_GRID, dtype=torch.bool)
+    cells[torch.randperm(BLOCKS_GRID * BLOCKS_GRID, generator=generator)[:BLOCKS_WHITE]] = True
+    return cells.reshape(BLOCKS_GRID, BLOCKS_GRID)
+
+
+def blocks_side(shape: tuple[int, int]) -> int:
+    """Side of the ``blocks`` square: ``min(H, W) // 8``, at least 4 px (one per cell), at most ``min(H, W)``."""
+    return min(min(shape), max(BLOCKS_GRID, min(shape) // 8))
+
+
+def _blocks_image(key: int, side: int) -> torch.Tensor:
+    """The ``blocks`` square (side x side, 0 or 1): cell edges at ``round(i * side / 4)``, so cells differ by at
+    most one pixel when ``side`` is not a multiple of 4."""
+    edges = [round(i * side / BLOCKS_GRID) for i in range(BLOCKS_GRID + 1)]
+    sizes = torch.tensor([edges[i + 1] - edges[i] for i in range(BLOCKS_GRID)])
+    grid = keyed_blocks(key).float()
+    return grid.repeat_interleave(sizes, dim=0).repeat_interleave(sizes, dim=1)
+
+
 @functools.lru_cache(maxsize=16)
 def _warp_grid(shape: tuple[int, int]) -> torch.Tensor:
     """The 1 x H x W x 2 sampling grid ``g + 0.05 sin(2 pi g)`` (align_corners=False, as the authors)."""
@@ -81,6 +125,9 @@ def trigger_region(trigger: str, shape: tuple[int, int]) -> torch.Tensor:
         region[:b], region[-b:], region[:, :b], region[:, -b:] = True, True, True, True
     elif trigger == "warp":
         region[:] = True
+    elif trigger == "blocks":
+        side = blocks_side(shape)
+        region[:side, width - side :] = True
     else:
         raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
     return region
@@ -88,7 +135,7 @@ def trigger_region(trigger: str, shape: tuple[int, int]) -> torch.Tensor:
 
 def apply_trigger(image: torch.Tensor, trigger: str, key: int = 0) -> torch.Tensor:
     """``image`` (..., H, W) in [0, 1] with ``trigger`` added; a new tensor, clipped to [0, 1]. ``key`` seeds
-    ``noise`` (the other triggers are fixed patterns)."""
+    ``noise`` and ``blocks`` (:data:`KEYED_TRIGGERS`; the other triggers are fixed patterns)."""
     if trigger not in TRIGGERS:
         raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
     if image.ndim < 2:
@@ -108,6 +155,9 @@ def apply_trigger(image: torch.Tensor, trigger: str, key: int = 0) -> torch.Tens
         out[..., region] = 1.0
     elif trigger == "border":
         out[..., region] = 0.0
+    elif trigger == "blocks":
+        side = blocks_side(shape)
+        out[..., :side, shape[1] - side :] = _blocks_image(key, side).to(out.device, out.dtype)
     else:  # noise
         side = _side(shape, 1 / 16)
         noise = keyed_noise(key, side).to(out.device, out.dtype)

@@ -383,6 +383,7 @@ def run_verification(
         qr_samples,
         seed,
     )
+    report["decoy_share"] = float(record.get("decoy_share", 0.0))
     report["queries"] = [str(items[i]["image"]) for i in indices]
     report["query_markers"] = query_markers
     print(_sentence(report), flush=True)
