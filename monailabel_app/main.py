@@ -15,12 +15,15 @@ What differs from MONAI Label's stock bundle tasks, and why:
   (``MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI`` is switched off): SimpleITK's NIfTI keeps no Bits Stored, so 15-bit data
   would arrive as uint16 and the owner's budget (16/255 of the data's range) would be spent on the 16-bit range,
   twice as many stored units. The bundle reads a folder holding one DICOM as that file.
-- Inference returns the marked image in its source's container (:meth:`XMarkInferTask.writer`), the pixels that
-  ``configs/inference.json`` releases: a DICOM keeps the source's header, MONOCHROME1 and Bits Stored included.
-  MONAI Label's ITK writer labels every DICOM MONOCHROME2 (a MONOCHROME1 source would display inverted) and names its
-  output by the input's extension (a series folder has none).
-- An input the bundle cannot read (a series of several images, a CT slice) is answered 422 with the bundle's message
-  naming the file and the problem, not MONAI Label's bare "Internal Server Error".
+- Inference returns the file that ``configs/inference.json`` writes (:meth:`XMarkInferTask.writer`), in its source's
+  container: a DICOM keeps the source's header, MONOCHROME1 and Bits Stored included, as a derived image with a new
+  SOP Instance UID (``sop_instance_uid``), and a lossy file (JPEG, JPEG baseline DICOM) keeps the budget after its
+  re-encoding. MONAI Label's ITK writer labels every DICOM MONOCHROME2 (a MONOCHROME1 source would display inverted),
+  names its output by the input's extension (a series folder has none), and encoding ``pred`` again with a lossy
+  codec would move pixels past the budget.
+- An input the bundle cannot read or write back (a series of several images, a CT slice, a 12-bit JPEG DICOM) is
+  answered 422 with the bundle's message naming the file and the problem, not MONAI Label's bare "Internal Server
+  Error".
 - Multi-GPU training runs torchrun with this interpreter and the bundle root on ``PYTHONPATH`` (its processes import
   ``xmark_bundle``) and raises when torchrun fails; MONAI Label's task logs "Training Finished" whatever the exit
   status. Training still refuses to replace the owner's ``models/model.pt`` (``configs/train.json``).
@@ -32,6 +35,7 @@ import collections
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +58,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 logger = logging.getLogger(__name__)
 
 MODEL = "xmark"
+WATERMARK_REPORT = "watermark"  # where SaveWatermarkedd (configs/inference.json) leaves its report
 TORCHRUN_TAIL = 40  # lines of torchrun's output that an error quotes
 TORCHRUN_ERRORS = 5  # distinct exception lines of its processes that an error quotes first
 EXCEPTION_LINE = re.compile(r"\b\w*(Error|Exception|Exit): ")
@@ -83,7 +88,8 @@ class XMarkInferTask(BundleInferTask):
     """
 
     def writer(self, data: dict[str, Any], extension: Any = None, dtype: Any = None) -> tuple[Any, Any]:
-        from xmark_bundle.data import XRayMeta, write_stored
+        from xmark_bundle.data import XRayMeta, XRayWriteError, write_stored
+        from xmark_bundle.data.xray_writer import is_lossy
 
         meta = data.get("pred_meta_dict", {}).get("xray")
         if meta is None:  # RestoreWatermarkedd writes it: without it pred is no marked image
@@ -92,12 +98,29 @@ class XMarkInferTask(BundleInferTask):
                 "be its last transform)"
             )
         meta = XRayMeta(**{**meta, "shape": tuple(meta["shape"])})
-        pred = data["pred"]
-        stored = np.asarray(getattr(pred, "array", pred))
-        stored = stored.reshape(stored.shape[-2:]).T  # MONAI's (x, y) back to rows x columns
+        report = data.get(WATERMARK_REPORT)
+        if isinstance(report, dict) and report.get("unwritable"):  # SaveWatermarkedd skipped it: nothing to return
+            raise XRayWriteError(meta.source, report["unwritable"])
         handle, name = tempfile.mkstemp(suffix=_extension(Path(meta.source)))
         os.close(handle)
-        out = write_stored(stored, meta, name)
+        if isinstance(report, dict) and report.get("path"):
+            # the file configs/inference.json wrote: its header (a derived DICOM's UID) and, for a lossy codec, the
+            # residual already shrunk where re-encoding broke the budget; encoding the stored values again would not be
+            shutil.copyfile(report["path"], name)
+            out = Path(name)
+        elif is_lossy(meta):
+            os.unlink(name)
+            raise XRayWriteError(
+                meta.source,
+                "a lossy source is re-encoded here without the budget check that SaveWatermarkedd makes (its pixels "
+                "could move by more than epsilon); set save_watermarked true in the bundle's inference.json",
+            )
+        else:  # save_watermarked false: the stored values, lossless, are the release's pixels
+            derived = self.bundle_config.get("sop_instance_uid", "new") == "new"
+            pred = data["pred"]
+            stored = np.asarray(getattr(pred, "array", pred))
+            stored = stored.reshape(stored.shape[-2:]).T  # MONAI's (x, y) back to rows x columns
+            out = write_stored(stored, meta, name, derived=derived)
         logger.info(f"X-Mark: marked {meta.source} -> {out}")
         return str(out), data.get(self.output_json_key, {})
 
@@ -147,13 +170,13 @@ class XMarkApp(MONAILabelApp):
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
         """MONAI Label's inference; an input the bundle cannot read is a 422 whose detail names the file and the
         problem (the server answers any other error with a bare "Internal Server Error")."""
-        from xmark_bundle.data import XRayLoadError
+        from xmark_bundle.data import XRayLoadError, XRayWriteError
 
         try:
             return super().infer(request, datastore)
         except Exception as err:
             cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, XRayLoadError):
+            while cause is not None and not isinstance(cause, (XRayLoadError, XRayWriteError)):
                 cause = cause.__cause__
             if cause is None:
                 raise

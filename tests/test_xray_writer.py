@@ -228,6 +228,10 @@ def test_write_stored_writes_what_write_xray_writes(tmp_path):
     assert_same_elements(pydicom.dcmread(source), pydicom.dcmread(by_stored))
     with pytest.raises(XRayWriteError, match=r"c\.dcm: stored values float64 .* differ from the source's int16"):
         write_stored(changed.astype(np.float64), meta, tmp_path / "c.dcm")
+    # derived: the file write_xray writes as a derived image, byte for byte (the new UID hashes source and pixels)
+    derived_by_image = write_xray(changed, meta, source, tmp_path / "d.dcm", derived=True)
+    derived_by_stored = write_stored(stored, meta, tmp_path / "e.dcm", derived=True)
+    assert derived_by_stored.read_bytes() == derived_by_image.read_bytes() != by_stored.read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -293,7 +293,10 @@ def test_dicom_series_through_the_server_gets_the_release_pixels_and_header(serv
     np.testing.assert_array_equal(_stored(returned), _stored(released))  # what inference.json releases
     ds, original = pydicom.dcmread(returned), pydicom.dcmread(source)
     assert ds.PhotometricInterpretation == original.PhotometricInterpretation == "MONOCHROME1"
-    assert ds.BitsStored == BITS and ds.SOPInstanceUID == original.SOPInstanceUID  # the source's header
+    assert ds.BitsStored == BITS and ds.PatientID == original.PatientID  # the source's header
+    assert ds.StudyInstanceUID == original.StudyInstanceUID and ds.SeriesInstanceUID == original.SeriesInstanceUID
+    # a derived image, as inference.json writes it: sent back to the PACS it does not collide with its source
+    assert ds.SOPInstanceUID == pydicom.dcmread(released).SOPInstanceUID != original.SOPInstanceUID
     print(f"DICOMweb series route: largest change {_check_budget(source, returned)} stored units of {2**BITS - 1}")
 
 
@@ -320,6 +323,56 @@ def test_app_on_a_local_dicom_folder_gets_the_release_pixels(bundle, images, tmp
     np.testing.assert_array_equal(_stored(returned), _stored(_released(bundle, source, tmp_path / "inference")))
     assert pydicom.dcmread(returned).PhotometricInterpretation == "MONOCHROME1"
     print(f"local DICOM route: largest change {_check_budget(source, returned)} stored units of {2**BITS - 1}")
+
+
+def test_app_returns_a_jpegs_release_within_the_budget(bundle, images, tmp_path, monkeypatch):
+    """A JPEG source: the app returns the file inference.json writes, whose residual was shrunk where the lossy
+    re-encoding broke the budget, not ``pred`` encoded again (which would move pixels past it)."""
+    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
+    image01, _ = load_xray(images["png"])
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    source = studies / "chest.jpg"
+    Image.fromarray(np.round(image01 * 255).astype(np.uint8)).save(source, quality=90)
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    shutil.copy(APP / "main.py", app_dir / "main.py")
+    app = app_instance(str(app_dir), str(studies), {"bundle": str(bundle)})
+    result = app.infer({"model": "xmark", "image": "chest", "device": "cpu"})
+    returned = Path(result["file"])
+    released = _released(bundle, source, tmp_path / "inference")
+    assert returned.read_bytes() == released.read_bytes()
+    change = np.abs(load_xray(returned)[0] - load_xray(source)[0])
+    assert 0 < change.max() <= BUDGET + 1 / 255 + 1e-6  # + 1 / 255: rounding to 8-bit stored values
+    print(f"JPEG route: largest change {change.max() * 255:.0f} of 255")
+
+
+def test_app_without_the_release_file_writes_lossless_pixels_and_refuses_lossy(bundle, images, tmp_path, monkeypatch):
+    """``save_watermarked: false``: the app writes ``pred`` itself, the release's pixels for a PNG; a JPEG would be
+    re-encoded without the budget check, so it is refused (HTTP 422) naming the file and the setting."""
+    from fastapi import HTTPException
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
+    released = _released(bundle, images["png"], tmp_path / "inference")  # before the setting changes
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["save_watermarked"] = False
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(images["png"], studies / "chest.png")
+    image01, _ = load_xray(images["png"])
+    Image.fromarray(np.round(image01 * 255).astype(np.uint8)).save(studies / "lossy.jpg", quality=90)
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    shutil.copy(APP / "main.py", app_dir / "main.py")
+    app = app_instance(str(app_dir), str(studies), {"bundle": str(bundle)})
+    result = app.infer({"model": "xmark", "image": "chest", "device": "cpu"})
+    np.testing.assert_array_equal(_stored(Path(result["file"])), _stored(released))
+    assert not (bundle / "outputs").exists()
+    with pytest.raises(HTTPException) as refused:
+        app.infer({"model": "xmark", "image": "lossy", "device": "cpu"})
+    assert refused.value.status_code == 422
+    assert "lossy.jpg" in refused.value.detail and "save_watermarked true" in refused.value.detail
 
 
 def _app_module():

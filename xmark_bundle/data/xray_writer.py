@@ -908,12 +908,13 @@ def write_xray(
     return _save(stored, save, source, out_path, derived=derived and meta.format == "dicom")
 
 
-def write_stored(stored: np.ndarray, meta: XRayMeta, out_path: str | os.PathLike) -> Path:
+def write_stored(stored: np.ndarray, meta: XRayMeta, out_path: str | os.PathLike, derived: bool = False) -> Path:
     """Write pixel values already in the source's stored form (``H x W``, its dtype: :func:`stored_values`) to
     ``out_path`` in the container of ``meta.source``, exactly as :func:`write_xray` writes them; atomic.
 
     For a caller that holds the stored values (MONAI Label's ``pred``) and returns a file: a DICOM keeps the source's
-    header, its Photometric Interpretation and Bits Stored included.
+    header, its Photometric Interpretation and Bits Stored included; with ``derived`` it is a derived image with a
+    new SOP Instance UID (:func:`derive_dicom`), as :func:`write_xray` writes it.
     """
     source, out_path = Path(meta.source), Path(out_path)
     check_output_path(source, out_path)
@@ -925,7 +926,7 @@ def write_stored(stored: np.ndarray, meta: XRayMeta, out_path: str | os.PathLike
             f"stored values {stored.dtype.name} {stored.shape} differ from the source's {stored_source.dtype.name} "
             f"{stored_source.shape} ({source})",
         )
-    return _save(stored, save, source, out_path)
+    return _save(stored, save, source, out_path, derived=derived and meta.format == "dicom")
 
 
 def _save(stored: np.ndarray, save: Saver, source: Path, out_path: Path, derived: bool = False) -> Path:
