@@ -264,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     default_out = Path("outputs") / "experiments" / (args.name if family == "classic" else f"{args.name}_{family}")
     out = (args.out or default_out).resolve()
     if args.command == "plan":
-        print_plan(experiment, out)
+        try:
+            print_plan(experiment, out)
+        except StageFailed as err:  # StageChanged: an output made by another command
+            print(f"[{args.name}] {err}", file=sys.stderr)
+            return 1
         return 0
     refused = publication_refused(experiment) if args.publish else None
     if refused:  # before any stage runs: hours of work would not be publishable

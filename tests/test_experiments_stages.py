@@ -104,3 +104,53 @@ def test_the_plan_estimates_the_time_left_from_the_recorded_stages(tmp_path):
     left = {"classifier": 36, "watermark": 60, "verification": 5}  # 36 x 150 s + 60 x 60 s = 2.5 h
     estimate = experiment.remaining_time(left, tmp_path / "stage_times.json")
     assert estimate.startswith("about 2.5 h left") and estimate.endswith("plus verification (none recorded yet)")
+
+
+def test_an_output_made_by_another_command_is_refused_naming_the_change(tmp_path):
+    """A stage whose output exists is skipped only when the recorded command is this run's: a setting changed after
+    it ran (or another declaration in the folder disagreeing on a shared stage) stops the run, naming the stage and
+    the change. The record is the same from another worktree or after the folder moved."""
+    import shutil
+
+    from xmark_bundle.experiments.stages import StageChanged, Stages
+
+    out = tmp_path / "run"
+    out.mkdir()
+    first = Stages(ROOT, out, "test")
+    cmd = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w')", str(out / "model"), "--max_epochs", "12"]
+    first.run("classifier", cmd, out / "model")
+    recorded = json.loads((out / "stage_commands.json").read_text())
+    assert recorded == {"classifier": ["python", *cmd[1:3], "<out>/model", "--max_epochs", "12"]}
+
+    Stages(ROOT, out, "test").run("classifier", cmd, out / "model")  # the same command: already done
+    changed = [*cmd[:-1], "10"]
+    with pytest.raises(StageChanged) as refused:
+        Stages(ROOT, out, "test").run("classifier", changed, out / "model")
+    message = str(refused.value)
+    assert message.startswith("stage 'classifier': its output model was made by another command than this run's")
+    assert "(--max_epochs 12 -> --max_epochs 10)" in message and "run into a new output folder" in message
+
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    moved_cmd = [arg.replace(str(out), str(moved)) for arg in cmd]
+    Stages(ROOT, moved, "test").run("classifier", moved_cmd, moved / "model")  # the same command, moved: done
+    inserted = [*moved_cmd, "--seed", "3"]
+    with pytest.raises(StageChanged, match=r"\(12 -> 12 --seed 3\)"):
+        Stages(ROOT, moved, "test").run("classifier", inserted, moved / "model")
+
+    (out / "legacy").touch()  # done before commands were recorded: nothing to compare, taken as done
+    Stages(ROOT, out, "test").run("legacy", ["false"], out / "legacy")
+
+
+def test_plan_names_a_stage_whose_output_another_command_made(tmp_path):
+    """``experiment.py plan`` (a dry run) finds the changed stage before a run would: exit 1, the stage named."""
+    out = tmp_path / "demo"
+    (out / "phantoms").mkdir(parents=True)
+    (out / "phantoms" / "valid.csv").touch()
+    old = ["python", "scripts/make_phantoms.py", "--out", "<out>/phantoms", "--n", "300", "--seed", "0"]
+    (out / "stage_commands.json").write_text(json.dumps({"phantoms": old}))
+    cmd = [sys.executable, "scripts/experiment.py", "plan", "demo", "--out", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "[demo] stage 'phantoms': its output phantoms/valid.csv was made by another command" in done.stderr
+    assert "--n 300 -> --n 600" in done.stderr

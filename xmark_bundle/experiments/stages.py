@@ -1,8 +1,10 @@
 """Resumable stages of an experiment: each is a command a user could type, skipped when its output exists.
 
 A stage prints one progress line before it runs (its number, name and command) and one when it is done, and records
-its wall time in ``stage_times.json`` and the commit it ran at in ``stage_commits.json`` of the experiment's folder,
-so a resumed run still reports what every part cost on this machine and which code made it; a run reports the
+its wall time in ``stage_times.json``, the commit it ran at in ``stage_commits.json`` and its command line in
+``stage_commands.json`` of the experiment's folder, so a resumed run still reports what every part cost on this
+machine and which code made it, and refuses an output that another command made (:class:`StageChanged`: a setting
+changed after a stage ran, or two declarations sharing a folder disagree on a shared stage); a run reports the
 times of the stages it visited only, so experiments that share a folder's common stages (the same data, watermarks
 and suspects) each report their own. On Linux a Python stage runs in a forked copy of the runner, which has
 imported torch, MONAI, Ignite and this package once (about 7 s a stage on this machine's two cores): the child runs
@@ -12,6 +14,7 @@ changes reaches the next stage. Elsewhere, or with ``XMARK_STAGE_SUBPROCESS=1``,
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import json
@@ -29,7 +32,7 @@ from typing import Any
 
 from xmark_bundle.fileio import write_json
 
-__all__ = ["StageFailed", "Stages", "bundle_cmd", "run_command", "tree_commit"]
+__all__ = ["StageChanged", "StageFailed", "Stages", "bundle_cmd", "run_command", "tree_commit"]
 
 #: What :meth:`Stages.run_commits` counts for a stage done before its commit was recorded.
 UNRECORDED = "unrecorded"
@@ -47,6 +50,25 @@ def tree_commit(root: Path) -> str:
 
 class StageFailed(RuntimeError):
     """A stage's command exited with an error; the message names the stage and the exit code."""
+
+
+class StageChanged(StageFailed):
+    """A stage's output exists but was made by another command line than the one this run would run."""
+
+
+def _changes(recorded: Sequence[str], now: Sequence[str], most: int = 4) -> str:
+    """What differs between two command lines, e.g. ``--max_epochs 12 -> --max_epochs 10``."""
+    matcher = difflib.SequenceMatcher(a=list(recorded), b=list(now), autojunk=False)
+    parts = []
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        # the option a changed value belongs to, or the token an insertion follows, as context on both sides
+        context = 1 if i1 > 0 and j1 > 0 and (i1 == i2 or j1 == j2 or recorded[i1 - 1].startswith("--")) else 0
+        before, after = " ".join(recorded[i1 - context : i2]), " ".join(now[j1 - context : j2])
+        parts.append(f"{before or '(nothing)'} -> {after or '(nothing)'}")
+    shown = "; ".join(parts[:most])
+    return shown + (f"; and {len(parts) - most} more" if len(parts) > most else "")
 
 
 def bundle_cmd(run_id: str, configs: Sequence[str], **overrides: object) -> list[str]:
@@ -67,6 +89,10 @@ class Stages:
         self.times: dict[str, float] = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
         self.commits_file = out / "stage_commits.json"
         self.commits: dict[str, str] = json.loads(self.commits_file.read_text()) if self.commits_file.is_file() else {}
+        self.commands_file = out / "stage_commands.json"
+        self.commands: dict[str, list[str]] = (
+            json.loads(self.commands_file.read_text()) if self.commands_file.is_file() else {}
+        )
         self.visited: list[str] = []  # this run's stages, in order, done now or before
         self.planned: list[tuple[str, list[str]]] = []  # a dry run's stages still to run: (name, command)
         self.seen: dict[str, tuple[list[str], Path]] = {}  # this run's stages by name: command and output
@@ -74,6 +100,13 @@ class Stages:
 
     def _where(self, path: Path) -> str:
         return str(path.relative_to(self.out) if path.is_relative_to(self.out) else path)
+
+    def _normal(self, cmd: Sequence[str]) -> list[str]:
+        """``cmd`` as recorded: the interpreter as ``python``, this folder as ``<out>`` and the bundle root as
+        ``<root>``, so that a worktree or a moved output folder runs the same recorded command."""
+        out, root = str(self.out), str(self.root)
+        normal = ["python" if i == 0 and arg == sys.executable else arg for i, arg in enumerate(cmd)]
+        return [arg.replace(out, "<out>").replace(root, "<root>") for arg in normal]
 
     def run(self, name: str, cmd: list[str], done: Path) -> None:
         """Run ``cmd`` unless ``done`` exists (a dry run lists it instead); raise :class:`StageFailed` naming the stage
@@ -88,6 +121,13 @@ class Stages:
         self.visited.append(name)
         prefix = f"[{self.label} {self.count}] {name}"
         if done.exists():
+            recorded = self.commands.get(name)  # none for a stage run before commands were recorded
+            if recorded is not None and recorded != self._normal(cmd):
+                raise StageChanged(
+                    f"stage '{name}': its output {self._where(done)} was made by another command than this run's "
+                    f"({_changes(recorded, self._normal(cmd))}), so it is not this declaration's result; run into a "
+                    "new output folder (a report on a new report seed), or remove that output to run the stage again"
+                )
             print(f"{prefix}: already done ({self._where(done)})", flush=True)
             return
         print(f"{prefix}: {'(dry run) ' if self.dry_run else ''}{shlex.join(cmd)}", flush=True)
@@ -103,6 +143,8 @@ class Stages:
         write_json(self.times_file, self.times)
         self.commits[name] = commit
         write_json(self.commits_file, self.commits)
+        self.commands[name] = self._normal(cmd)
+        write_json(self.commands_file, self.commands)
         print(f"{prefix}: done in {seconds:.0f} s", flush=True)
 
     def finish(self, collected: dict[str, Any], out: Path) -> dict[str, Any]:
