@@ -318,6 +318,9 @@ def test_tables_show_owners_spread_the_control_and_both_verdicts(calibrated, tmp
         assert cells["Malicious verified (calibrated)"] == {"value": "4 of 4"}
         assert cells["Ind-W verified (calibrated)"] == {"value": "0 of 8"}
         assert cells["false accusations (calibrated)"] == {"value": "1 of 4"}
+        assert cells["false accusations by owner (calibrated)"] == {"value": "1: 1 of 2; 2: 0 of 2"}
+        by_owner = cells["calibrated null by owner: KS p (n)"]["value"]  # benign models and the seed controls
+        assert by_owner.startswith("1: ") and by_owner.endswith(" (3)") and "; 2: " in by_owner
     else:  # no calibrated block in the verifications: no calibrated column is filled
         assert not [column for column in cells if "calibrated" in column]
     lines = plain_words(collected)

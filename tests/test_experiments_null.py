@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
-from xmark_bundle.experiments.figures import save_null_figure
-from xmark_bundle.experiments.null import null_p_values, null_uniformity
+from xmark_bundle.experiments.figures import save_null_by_owner_figure, save_null_figure
+from xmark_bundle.experiments.null import null_p_values, null_p_values_by_owner, null_uniformity
 
 
 def _method(p_values: list[float], members: int = 19) -> dict:
@@ -25,3 +25,27 @@ def test_exchangeable_ranks_pass_and_an_over_accusing_verdict_fails(tmp_path):
                             tmp_path / "null.png")  # fmt: skip
     with Image.open(tmp_path / "null.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 400
+
+
+def test_each_owners_null_p_values_are_kept_apart_and_drawn(tmp_path):
+    """One owner whose member lifts every model more than its family (always among the top 2 of 20) and one whose
+    member lifts less (never among them): the per-owner split shows that one owner's verdict accuses far more than
+    alpha and the other's none, and each owner's KS test rejects uniformity."""
+    rng = np.random.default_rng(7)
+    potent = (rng.integers(0, 2, 200) + 1) / 20
+    weak = (rng.integers(2, 20, 200) + 1) / 20
+    runs = {
+        f"owner1/benign{i}": {"owner": 1, "calibrated": {"p_value": p, "members": 19}} for i, p in enumerate(potent)
+    }
+    runs |= {f"owner2/benign{i}": {"owner": 2, "calibrated": {"p_value": p, "members": 19}} for i, p in enumerate(weak)}
+    method = {"ind_m": runs}
+    by_owner = null_p_values_by_owner(method)
+    assert list(by_owner) == [1, 2] and [len(v) for v in by_owner.values()] == [200, 200]
+    assert sorted(null_p_values(method)) == sorted(v for values in by_owner.values() for v in values)
+    first, second = (null_uniformity(values) for values in by_owner.values())
+    assert first["at_most_0.05"] > 0.4 and second["at_most_0.05"] == 0.0  # accuses about half of them / none
+    assert first["ks_p"] < 1e-6 and second["ks_p"] < 0.01
+    assert save_null_by_owner_figure({"methods": {"xmark": method}}, tmp_path / "by_owner.png")
+    assert not save_null_by_owner_figure({"methods": {"xmark": _method([0.5, 0.2])}}, tmp_path / "one.png")
+    with Image.open(tmp_path / "by_owner.png") as figure:
+        assert figure.format == "PNG" and figure.size[0] > 300

@@ -18,6 +18,10 @@ declared kind is labelled with its architecture and size (:func:`~xmark_bundle.e
 calibrated p-values of every model that never saw the release (spread over their grid cells,
 :mod:`~xmark_bundle.experiments.null`) against the uniform's diagonal, with the KS p in the legend.
 
+``null_by_owner.png`` (when a method's null p-values come from several owners): a panel per such method, the same
+distribution function per owner: the calibrated verdict's alpha holds over the owner's random draw, and an owner whose
+member lifts every model more than the others' lies above the diagonal on its own.
+
 ``detectability.png`` (when the experiment measured detectability): the AUROC of every detector of the detectability
 table per method, a bar each, chance (0.5) dashed; drawn from the table itself (:func:`draw_detectability`), so a
 published results.json can be drawn again without the run.
@@ -33,7 +37,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from xmark_bundle.experiments.detectability import detectability_table
-from xmark_bundle.experiments.null import null_p_values, null_uniformity
+from xmark_bundle.experiments.null import null_p_values, null_p_values_by_owner, null_uniformity
 from xmark_bundle.experiments.tables import ind_w_runs, kind_label
 from xmark_bundle.fileio import atomic_path
 
@@ -42,6 +46,7 @@ __all__ = [
     "draw_detectability",
     "save_detectability_figure",
     "save_figures",
+    "save_null_by_owner_figure",
     "save_null_figure",
     "save_removal_figure",
     "save_scenarios_figure",
@@ -232,14 +237,8 @@ def save_detectability_figure(collected: Mapping[str, Any], path: str | os.PathL
     return True
 
 
-def save_null_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
-    """Write the calibrated null's uniformity figure (PNG) when any method has calibrated p-values; True if written."""
-    found = {name: null_uniformity(null_p_values(method)) for name, method in collected["methods"].items()}
-    found = {name: uniform for name, uniform in found.items() if uniform is not None}
-    if not found:
-        return False
-    figure = Figure(figsize=(5.2, 4.6), layout="constrained")
-    ax = figure.add_subplot()
+def _null_curves(ax: Any, found: Mapping[str, Mapping[str, Any]], legend_size: float = 8) -> None:
+    """The uniform's diagonal and each entry's distribution function of its spread p-values, KS p in the legend."""
     ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="uniform")
     for name, uniform in found.items():
         spread = sorted(uniform["spread_p"])
@@ -247,8 +246,42 @@ def save_null_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> b
         label = f"{name}: n {uniform['n']}, KS p {uniform['ks_p']:.2g}"
         ax.step([0.0, *spread, 1.0], [0.0, *share, 1.0], where="post", label=label)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="calibrated p (spread over its grid cell)", ylabel="share of models")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=legend_size, loc="lower right")
+
+
+def save_null_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
+    """Write the calibrated null's uniformity figure (PNG) when any method has calibrated p-values; True if written."""
+    found = {name: null_uniformity(null_p_values(method)) for name, method in collected["methods"].items()}
+    found = {name: uniform for name, uniform in found.items() if uniform is not None}
+    if not found:
+        return False
+    figure = Figure(figsize=(5.2, 4.6), layout="constrained")
+    _null_curves(figure.add_subplot(), found)
     title = "Calibrated p of models that never saw the release: uniform if its error rate holds"
+    figure.suptitle(title, fontsize=10, wrap=True)
+    _save(figure, path)
+    return True
+
+
+def save_null_by_owner_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
+    """Write the per-owner null figure (a panel per method whose null p-values come from several owners); True if
+    written."""
+    panels = {}
+    for name, method in collected["methods"].items():
+        owners = null_p_values_by_owner(method)
+        by_owner = {f"owner {owner}": null_uniformity(values) for owner, values in owners.items()}
+        if len(by_owner) > 1:
+            panels[name] = by_owner
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    figure = Figure(figsize=(4.0 * cols, 3.7 * rows + 0.5), layout="constrained")
+    for i, (name, by_owner) in enumerate(panels.items()):
+        ax = figure.add_subplot(rows, cols, i + 1)
+        _null_curves(ax, by_owner, legend_size=7)
+        ax.set_title(name, fontsize=9)
+    title = "Calibrated p of models that never saw the release, per owner: alpha holds over the owner's draw"
     figure.suptitle(title, fontsize=10, wrap=True)
     _save(figure, path)
     return True
@@ -261,6 +294,7 @@ FIGURES: dict[str, tuple[Callable[[Mapping[str, Any], Path], bool], str]] = {
     "variants.png": (save_variants_figure, "Table 1"),
     "detectability.png": (save_detectability_figure, "Detectability"),
     "null_uniformity.png": (save_null_figure, "Table 2"),
+    "null_by_owner.png": (save_null_by_owner_figure, "Table 2"),
 }
 
 

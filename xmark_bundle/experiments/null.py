@@ -6,6 +6,12 @@ give calibrated p-values that are uniform: ``P(p <= a) <= a``. The rank p of a f
 over its grid cell, ``p - U / (m + 1)`` with U uniform on [0, 1) from a fixed seed, which is exactly uniform under the
 null (and larger, conservative, where members tie). :func:`null_uniformity` gives that KS p and the share at or below
 0.05; the figure ``null_uniformity.png`` shows the spread p-values' distribution function against the diagonal.
+
+Uniform over what: the owner's member is one random draw from the family, so ``P(p <= a) <= a`` holds over that draw.
+For one owner, drawn once, the members are not exchangeable on every model alike: a member whose perturbation lifts
+any model's probability more than the others' (its own potency) ranks high on most benign models, and that owner's
+verdict accuses more than ``a`` of them, another owner's fewer. :func:`null_p_values_by_owner` keeps the p-values of
+each owner apart, so the tables give each owner's KS p and false accusations beside the pooled ones.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["null_p_values", "null_uniformity"]
+__all__ = ["null_p_values", "null_p_values_by_owner", "null_uniformity"]
 
 #: Where a method's entry keeps the runs of models that never saw its releases.
 NULL_ROWS = ("ind_m", "ind_m_seed_controls")
@@ -24,12 +30,18 @@ NULL_ROWS = ("ind_m", "ind_m_seed_controls")
 
 def null_p_values(method: Mapping[str, Any]) -> list[tuple[float, int]]:
     """(calibrated p, members m) of every run of a model that never saw the method's releases, where it has one."""
-    found = []
+    return [value for values in null_p_values_by_owner(method).values() for value in values]
+
+
+def null_p_values_by_owner(method: Mapping[str, Any]) -> dict[Any, list[tuple[float, int]]]:
+    """:func:`null_p_values` per owner (each run's ``owner``; None for runs that name none), owners in run order."""
+    found: dict[Any, list[tuple[float, int]]] = {}
     for rows in NULL_ROWS:
         for run in method.get(rows, {}).values():
             calibrated = run.get("calibrated")
             if isinstance(calibrated, Mapping):
-                found.append((float(calibrated["p_value"]), int(calibrated["members"])))
+                value = (float(calibrated["p_value"]), int(calibrated["members"]))
+                found.setdefault(run.get("owner"), []).append(value)
     return found
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from scipy import stats
 
 from xmark_bundle.experiments.detectability import detectability_table
-from xmark_bundle.experiments.null import null_p_values, null_uniformity
+from xmark_bundle.experiments.null import null_p_values, null_p_values_by_owner, null_uniformity
 
 __all__ = ["by_owner", "false_accusations", "ind_w_runs", "kind_label", "plain_words", "tables"]
 
@@ -173,7 +173,9 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "false accusations by owner",
         "false accusations (calibrated)",
         "95 % interval (calibrated)",
+        "false accusations by owner (calibrated)",
         "calibrated null: KS p vs uniform (n)",
+        "calibrated null by owner: KS p (n)",
         "surrogate and its seed (Ind-M) verified",
         "surrogate and its seed (Ind-M) ΔP",
     ]
@@ -214,8 +216,10 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "suspect's ΔP and p for the control queries (a perturbation of the watermark's size without its structure); "
         "specific: the control does not trigger the suspect and the watermark beats it by τ. False accusations: "
         "benign models verified, with the Clopper-Pearson 95 % interval (several owners: owner x benign cells, which "
-        "share models, so the interval is optimistic). The surrogate and a benign model with the surrogate's seed are "
-        "shown apart: they measure adversarial transfer, not a false accusation."
+        "share models, so the interval is optimistic). The calibrated verdict's alpha holds over the owner's random "
+        "draw from its family; by owner: each owner's own false accusations and the KS p of its own null p-values (a "
+        "member's potency shifts its rank on every model alike). The surrogate and a benign model with the "
+        "surrogate's seed are shown apart: they measure adversarial transfer, not a false accusation."
     )
     detected = {name: m["detectability"] for name, m in collected["methods"].items() if m.get("detectability")}
     extra = [detectability_table(detected)] if detected else []
@@ -271,9 +275,19 @@ def _ind_m_cells(method: Mapping[str, Any], benign_runs: list[Mapping[str, Any]]
         calibrated = false_accusations(method["ind_m"], "calibrated")
         cells["false accusations (calibrated)"] = {"value": f"{calibrated['k']} of {calibrated['n']}"}
         cells["95 % interval (calibrated)"] = {"value": f"{calibrated['low']:.3f}–{calibrated['high']:.3f}"}
+        if len(owners) > 1:  # the alpha bound holds over the owner's draw: each owner's own rate beside it
+            counts = {owner: false_accusations(runs, "calibrated") for owner, runs in owners.items()}
+            cells["false accusations by owner (calibrated)"] = {
+                "value": "; ".join(f"{owner}: {c['k']} of {c['n']}" for owner, c in counts.items())
+            }
     uniform = null_uniformity(null_p_values(method))
     if uniform is not None:  # every model that never saw the release, surrogate-seed controls included
         cells["calibrated null: KS p vs uniform (n)"] = {"value": f"{uniform['ks_p']:.3g} ({uniform['n']})"}
+        by_owner = {owner: null_uniformity(values) for owner, values in null_p_values_by_owner(method).items()}
+        if len(by_owner) > 1:
+            cells["calibrated null by owner: KS p (n)"] = {
+                "value": "; ".join(f"{owner}: {u['ks_p']:.3g} ({u['n']})" for owner, u in by_owner.items())
+            }
     controls = list(method.get("ind_m_seed_controls", {}).values())
     if controls:
         cells["surrogate and its seed (Ind-M) verified"] = {"value": _verified(controls)}
