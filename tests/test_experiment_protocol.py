@@ -260,6 +260,7 @@ def _run(delta_p: float, owned: bool, calibrated_p: float | None = None, owner: 
     if calibrated_p is not None:
         owned_calibrated = calibrated_p <= 0.05
         run["calibrated"] = {"p_value": calibrated_p, "owned": owned_calibrated, "statistic": delta_p, "members": 19}
+        run["calibrated"] |= {"member_statistics": [delta_p, 0.2, 0.1], "owner_index": 0, "alpha": 0.05}
     return run if owner is None else {**run, "owner": owner}
 
 
@@ -321,6 +322,10 @@ def test_tables_show_owners_spread_the_control_and_both_verdicts(calibrated, tmp
         assert cells["false accusations by owner (calibrated)"] == {"value": "1: 1 of 2; 2: 0 of 2"}
         by_owner = cells["calibrated null by owner: KS p (n)"]["value"]  # benign models and the seed controls
         assert by_owner.startswith("1: ") and by_owner.endswith(" (3)") and "; 2: " in by_owner
+        # the research variant: each benign model ranked after the other benign models' mean is subtracted
+        assert cells["Malicious verified (reference-adjusted)"] == {"value": "0 of 4"}  # 2 members: p >= 1/3
+        assert cells["false accusations by owner (reference-adjusted)"] == {"value": "1: 0 of 2; 2: 0 of 2"}
+        assert cells["reference-adjusted null by owner: KS p (n)"]["value"].endswith(" (2)")
     else:  # no calibrated block in the verifications: no calibrated column is filled
         assert not [column for column in cells if "calibrated" in column]
     lines = plain_words(collected)

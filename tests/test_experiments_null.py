@@ -4,7 +4,12 @@ import numpy as np
 from PIL import Image
 
 from xmark_bundle.experiments.figures import save_null_by_owner_figure, save_null_figure
-from xmark_bundle.experiments.null import null_p_values, null_p_values_by_owner, null_uniformity
+from xmark_bundle.experiments.null import (
+    null_p_values,
+    null_p_values_by_owner,
+    null_uniformity,
+    reference_adjusted_runs,
+)
 
 
 def _method(p_values: list[float], members: int = 19) -> dict:
@@ -49,3 +54,31 @@ def test_each_owners_null_p_values_are_kept_apart_and_drawn(tmp_path):
     assert not save_null_by_owner_figure({"methods": {"xmark": _method([0.5, 0.2])}}, tmp_path / "one.png")
     with Image.open(tmp_path / "by_owner.png") as figure:
         assert figure.format == "PNG" and figure.size[0] > 300
+
+
+def test_reference_adjusted_runs_leave_a_benign_models_own_statistics_out():
+    """Each benign model is ranked against the other benign models of its owner, a malicious suspect against all of
+    them; an owner with one benign model gives none, and a run without member statistics is skipped."""
+
+    def run(owner, stats, owner_index=0):
+        calibrated = {"member_statistics": stats, "owner_index": owner_index, "alpha": 0.05, "p_value": 1.0}
+        return {"owner": owner, "calibrated": calibrated}
+
+    method = {
+        "ind_m": {
+            "owner1/b1": run(1, [0.30, 0.1, 0.0]),
+            "owner1/b2": run(1, [0.10, 0.1, 0.0]),
+            "owner1/b3": run(1, [0.20, 0.1, 0.0]),
+            "owner2/b1": run(2, [0.0, 0.5, 0.1]),
+            "owner2/b2": {"owner": 2, "calibrated": {"p_value": 0.5}},  # no member statistics
+        },
+        "ind_m_seed_controls": {"owner1/surrogate": run(1, [0.25, 0.1, 0.0])},
+        "suspects": {"owner1/s1": {"owner": 1, "malicious": run(1, [0.9, 0.1, 0.0])}},
+    }
+    adjusted = reference_adjusted_runs(method)
+    assert sorted(adjusted["ind_m"]) == ["owner1/b1", "owner1/b2", "owner1/b3"]  # owner 2: no second benign model
+    b1 = adjusted["ind_m"]["owner1/b1"]  # against b2 and b3: owner's member 0.30 - 0.15, the others 0 and 0
+    assert b1["references"] == 2 and abs(b1["owner_statistic"] - 0.15) < 1e-12 and b1["p_value"] == 1 / 3
+    assert adjusted["ind_m"]["owner1/b2"]["p_value"] == 1.0  # 0.10 - 0.25 < 0: below every other member
+    assert adjusted["ind_m_seed_controls"]["owner1/surrogate"]["references"] == 3
+    assert adjusted["malicious"]["owner1/s1"]["references"] == 3 and adjusted["malicious"]["owner1/s1"]["owner"] == 1

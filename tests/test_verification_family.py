@@ -29,7 +29,7 @@ from xmark_bundle.verification.family import (
     make_generator_family,
     make_key_family,
 )
-from xmark_bundle.verification.rank import min_members, rank_test
+from xmark_bundle.verification.rank import min_members, rank_test, reference_adjusted_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -54,6 +54,36 @@ def test_rank_p_is_uniform_when_the_owner_is_one_more_member_and_small_under_a_p
         assert abs(np.mean(null <= k / 20) - k / 20) < 0.02, k
     assert stats.kstest(null - 0.025, "uniform").pvalue > 1e-3  # centred on the grid's cells
     assert np.mean(np.array(planted) <= 0.05) > 0.95
+
+
+def test_one_owner_with_a_potent_member_accuses_under_the_rank_test_and_not_once_its_potency_is_removed():
+    """Members differ in potency, shared by every model; one owner, drawn once, holds the most potent member. The rank
+    test then accuses most models that never saw the release (its alpha holds over the owner's draw only); the
+    reference-adjusted rank (the member's mean statistic on 10 clean reference models subtracted) accuses about
+    alpha of them, and still finds a model that learnt the owner's watermark."""
+    rng = np.random.default_rng(11)
+    m, references, models = 19, 10, 1000
+    potency = rng.normal(0.1, 0.05, m + 1)
+    owner = int(np.argmax(potency))
+
+    def statistics(count: int) -> np.ndarray:  # models x members: the shared potency plus each model's own noise
+        return potency[None] + rng.normal(0.0, 0.02, (count, m + 1))
+
+    reference = statistics(references)
+    plain, adjusted, learnt = [], [], []
+    for suspect in statistics(models):
+        plain.append(1 + np.sum(np.delete(suspect, owner) >= suspect[owner]))
+        adjusted.append(reference_adjusted_rank(suspect, reference, owner)["p_value"])
+        planted = suspect.copy()
+        planted[owner] += 0.3  # this model learnt the owner's watermark
+        learnt.append(reference_adjusted_rank(planted, reference, owner)["owned"])
+    assert np.mean(np.array(plain) / (m + 1) <= 0.05) > 0.5
+    assert abs(np.mean(np.array(adjusted) <= 0.05) - 0.05) < 0.03
+    assert np.mean(learnt) > 0.99
+    result = reference_adjusted_rank(reference[0], reference[1:], owner)
+    assert result["references"] == references - 1 and result["members"] == m
+    with pytest.raises(ValueError, match="do not pair"):
+        reference_adjusted_rank(reference[0], reference[:, :5], owner)
 
 
 def test_rank_p_counts_ties_against_the_owner_and_says_when_alpha_is_out_of_reach():

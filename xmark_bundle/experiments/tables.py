@@ -18,7 +18,12 @@ from typing import Any
 from scipy import stats
 
 from xmark_bundle.experiments.detectability import detectability_table
-from xmark_bundle.experiments.null import null_p_values, null_p_values_by_owner, null_uniformity
+from xmark_bundle.experiments.null import (
+    null_p_values,
+    null_p_values_by_owner,
+    null_uniformity,
+    reference_adjusted_runs,
+)
 
 __all__ = ["by_owner", "false_accusations", "ind_w_runs", "kind_label", "plain_words", "tables"]
 
@@ -176,6 +181,10 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "false accusations by owner (calibrated)",
         "calibrated null: KS p vs uniform (n)",
         "calibrated null by owner: KS p (n)",
+        "Malicious verified (reference-adjusted)",
+        "false accusations (reference-adjusted)",
+        "false accusations by owner (reference-adjusted)",
+        "reference-adjusted null by owner: KS p (n)",
         "surrogate and its seed (Ind-M) verified",
         "surrogate and its seed (Ind-M) ΔP",
     ]
@@ -207,6 +216,8 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
                 cells["Malicious ΔP by owner"] = {"value": owners}
             if first == 0:  # Ind-M is the method's, whatever the suspects: once per method
                 cells |= _ind_m_cells(method, benign_runs)
+            keys = [key for key, s in method["suspects"].items() if str(s.get("variant", "")) == variant]
+            cells |= _reference_adjusted_cells(method, keys, with_ind_m=first == 0)
             rows2.append({"label": _label(name, variant, kinds), "cells": cells})
     notes2 = (
         "Malicious and Ind-W: one cell value per suspect seed (with several owners, per owner x suspect, Ind-W per "
@@ -218,8 +229,11 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "benign models verified, with the Clopper-Pearson 95 % interval (several owners: owner x benign cells, which "
         "share models, so the interval is optimistic). The calibrated verdict's alpha holds over the owner's random "
         "draw from its family; by owner: each owner's own false accusations and the KS p of its own null p-values (a "
-        "member's potency shifts its rank on every model alike). The surrogate and a benign model with the "
-        "surrogate's seed are shown apart: they measure adversarial transfer, not a false accusation."
+        "member's potency shifts its rank on every model alike). Reference-adjusted (a research variant, not the "
+        "product's verdict): the same rank after each member's mean statistic over the owner's benign models is "
+        "subtracted (a benign model's own left out), computed from the same verifications. The surrogate and a "
+        "benign model with the surrogate's seed are shown apart: they measure adversarial transfer, not a false "
+        "accusation."
     )
     detected = {name: m["detectability"] for name, m in collected["methods"].items() if m.get("detectability")}
     extra = [detectability_table(detected)] if detected else []
@@ -250,6 +264,36 @@ def _calibrated_cells(scenario: str, runs: list[Mapping[str, Any]]) -> dict[str,
     cells = {f"{scenario} verified (calibrated)": {"value": verified}}
     if scenario == "Malicious":
         cells["Malicious calibrated p"] = _seeds([r["calibrated"]["p_value"] for r in runs])
+    return cells
+
+
+def _reference_adjusted_cells(method: Mapping[str, Any], suspect_keys: list[str], with_ind_m: bool) -> dict[str, Any]:
+    """The research variant's cells (:func:`~xmark_bundle.experiments.null.reference_adjusted_runs`): the malicious
+    suspects of ``suspect_keys`` verified, and with ``with_ind_m`` the benign models it accuses, pooled and by owner,
+    with each owner's KS p; empty where no owner has two benign models with the calibrated verdict."""
+    adjusted = reference_adjusted_runs(method)
+    cells: dict[str, Any] = {}
+    malicious = [adjusted["malicious"][key] for key in suspect_keys if key in adjusted["malicious"]]
+    if malicious:
+        cells["Malicious verified (reference-adjusted)"] = {"value": _verified(malicious)}
+    if with_ind_m and adjusted["ind_m"]:
+        falsely = false_accusations(adjusted["ind_m"])
+        cells["false accusations (reference-adjusted)"] = {"value": f"{falsely['k']} of {falsely['n']}"}
+        owners: dict[Any, dict[str, Any]] = {}
+        for key, run in adjusted["ind_m"].items():
+            owners.setdefault(run["owner"], {})[key] = run
+        if len(owners) > 1:
+            counts = {owner: false_accusations(runs) for owner, runs in owners.items()}
+            cells["false accusations by owner (reference-adjusted)"] = {
+                "value": "; ".join(f"{owner}: {c['k']} of {c['n']}" for owner, c in counts.items())
+            }
+            uniform = {
+                owner: null_uniformity([(r["p_value"], r["members"]) for r in runs.values()])
+                for owner, runs in owners.items()
+            }
+            cells["reference-adjusted null by owner: KS p (n)"] = {
+                "value": "; ".join(f"{owner}: {u['ks_p']:.3g} ({u['n']})" for owner, u in uniform.items())
+            }
     return cells
 
 

@@ -11,6 +11,13 @@ ties counted against the owner. If the suspect never saw the owner's release, no
 among the others (it was drawn at random from the same family before release), so the m + 1 statistics are
 exchangeable and ``P(p <= a) <= a`` for every a, whatever else the suspect was trained on, other watermarks of the same
 kind included. The smallest possible p is ``1 / (m + 1)``: m = 19 can reach 0.05, m = 99 can reach 0.01.
+
+That probability is over the owner's random draw. Members differ in potency (how much a member lifts *any* model's
+probability), so for one owner, drawn once, the rank on models that never saw its release is not uniform.
+:func:`reference_adjusted_rank` is a research variant for that: each member's statistic on K reference models the owner
+trained on its own clean data is subtracted before ranking, ``S_j - mean_r R_rj``, which removes the potency that
+every model shares; it is computed from the same verifications (the experiments' benign models as references) and
+is not the product's verdict.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ from numpy.typing import ArrayLike
 
 from xmark_bundle.verification.ttest import check_probabilities
 
-__all__ = ["RANK_STATISTIC", "min_members", "rank_test"]
+__all__ = ["RANK_STATISTIC", "REFERENCE_STATISTIC", "min_members", "rank_test", "reference_adjusted_rank"]
 
 #: What the rank test compares, for reports.
 RANK_STATISTIC = "mean(P_member - Pb) over the same non-target samples"
+#: What the reference-adjusted rank compares, for reports.
+REFERENCE_STATISTIC = "mean(P_member - Pb) minus its mean over the owner's clean reference models"
 
 
 def min_members(alpha: float) -> int:
@@ -75,4 +84,39 @@ def rank_test(
             else f"calibrated: not verified (rank p = {p:.3g} > {alpha:g}; {at_least} of {m} other members lift P as "
             "much or more)"
         ),
+    }
+
+
+def reference_adjusted_rank(
+    member_statistics: ArrayLike, reference_statistics: ArrayLike, owner_index: int, alpha: float = 0.05
+) -> dict[str, Any]:
+    """The rank test on potency-adjusted statistics ``S_j - mean_r R_rj`` (module docstring; a research variant).
+
+    ``member_statistics``: the suspect's ``S_j`` for the m + 1 members (:func:`rank_test`'s ``member_statistics``);
+    ``reference_statistics``: K x (m + 1), the same statistics of K >= 1 reference models that never saw the release.
+    """
+    statistics = np.asarray(member_statistics, dtype=np.float64)
+    references = np.atleast_2d(np.asarray(reference_statistics, dtype=np.float64))
+    if statistics.ndim != 1 or references.shape[1:] != statistics.shape or references.shape[0] < 1:
+        raise ValueError(
+            f"reference statistics of shape {references.shape} do not pair with {statistics.shape[0]} members"
+        )
+    if not 0 <= owner_index < statistics.size:
+        raise ValueError(f"owner_index {owner_index} is outside the family's {statistics.size} members")
+    adjusted = statistics - references.mean(axis=0)
+    owner = float(adjusted[owner_index])
+    others = np.delete(adjusted, owner_index)
+    at_least = int(np.sum(others >= owner))
+    p = (1 + at_least) / (others.size + 1)
+    return {
+        "test": "rank of the owner's watermark among its family, each member's potency on reference models removed",
+        "statistic_definition": REFERENCE_STATISTIC,
+        "members": int(others.size),
+        "references": int(references.shape[0]),
+        "owner_index": int(owner_index),
+        "owner_statistic": owner,
+        "others_at_least_owner": at_least,
+        "p_value": float(p),
+        "alpha": float(alpha),
+        "owned": bool(p <= alpha),
     }
