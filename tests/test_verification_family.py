@@ -200,6 +200,20 @@ def test_verification_ranks_the_owner_key_first_only_for_a_model_that_learned_it
     assert again["calibrated"]["queries_cached"]  # the family's queries were kept with the owner's files
     assert not again["calibrated"]["owned"] and again["calibrated"]["p_value"] == 1.0
 
+    # the research variant: the innocent model as the owner's clean reference; a reference queried otherwise is refused
+    reference = tmp_path / "b" / "verification.json"
+    adjusted = verify_ownership(
+        generator, learned, data / "datalist.json", tmp_path / "c", settings, ckpt, progress=False,
+        family=family.path, reference_reports=[reference],
+    )["reference_adjusted"]  # fmt: skip
+    assert adjusted["references"] == 1 and adjusted["owned"] and adjusted["p_value"] == 0.05 and adjusted["research"]
+    assert "reference-adjusted rank (research, not a verdict): p = 0.05" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"b/verification\.json: queried with other samples"):
+        verify_ownership(
+            generator, learned, data / "datalist.json", tmp_path / "d", replace(settings, n_samples=5), ckpt,
+            progress=False, family=family.path, reference_reports=[reference],
+        )  # fmt: skip
+
 
 class _Constant(nn.Module):
     """A suspect whose answer does not depend on the image."""
@@ -264,6 +278,13 @@ def test_verify_json_reports_the_calibrated_verdict_first(data, tmp_path):
     written = json.loads((tmp_path / "out" / "verification.json").read_text())
     assert written["calibrated"]["members"] == 19 and written["calibrated"]["family"]["file"] == str(family.path)
     assert written["calibrated"]["owner_index"] == family.owner_index
+    # --reference_reports: a clean reference model's report (here the suspect's own) gives the research variant
+    cmd[cmd.index("--output_dir") + 1] = str(tmp_path / "again")
+    cmd += ["--reference_reports", f"['{tmp_path / 'out' / 'verification.json'}']"]
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reference-adjusted rank (research, not a verdict): p = " in again.stdout
+    assert json.loads((tmp_path / "again" / "verification.json").read_text())["reference_adjusted"]["references"] == 1
 
 
 def test_make_family_assembles_existing_checkpoints_and_makes_key_families(tmp_path):

@@ -129,6 +129,7 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     statistic = "undefined (constant differences)" if report["statistic"] is None else f"{report['statistic']:.3f}"
     return [
         *_calibrated_lines(report.get("calibrated") or {}),
+        *_reference_lines(report.get("reference_adjusted")),
         f"suspect: {suspect['location']} [{suspect['kind']}{suspect_hash}]",
         f"queries: {report['n']} non-target samples ('{report['target_label']}' absent), "
         f"generator {generator_name}{generator_hash} at {generator['image_size']} px, "
@@ -154,12 +155,22 @@ def _calibrated_lines(calibrated: Mapping[str, Any]) -> list[str]:
         f"  family: {family['members']} other {family['kind']} of {family['method']} ({family['file']}, commitment "
         f"{family['commitment'][:12]}); owner's statistic {calibrated['owner_statistic']:+.3f}, others "
         f"{others.min():+.3f} to {others.max():+.3f}",
-        "  guarantee: a model that never saw the release is accused with probability <= alpha, if the owner's member "
-        "was drawn at random from this family before the release",
+        "  guarantee: a model that never saw the release is accused with probability <= alpha over the random draw of "
+        "the owner's member from this family before the release (for one owner, over many models, it can differ)",
     ]
     if not calibrated["reachable"]:
         lines.append(f"  WARNING: with {calibrated['members']} other members the rank p can never reach alpha")
     return lines
+
+
+def _reference_lines(adjusted: Mapping[str, Any] | None) -> list[str]:
+    """The research variant's line, where reference reports were given."""
+    if not adjusted:
+        return []
+    return [
+        f"reference-adjusted rank (research, not a verdict): p = {adjusted['p_value']:.3g} over {adjusted['members']} "
+        f"other members, each member's mean statistic on {adjusted['references']} reference model(s) subtracted"
+    ]
 
 
 def _control_lines(report: Mapping[str, Any]) -> list[str]:

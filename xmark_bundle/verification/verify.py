@@ -9,6 +9,7 @@ watermark, and :mod:`.report` writes the figures and the summary.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from xmark_bundle.verification.blackbox import SuspectModel, open_suspect
 from xmark_bundle.verification.controls import control_comparison, control_queries
 from xmark_bundle.verification.family import FamilyError, family_queries, load_family
 from xmark_bundle.verification.queries import QuerySettings, load_letterboxed, query_samples
-from xmark_bundle.verification.rank import min_members, rank_test
+from xmark_bundle.verification.rank import min_members, rank_test, reference_adjusted_rank
 from xmark_bundle.verification.report import save_family_figure, save_verification_figure, summary_lines
 from xmark_bundle.verification.ttest import ownership_test, watermark_success_rate
 
@@ -70,6 +71,7 @@ def verify_ownership(
     device: str | torch.device = "cpu",
     progress: bool = True,
     family: str | os.PathLike | None = None,
+    reference_reports: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Test whether ``suspect`` was trained on data watermarked by ``generator`` (G); write and return the report.
 
@@ -79,8 +81,10 @@ def verify_ownership(
     :func:`open_suspect` (``suspect_options`` are passed to it). ``datalist`` is a MONAI datalist JSON (paths
     relative to ``dataset_dir``, default the file's folder) or its items. ``family`` is the owner's ``family.json``
     (:mod:`.family`): with it the calibrated verdict (:func:`~.rank.rank_test`) comes first; without it (or when the
-    file does not exist) the report says why there is none. Writes ``verification.json``, ``verification.png`` (and
-    ``family.png``) to ``output_dir`` and prints a short summary.
+    file does not exist) the report says why there is none. ``reference_reports`` (a research variant, not a verdict):
+    the ``verification.json`` of clean reference models the owner trained, verified with the same family and queries;
+    with them the report adds ``reference_adjusted`` (:func:`~.rank.reference_adjusted_rank`). Writes
+    ``verification.json``, ``verification.png`` (and ``family.png``) to ``output_dir`` and prints a short summary.
     """
     timings: dict[str, float] = {}
     start = clock = time.perf_counter()
@@ -156,6 +160,9 @@ def verify_ownership(
     result["wsr"] = watermark_success_rate(pv, s.wsr_threshold, source=source)
     result["control"] = control_comparison(pb, pv, pc, tau=s.tau, alpha=s.alpha, source=source, keyed=keyed)
     result["calibrated"] = calibrated
+    if reference_reports and calibrated.get("available"):
+        images = [os.fspath(items[i]["image"]) for i in chosen]
+        result["reference_adjusted"] = _reference_adjusted(reference_reports, calibrated, images)
     lap("test")
 
     output_dir = Path(output_dir)
@@ -192,6 +199,35 @@ def verify_ownership(
     write_json(output_dir / "verification.json", report)
     print("\n".join([*summary_lines(report), f"written: {output_dir / 'verification.json'}, verification.png"]))
     return report
+
+
+def _reference_adjusted(
+    paths: Sequence[str | os.PathLike], calibrated: Mapping[str, Any], images: Sequence[str]
+) -> dict[str, Any]:
+    """The reference-adjusted rank from reference models' reports, each checked to hold the same family (commitment
+    and owner's place) and the same query images; a ValueError names the report and what differs."""
+    references = []
+    for path in paths:
+        try:
+            report = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{os.fspath(path)}: cannot read a reference verification report ({err})") from err
+        theirs = report.get("calibrated") or {}
+        if not theirs.get("available"):
+            raise ValueError(f"{os.fspath(path)}: a reference report without the calibrated verdict (no family)")
+        if theirs["family"].get("commitment") != calibrated["family"].get("commitment"):
+            raise ValueError(f"{os.fspath(path)}: verified with another family (commitment differs): not a reference")
+        if theirs.get("owner_index") != calibrated["owner_index"]:
+            raise ValueError(f"{os.fspath(path)}: the owner's place in its family differs: not a reference")
+        if [sample["image"] for sample in report.get("samples", [])] != list(images):
+            raise ValueError(
+                f"{os.fspath(path)}: queried with other samples (n_samples, seed or data differ): not a reference"
+            )
+        references.append(theirs["member_statistics"])
+    adjusted = reference_adjusted_rank(
+        calibrated["member_statistics"], references, calibrated["owner_index"], alpha=calibrated["alpha"]
+    )
+    return {**adjusted, "reports": [os.fspath(path) for path in paths], "research": True}
 
 
 def _open_family(
