@@ -97,4 +97,4 @@ def record(
     elif commit not in entry["commits"]:
         entry["commits"].append(commit)
     entry["parts"] = sorted(set(entry.get("parts", [])) | set(parts))
-    write_json(path, {"format": LEDGER_FORMAT, "published": entries})
+    write_json(path, {"format": LEDGER_FORMAT, "published": entries}, indent=4)  # the zoo's pretty-format-json
