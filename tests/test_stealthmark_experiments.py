@@ -236,6 +236,10 @@ def _declare(tmp_path: Path, name: str, **changes) -> Path:
         ({"removal": {"prune_rates": [0.3, 0.3]}}, r"prune_rates must be distinct shares in \(0, 1\)"),
         ({"removal": {"learning_rate": 0.1}}, "removal declares neither finetune_epochs nor prune_rates"),
         ({"removal": {"prune_epochs": 2, "prune_rates": [0.1]}}, r"removal: unknown keys \['prune_epochs'\]"),
+        (
+            {"removal": {"finetune_epochs": [1], "kept_checkpoint": "final"}},
+            r"removal.kept_checkpoint must be 'best' or 'last', got 'final'",
+        ),
         ({"finetune": [41]}, "seeds.finetune needs one seed per owner"),
         ({"finetune": [41, 11]}, r"owners and finetune share \[11\]"),
         ({"sweeps": {"epsilon": [0.1]}}, r"values in \(0, 1\) other than the declared 0.1"),
@@ -407,3 +411,18 @@ def test_the_false_accusation_option_counts_every_test_per_query_set(tmp_path):
     assert owners["floor"]["value"].startswith(
         f"{sum(m['verification']['owned'] for m in collected['models'].values())} of 2"
     )
+
+
+def test_fine_tuning_that_keeps_the_last_epoch_is_its_own_stage(tmp_path):
+    """removal.kept_checkpoint "last": the fine-tuner is told so and its model goes to its own folder, so a
+    best-epoch fine-tune of the same length in the same output folder is never taken for it."""
+    from xmark_bundle.experiments.segmentation import run_segmentation
+
+    removal = {"finetune_epochs": [2], "kept_checkpoint": "last"}
+    declared = load_experiment(_declare(tmp_path, "seg_last", removal=removal, finetune=[41, 42]))
+    planned = run_segmentation(declared, ROOT, tmp_path / "out", dry_run=True)["planned_stages"]
+    finetunes = [(name, cmd) for name, cmd in planned if "fine-tuned 2 epochs" in name and "segmenter" in name]
+    assert finetunes and all(name.endswith(", last kept") for name, _ in finetunes)
+    for _, cmd in finetunes:
+        assert cmd[cmd.index("--kept_checkpoint") + 1] == "last"
+        assert cmd[cmd.index("--ckpt_dir") + 1].endswith("_finetuned2_last")

@@ -115,3 +115,34 @@ def test_pruning_refuses_to_write_over_its_source(owner):
     _, _, folder = owner
     with pytest.raises(ValueError, match="holds the source checkpoint"):
         run_pruning(folder, 0.3, folder)
+
+
+def test_fine_tuning_keeps_its_best_or_its_last_validated_epoch(tmp_path):
+    """train.json's ``kept_checkpoint``: "best" (the default) saves the best validation epoch, "last" the weights the
+    training ends with (what a suspect who fine-tunes keeps): MONAI's CheckpointSaver is set for one or the other, and
+    a "last" run's model.pt is the network as training left it."""
+    from monai.bundle import ConfigParser, ConfigWorkflow
+    from monai.handlers import CheckpointSaver
+
+    from xmark_bundle.data.phantoms import write_phantom_dataset
+
+    config = str(ROOT / "stealthmark/configs/train.json")
+    for kept, best, last in (("best", True, False), ("last", False, True)):
+        parser = ConfigParser()
+        parser.read_config(config)
+        parser.update({"kept_checkpoint": kept, "ckpt_dir": str(tmp_path / "unused")})
+        saver = next(h for h in parser.get_parsed_content("validate#handlers") if isinstance(h, CheckpointSaver))
+        assert (saver._key_metric_checkpoint is not None, saver._final_checkpoint is not None) == (best, last)
+    data = tmp_path / "phantoms"
+    write_phantom_dataset(data, 12, 3, dicom_fraction=0.0, min_size=64, max_size=80, valid_fraction=0.25, masks=True)
+    workflow = ConfigWorkflow(
+        config_file=config, meta_file=str(ROOT / "stealthmark/configs/metadata.json"), workflow_type="train",
+        dataset_dir=str(data), ckpt_dir=str(tmp_path / "last"), image_size=32, arch="basicunet", width=4,
+        max_epochs=2, val_interval=1, batch_size=4, device="cpu", kept_checkpoint="last",
+    )  # fmt: skip
+    workflow.initialize()
+    workflow.run()
+    final = workflow.parser.get_parsed_content("network").state_dict()
+    stored = torch.load(tmp_path / "last" / "model.pt", weights_only=True)
+    assert set(stored) == set(final) and all(torch.equal(final[k].cpu(), stored[k]) for k in final)
+    workflow.finalize()

@@ -25,7 +25,8 @@ A declaration ``configs/experiments/<name>.json`` with ``"task": "segmentation"`
   own record, and for an epsilon value (the verifier's margin is a quarter of it) every benign model verified with
   each owner's record at that epsilon.
 
-``removal`` (optional): ``finetune_epochs`` (with ``learning_rate``): each owner's watermarked model fine-tuned
+``removal`` (optional): ``finetune_epochs`` (with ``learning_rate`` and ``kept_checkpoint``: the fine-tuner keeps
+its best validation epoch, or with ``"last"`` its last one): each owner's watermarked model fine-tuned
 from its weights on the clean training split for each number of epochs (``stealthmark/configs/finetune.json``, the
 fine-tuner's seeds ``seeds.finetune``, one per owner); ``prune_rates``: each owner's watermarked model pruned at each
 rate in (0, 1) (``stealthmark/configs/prune.json``: global L1-magnitude unstructured pruning of every convolution and
@@ -118,7 +119,7 @@ KNOWN_KEYS = {
     "removal",
     "false_accusations",
 }
-REMOVAL_KEYS = {"finetune_epochs", "learning_rate", "prune_rates"}
+REMOVAL_KEYS = {"finetune_epochs", "learning_rate", "prune_rates", "kept_checkpoint"}
 FALSE_ACCUSATION_KEYS = {"marker_share"}
 #: The false-accusation table's tests: (column, what a verification's numbers must show for a positive verdict).
 FALSE_ACCUSATION_TESTS = ("floor", "authors' detector", "qr_a", "qr_b", "qr_b_binomial")
@@ -273,6 +274,10 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
         removal["finetune_epochs"] and all(int(e) > 0 for e in removal["finetune_epochs"])
     ):
         raise ExperimentError(path, "removal.finetune_epochs must list positive numbers of epochs")
+    if removal.get("kept_checkpoint", "best") not in ("best", "last"):
+        raise ExperimentError(
+            path, f"removal.kept_checkpoint must be 'best' or 'last', got {removal['kept_checkpoint']!r}"
+        )
     rates = removal.get("prune_rates", [])
     if not all(0 < float(r) < 1 for r in rates) or len(set(map(float, rates))) < len(rates):
         raise ExperimentError(path, f"removal.prune_rates must be distinct shares in (0, 1), got {rates}")
@@ -601,13 +606,17 @@ def _removal(run: _SegRun, models: Mapping[str, Mapping[str, Any]]) -> dict[str,
             continue
         start, record = run.models / name, run.models / name / RECORD
         for epochs in map(int, x.removal.get("finetune_epochs", [])):
-            tag = f"{name}_finetuned{epochs}"
+            kept = x.removal.get("kept_checkpoint")  # the fine-tuner's kept epoch: best validation (default) or last
+            tag = f"{name}_finetuned{epochs}" + ("_last" if kept == "last" else "")
             keys = {k: v for k, v in x.training.items() if v is not None}
             keys |= {"arch": model["arch"], "seed": finetuner[model["owner"]], "max_epochs": epochs, "val_interval": 1}
             keys |= {"init_ckpt": start / "model.pt", "ckpt_dir": run.models / tag} | run.markers
             if "learning_rate" in x.removal:
                 keys["learning_rate"] = x.removal["learning_rate"]
+            if kept is not None:
+                keys["kept_checkpoint"] = kept
             label = f"{model['arch']} {model['trigger']} owner {model['owner']} fine-tuned {epochs} epochs"
+            label += f", {kept} kept" if kept is not None else ""
             cmd = bundle_cmd("training", [TRAIN, FINETUNE], **run.data, **keys)
             run._clear_unfinished(run.models / tag)
             run.stages.run(f"StealthMark segmenter {label}", cmd, run.models / tag / RECORD)
@@ -616,6 +625,7 @@ def _removal(run: _SegRun, models: Mapping[str, Mapping[str, Any]]) -> dict[str,
                 "trigger": model["trigger"],
                 "owner": model["owner"],
                 "epochs": epochs,
+                **({"kept_checkpoint": kept} if kept is not None else {}),
                 "harmlessness": run.evaluate(label, run.models / tag, record, out / "harmlessness" / tag),
                 "verification": run.verify(
                     f"{label} (owner's record)", run.models / tag, record, out / "verification" / tag
@@ -961,7 +971,8 @@ def _removal_attack(entry: Mapping[str, Any]) -> tuple[int, float, str]:
     if "prune_rate" in entry:
         rate = float(entry["prune_rate"])
         return (1, rate, f"pruned {100 * rate:g} % (global L1 magnitude, no fine-tuning)")
-    return (0, float(entry["epochs"]), f"fine-tuned {entry['epochs']} epoch(s) on clean data")
+    kept = f", {entry['kept_checkpoint']} epoch kept" if entry.get("kept_checkpoint") else ""
+    return (0, float(entry["epochs"]), f"fine-tuned {entry['epochs']} epoch(s) on clean data{kept}")
 
 
 REMOVAL_COLUMNS = [
