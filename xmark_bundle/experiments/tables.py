@@ -267,6 +267,26 @@ def _calibrated_cells(scenario: str, runs: list[Mapping[str, Any]]) -> dict[str,
     return cells
 
 
+def _by_owner(runs: Mapping[str, Mapping[str, Any]]) -> dict[Any, dict[str, Mapping[str, Any]]]:
+    """``runs`` grouped by their ``owner``, in run order."""
+    owners: dict[Any, dict[str, Mapping[str, Any]]] = {}
+    for key, run in runs.items():
+        owners.setdefault(run.get("owner"), {})[key] = run
+    return owners
+
+
+def _accused_by_owner(owners: Mapping[Any, Mapping[str, Mapping[str, Any]]], verdict: str = "margin") -> dict[str, str]:
+    """A by-owner cell: each owner's ``k of n`` benign models verified (:func:`false_accusations`)."""
+    counts = {owner: false_accusations(runs, verdict) for owner, runs in owners.items()}
+    return {"value": "; ".join(f"{owner}: {c['k']} of {c['n']}" for owner, c in counts.items())}
+
+
+def _ks_by_owner(values: Mapping[Any, list[tuple[float, int]]]) -> dict[str, str]:
+    """A by-owner cell: the KS p of each owner's null p-values (:func:`null_uniformity`) and their number."""
+    uniform = {owner: null_uniformity(found) for owner, found in values.items()}
+    return {"value": "; ".join(f"{owner}: {u['ks_p']:.3g} ({u['n']})" for owner, u in uniform.items())}
+
+
 def _reference_adjusted_cells(method: Mapping[str, Any], suspect_keys: list[str], with_ind_m: bool) -> dict[str, Any]:
     """The research variant's cells (:func:`~xmark_bundle.experiments.null.reference_adjusted_runs`): the malicious
     suspects of ``suspect_keys`` verified, and with ``with_ind_m`` the benign models it accuses, pooled and by owner,
@@ -279,21 +299,11 @@ def _reference_adjusted_cells(method: Mapping[str, Any], suspect_keys: list[str]
     if with_ind_m and adjusted["ind_m"]:
         falsely = false_accusations(adjusted["ind_m"])
         cells["false accusations (reference-adjusted)"] = {"value": f"{falsely['k']} of {falsely['n']}"}
-        owners: dict[Any, dict[str, Any]] = {}
-        for key, run in adjusted["ind_m"].items():
-            owners.setdefault(run["owner"], {})[key] = run
+        owners = _by_owner(adjusted["ind_m"])
         if len(owners) > 1:
-            counts = {owner: false_accusations(runs) for owner, runs in owners.items()}
-            cells["false accusations by owner (reference-adjusted)"] = {
-                "value": "; ".join(f"{owner}: {c['k']} of {c['n']}" for owner, c in counts.items())
-            }
-            uniform = {
-                owner: null_uniformity([(r["p_value"], r["members"]) for r in runs.values()])
-                for owner, runs in owners.items()
-            }
-            cells["reference-adjusted null by owner: KS p (n)"] = {
-                "value": "; ".join(f"{owner}: {u['ks_p']:.3g} ({u['n']})" for owner, u in uniform.items())
-            }
+            cells["false accusations by owner (reference-adjusted)"] = _accused_by_owner(owners)
+            values = {owner: [(r["p_value"], r["members"]) for r in runs.values()] for owner, runs in owners.items()}
+            cells["reference-adjusted null by owner: KS p (n)"] = _ks_by_owner(values)
     return cells
 
 
@@ -307,31 +317,21 @@ def _ind_m_cells(method: Mapping[str, Any], benign_runs: list[Mapping[str, Any]]
         "false accusations": {"value": f"{falsely['k']} of {falsely['n']}"},
         "95 % interval": {"value": f"{falsely['low']:.3f}–{falsely['high']:.3f}"},
     }
-    owners: dict[Any, dict[str, Any]] = {}
-    for key, run in method["ind_m"].items():
-        owners.setdefault(run.get("owner"), {})[key] = run
+    owners = _by_owner(method["ind_m"])
     if len(owners) > 1:
-        counts = {owner: false_accusations(runs) for owner, runs in owners.items()}
-        cells["false accusations by owner"] = {
-            "value": "; ".join(f"{owner}: {c['k']} of {c['n']}" for owner, c in counts.items())
-        }
+        cells["false accusations by owner"] = _accused_by_owner(owners)
     if _verified(benign_runs, "calibrated") is not None:
         calibrated = false_accusations(method["ind_m"], "calibrated")
         cells["false accusations (calibrated)"] = {"value": f"{calibrated['k']} of {calibrated['n']}"}
         cells["95 % interval (calibrated)"] = {"value": f"{calibrated['low']:.3f}–{calibrated['high']:.3f}"}
         if len(owners) > 1:  # the alpha bound holds over the owner's draw: each owner's own rate beside it
-            counts = {owner: false_accusations(runs, "calibrated") for owner, runs in owners.items()}
-            cells["false accusations by owner (calibrated)"] = {
-                "value": "; ".join(f"{owner}: {c['k']} of {c['n']}" for owner, c in counts.items())
-            }
+            cells["false accusations by owner (calibrated)"] = _accused_by_owner(owners, "calibrated")
     uniform = null_uniformity(null_p_values(method))
     if uniform is not None:  # every model that never saw the release, surrogate-seed controls included
         cells["calibrated null: KS p vs uniform (n)"] = {"value": f"{uniform['ks_p']:.3g} ({uniform['n']})"}
-        by_owner = {owner: null_uniformity(values) for owner, values in null_p_values_by_owner(method).items()}
+        by_owner = null_p_values_by_owner(method)
         if len(by_owner) > 1:
-            cells["calibrated null by owner: KS p (n)"] = {
-                "value": "; ".join(f"{owner}: {u['ks_p']:.3g} ({u['n']})" for owner, u in by_owner.items())
-            }
+            cells["calibrated null by owner: KS p (n)"] = _ks_by_owner(by_owner)
     controls = list(method.get("ind_m_seed_controls", {}).values())
     if controls:
         cells["surrogate and its seed (Ind-M) verified"] = {"value": _verified(controls)}
