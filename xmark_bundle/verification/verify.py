@@ -115,6 +115,10 @@ def verify_ownership(
     members = _open_family(family, generator, generator_ckpt, s.alpha)
     lap("open_family")
     items, chosen, where = query_samples(datalist, dataset_dir, s)
+    references = None  # checked before any query: a wrong reference should not cost the suspect's answers
+    if reference_reports and not isinstance(members, dict):
+        images = [os.fspath(items[i]["image"]) for i in chosen]
+        references = _reference_statistics(reference_reports, members.commitment, members.owner_index, images)
     lap("select_samples")
 
     signs = torch.Generator().manual_seed(s.seed)  # the control's random draws, reproducible from the seed
@@ -160,9 +164,15 @@ def verify_ownership(
     result["wsr"] = watermark_success_rate(pv, s.wsr_threshold, source=source)
     result["control"] = control_comparison(pb, pv, pc, tau=s.tau, alpha=s.alpha, source=source, keyed=keyed)
     result["calibrated"] = calibrated
-    if reference_reports and calibrated.get("available"):
-        images = [os.fspath(items[i]["image"]) for i in chosen]
-        result["reference_adjusted"] = _reference_adjusted(reference_reports, calibrated, images)
+    if references is not None:
+        adjusted = reference_adjusted_rank(
+            calibrated["member_statistics"], references, calibrated["owner_index"], alpha=calibrated["alpha"]
+        )
+        result["reference_adjusted"] = {
+            **adjusted,
+            "reports": [os.fspath(p) for p in reference_reports],
+            "research": True,
+        }
     lap("test")
 
     output_dir = Path(output_dir)
@@ -201,11 +211,11 @@ def verify_ownership(
     return report
 
 
-def _reference_adjusted(
-    paths: Sequence[str | os.PathLike], calibrated: Mapping[str, Any], images: Sequence[str]
-) -> dict[str, Any]:
-    """The reference-adjusted rank from reference models' reports, each checked to hold the same family (commitment
-    and owner's place) and the same query images; a ValueError names the report and what differs."""
+def _reference_statistics(
+    paths: Sequence[str | os.PathLike], commitment: str, owner_index: int, images: Sequence[str]
+) -> list[list[float]]:
+    """The member statistics of the reference models' reports, each checked to hold the same family (commitment and
+    owner's place) and the same query images; a ValueError names the report and what differs."""
     references = []
     for path in paths:
         try:
@@ -215,19 +225,16 @@ def _reference_adjusted(
         theirs = report.get("calibrated") or {}
         if not theirs.get("available"):
             raise ValueError(f"{os.fspath(path)}: a reference report without the calibrated verdict (no family)")
-        if theirs["family"].get("commitment") != calibrated["family"].get("commitment"):
+        if theirs["family"].get("commitment") != commitment:
             raise ValueError(f"{os.fspath(path)}: verified with another family (commitment differs): not a reference")
-        if theirs.get("owner_index") != calibrated["owner_index"]:
+        if theirs.get("owner_index") != owner_index:
             raise ValueError(f"{os.fspath(path)}: the owner's place in its family differs: not a reference")
         if [sample["image"] for sample in report.get("samples", [])] != list(images):
             raise ValueError(
                 f"{os.fspath(path)}: queried with other samples (n_samples, seed or data differ): not a reference"
             )
         references.append(theirs["member_statistics"])
-    adjusted = reference_adjusted_rank(
-        calibrated["member_statistics"], references, calibrated["owner_index"], alpha=calibrated["alpha"]
-    )
-    return {**adjusted, "reports": [os.fspath(path) for path in paths], "research": True}
+    return references
 
 
 def _open_family(
