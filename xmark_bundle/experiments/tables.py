@@ -191,6 +191,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows2 = []
     for name, method in collected["methods"].items():
         benign_runs = list(method["ind_m"].values())
+        adjusted = reference_adjusted_runs(method)  # once per method: every kind of suspect reads it
         for first, (variant, suspects) in enumerate(_variants(method).items()):
             malicious = [s["malicious"] for s in suspects]
             ind_w = [run for s in suspects for run in ind_w_runs(s)]
@@ -217,7 +218,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
             if first == 0:  # Ind-M is the method's, whatever the suspects: once per method
                 cells |= _ind_m_cells(method, benign_runs)
             keys = [key for key, s in method["suspects"].items() if str(s.get("variant", "")) == variant]
-            cells |= _reference_adjusted_cells(method, keys, with_ind_m=first == 0)
+            cells |= _reference_adjusted_cells(adjusted, keys, with_ind_m=first == 0)
             rows2.append({"label": _label(name, variant, kinds), "cells": cells})
     notes2 = (
         "Malicious and Ind-W: one cell value per suspect seed (with several owners, per owner x suspect, Ind-W per "
@@ -287,11 +288,11 @@ def _ks_by_owner(values: Mapping[Any, list[tuple[float, int]]]) -> dict[str, str
     return {"value": "; ".join(f"{owner}: {u['ks_p']:.3g} ({u['n']})" for owner, u in uniform.items())}
 
 
-def _reference_adjusted_cells(method: Mapping[str, Any], suspect_keys: list[str], with_ind_m: bool) -> dict[str, Any]:
-    """The research variant's cells (:func:`~xmark_bundle.experiments.null.reference_adjusted_runs`): the malicious
-    suspects of ``suspect_keys`` verified, and with ``with_ind_m`` the benign models it accuses, pooled and by owner,
-    with each owner's KS p; empty where no owner has two benign models with the calibrated verdict."""
-    adjusted = reference_adjusted_runs(method)
+def _reference_adjusted_cells(adjusted: Mapping[str, Any], suspect_keys: list[str], with_ind_m: bool) -> dict[str, Any]:
+    """The research variant's cells from a method's
+    :func:`~xmark_bundle.experiments.null.reference_adjusted_runs`: the malicious suspects of ``suspect_keys``
+    verified, and with ``with_ind_m`` the benign models it accuses, pooled and by owner, with each owner's KS p;
+    empty where no owner has two benign models with the calibrated verdict."""
     cells: dict[str, Any] = {}
     malicious = [adjusted["malicious"][key] for key in suspect_keys if key in adjusted["malicious"]]
     if malicious:

@@ -42,6 +42,14 @@ def min_members(alpha: float) -> int:
     return int(np.ceil(1.0 / alpha - 1.0 - 1e-9))
 
 
+def _owner_rank(statistics: np.ndarray, owner_index: int) -> tuple[float, int, int, float]:
+    """The owner's statistic, how many of the m others reach it (ties against the owner), m, and the rank p."""
+    owner = float(statistics[owner_index])
+    others = np.delete(statistics, owner_index)
+    at_least = int(np.sum(others >= owner))
+    return owner, at_least, int(others.size), (1 + at_least) / (others.size + 1)
+
+
 def rank_test(
     pb: ArrayLike, member_probs: ArrayLike, owner_index: int, alpha: float = 0.05, source: str = "suspect model"
 ) -> dict[str, Any]:
@@ -59,11 +67,7 @@ def rank_test(
     if not 0 <= owner_index < probs.shape[0]:
         raise ValueError(f"owner_index {owner_index} is outside the family's {probs.shape[0]} members")
     statistics = (probs - pb[None, :]).mean(axis=1)
-    owner = float(statistics[owner_index])
-    others = np.delete(statistics, owner_index)
-    at_least = int(np.sum(others >= owner))
-    m = int(others.size)
-    p = (1 + at_least) / (m + 1)
+    owner, at_least, m, p = _owner_rank(statistics, owner_index)
     owned = bool(p <= alpha)
     return {
         "test": "rank of the owner's watermark among its family",
@@ -104,14 +108,11 @@ def reference_adjusted_rank(
     if not 0 <= owner_index < statistics.size:
         raise ValueError(f"owner_index {owner_index} is outside the family's {statistics.size} members")
     adjusted = statistics - references.mean(axis=0)
-    owner = float(adjusted[owner_index])
-    others = np.delete(adjusted, owner_index)
-    at_least = int(np.sum(others >= owner))
-    p = (1 + at_least) / (others.size + 1)
+    owner, at_least, m, p = _owner_rank(adjusted, owner_index)
     return {
         "test": "rank of the owner's watermark among its family, each member's potency on reference models removed",
         "statistic_definition": REFERENCE_STATISTIC,
-        "members": int(others.size),
+        "members": m,
         "references": int(references.shape[0]),
         "owner_index": int(owner_index),
         "owner_statistic": owner,
