@@ -118,6 +118,14 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     assert again.returncode == 0 and again.stdout.count(": already done (") == stages, again.stdout[-2000:]
     assert json.loads((out / "collected.json").read_text()) == collected
 
+    # a pool watermark interrupted after saving model.pt but before training_info.json: removed, then trained again
+    interrupted = out / "models/xmark/family_pool/seed5"
+    (interrupted / "training_info.json").unlink()
+    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0 and resumed.stdout.count(": done in ") == 1, resumed.stdout[-2000:]
+    assert f"removing {interrupted / 'model.pt'}: left by an interrupted run of this stage" in resumed.stdout
+    assert (interrupted / "training_info.json").is_file()
+
     refused = subprocess.run([*cmd, "--publish"], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2 and "runs on the development seed" in refused.stderr
     unknown = subprocess.run([*cmd, "--method", "sig"], cwd=ROOT, capture_output=True, text=True)

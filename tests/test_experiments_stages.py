@@ -154,3 +154,57 @@ def test_plan_names_a_stage_whose_output_another_command_made(tmp_path):
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "[demo] stage 'phantoms': its output phantoms/valid.csv was made by another command" in done.stderr
     assert "--n 300 -> --n 600" in done.stderr
+
+
+def test_runners_sharing_a_folder_keep_each_others_records(tmp_path):
+    """Two runners that opened the folder before either ran anything: each stage's time, commit and command is kept."""
+    from xmark_bundle.experiments.stages import Stages
+
+    first, second = Stages(ROOT, tmp_path, "first"), Stages(ROOT, tmp_path, "second")
+    first.run("a", ["touch", str(tmp_path / "a")], tmp_path / "a")
+    second.run("b", ["touch", str(tmp_path / "b")], tmp_path / "b")
+    for name in ("stage_times.json", "stage_commits.json", "stage_commands.json"):
+        assert set(json.loads((tmp_path / name).read_text())) == {"a", "b"}, name
+
+
+RUNNER = """
+import sys
+from pathlib import Path
+from xmark_bundle.experiments.stages import Stages
+root, out, label, log = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+write = "import sys; open(sys.argv[1], 'a').write(sys.argv[2] + chr(10))"
+wait = "import os, sys, time" + chr(10) + "while not os.path.exists(sys.argv[3]): time.sleep(0.05)" + chr(10)
+stages = Stages(root, out, label)
+cleared = lambda: open(log, "a").write("prepared by " + label + chr(10))
+done, go = out / "shared", str(out.parent / "go")
+shared = [sys.executable, "-c", wait + write + "; open(sys.argv[4], 'w')", log, "shared", go, str(done)]
+stages.run("shared", shared, done, cleared)
+stages.run(label, [sys.executable, "-c", write, log, label + " own"], out / label)
+"""
+
+
+def test_a_stage_another_runner_is_running_is_waited_for_not_run_twice(tmp_path):
+    """A second runner reaching a stage the first is running waits, then finds it done: the command and its
+    ``prepare`` (e.g. removing an interrupted run's files) run once, by the runner that holds the stage."""
+    import time
+
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    out.mkdir()
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "XMARK_STAGE_SUBPROCESS": "1"}
+    runner = [sys.executable, "-c", RUNNER, str(ROOT), str(out)]
+    first = subprocess.Popen([*runner, "first", str(log)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    for _ in range(1200):  # until the first runner holds the stage (its prepare ran); its command waits for "go"
+        if log.exists() and "prepared by first" in log.read_text():
+            break
+        time.sleep(0.05)
+    second = subprocess.Popen([*runner, "second", str(log)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    seen = ""
+    while "waiting" not in seen and second.poll() is None:  # the stage's command line, then the wait
+        seen += second.stdout.readline()
+    assert f"[second 1] shared: another runner of {out} is running it; waiting" in seen, seen
+    (tmp_path / "go").touch()
+    assert first.wait(timeout=120) == 0 and second.wait(timeout=120) == 0
+    assert "[second 1] shared: done by another runner (shared)" in second.stdout.read()
+    lines = log.read_text().splitlines()
+    assert lines[:2] == ["prepared by first", "shared"] and sorted(lines[2:]) == ["first own", "second own"]
+    assert set(json.loads((out / "stage_commands.json").read_text())) == {"shared", "first", "second"}

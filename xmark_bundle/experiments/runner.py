@@ -258,16 +258,19 @@ class _Run:
         key: dict[str, Any] = {}
         if method.settings.get("key_cells"):
             key = {"key_seed": self._vetted_key(method, folder, surrogate, seed) if vetting else seed + 1}
-        unfinished = folder / "model.pt"  # left by an interrupted run: train.json refuses to overwrite a checkpoint
-        if not self.dry_run and unfinished.exists() and not (folder / "training_info.json").exists():
-            print(f"[{self.x.name}] removing {unfinished}: left by an interrupted run of this stage")
-            unfinished.unlink()
         configs = ["configs/train.json", *method.configs]
         training_data = {"dataset_dir": data, "datalist_file": data / "datalist.json"}
         overrides = {**training_data, **common, **key, "output_dir": folder / "logs"}
         cmd = bundle_cmd("training", configs, surrogate_ckpt=surrogate / "model.pt", **overrides)
-        self.stages.run(name, cmd, folder / "training_info.json")
+        self.stages.run(name, cmd, folder / "training_info.json", prepare=lambda: self._clear_unfinished(folder))
         return folder / "model.pt"
+
+    def _clear_unfinished(self, folder: Path) -> None:
+        """Remove the model.pt an interrupted run of a watermark stage left (train.json refuses to overwrite one)."""
+        unfinished = folder / "model.pt"
+        if unfinished.exists():
+            print(f"[{self.x.name}] removing {unfinished}: left by an interrupted run of this stage")
+            unfinished.unlink()
 
     def _vetted_key(self, method: Method, folder: Path, surrogate: Path, owner: int) -> int:
         """Our key seed, vetted against the surrogate (configs/vet_key.json; drawn with the owner's seed, legacy: the

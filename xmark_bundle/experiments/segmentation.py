@@ -58,6 +58,7 @@ each other-key model, verified with every owner's record. Layout under the outpu
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -405,16 +406,18 @@ class _SegRun:
         keys |= {"arch": arch, "method": method, "trigger": trigger, "key": key, "seed": seed}
         keys |= {"epsilon": self.x.epsilon, "trigger_share": self.x.trigger_share, "ckpt_dir": folder}
         keys |= dict(setting or {}) | self.markers
-        self._clear_unfinished(folder)
         self.stages.run(
-            f"StealthMark segmenter {label}", bundle_cmd("training", [TRAIN], **self.data, **keys), folder / RECORD
+            f"StealthMark segmenter {label}",
+            bundle_cmd("training", [TRAIN], **self.data, **keys),
+            folder / RECORD,
+            prepare=lambda: self._clear_unfinished(folder),
         )
         return folder
 
     def _clear_unfinished(self, folder: Path) -> None:
         """Remove what an interrupted training left in ``folder`` (a model.pt without the record training writes last):
         training refuses to replace a model, and the stage must start again."""
-        if not self.dry_run and folder.is_dir() and not (folder / RECORD).exists():
+        if folder.is_dir() and not (folder / RECORD).exists():
             print(f"[{self.x.name}] {folder}: an unfinished training's files are removed before it runs again")
             shutil.rmtree(folder)
 
@@ -618,8 +621,8 @@ def _removal(run: _SegRun, models: Mapping[str, Mapping[str, Any]]) -> dict[str,
             label = f"{model['arch']} {model['trigger']} owner {model['owner']} fine-tuned {epochs} epochs"
             label += f", {kept} kept" if kept is not None else ""
             cmd = bundle_cmd("training", [TRAIN, FINETUNE], **run.data, **keys)
-            run._clear_unfinished(run.models / tag)
-            run.stages.run(f"StealthMark segmenter {label}", cmd, run.models / tag / RECORD)
+            clear = functools.partial(run._clear_unfinished, run.models / tag)
+            run.stages.run(f"StealthMark segmenter {label}", cmd, run.models / tag / RECORD, prepare=clear)
             removed[tag] = {
                 "arch": model["arch"],
                 "trigger": model["trigger"],

@@ -10,12 +10,18 @@ and suspects) each report their own. On Linux a Python stage runs in a forked co
 imported torch, MONAI, Ignite and this package once (about 7 s a stage on this machine's two cores): the child runs
 exactly the printed command line (``runpy``, as ``python -m`` or ``python script`` would) and exits, so nothing it
 changes reaches the next stage. Elsewhere, or with ``XMARK_STAGE_SUBPROCESS=1``, each stage is a fresh interpreter.
+
+Several runners may share a folder (two declarations with common stages, run side by side): a runner holds a lock on
+a stage while it runs it (``.stage_locks/`` in the folder), so another that reaches the same stage waits for it and
+then finds it done, and the record files are updated under a lock of their own, so no runner's record is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -26,7 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +77,29 @@ def _changes(recorded: Sequence[str], now: Sequence[str], most: int = 4) -> str:
     return shown + (f"; and {len(parts) - most} more" if len(parts) > most else "")
 
 
+@contextlib.contextmanager
+def _locked(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the block; print ``waiting`` first when
+    another process holds it. Without ``fcntl`` (not POSIX), a no-op: one runner per folder there."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def bundle_cmd(run_id: str, configs: Sequence[str], **overrides: object) -> list[str]:
     """A ``python -m monai.bundle run`` command line for ``configs`` with ``--key value`` overrides."""
     config_arg = configs[0] if len(configs) == 1 else json.dumps(list(configs)).replace('"', "'")
@@ -98,6 +127,37 @@ class Stages:
         self.seen: dict[str, tuple[list[str], Path]] = {}  # this run's stages by name: command and output
         self.count = 0
 
+    def _stage_lock(self, name: str) -> Path:
+        return self.out / ".stage_locks" / (hashlib.sha256(name.encode()).hexdigest()[:32] + ".lock")
+
+    def _recorded(self, name: str) -> list[str] | None:
+        """The command that made ``name``'s output, read again from the folder when another runner may have run it."""
+        if name not in self.commands and self.commands_file.is_file():
+            self.commands = json.loads(self.commands_file.read_text())
+        return self.commands.get(name)
+
+    def _check_done(self, name: str, cmd: Sequence[str], done: Path) -> None:
+        recorded = self._recorded(name)  # none for a stage run before commands were recorded
+        if recorded is not None and recorded != self._normal(cmd):
+            raise StageChanged(
+                f"stage '{name}': its output {self._where(done)} was made by another command than this run's "
+                f"({_changes(recorded, self._normal(cmd))}), so it is not this declaration's result; run into a "
+                "new output folder (a report on a new report seed), or remove that output to run the stage again"
+            )
+
+    def _record(self, name: str, seconds: float, commit: str, cmd: Sequence[str]) -> None:
+        """Add a finished stage to the three record files, merged with what other runners wrote meanwhile."""
+        with _locked(self.out / ".stage_records.lock"):
+            for attr, file, value in (
+                ("times", self.times_file, round(seconds, 1)),
+                ("commits", self.commits_file, commit),
+                ("commands", self.commands_file, self._normal(cmd)),
+            ):
+                current = json.loads(file.read_text()) if file.is_file() else {}
+                current[name] = value
+                write_json(file, current)
+                setattr(self, attr, current)
+
     def _where(self, path: Path) -> str:
         return str(path.relative_to(self.out) if path.is_relative_to(self.out) else path)
 
@@ -108,10 +168,12 @@ class Stages:
         normal = ["python" if i == 0 and arg == sys.executable else arg for i, arg in enumerate(cmd)]
         return [arg.replace(out, "<out>").replace(root, "<root>") for arg in normal]
 
-    def run(self, name: str, cmd: list[str], done: Path) -> None:
+    def run(self, name: str, cmd: list[str], done: Path, prepare: Callable[[], None] | None = None) -> None:
         """Run ``cmd`` unless ``done`` exists (a dry run lists it instead); raise :class:`StageFailed` naming the stage
         when it fails, and a ``ValueError`` when a run names two different stages alike (their wall times would mix).
-        The same stage asked for again in one run (e.g. a phantom set two pre-trainings share) is visited once."""
+        The same stage asked for again in one run (e.g. a phantom set two pre-trainings share) is visited once.
+        ``prepare`` (e.g. removing what an interrupted run of the stage left) runs just before the command, while
+        this runner holds the stage, so it never touches a stage another runner is running."""
         if name in self.seen:
             if self.seen[name] != (cmd, done):
                 raise ValueError(f"two different stages of {self.label} are both named {name!r}")
@@ -121,30 +183,26 @@ class Stages:
         self.visited.append(name)
         prefix = f"[{self.label} {self.count}] {name}"
         if done.exists():
-            recorded = self.commands.get(name)  # none for a stage run before commands were recorded
-            if recorded is not None and recorded != self._normal(cmd):
-                raise StageChanged(
-                    f"stage '{name}': its output {self._where(done)} was made by another command than this run's "
-                    f"({_changes(recorded, self._normal(cmd))}), so it is not this declaration's result; run into a "
-                    "new output folder (a report on a new report seed), or remove that output to run the stage again"
-                )
+            self._check_done(name, cmd, done)
             print(f"{prefix}: already done ({self._where(done)})", flush=True)
             return
         print(f"{prefix}: {'(dry run) ' if self.dry_run else ''}{shlex.join(cmd)}", flush=True)
         if self.dry_run:
             self.planned.append((name, cmd))
             return
-        start, commit = time.perf_counter(), tree_commit(self.root)
-        returncode = run_command(cmd, self.root)
-        if returncode != 0:
-            raise StageFailed(f"stage '{name}' failed (exit code {returncode}); fix the error above and rerun")
-        seconds = time.perf_counter() - start
-        self.times[name] = round(seconds, 1)
-        write_json(self.times_file, self.times)
-        self.commits[name] = commit
-        write_json(self.commits_file, self.commits)
-        self.commands[name] = self._normal(cmd)
-        write_json(self.commands_file, self.commands)
+        with _locked(self._stage_lock(name), f"{prefix}: another runner of {self.out} is running it; waiting"):
+            if done.exists():  # the other runner finished it
+                self._check_done(name, cmd, done)
+                print(f"{prefix}: done by another runner ({self._where(done)})", flush=True)
+                return
+            if prepare is not None:
+                prepare()
+            start, commit = time.perf_counter(), tree_commit(self.root)
+            returncode = run_command(cmd, self.root)
+            if returncode != 0:
+                raise StageFailed(f"stage '{name}' failed (exit code {returncode}); fix the error above and rerun")
+            seconds = time.perf_counter() - start
+            self._record(name, seconds, commit, cmd)
         print(f"{prefix}: done in {seconds:.0f} s", flush=True)
 
     def finish(self, collected: dict[str, Any], out: Path) -> dict[str, Any]:
