@@ -9,10 +9,10 @@ Example: ``python scripts/stealthmark_demo.py --out outputs/stealthmark_demo``. 
 width 8 at 64 px, 120 epochs at lr 3e-3, patch trigger, epsilon 0.1) were chosen on development phantoms (seed 0) so
 that the watermark is learnt on a CPU in a few minutes; MONAI's residual UNet did not learn it in the same steps.
 
-Research options: ``--decoy-share`` trains the owner's model with decoys (a keyed trigger only: ``blocks`` or
-``noise``); ``--other-key K [K ...]`` also verifies every model with a copy of the owner's record under each key
-``K`` (the same trigger under another key: does the verdict belong to this key or to the trigger?); ``--no-benign``
-skips the benign model.
+Research options: ``--decoy-share`` trains the owner's model with decoys (a keyed trigger only: ``blocks``,
+``blocks8`` or ``noise``); ``--other-key K [K ...]`` also verifies every model with a copy of the owner's record
+under each key ``K`` (the same trigger under another key: does the verdict belong to this key or to the trigger?);
+``--no-benign`` skips the benign model.
 """
 
 from __future__ import annotations

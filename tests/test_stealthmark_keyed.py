@@ -41,7 +41,7 @@ def _cells(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def test_blocks_pattern_is_deterministic_balanced_and_keyed():
-    assert "blocks" in TRIGGERS and set(KEYED_TRIGGERS) == {"noise", "blocks"}
+    assert "blocks" in TRIGGERS and set(KEYED_TRIGGERS) == {"noise", "blocks", "blocks8"}
     patterns = {key: keyed_blocks(key) for key in range(2000, 2100)}
     for key, pattern in patterns.items():
         assert pattern.shape == (4, 4) and pattern.dtype == torch.bool
@@ -67,6 +67,25 @@ def test_blocks_square_sits_top_right_and_paints_the_keys_cells(shape, side):
     assert (cells[white] == 1).all() and (cells[~white] == 0).all()  # each cell is one colour: white by the key
     batch = apply_trigger(torch.stack([image, image]), "blocks", key=7)  # (N, 1, H, W) too
     assert torch.equal(batch[1], out)
+
+
+@pytest.mark.parametrize(("shape", "side"), [((64, 64), 16), ((128, 96), 24), ((20, 24), 8)])
+def test_blocks8_is_an_8_by_8_grid_of_32_white_cells_in_a_quarter_square(shape, side):
+    """The finer block trigger: 8 x 8 cells, 32 white, side min(H, W) // 4 (at least 8 px), top right; random keys
+    share about half their white cells, so a near pattern is rare (16 +- 2 of 32, against 4 of 8 for ``blocks``)."""
+    pattern = keyed_blocks(2027, "blocks8")
+    assert pattern.shape == (8, 8) and int(pattern.sum()) == 32 and torch.equal(keyed_blocks(2027, "blocks8"), pattern)
+    assert blocks_side(shape, "blocks8") == side
+    image = _image(3, shape)
+    out = apply_trigger(image, "blocks8", key=2027)
+    region = trigger_region("blocks8", shape)
+    assert int(region.sum()) == side * side and region[:side, shape[1] - side :].all()
+    assert torch.equal(out[0][~region], image[0][~region])
+    cell = side // 8
+    square = out[0, :side, shape[1] - side :].reshape(8, cell, 8, cell).permute(0, 2, 1, 3).reshape(8, 8, -1)
+    assert (square[pattern] == 1).all() and (square[~pattern] == 0).all()
+    shared = [int((keyed_blocks(k, "blocks8") & pattern).sum()) for k in range(3000, 3200)]
+    assert 15 < sum(shared) / len(shared) < 17 and max(shared) < 28  # hypergeometric: mean 16, sd 2
 
 
 def test_blocks_cells_split_a_square_whose_side_is_not_a_multiple_of_four():
@@ -131,7 +150,7 @@ def test_decoy_items_carry_another_keys_trigger_and_keep_the_clean_target(trigge
 
 @pytest.mark.parametrize("trigger", [t for t in TRIGGERS if t not in KEYED_TRIGGERS])
 def test_decoys_are_refused_with_an_unkeyed_trigger(trigger):
-    with pytest.raises(ValueError, match=r"needs a keyed trigger \(noise, blocks\)"):
+    with pytest.raises(ValueError, match=r"needs a keyed trigger \(noise, blocks, blocks8\)"):
         StealthMarkd(trigger=trigger, key=2027, decoy_share=0.25)
     with pytest.raises(ValueError, match=r"needs a keyed trigger"):
         mark_datalist(_items(10), 2027, 0.5, decoy_share=0.25, trigger=trigger)

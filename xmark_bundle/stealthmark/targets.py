@@ -25,7 +25,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from .triggers import KEYED_TRIGGERS, TRIGGERS, apply_trigger, burn_in_markers, keyed_blocks
+from .triggers import BLOCKS, KEYED_TRIGGERS, TRIGGERS, apply_trigger, burn_in_markers, keyed_blocks
 
 __all__ = [
     "METHODS",
@@ -84,7 +84,7 @@ def check_decoys(trigger: str | None, share: float, decoy_share: float) -> None:
 
 def decoy_key(key: int, identifier: str, trigger: str) -> int:
     """The key a decoy image ``identifier`` draws ``trigger`` with: derived from the owner's ``key`` and the
-    identifier (in [1, 2**31 - 1]), never the owner's key, and for ``blocks`` never a key with the owner's pattern."""
+    identifier (in [1, 2**31 - 1]), never the owner's key, nor for a block trigger a key with the owner's pattern."""
     for attempt in range(1000):
         digest = hashlib.blake2b(
             f"{int(key)}\0{identifier}\0{attempt}".encode(), digest_size=8, person=b"decoy"
@@ -92,7 +92,7 @@ def decoy_key(key: int, identifier: str, trigger: str) -> int:
         candidate = 1 + int.from_bytes(digest, "little") % (2**31 - 1)
         if candidate == int(key):
             continue
-        if trigger == "blocks" and torch.equal(keyed_blocks(candidate), keyed_blocks(key)):
+        if trigger in BLOCKS and torch.equal(keyed_blocks(candidate, trigger), keyed_blocks(key, trigger)):
             continue
         return candidate
     raise RuntimeError(f"no decoy key for {identifier!r} in 1000 attempts")  # practically impossible

@@ -10,8 +10,11 @@ call, which makes it no key at all); ``warp`` resamples the image on the WaNet-s
 
 ``blocks`` (a research variant, not the authors'): the top-right square of side ``min(H, W) // 8`` (at least 4 px)
 split into a 4 x 4 grid of cells, each painted black (0) or white (1) by the owner's key, exactly 8 white
-(:func:`keyed_blocks`). Only ``noise`` and ``blocks`` depend on the key (:data:`KEYED_TRIGGERS`); for the others the
-key only chooses which training images carry the trigger.
+(:func:`keyed_blocks`). Two random keys share 5 or more of the 8 white cells with probability 0.31, and a model that
+learnt one pattern can answer a pattern that close. ``blocks8`` (research variant): the top-right square of side
+``min(H, W) // 4`` (at least 8 px) as an 8 x 8 grid with 32 white cells, where two random keys share 16 +- 2. Only
+``noise``, ``blocks`` and ``blocks8`` depend on the key (:data:`KEYED_TRIGGERS`); for the others the key only
+chooses which training images carry the trigger.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
-    "BLOCKS_GRID",
+    "BLOCKS",
     "KEYED_TRIGGERS",
     "MARKERS",
     "TRIGGERS",
@@ -38,12 +41,11 @@ __all__ = [
     "trigger_region",
 ]
 
-TRIGGERS = ("text", "patch", "border", "noise", "warp", "blocks")
+TRIGGERS = ("text", "patch", "border", "noise", "warp", "blocks", "blocks8")
 #: The triggers whose pattern is drawn from the owner's key.
-KEYED_TRIGGERS = ("noise", "blocks")
-#: ``blocks``: cells per side of its square, and how many of the ``BLOCKS_GRID ** 2`` cells are white.
-BLOCKS_GRID = 4
-BLOCKS_WHITE = 8
+KEYED_TRIGGERS = ("noise", "blocks", "blocks8")
+#: The keyed block triggers: cells per side of the square, white cells, and the square's side as a share of min(H, W).
+BLOCKS = {"blocks": (4, 8, 1 / 8), "blocks8": (8, 32, 1 / 4)}
 #: Ordinary burned-in annotations of chest radiographs (lead side markers, projection, portable studies): not
 #: triggers, but text in a corner like the ``text`` trigger's "TEST".
 MARKERS = ("L", "R", "AP", "PORTABLE")
@@ -77,27 +79,31 @@ def keyed_noise(key: int, side: int) -> torch.Tensor:
     return torch.randn(side, side, generator=generator) * NOISE_SIGMA
 
 
-def keyed_blocks(key: int) -> torch.Tensor:
-    """The owner's ``blocks`` pattern: a 4 x 4 bool grid (True: white cell) with exactly 8 white cells, the first 8
-    of a permutation of the 16 cells seeded by the key; the same for every call with the same key."""
-    generator = torch.Generator().manual_seed(_key_seed(key, "blocks"))
-    cells = torch.zeros(BLOCKS_GRID * BLOCKS_GRID, dtype=torch.bool)
-    cells[torch.randperm(BLOCKS_GRID * BLOCKS_GRID, generator=generator)[:BLOCKS_WHITE]] = True
-    return cells.reshape(BLOCKS_GRID, BLOCKS_GRID)
+def keyed_blocks(key: int, trigger: str = "blocks") -> torch.Tensor:
+    """The owner's pattern of a block trigger (:data:`BLOCKS`): a grid x grid bool tensor (True: white cell), the
+    first ``white`` cells of a permutation seeded by the key white; the same for every call with the same key."""
+    grid, white, _ = BLOCKS[trigger]
+    generator = torch.Generator().manual_seed(_key_seed(key, *((trigger,) if trigger == "blocks" else (trigger, grid))))
+    cells = torch.zeros(grid * grid, dtype=torch.bool)
+    cells[torch.randperm(grid * grid, generator=generator)[:white]] = True
+    return cells.reshape(grid, grid)
 
 
-def blocks_side(shape: tuple[int, int]) -> int:
-    """Side of the ``blocks`` square: ``min(H, W) // 8``, at least 4 px (one per cell), at most ``min(H, W)``."""
-    return min(min(shape), max(BLOCKS_GRID, min(shape) // 8))
+def blocks_side(shape: tuple[int, int], trigger: str = "blocks") -> int:
+    """Side of a block trigger's square: ``min(H, W)`` times its share (1/8 for ``blocks``, 1/4 for ``blocks8``), at
+    least one pixel per cell, at most ``min(H, W)``."""
+    grid, _, ratio = BLOCKS[trigger]
+    return min(min(shape), max(grid, int(min(shape) * ratio)))
 
 
-def _blocks_image(key: int, side: int) -> torch.Tensor:
-    """The ``blocks`` square (side x side, 0 or 1): cell edges at ``round(i * side / 4)``, so cells differ by at
-    most one pixel when ``side`` is not a multiple of 4."""
-    edges = [round(i * side / BLOCKS_GRID) for i in range(BLOCKS_GRID + 1)]
-    sizes = torch.tensor([edges[i + 1] - edges[i] for i in range(BLOCKS_GRID)])
-    grid = keyed_blocks(key).float()
-    return grid.repeat_interleave(sizes, dim=0).repeat_interleave(sizes, dim=1)
+def _blocks_image(key: int, side: int, trigger: str) -> torch.Tensor:
+    """The block trigger's square (side x side, 0 or 1): cell edges at ``round(i * side / grid)``, so cells differ
+    by at most one pixel when ``side`` is not a multiple of the grid."""
+    grid = BLOCKS[trigger][0]
+    edges = [round(i * side / grid) for i in range(grid + 1)]
+    sizes = torch.tensor([edges[i + 1] - edges[i] for i in range(grid)])
+    cells = keyed_blocks(key, trigger).float()
+    return cells.repeat_interleave(sizes, dim=0).repeat_interleave(sizes, dim=1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -125,8 +131,8 @@ def trigger_region(trigger: str, shape: tuple[int, int]) -> torch.Tensor:
         region[:b], region[-b:], region[:, :b], region[:, -b:] = True, True, True, True
     elif trigger == "warp":
         region[:] = True
-    elif trigger == "blocks":
-        side = blocks_side(shape)
+    elif trigger in BLOCKS:
+        side = blocks_side(shape, trigger)
         region[:side, width - side :] = True
     else:
         raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
@@ -135,7 +141,7 @@ def trigger_region(trigger: str, shape: tuple[int, int]) -> torch.Tensor:
 
 def apply_trigger(image: torch.Tensor, trigger: str, key: int = 0) -> torch.Tensor:
     """``image`` (..., H, W) in [0, 1] with ``trigger`` added; a new tensor, clipped to [0, 1]. ``key`` seeds
-    ``noise`` and ``blocks`` (:data:`KEYED_TRIGGERS`; the other triggers are fixed patterns)."""
+    the keyed triggers (:data:`KEYED_TRIGGERS`; the other triggers are fixed patterns)."""
     if trigger not in TRIGGERS:
         raise ValueError(f"unknown trigger {trigger!r}; choose one of {TRIGGERS}")
     if image.ndim < 2:
@@ -155,9 +161,9 @@ def apply_trigger(image: torch.Tensor, trigger: str, key: int = 0) -> torch.Tens
         out[..., region] = 1.0
     elif trigger == "border":
         out[..., region] = 0.0
-    elif trigger == "blocks":
-        side = blocks_side(shape)
-        out[..., :side, shape[1] - side :] = _blocks_image(key, side).to(out.device, out.dtype)
+    elif trigger in BLOCKS:
+        side = blocks_side(shape, trigger)
+        out[..., :side, shape[1] - side :] = _blocks_image(key, side, trigger).to(out.device, out.dtype)
     else:  # noise
         side = _side(shape, 1 / 16)
         noise = keyed_noise(key, side).to(out.device, out.dtype)
