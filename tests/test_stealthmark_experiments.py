@@ -245,6 +245,9 @@ def _declare(tmp_path: Path, name: str, **changes) -> Path:
         ({"sweeps": {"epsilon": [0.1]}}, r"values in \(0, 1\) other than the declared 0.1"),
         ({"sweeps": {"margin": [0.1]}}, "sweeps may vary"),
         ({"triggers": ["stripes"]}, "architectures and triggers"),
+        ({"triggers": ["patch"], "decoy_share": 0.25}, r"decoy_share: decoy_share 0.25 needs a keyed trigger"),
+        ({"decoy_share": 0.6}, r"decoy_share: decoy_share must lie in \[0, 1 - trigger_share\] = \[0, 0.5\]"),
+        ({"decoy_share": 0.25, "sweeps": {"trigger_share": [0.8]}}, r"= \[0, 0.2\], got 0.25"),
         ({"task": "detection"}, "task must be"),
     ],
 )
@@ -426,3 +429,25 @@ def test_fine_tuning_that_keeps_the_last_epoch_is_its_own_stage(tmp_path):
     for _, cmd in finetunes:
         assert cmd[cmd.index("--kept_checkpoint") + 1] == "last"
         assert cmd[cmd.index("--ckpt_dir") + 1].endswith("_finetuned2_last")
+
+
+def test_decoys_train_every_stealthmark_model_of_a_declaration_and_no_benign_one(tmp_path):
+    """``decoy_share``: owners', other keys' and sweeps' StealthMark models train with decoys; benign models never;
+    a declaration without it plans the commands it planned before (no ``--decoy_share``)."""
+    from xmark_bundle.experiments.segmentation import run_segmentation
+
+    sweeps = {"trigger_share": [0.25]}
+    declared = load_experiment(_declare(tmp_path, "seg_decoys", decoy_share=0.25, sweeps=sweeps))
+    planned = run_segmentation(declared, ROOT, tmp_path / "out", dry_run=True)["planned_stages"]
+    trainings = {name: cmd for name, cmd in planned if name.startswith("StealthMark segmenter")}
+    stealthmark = (" stealthmark owner ", " other key ", "trigger_share=0.25 ")
+    watermarked = {name: cmd for name, cmd in trainings.items() if any(part in name for part in stealthmark)}
+    others = {name: cmd for name, cmd in trainings.items() if name not in watermarked}
+    assert len(watermarked) == 2 * (2 + 1 + 2)  # per architecture: owners, other key, the sweep's owners
+    assert all(cmd[cmd.index("--decoy_share") + 1] == "0.25" for cmd in watermarked.values())
+    # benign models, the badnet_seg baseline, fine-tuned and pruned models: no decoys
+    assert {"benign", "badnet_seg", "fine-tuned", "pruned"} <= {w for name in others for w in name.split()}
+    assert all("--decoy_share" not in cmd for cmd in others.values())
+    plain = load_experiment(_declare(tmp_path, "seg_plain", sweeps=sweeps))
+    before = run_segmentation(plain, ROOT, tmp_path / "plain", dry_run=True)["planned_stages"]
+    assert all("--decoy_share" not in cmd for _, cmd in before)

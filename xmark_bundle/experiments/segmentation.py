@@ -18,7 +18,10 @@ A declaration ``configs/experiments/<name>.json`` with ``"task": "segmentation"`
   ``learning_rate``, ``batch_size``, ``width``, ``val_interval``, ...); ``architectures``: a list of ``arch`` names
   (benign models alternate over them, in order); ``triggers``: a list of trigger names; ``epsilon`` and
   ``trigger_share``: the watermark's floor and share; ``baselines`` (optional, e.g. ``["badnet_seg"]``: trained like
-  the watermarked models, with each owner's key and seed); ``verification``: overrides of
+  the watermarked models, with each owner's key and seed); ``decoy_share`` (optional, default 0; a research option for
+  keyed triggers only): every StealthMark model (owners', other keys', sweeps') also trains with decoys, a keyed share
+  of images carrying the trigger under other keys with the clean target; benign models and baselines never;
+  ``verification``: overrides of
   ``stealthmark/configs/verify.json`` (``n_samples``, ``margin_fraction``, ...); ``publish`` as for classification;
   ``sweeps`` (optional): {``epsilon``: [values], ``trigger_share``: [values]}, one setting varied at a time (the other
   as declared): per value, every owner's watermarked model per architecture x trigger, evaluated and verified with its
@@ -113,6 +116,7 @@ KNOWN_KEYS = {
     "triggers",
     "epsilon",
     "trigger_share",
+    "decoy_share",
     "baselines",
     "verification",
     "publish",
@@ -168,6 +172,7 @@ class SegmentationExperiment:
     epsilon: float
     trigger_share: float
     baselines: tuple[str, ...]
+    decoy_share: float
     verification: Mapping[str, Any]
     source: Path
     removal: Mapping[str, Any] = field(default_factory=dict)
@@ -320,7 +325,8 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
     baselines = tuple(raw.get("baselines", ()))
     if any(b not in METHODS or b == "stealthmark" for b in baselines):
         raise ExperimentError(path, f"baselines must be methods of {METHODS} other than stealthmark, got {baselines}")
-    reserved = {"arch", "method", "trigger", "key", "seed", "epsilon", "trigger_share", "ckpt_dir", "dataset_dir"}
+    reserved = {"arch", "method", "trigger", "key", "seed", "epsilon", "trigger_share", "decoy_share"}
+    reserved |= {"ckpt_dir", "dataset_dir"}
     overridden = sorted(reserved & set(raw["training"]))
     if overridden:
         raise ExperimentError(path, f"training may not set {overridden}: the declaration's other keys set them")
@@ -331,6 +337,16 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
         declared = float(raw[setting]) if setting in raw else 0.5
         if not values or not all(0 < float(v) < 1 and float(v) != declared for v in values):
             raise ExperimentError(path, f"sweeps.{setting}: values in (0, 1) other than the declared {declared}")
+    decoy_share = float(raw.get("decoy_share", 0.0))
+    if decoy_share:
+        from xmark_bundle.stealthmark.targets import check_decoys
+
+        shares = [float(raw.get("trigger_share", 0.5)), *map(float, sweeps.get("trigger_share", ()))]
+        try:
+            for trigger in triggers:
+                check_decoys(trigger, max(shares), decoy_share)
+        except ValueError as err:
+            raise ExperimentError(path, f"decoy_share: {err}") from err
     if roles.report and len(archs) < 2:
         raise ExperimentError(path, "a report declaration needs benign models of >= 2 architectures")
     return SegmentationExperiment(
@@ -346,6 +362,7 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
         epsilon=float(raw["epsilon"]),
         trigger_share=float(raw.get("trigger_share", 0.5)),
         baselines=baselines,
+        decoy_share=decoy_share,
         verification=raw.get("verification", {}),
         source=path,
         removal=removal,
@@ -405,6 +422,8 @@ class _SegRun:
         keys = {k: v for k, v in self.x.training.items() if v is not None}
         keys |= {"arch": arch, "method": method, "trigger": trigger, "key": key, "seed": seed}
         keys |= {"epsilon": self.x.epsilon, "trigger_share": self.x.trigger_share, "ckpt_dir": folder}
+        if method == "stealthmark" and self.x.decoy_share:  # absent otherwise: earlier declarations' commands stay
+            keys["decoy_share"] = self.x.decoy_share
         keys |= dict(setting or {}) | self.markers
         self.stages.run(
             f"StealthMark segmenter {label}",
@@ -528,6 +547,7 @@ def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: 
         "triggers": list(x.triggers),
         "epsilon": x.epsilon,
         "trigger_share": x.trigger_share,
+        **({"decoy_share": x.decoy_share} if x.decoy_share else {}),
         "training": dict(x.training),
         "verification": dict(x.verification),
         "false_accusations": dict(x.false_accusations),
@@ -840,7 +860,9 @@ def segmentation_tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
             verify_rows.append(_verification_row(f"{label}: false accusations", runs, True))
     seeds = collected["seed_roles"]
     note = (
-        f"ε = {collected['epsilon']}, trigger share {collected['trigger_share']}, {size} px; owners {seeds['owners']} "
+        f"ε = {collected['epsilon']}, trigger share {collected['trigger_share']}"
+        + (f", decoy share {collected['decoy_share']}" if collected.get("decoy_share") else "")
+        + f", {size} px; owners {seeds['owners']} "
         f"(keys {seeds['owner_keys']}), benign seeds {seeds['benign']}, other keys {seeds['other_keys']}. Per-seed "
         "cells run over owners (watermarked rows), benign models (harmlessness) or model x owner's record "
         "(verification of benign and other-key models). The margin of the t-test is margin_fraction x ε "
