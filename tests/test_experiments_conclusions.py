@@ -66,6 +66,11 @@ def test_the_registered_conclusions_read_the_declared_methods_on_both_families()
         ({"op": ">", "than": {"row": "other", "cell": "c"}}, {"c": {"value": "1 of 3"}}, False),
         ({"measure": "mean", "than": {"row": "other", "cell": "m", "plus": -0.02}, "cell": "m"}, {"m": {"value": 0.79}},
          True),  # 0.79 >= 0.8 - 0.02
+        # by-owner cells: a claim on every owner at once (the worst owner decides)
+        ({"measure": "max_share", "op": "<=", "than": 0.1}, {"c": {"value": "201: 0 of 22; 202: 2 of 22"}}, True),
+        ({"measure": "max_share", "op": "<=", "than": 0.1}, {"c": {"value": "201: 0 of 22; 202: 4 of 22"}}, False),
+        ({"measure": "min_number", "than": 0.05}, {"c": {"value": "201: 0.28 (22); 202: 0.0031 (22)"}}, False),
+        ({"measure": "min_number", "than": 0.05}, {"c": {"value": "201: 0.28 (22); 202: 0.33 (22)"}}, True),
     ],
 )
 def test_a_claim_is_decided_on_its_cell(claim, cells, holds):
@@ -78,6 +83,9 @@ def test_a_missing_table_row_or_cell_decides_nothing():
     assert evaluate(_claim(), None) == {"holds": None, "why": "not published"}
     assert evaluate(_claim(), _results("table2", {"sscl_bw": {"c": {"value": "1 of 1"}}}))["holds"] is None
     assert evaluate(_claim(), _results("table2", {"xmark": {"d": {"value": "1 of 1"}}}))["holds"] is None
+    by_owner = _claim(measure="max_share", op="<=", than=0.1)
+    assert evaluate(by_owner, _results("table2", {"xmark": {"c": {"value": "0 of 22"}}}))["holds"] is None  # no owners
+    assert evaluate(by_owner, _results("table2", {"xmark": {"c": {"value": "201: 0 of 22; 202: -"}}}))["holds"] is None
 
 
 @pytest.mark.parametrize(

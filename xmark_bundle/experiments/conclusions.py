@@ -5,7 +5,9 @@ A conclusion is a plain statement and one claim on a published table cell: ``{"t
 "cell": "Malicious verified (calibrated)", "measure": "share", "op": ">=", "than": 0.5}``; ``than`` is a number or
 another cell ``{"row": ..., "cell": ..., "plus": ...}`` of the same table (``plus``, default 0, added to it).
 Measures: ``share`` (k / n of a "k of n" cell), ``mean`` (of a cell's per-seed values) and ``number`` (the first
-number of a cell's text, e.g. a KS p "0.42 (66)").
+number of a cell's text, e.g. a KS p "0.42 (66)"); for a by-owner cell ("201: 0 of 22; 202: 4 of 22"), ``max_share``
+(the largest owner's k / n) and ``min_number`` (the smallest owner's first number, e.g. of "201: 0.28 (22); ..."):
+a claim on every owner at once.
 
 A claim must not move once its numbers are known. When a declaration is first published, the ledger records the
 hash of every conclusion that reads one of its parts (:func:`registered_hashes`); the page then marks each verdict
@@ -38,7 +40,9 @@ __all__ = [
 
 CONCLUSIONS_FORMAT = 1
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-MEASURES = ("share", "mean", "number")
+MEASURES = ("share", "mean", "number", "max_share", "min_number")
+#: How the page names each measure.
+MEASURE_WORDS = {"max_share": "largest owner's share", "min_number": "smallest owner's number"}
 _COUNT = re.compile(r"^\s*(\d+) of (\d+)\s*$")
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?")
 
@@ -124,6 +128,17 @@ def _measure(tables: Sequence[Mapping[str, Any]], row: str, cell: str, measure: 
         seeds = value.get("per_seed", [value.get("value")])
         return statistics.fmean(seeds) if all(isinstance(v, (int, float)) for v in seeds) else None
     text = str(value.get("value", ""))
+    if measure in ("max_share", "min_number"):
+        by_owner = [part.split(":", 1)[1] for part in text.split(";") if ":" in part]
+        owners = [_measure_text(part, measure.split("_")[1]) for part in by_owner]
+        if not owners or any(v is None for v in owners):
+            return None
+        return max(owners) if measure == "max_share" else min(owners)
+    return _measure_text(text, measure)
+
+
+def _measure_text(text: str, measure: str) -> float | None:
+    """``share`` (k / n of "k of n") or ``number`` (the first number) of a cell's text; None where absent."""
     if measure == "share":
         count = _COUNT.match(text)
         return int(count[1]) / int(count[2]) if count and int(count[2]) > 0 else None
@@ -241,6 +256,7 @@ def render_conclusions(
         right = f"{than:g}" if isinstance(than, (int, float)) else f"{than['row']}'s {than['cell']}"
         if isinstance(than, Mapping) and than.get("plus"):
             right += f" {float(than['plus']):+g}"
-        text = f"{claim['measure']} of {claim['row']}'s {claim['cell']} ({claim['table']}) {claim['op']} {right}"
+        measure = MEASURE_WORDS.get(claim["measure"], claim["measure"])
+        text = f"{measure} of {claim['row']}'s {claim['cell']} ({claim['table']}) {claim['op']} {right}"
         lines.append(f"| {conclusion.statement} | {text} | " + " | ".join(cells) + f" | {_phrase(per_family)} |")
     return [*lines, ""]
