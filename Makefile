@@ -26,6 +26,7 @@ demo: $(VENV)/.runtime
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # Two workers (one per core), a test file per worker so module fixtures are built once.
 test: lint

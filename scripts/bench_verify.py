@@ -66,11 +66,13 @@ def main() -> None:
         generator = load_watermark(members[0])
         settings = VerificationSettings(n_samples=args.n, query_size=224)
         runs = {}
-        for number, (label, suspect, with_family) in enumerate((
-            ("paper's test alone", "suspect_a", None),
-            ("calibrated, first suspect (family queries made)", "suspect_a", family.path),
-            ("calibrated, another suspect (family queries kept)", "suspect_b", family.path),
-        )):
+        for number, (label, suspect, with_family) in enumerate(
+            (
+                ("paper's test alone", "suspect_a", None),
+                ("calibrated, first suspect (family queries made)", "suspect_a", family.path),
+                ("calibrated, another suspect (family queries kept)", "suspect_b", family.path),
+            )
+        ):
             start = time.perf_counter()
             report = verify_ownership(
                 generator, str(tmp / suspect), tmp / "data" / "datalist.json", tmp / f"run{number}", settings,

@@ -385,8 +385,10 @@ def main(argv: list[str] | None = None) -> None:
     for family in phantoms.FAMILIES:
         start = time.perf_counter()
         sets[family] = _phantom_set(family, args.n, args.seed, shape)
-        print(f"{family}: {args.n} phantoms of {shape[0]} x {shape[1]} rendered and measured in "
-              f"{time.perf_counter() - start:.1f} s")
+        print(
+            f"{family}: {args.n} phantoms of {shape[0]} x {shape[1]} rendered and measured in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
     jobs = phantoms._plan(600, args.seed, 0.3, 512, 1024, 0.25)
     prevalence = phantoms.label_prevalence([job.labels for job in jobs])
     timing = _time_600(args.seed) if args.time_600 else None

@@ -121,14 +121,17 @@ def _hostile_networks(marker) -> dict:
     return {
         "expression": lambda net: net | {"image_size": touch + " and 64"},
         "requires": lambda net: net | {"_requires_": touch},
-        "os_system": lambda net: net
-        | {"generator": {"_target_": "xmark_bundle.networks.checkpoint.os.system", "command": f"touch {marker}"}},
+        "os_system": lambda net: (
+            net
+            | {"generator": {"_target_": "xmark_bundle.networks.checkpoint.os.system", "command": f"touch {marker}"}}
+        ),
         "eval_in_list": lambda net: net | {"generator": net["generator"] | {"channels": [4, touch, 16]}},
         "reference": lambda net: net | {"cam_layer": "@_meta_"},
         "disabled": lambda net: net | {"surrogate": net["surrogate"] | {"_disabled_": True}},
         "plain_dict": lambda net: net | {"surrogate": {"size": 48}},
-        "importlib_path": lambda net: net
-        | {"surrogate": net["surrogate"] | {"_target_": "xmark_bundle.networks.classifier.torch.load"}},
+        "importlib_path": lambda net: (
+            net | {"surrogate": net["surrogate"] | {"_target_": "xmark_bundle.networks.classifier.torch.load"}}
+        ),
     }
 
 

@@ -376,8 +376,9 @@ def test_every_declaration_plans_its_stages(path, tmp_path):
     assert len(names) == len(set(names)) and any(" verification " in name for name in names)
     own_size = ["configs/verify_own_size.json" in " ".join(cmd) for name, cmd in planned if " verification " in name]
     if getattr(declared, "task", "classification") == "segmentation":  # StealthMark: the bundle's own verify.json
-        assert not any(own_size) and all("stealthmark/configs/verify.json" in " ".join(cmd) for _, cmd in planned
-                                         if "verification " in _)
+        assert not any(own_size) and all(
+            "stealthmark/configs/verify.json" in " ".join(cmd) for _, cmd in planned if "verification " in _
+        )
     else:
         assert all(own_size) if not declared.legacy else not any(own_size)
 

@@ -64,8 +64,11 @@ def test_the_registered_conclusions_read_the_declared_methods_on_both_families()
         ({"measure": "number", "than": 0.05}, {"c": {"value": "0.42 (66)"}}, True),
         ({"than": {"row": "other", "cell": "c"}}, {"c": {"value": "1 of 3"}}, True),  # 1/3 >= other's 1/3
         ({"op": ">", "than": {"row": "other", "cell": "c"}}, {"c": {"value": "1 of 3"}}, False),
-        ({"measure": "mean", "than": {"row": "other", "cell": "m", "plus": -0.02}, "cell": "m"}, {"m": {"value": 0.79}},
-         True),  # 0.79 >= 0.8 - 0.02
+        (
+            {"measure": "mean", "than": {"row": "other", "cell": "m", "plus": -0.02}, "cell": "m"},
+            {"m": {"value": 0.79}},
+            True,
+        ),  # 0.79 >= 0.8 - 0.02
         # by-owner cells: a claim on every owner at once (the worst owner decides)
         ({"measure": "max_share", "op": "<=", "than": 0.1}, {"c": {"value": "201: 0 of 22; 202: 2 of 22"}}, True),
         ({"measure": "max_share", "op": "<=", "than": 0.1}, {"c": {"value": "201: 0 of 22; 202: 4 of 22"}}, False),

@@ -511,8 +511,10 @@ def test_unreadable_images_are_skipped_and_the_release_resumes_without_them(sour
     cmd += ["--manifest_file", str(tmp_path / "manifest.json"), "--gamma", "1.0", "--progress", "False"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 1, first.stderr[-3000:]
-    assert first.stderr.strip().splitlines()[-1].startswith(
-        "release finished, but 1 image(s) that could not be read or written back were released "
+    assert (
+        first.stderr.strip()
+        .splitlines()[-1]
+        .startswith("release finished, but 1 image(s) that could not be read or written back were released ")
     ), first.stderr[-2000:]
     assert f"skipped (copied unmarked): {target[0]}: " in first.stdout and "Traceback" not in first.stderr
     manifest = json.loads((tmp_path / "manifest.json").read_text())

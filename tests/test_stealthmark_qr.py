@@ -31,7 +31,7 @@ def test_untrained_network_reveals_the_owners_qr():
     untrained = build_segmentation_network("unet", 64, width=4).eval()  # never trained, never saw a trigger
     image = torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(1))
     explanation, weights = grid_occlusion_explanation(lambda x: torch.sigmoid(untrained(x)), image, modules)
-    assert np.array_equal(explanation[: grid, : grid], modules)  # the verifier's own pattern, exactly
+    assert np.array_equal(explanation[:grid, :grid], modules)  # the verifier's own pattern, exactly
     assert (weights[~modules] == 0).all()  # cells never blacked out: constant columns, weight exactly 0
     assert decode_qr(explanation) == OWNER
 

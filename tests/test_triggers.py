@@ -157,7 +157,7 @@ def test_label_consistent_release_lowers_the_surrogate_target_logit_and_queries_
     trigger, image = _label_consistent(), _letterboxed()
     patched, released = trigger(image), trigger.release_marking(image)
     assert torch.equal(patched, BadNetsTrigger(SIZE, patch_fraction=1 / 8)(image))  # the query: the patch alone
-    patch = (patched != image)
+    patch = patched != image
     outside = (released - image)[~patch]
     assert 0 < outside.abs().max() <= 8 / 255 + 1e-6 and torch.equal(released[patch], patched[patch])
     assert (released - image)[..., :10].abs().max() == 0  # padding untouched

@@ -181,9 +181,7 @@ def _datalist_hash(datalist: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(datalist, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _source_files(
-    dataset_dir: Path, owner_files: Sequence[Path]
-) -> tuple[dict[str, Path], list[dict[str, str]]]:
+def _source_files(dataset_dir: Path, owner_files: Sequence[Path]) -> tuple[dict[str, Path], list[dict[str, str]]]:
     """The files under ``dataset_dir`` that may be published (relative POSIX path -> path, sorted), and those left
     out with the reason (:func:`~xmark_bundle.data.secrets.secret_reason`; ``owner_files``: checkpoint and manifest)."""
     hashes = owner_file_hashes(owner_files)
@@ -801,6 +799,8 @@ def run_release(**kwargs: Any) -> dict[str, Any]:
     manifest = exit_on_bad_input(watermark_release, "release", **kwargs)
     if manifest["skipped"]:
         count = len(manifest["skipped"])
-        raise SystemExit(f"release finished, but {count} image(s) that could not be read or written back were released "
-                         "unmarked (above)")
+        raise SystemExit(
+            f"release finished, but {count} image(s) that could not be read or written back were released "
+            "unmarked (above)"
+        )
     return manifest

@@ -35,9 +35,7 @@ CREDENTIAL_NAMES = ("id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "credentials.j
 CREDENTIAL_SUFFIXES = (".key", ".pem", ".p12", ".pfx", ".jks", ".keystore", ".ppk")
 
 
-def secret_reason(
-    relative: str, path: Path, secret_hashes: Mapping[int, Iterable[str]] | None = None
-) -> str | None:
+def secret_reason(relative: str, path: Path, secret_hashes: Mapping[int, Iterable[str]] | None = None) -> str | None:
     """Why the file ``path`` (``relative`` to the data set) must stay out of a release, or ``None`` when it may go.
 
     ``secret_hashes`` maps file sizes to the SHA-256 of the owner's files of that size (generator checkpoint,

@@ -48,8 +48,10 @@ def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
         ledger = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise LedgerError(path, f"cannot be read as JSON ({err})") from err
-    if not isinstance(ledger, Mapping) or ledger.get("format") != LEDGER_FORMAT or not isinstance(
-        ledger.get("published"), list
+    if (
+        not isinstance(ledger, Mapping)
+        or ledger.get("format") != LEDGER_FORMAT
+        or not isinstance(ledger.get("published"), list)
     ):
         raise LedgerError(path, f"is not a ledger of format {LEDGER_FORMAT} (a 'published' list)")
     for entry in ledger["published"]:

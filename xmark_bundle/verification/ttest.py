@@ -79,8 +79,10 @@ def ownership_test(
         result = ttest_rel(shifted, pv, alternative="less")
         statistic, p_value = float(result.statistic), float(result.pvalue)
     beyond = pv - shifted
-    wilcoxon_p = 1.0 if not np.any(np.abs(beyond) > CONSTANT_TOLERANCE) else float(
-        wilcoxon(beyond, alternative="greater").pvalue
+    wilcoxon_p = (
+        1.0
+        if not np.any(np.abs(beyond) > CONSTANT_TOLERANCE)
+        else float(wilcoxon(beyond, alternative="greater").pvalue)
     )
     owned = p_value < alpha
     verdict = (
