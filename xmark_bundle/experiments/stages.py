@@ -122,6 +122,7 @@ class Stages:
         self.commands: dict[str, list[str]] = (
             json.loads(self.commands_file.read_text()) if self.commands_file.is_file() else {}
         )
+        self._commands_read = self.commands_file.stat().st_mtime_ns if self.commands_file.is_file() else None
         self.visited: list[str] = []  # this run's stages, in order, done now or before
         self.planned: list[tuple[str, list[str]]] = []  # a dry run's stages still to run: (name, command)
         self.seen: dict[str, tuple[list[str], Path]] = {}  # this run's stages by name: command and output
@@ -131,9 +132,12 @@ class Stages:
         return self.out / ".stage_locks" / (hashlib.sha256(name.encode()).hexdigest()[:32] + ".lock")
 
     def _recorded(self, name: str) -> list[str] | None:
-        """The command that made ``name``'s output, read again from the folder when another runner may have run it."""
+        """The command that made ``name``'s output, read again from the folder when it changed since (another runner
+        may have run the stage)."""
         if name not in self.commands and self.commands_file.is_file():
-            self.commands = json.loads(self.commands_file.read_text())
+            changed = self.commands_file.stat().st_mtime_ns
+            if changed != self._commands_read:
+                self.commands, self._commands_read = json.loads(self.commands_file.read_text()), changed
         return self.commands.get(name)
 
     def _check_done(self, name: str, cmd: Sequence[str], done: Path) -> None:
@@ -157,6 +161,7 @@ class Stages:
                 current[name] = value
                 write_json(file, current)
                 setattr(self, attr, current)
+        self._commands_read = self.commands_file.stat().st_mtime_ns
 
     def _where(self, path: Path) -> str:
         return str(path.relative_to(self.out) if path.is_relative_to(self.out) else path)
