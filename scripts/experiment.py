@@ -74,12 +74,14 @@ def _print_summary(collected: dict, out: Path) -> None:
     print(f"\n  every number: {out / 'collected.json'}; figures: {figures}; reports under {out / 'verification'}")
 
 
-#: Kinds of stage, by a word of the stage's name, for the wall-time breakdown (first match wins).
+#: Kinds of stage, by a word of the stage's name, for the wall-time breakdown (first match wins): a fine-tuning
+#: (of a classifier or a segmenter) is its own kind, much shorter than a training.
 STAGE_KINDS = (
     "verification",
     "evaluation",
     "detectability",
     "pruning",
+    "fine-tuned",
     "classifier",
     "watermark",
     "release",
@@ -88,11 +90,16 @@ STAGE_KINDS = (
 )
 
 
+def stage_kind(name: str) -> str:
+    """The kind of a stage (:data:`STAGE_KINDS`) from its name; "other" when no kind's word is in it."""
+    return next((k for k in STAGE_KINDS if k in name), "other")
+
+
 def wall_times(stage_times: dict[str, float]) -> dict[str, float]:
     """Seconds per kind of stage (classifiers, evaluations, verifications, ...) and in all, on this machine."""
     kinds: dict[str, float] = {}
     for name, seconds in stage_times.items():
-        kind = next((k for k in STAGE_KINDS if k in name), "other")
+        kind = stage_kind(name)
         kinds[kind] = kinds.get(kind, 0.0) + seconds
     return {**{k: round(v, 1) for k, v in sorted(kinds.items())}, "all stages": round(sum(stage_times.values()), 1)}
 
@@ -206,7 +213,7 @@ def print_plan(experiment: Experiment, out: Path) -> None:
     planned = run_experiment(experiment, ROOT, out, dry_run=True)["planned_stages"]
     kinds: dict[str, int] = {}
     for name, _ in planned:
-        kind = next((k for k in STAGE_KINDS if k in name), "other")
+        kind = stage_kind(name)
         kinds[kind] = kinds.get(kind, 0) + 1
     counts = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()))
     print(f"\n[{experiment.name}] {len(planned)} stages to run under {out} ({counts}); nothing was run")
@@ -222,7 +229,7 @@ def remaining_time(kinds: dict[str, int], times_file: Path) -> str | None:
         return None
     by_kind: dict[str, list[float]] = {}
     for name, seconds in json.loads(times_file.read_text(encoding="utf-8")).items():
-        by_kind.setdefault(next((k for k in STAGE_KINDS if k in name), "other"), []).append(float(seconds))
+        by_kind.setdefault(stage_kind(name), []).append(float(seconds))
     known = {kind: sum(v) / len(v) for kind, v in by_kind.items()}
     seconds = sum(n * known[kind] for kind, n in kinds.items() if kind in known)
     unknown = sorted(kind for kind in kinds if kind not in known)

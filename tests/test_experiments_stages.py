@@ -104,6 +104,18 @@ def test_the_plan_estimates_the_time_left_from_the_recorded_stages(tmp_path):
     left = {"classifier": 36, "watermark": 60, "verification": 5}  # 36 x 150 s + 60 x 60 s = 2.5 h
     estimate = experiment.remaining_time(left, tmp_path / "stage_times.json")
     assert estimate.startswith("about 2.5 h left") and estimate.endswith("plus verification (none recorded yet)")
+    # a fine-tuning is its own kind, not a classifier's training (it is much shorter)
+    finetune = "classifier 'xmark owner201/suspect_seed401 fine-tuned (head, 1 epochs, last kept)'"
+    assert experiment.stage_kind(finetune) == "fine-tuned" and experiment.stage_kind("classifier 'a'") == "classifier"
+    assert experiment.stage_kind("StealthMark segmenter segresnet patch owner 101 fine-tuned 10 epochs") == "fine-tuned"
+    assert experiment.stage_kind("xmark verification malicious_owner201_suspect_seed401_finetuned_head_1") == (
+        "verification"
+    )
+    assert experiment.wall_times({finetune: 10.0, "classifier 'a'": 100.0}) == {
+        "classifier": 100.0,
+        "fine-tuned": 10.0,
+        "all stages": 110.0,
+    }
 
 
 def test_an_output_made_by_another_command_is_refused_naming_the_change(tmp_path):
