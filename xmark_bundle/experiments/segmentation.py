@@ -429,7 +429,7 @@ class _SegRun:
             f"StealthMark segmenter {label}",
             bundle_cmd("training", [TRAIN], **self.data, **keys),
             folder / RECORD,
-            prepare=lambda: self._clear_unfinished(folder),
+            prepare=functools.partial(self._clear_unfinished, folder),
         )
         return folder
 

@@ -83,7 +83,8 @@ def keyed_blocks(key: int, trigger: str = "blocks") -> torch.Tensor:
     """The owner's pattern of a block trigger (:data:`BLOCKS`): a grid x grid bool tensor (True: white cell), the
     first ``white`` cells of a permutation seeded by the key white; the same for every call with the same key."""
     grid, white, _ = BLOCKS[trigger]
-    generator = torch.Generator().manual_seed(_key_seed(key, *((trigger,) if trigger == "blocks" else (trigger, grid))))
+    parts = (trigger,) if trigger == "blocks" else (trigger, grid)  # blocks: seeded as when it was the only one
+    generator = torch.Generator().manual_seed(_key_seed(key, *parts))
     cells = torch.zeros(grid * grid, dtype=torch.bool)
     cells[torch.randperm(grid * grid, generator=generator)[:white]] = True
     return cells.reshape(grid, grid)
