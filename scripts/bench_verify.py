@@ -1,6 +1,7 @@
 """Wall time of black-box ownership verification for n queries, per stage, on phantoms: the paper's test alone, the
 calibrated verdict with a family of m + 1 generators (first suspect: the family's queries are made and kept), and a
-second suspect (the kept queries reused), with the ratios to the paper's test alone.
+second suspect (the kept queries reused), and the first suspect again (its kept answers reused, as for another owner
+of the same pool), with the ratios to the paper's test alone.
 
 G, its family and the suspects are randomly initialised (speed does not depend on training): default-width X-Mark
 generators at ``--image-size`` and ResNet18 suspects given as TorchScript files, queried at 224 px.
@@ -71,6 +72,7 @@ def main() -> None:
                 ("paper's test alone", "suspect_a", None),
                 ("calibrated, first suspect (family queries made)", "suspect_a", family.path),
                 ("calibrated, another suspect (family queries kept)", "suspect_b", family.path),
+                ("calibrated, first suspect again (its answers kept)", "suspect_a", family.path),
             )
         ):
             start = time.perf_counter()

@@ -257,6 +257,45 @@ def test_generator_family_is_checked_against_its_checkpoints(data, tmp_path):
         )  # fmt: skip
 
 
+def test_owners_of_one_pool_share_the_suspects_kept_answers_and_a_changed_model_is_asked_again(data, tmp_path):
+    pool = []
+    for seed in range(3):
+        pool.append(tmp_path / "pool" / f"seed{seed}" / "model.pt")
+        save_watermark(_unkeyed_pipeline(seed), pool[-1])
+    families = {}
+    for owner, seed in (("a", 10), ("b", 11)):
+        save_watermark(_unkeyed_pipeline(seed), tmp_path / owner / "model.pt")
+        members = [*pool[:1], tmp_path / owner / "model.pt", *pool[1:]]
+        families[owner] = make_generator_family(members, tmp_path / owner / "family.json", owner_index=1)
+    torch.manual_seed(3)
+    model = build_classifier("resnet18").eval()
+    torch.jit.trace(model, torch.rand(1, 1, SIZE, SIZE)).save(str(tmp_path / "suspect.ts"))
+    settings = VerificationSettings(query_size=SIZE, batch_size=4, n_samples=6)
+
+    def verify(owner: str, suspect, out: str) -> dict:
+        ckpt = tmp_path / owner / "model.pt"
+        return verify_ownership(
+            load_watermark(ckpt), suspect, data / "datalist.json", tmp_path / out, settings, ckpt, progress=False,
+            family=families[owner].path,
+        )["calibrated"]  # fmt: skip
+
+    assert verify("a", tmp_path / "suspect.ts", "a")["answers_kept"] == 0
+    kept = verify("b", tmp_path / "suspect.ts", "b")
+    assert kept["answers_kept"] == 3  # the pool's members, not owner b's own
+    assert len(list((tmp_path / "pool").glob("seed*/suspect_answers/*.npy"))) == 3
+    asked = verify("b", TorchSuspect(model, "the same network in memory", "torch"), "b_asked")  # never kept
+    assert asked["answers_kept"] == 0 and asked["member_statistics"] == kept["member_statistics"]
+    # a file cut short is asked again; another model at the same path is never answered from the first one's answers
+    next((tmp_path / "pool" / "seed0" / "suspect_answers").glob("*.npy")).write_bytes(b"\x93NUMPY")
+    assert verify("b", tmp_path / "suspect.ts", "b_again")["answers_kept"] == 3  # seed0 asked again, then b's own
+    torch.manual_seed(4)
+    torch.jit.trace(build_classifier("resnet18").eval(), torch.rand(1, 1, SIZE, SIZE)).save(
+        str(tmp_path / "suspect.ts")
+    )
+    other = verify("a", tmp_path / "suspect.ts", "a_other")
+    assert other["answers_kept"] == 0 and other["member_statistics"][0] != kept["member_statistics"][0]  # a pool member
+
+
 def test_verify_json_reports_the_calibrated_verdict_first(data, tmp_path):
     ckpt = tmp_path / "models" / "model.pt"
     save_watermark(_keyed_pipeline(5), ckpt)

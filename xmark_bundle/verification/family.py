@@ -13,7 +13,7 @@ model that never saw the release is accused with probability at most alpha) need
 ``family.json`` lives beside the owner's generator checkpoint (``models/model.pt`` -> ``models/family.json``), so
 configs that read the checkpoint find the family without another key. The members' watermarked queries are made
 once per query set and kept with the owner's private files (``family_queries/`` beside ``family.json``): verifying
-another suspect costs only that suspect's answers.
+another suspect costs only that suspect's answers, and :mod:`.answers` keeps those beside each member.
 """
 
 from __future__ import annotations

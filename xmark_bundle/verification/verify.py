@@ -28,6 +28,7 @@ from xmark_bundle.fileio import sha256_file, write_json
 from xmark_bundle.networks.pipeline import is_keyed
 from xmark_bundle.provenance import environment
 from xmark_bundle.transforms.geometry import resize_square
+from xmark_bundle.verification.answers import ask_family
 from xmark_bundle.verification.blackbox import SuspectModel, open_suspect
 from xmark_bundle.verification.controls import control_comparison, control_queries
 from xmark_bundle.verification.family import FamilyError, family_queries, load_family
@@ -155,11 +156,14 @@ def verify_ownership(
             members, generator, items, chosen, s.query_size, s.batch_size, device, progress
         )
         lap("family_watermarks")
-        member_probs = _ask(suspect, marked_by_member, s, progress)
+        member_probs, answers_kept = ask_family(
+            suspect, marked_by_member, members, s.target_label, s.batch_size, progress
+        )
         lap("family_query")
         calibrated = rank_test(pb, member_probs, members.owner_index, alpha=s.alpha, source=source)
         calibrated |= {"available": True, "family": members.describe(), "queries_cache": os.fspath(cache)}
         calibrated["queries_cached"] = cached
+        calibrated["answers_kept"] = answers_kept
     result = ownership_test(pb, pv, tau=s.tau, alpha=s.alpha, source=source)
     result["wsr"] = watermark_success_rate(pv, s.wsr_threshold, source=source)
     result["control"] = control_comparison(pb, pv, pc, tau=s.tau, alpha=s.alpha, source=source, keyed=keyed)
@@ -259,18 +263,6 @@ def _open_family(
             alpha,
         )
     return members
-
-
-def _ask(suspect: SuspectModel, queries: torch.Tensor, s: VerificationSettings, progress: bool) -> np.ndarray:
-    """The suspect's target-label probabilities of every member's queries, (m + 1) x n."""
-    answers = np.empty(queries.shape[:2])
-    with tqdm(total=answers.size, desc="querying suspect (family)", unit="img", disable=not progress) as bar:
-        for j, member in enumerate(queries):
-            for first in range(0, member.shape[0], s.batch_size):
-                images = member[first : first + s.batch_size].float()
-                answers[j, first : first + len(images)] = suspect.label_probability(images, s.target_label)
-                bar.update(len(images))
-    return answers
 
 
 def run_verification(**kwargs: Any) -> dict[str, Any]:
