@@ -101,5 +101,5 @@ def ask_family(
                 answers[j, first : first + len(images)] = suspect.label_probability(images, label)
                 bar.update(len(images))
             if path is not None:
-                _keep(path, answers[j].copy())
+                _keep(path, answers[j])
     return answers, kept
