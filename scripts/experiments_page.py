@@ -1,4 +1,9 @@
-"""Write docs/experiments.md from docs/experiments/<name>/results.json, or check (--check) that it is up to date."""
+"""Write docs/experiments.md from docs/experiments/<name>/results.json, or check (--check) that it is up to date.
+
+Both also check that every figure the README and the model cards quote in a paragraph naming a published experiment
+is one of that experiment's published numbers (xmark_bundle/experiments/citations.py), and exit 1 naming any that
+is not.
+"""
 
 import argparse
 import sys
@@ -7,11 +12,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `xmark_bundle` importable when run as a script
 
 from xmark_bundle.experiments import ResultsError, read_all_results, render_page  # noqa: E402
+from xmark_bundle.experiments.citations import published_numbers, uncited_figures  # noqa: E402
 from xmark_bundle.experiments.conclusions import ConclusionError, load_conclusions, render_conclusions  # noqa: E402
 from xmark_bundle.experiments.ledger import LedgerError, read_ledger  # noqa: E402
 from xmark_bundle.fileio import atomic_path  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+#: the prose that quotes published experiments, relative to the docs folder's parent (the bundle root)
+CITING_DOCS = ("README.md", "docs/README.md", "stealthmark/docs/README.md")
+
+
+def uncited(root: Path, all_results: list[dict]) -> list[str]:
+    """'FILE: problem' for each figure in CITING_DOCS that the experiments its paragraph names do not publish."""
+    published = {results["name"]: published_numbers(results) for results in all_results}
+    return [
+        f"{name}: {problem}"
+        for name in CITING_DOCS
+        if (root / name).is_file()
+        for problem in uncited_figures((root / name).read_text(encoding="utf-8"), published)
+    ]
 
 
 def conclusions_section(docs: Path, all_results: list[dict]) -> list[str]:
@@ -37,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiments page: {err}", file=sys.stderr)
         return 1
     target = args.docs / "experiments.md"
+    problems = uncited(args.docs.parent, all_results)
+    for problem in problems:
+        print(problem, file=sys.stderr)
     if args.check:
         current = target.read_text(encoding="utf-8") if target.is_file() else None
         if current != page:
@@ -47,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         print(f"{target}: up to date")
-        return 0
+        return 1 if problems else 0
     with atomic_path(target) as tmp:
         tmp.write_text(page, encoding="utf-8")
     print(f"wrote {target}")
-    return 0
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
