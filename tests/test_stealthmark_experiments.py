@@ -188,6 +188,10 @@ def test_quick_segmentation_experiment_runs_every_stage_and_tabulates_the_report
     published = load_results(docs / "experiments" / "stealthmark_quick" / "results.json")
     assert published["seeds"]["report"] == 5006 and published["seeds"]["other_keys"] == [3031, 3032, 3033]
     assert published["tables"] == produced and "Verification (StealthMark)" in (docs / "experiments.md").read_text()
+    # the floor figure is drawn by the run and published beside its Verification table
+    assert (
+        published["figures"] == ["floors.png"] and (docs / "experiments" / "stealthmark_quick" / "floors.png").is_file()
+    )
 
     # a rerun resumes: every stage is found done
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -22,6 +22,11 @@ calibrated p-values of every model that never saw the release (spread over their
 distribution function per owner: the calibrated verdict's alpha holds over the owner's random draw, and an owner whose
 member lifts every model more than the others' lies above the diagonal on its own.
 
+``floors.png`` (a StealthMark experiment): a panel per architecture x trigger; for the owners' watermarked models
+(and the ``badnet_seg`` baseline where declared), the benign models and the other keys' models, one dot per
+verification (model x owner's record) at its background floor's rise on triggered queries (mean triggered floor -
+mean clean floor), filled when verified, the count verified above each group, and the verifier's margin dashed.
+
 ``detectability.png`` (when the experiment measured detectability): the AUROC of every detector of the detectability
 table per method, a bar each, chance (0.5) dashed; drawn from the table itself (:func:`draw_detectability`), so a
 published results.json can be drawn again without the run.
@@ -46,6 +51,7 @@ __all__ = [
     "draw_detectability",
     "save_detectability_figure",
     "save_figures",
+    "save_floors_figure",
     "save_null_by_owner_figure",
     "save_null_figure",
     "save_removal_figure",
@@ -87,6 +93,68 @@ def save_scenarios_figure(collected: Mapping[str, Any], path: str | os.PathLike,
     axes[0].set_ylabel("ΔP = mean Pv − mean Pb")
     title = "Verification per scenario: filled = verified (count above), dashed = τ"
     figure.suptitle(title, fontsize=10, wrap=True)  # wrapped to the figure's width: one method makes it narrow
+    _save(figure, path)
+    return True
+
+
+def _floor_groups(collected: Mapping[str, Any], arch: str, trigger: str) -> list[tuple[str, list[Mapping[str, Any]]]]:
+    """(group, its verifications) of one architecture x trigger: each method's owners with their own records, then
+    every benign and other-key model with every owner's record; groups without a verification are left out."""
+    models = [m for m in collected.get("models", {}).values() if m["arch"] == arch and m["trigger"] == trigger]
+    groups = [
+        (f"{method} owners", [m["verification"] for m in models if m["method"] == method])
+        for method in dict.fromkeys(m["method"] for m in models)
+    ]
+    benign = [b["verification"].get(trigger, {}) for b in collected.get("benign", {}).values() if b["arch"] == arch]
+    others = [
+        o["verification"]
+        for o in collected.get("other_keys", {}).values()
+        if (o["arch"], o["trigger"]) == (arch, trigger)
+    ]
+    groups += [("benign", [run for records in benign for run in records.values()])]
+    groups += [("other keys", [run for records in others for run in records.values()])]
+    return [(label, runs) for label, runs in groups if runs]
+
+
+def save_floors_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
+    """Write a StealthMark experiment's floor figure (PNG) to ``path`` atomically; False for any other experiment."""
+    if collected.get("task") != "segmentation" or not collected.get("models"):
+        return False
+    archs, triggers = collected["architectures"], collected["triggers"]
+    figure = Figure(figsize=(2.9 * len(triggers) + 1, 3.0 * len(archs) + 0.6), layout="constrained")
+    axes = figure.subplots(len(archs), len(triggers), sharey=True, squeeze=False)
+    rises = []
+    for row, arch in enumerate(archs):
+        for col, trigger in enumerate(triggers):
+            ax, groups = axes[row][col], _floor_groups(collected, arch, trigger)
+            for x, (_, runs) in enumerate(groups):
+                offsets = [x + 0.3 * (i - (len(runs) - 1) / 2) / max(1, len(runs) - 1) for i in range(len(runs))]
+                for offset, run in zip(offsets, runs, strict=True):
+                    rise = run["floor_triggered"] - run["floor_clean"]
+                    rises.append(rise)
+                    colour = "C3" if run["owned"] else "white"
+                    ax.scatter(offset, rise, s=22, color=colour, edgecolor="C3", zorder=3)
+                verified = sum(bool(run["owned"]) for run in runs)
+                ax.annotate(
+                    f"{verified}/{len(runs)}",
+                    (x, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
+            margins = {run.get("margin") for _, runs in groups for run in runs} - {None}
+            for margin in margins:
+                ax.axhline(margin, color="0.4", linestyle="--", linewidth=1)
+            ax.axhline(0, color="0.8", linewidth=0.8)
+            ax.set_xticks(range(len(groups)), [label.replace(" ", "\n", 1) for label, _ in groups], fontsize=8)
+            ax.set_xlim(-0.5, len(groups) - 0.5)
+            ax.set_title(f"{arch}, {trigger}", fontsize=10, pad=14)
+        axes[row][0].set_ylabel("floor rise (triggered − clean)")
+    low = min([0.0, *rises])
+    axes[0][0].set_ylim(low - 0.01, max([0.05, *rises]) + 0.01)
+    title = "StealthMark verification: one dot per model x owner's record, filled = verified, dashed = margin"
+    figure.suptitle(title, fontsize=10, wrap=True)
     _save(figure, path)
     return True
 
@@ -295,9 +363,14 @@ FIGURES: dict[str, tuple[Callable[[Mapping[str, Any], Path], bool], str]] = {
     "detectability.png": (save_detectability_figure, "Detectability"),
     "null_uniformity.png": (save_null_figure, "Table 2"),
     "null_by_owner.png": (save_null_by_owner_figure, "Table 2"),
+    "floors.png": (save_floors_figure, "Verification (StealthMark)"),
 }
+#: the figures of a segmentation (StealthMark) experiment; every other one is a classification experiment's
+SEGMENTATION_FIGURES = ("floors.png",)
 
 
 def save_figures(collected: Mapping[str, Any], out: Path) -> list[str]:
     """Draw every figure that ``collected`` has data for into ``out``; the file names written."""
-    return [name for name, (draw, _) in FIGURES.items() if draw(collected, out / name)]
+    segmentation = collected.get("task") == "segmentation"
+    drawn = [name for name in FIGURES if (name in SEGMENTATION_FIGURES) == segmentation]
+    return [name for name in drawn if FIGURES[name][0](collected, out / name)]

@@ -416,7 +416,10 @@ def run_experiment(
     ``dry_run``: print every stage and its command, run none, write nothing; the returned numbers are
     :data:`PENDING` where a stage has not run, and ``planned_stages`` lists (name, command) of those still to run."""
     if isinstance(experiment, SegmentationExperiment):
-        return run_segmentation(experiment, root, out, dry_run)
+        collected = run_segmentation(experiment, root, out, dry_run)
+        if not dry_run:
+            save_figures(collected, out)
+        return collected
     run, x, roles = _Run(experiment, root, out, dry_run), experiment, experiment.seed_roles
     run.make_data()
     surrogate = run.classifier("surrogate", run.models / "surrogate", run.phantoms, roles.surrogate, evaluate=True)

@@ -511,6 +511,7 @@ def _verification(report: Mapping[str, Any], path: Path) -> dict[str, Any]:
         "wilcoxon_p": test.get("p_wilcoxon"),
         "floor_clean": test.get("mean_clean"),
         "floor_triggered": test.get("mean_triggered"),
+        "margin": test.get("margin"),
         "asr": report.get("asr"),
         "n": test.get("n"),
         "detector_accuracy": detector.get("accuracy"),
