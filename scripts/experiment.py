@@ -48,7 +48,7 @@ from xmark_bundle.experiments.ledger import (  # noqa: E402
     record,
 )
 from xmark_bundle.experiments.protocol import published_parts  # noqa: E402
-from xmark_bundle.experiments.results import RESULTS_FORMAT, load_results, write_results  # noqa: E402
+from xmark_bundle.experiments.results import RESULTS_FORMAT, ResultsError, load_results, write_results  # noqa: E402
 from xmark_bundle.experiments.segmentation import SegmentationExperiment  # noqa: E402
 from xmark_bundle.experiments.segmentation import seed_record as segmentation_seed_record  # noqa: E402
 from xmark_bundle.experiments.stages import StageFailed, tree_commit  # noqa: E402
@@ -157,9 +157,24 @@ def seed_record(experiment: Experiment) -> dict:
     }
 
 
-def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str], docs: Path = ROOT / "docs") -> None:
+#: a new part's reading until someone writes it
+NO_READING = "(not yet written: the tables are new)"
+
+
+def _kept_reading(path: Path, tables: list[dict]) -> str:
+    """The reading of the part already published at ``path`` when its tables are ``tables`` (a publication again
+    that changes no number, e.g. for a new figure, keeps what was written about them); else :data:`NO_READING`."""
+    try:
+        published = load_results(path)
+    except (OSError, ResultsError):
+        return NO_READING
+    return published["reading"] if published["tables"] == tables else NO_READING
+
+
+def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str], docs: Path = ROOT / "docs") -> int:
     """Write ``docs``/experiments/<name>/results.json for each published part of the experiment, record the report
-    seed in its ledger, then the page; nothing is written when the publication is refused."""
+    seed in its ledger, then the page; nothing is written when the publication is refused. Returns the page
+    script's exit status: 1 when the README or a model card quotes a figure the published results do not hold."""
     ledger = docs / "experiments" / LEDGER.name
     refused = publication_refused(experiment, ledger)
     if refused:
@@ -188,7 +203,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
             "stage_commits": collected.get("stage_commits", {}),
             "tables": part,
             "figures": _figures(part, out),
-            "reading": "(not yet written: the tables are new)",
+            "reading": _kept_reading(folder / "results.json", part),
         }
         for figure in results["figures"]:
             folder.mkdir(parents=True, exist_ok=True)
@@ -199,7 +214,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
     names = published_parts(experiment.name, parts)
     hashes = registered_hashes(*load_conclusions(registered), names) if registered.is_file() else {}
     record(ledger, experiment.data_seed, experiment.name, sha256, commit, names, hashes)
-    subprocess.run([sys.executable, "scripts/experiments_page.py", "--docs", str(docs)], cwd=ROOT, check=True)
+    return subprocess.run([sys.executable, "scripts/experiments_page.py", "--docs", str(docs)], cwd=ROOT).returncode
 
 
 def print_plan(experiment: Experiment, out: Path) -> None:
@@ -292,10 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     _print_summary(collected, out)
     if args.publish:
         try:
-            publish(experiment, collected, out, argv or sys.argv[1:])
+            page = publish(experiment, collected, out, argv or sys.argv[1:])
         except (LedgerError, ConclusionError) as err:
             print(f"experiment: not published: {err}", file=sys.stderr)
             return 2
+        if page:
+            print(
+                f"experiment: {args.name} is published; the docs above quote figures it does not hold", file=sys.stderr
+            )
+            return 1
     return 0
 
 

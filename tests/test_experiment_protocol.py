@@ -335,6 +335,7 @@ def test_tables_show_owners_spread_the_control_and_both_verdicts(calibrated, tmp
 
 def test_publishing_records_the_seed_and_a_changed_declaration_is_refused_before_anything_is_written(tmp_path):
     from xmark_bundle.experiments import load_results
+    from xmark_bundle.experiments.results import write_results
 
     method = {
         "gamma": 0.5,
@@ -359,8 +360,15 @@ def test_publishing_records_the_seed_and_a_changed_declaration_is_refused_before
     assert (entry["report_seed"], entry["declaration"]) == (5005, "comparison_v2")
     assert entry["sha256"] == declaration_sha256(raw) and entry["parts"] == ["table1", "table2"]
     assert (docs / "experiments.md").read_text().count("Commit ") == 2  # the page regenerated from the parts
-    experiment.publish(declared, collected, tmp_path / "out", ["run", "comparison_v2", "--publish"], docs)  # again
-    assert len(read_ledger(docs / "experiments" / "ledger.json")) == 1
+    assert results["reading"] == experiment.NO_READING
+    write_results(table2, {**results, "reading": "What the tables say."})
+    again = experiment.publish(declared, collected, tmp_path / "out", ["run", "comparison_v2", "--publish"], docs)
+    assert again == 0 and len(read_ledger(docs / "experiments" / "ledger.json")) == 1
+    assert load_results(table2)["reading"] == "What the tables say."  # no number changed: the reading stays
+    moved = copy.deepcopy(collected)
+    moved["methods"]["xmark"]["suspects"]["owner1/suspect_seed4"]["malicious"]["delta_p"] = 0.9
+    experiment.publish(declared, moved, tmp_path / "out", ["run", "comparison_v2", "--publish"], docs)
+    assert load_results(table2)["reading"] == experiment.NO_READING  # new numbers: the old reading is not theirs
     before = table2.read_bytes()
     changed = load_experiment(_declare(tmp_path, {**raw, "classifier": {**raw["classifier"], "max_epochs": 6}}))
     with pytest.raises(LedgerError, match="a change needs a new report seed"):
