@@ -71,7 +71,7 @@ def _walk(node: Any, key: str, found: PublishedNumbers) -> None:
         numbers = [float(v) for v in node if _is_number(v)]
         if numbers and len(numbers) == len(node):
             found.values.extend([*numbers, sum(numbers) / len(numbers), min(numbers), max(numbers)])
-            if key.startswith("p ") or key.startswith("p(") or key == "p":
+            if key == "p" or key.startswith(("p ", "p(")):
                 found.counts.add((sum(v < ALPHA for v in numbers), len(numbers)))
         for value in node:
             _walk(value, key, found)

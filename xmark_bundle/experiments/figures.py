@@ -70,6 +70,11 @@ def _runs(method: Mapping[str, Any], key: str | None) -> list[Mapping[str, Any]]
     return [suspect[key] for suspect in method["suspects"].values()]
 
 
+def _spread(x: float, n: int, width: float) -> list[float]:
+    """``n`` positions spread evenly over ``width`` around ``x``: the dots of one group do not hide each other."""
+    return [x + width * (i - (n - 1) / 2) / max(1, n - 1) for i in range(n)]
+
+
 def save_scenarios_figure(collected: Mapping[str, Any], path: str | os.PathLike, tau: float = 0.25) -> bool:
     """Write the figure of every method's scenarios (PNG) to ``path`` atomically; True (there is always one)."""
     methods = collected["methods"]
@@ -78,8 +83,7 @@ def save_scenarios_figure(collected: Mapping[str, Any], path: str | os.PathLike,
     for ax, (name, method) in zip(axes, methods.items(), strict=True):
         for x, (_, key) in enumerate(SCENARIOS):
             runs = _runs(method, key)
-            offsets = [x + 0.25 * (i - (len(runs) - 1) / 2) / max(1, len(runs) - 1) for i in range(len(runs))]
-            for offset, run in zip(offsets, runs, strict=True):
+            for offset, run in zip(_spread(x, len(runs), 0.25), runs, strict=True):
                 owned = bool(run["owned"])
                 ax.scatter(offset, run["delta_p"], s=28, color="C3" if owned else "white", edgecolor="C3", zorder=3)
             verified = sum(bool(run["owned"]) for run in runs)
@@ -128,8 +132,7 @@ def save_floors_figure(collected: Mapping[str, Any], path: str | os.PathLike) ->
         for col, trigger in enumerate(triggers):
             ax, groups = axes[row][col], _floor_groups(collected, arch, trigger)
             for x, (_, runs) in enumerate(groups):
-                offsets = [x + 0.3 * (i - (len(runs) - 1) / 2) / max(1, len(runs) - 1) for i in range(len(runs))]
-                for offset, run in zip(offsets, runs, strict=True):
+                for offset, run in zip(_spread(x, len(runs), 0.3), runs, strict=True):
                     rise = run["floor_triggered"] - run["floor_clean"]
                     rises.append(rise)
                     colour = "C3" if run["owned"] else "white"
