@@ -265,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--out", type=Path, help="output folder (default outputs/experiments/NAME)")
     plan.add_argument("--method", action="append", help="only this declared method (repeatable)")
     run.add_argument("--family", choices=FAMILIES, help="phantom family instead of the declared one (not published)")
+    run.add_argument(
+        "--discard-tuned-models",
+        action="store_true",
+        help="replace each fine-tuned or pruned model.pt by model.pt.discarded.json (SHA-256, size) once its "
+        "evaluation and verification are recorded: removal and pruning keep 45 MB per model otherwise",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -298,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     try:
-        collected = run_experiment(experiment, ROOT, out)
+        collected = run_experiment(experiment, ROOT, out, discard_tuned=args.discard_tuned_models)
     except StageFailed as err:
         print(f"[{args.name}] {err}", file=sys.stderr)
         return 1

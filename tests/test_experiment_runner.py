@@ -1,11 +1,14 @@
 """`scripts/experiment.py run quick` (the stages of `make demo` at toy sizes) runs every stage and resumes."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from xmark_bundle.fileio import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,6 +120,27 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # everything done: every stage skipped
     assert again.returncode == 0 and again.stdout.count(": already done (") == stages, again.stdout[-2000:]
     assert json.loads((out / "collected.json").read_text()) == collected
+
+    # --discard-tuned-models: each fine-tuned and pruned model that removal measured becomes a record of its SHA-256
+    # and size; every stage stays done and no number changes; a stage that needs a discarded model stops, naming it
+    names = ("finetuned_head_1", "finetuned_full_1", "pruned_0.5", "pruned_0.5_finetuned_1")
+    tuned = [suspect_dir.parent / f"suspect_seed1_{name}" / "model.pt" for name in names]
+    hashes = [sha256_file(path) for path in tuned]
+    lean = subprocess.run([*cmd, "--discard-tuned-models"], cwd=ROOT, capture_output=True, text=True)
+    assert lean.returncode == 0 and lean.stdout.count(": already done (") == stages, lean.stdout[-2000:]
+    assert not any(path.exists() for path in tuned) and (suspect_dir / "model.pt").is_file()
+    records = [json.loads(path.with_name("model.pt.discarded.json").read_text()) for path in tuned]
+    assert [r["sha256"] for r in records] == hashes and all(r["bytes"] > 10**6 for r in records)
+    assert json.loads((out / "collected.json").read_text()) == collected
+    verified = Path(removal["fine_pruned_0.5"]["report"])
+    verified.unlink()  # its verification must run again, from a model that was discarded
+    stopped = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert stopped.returncode == 1 and "model.pt.discarded.json); delete the folder" in stopped.stderr, stopped.stderr
+    for path in tuned[2:]:  # the way back: prune again, fine-prune again from it, evaluate both, verify
+        shutil.rmtree(path.parent)
+    remade = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert remade.returncode == 0 and remade.stdout.count(": done in ") == 5, remade.stdout[-2000:]
+    assert verified.is_file() and tuned[2].is_file() and tuned[3].is_file()
 
     # a pool watermark interrupted after saving model.pt but before training_info.json: removed, then trained again
     interrupted = out / "models/xmark/family_pool/seed5"

@@ -63,8 +63,11 @@ EVALUATE = ["configs/evaluate_classifier.json"]  # layered on CLASSIFIER and a r
 class _Run:
     """One run of ``experiment`` into ``out``."""
 
-    def __init__(self, experiment: Experiment, root: Path, out: Path, dry_run: bool = False) -> None:
+    def __init__(
+        self, experiment: Experiment, root: Path, out: Path, dry_run: bool = False, discard_tuned: bool = False
+    ) -> None:
         self.x, self.root, self.out, self.dry_run = experiment, root, out, dry_run
+        self.discard_tuned = discard_tuned  # fine-tuned and pruned models, once measured (Stages.discard)
         self.stages = Stages(root, out, experiment.name, dry_run=dry_run)
         self.trained: dict[str, Path] = {}  # a watermark recipe (watermark_recipe) -> the checkpoint it made
         self.phantoms, self.models = out / "phantoms", out / "models"
@@ -137,7 +140,8 @@ class _Run:
         extra = list(recipe.get("configs", ()))
         overrides = {**self.x.classifier, **_training_keys(recipe), **data}
         cmd = bundle_cmd("training", CLASSIFIER + extra, ckpt_dir=ckpt, seed=seed, **overrides)
-        self.stages.run(f"classifier '{name}'", cmd, ckpt / "training_info.json")
+        start = [Path(recipe["pretrained_weights"])] if "pretrained_weights" in recipe else []
+        self.stages.run(f"classifier '{name}'", cmd, ckpt / "training_info.json", needs=start)
         return self.evaluation(name, ckpt, recipe) if evaluate else ckpt
 
     def evaluation(self, name: str, ckpt: Path, recipe: Mapping[str, Any]) -> Path:
@@ -146,7 +150,7 @@ class _Run:
         cmd = bundle_cmd(
             "run", CLASSIFIER + list(recipe.get("configs", ())) + EVALUATE, ckpt_dir=ckpt, **self.data, **keys
         )
-        self.stages.run(f"evaluation '{name}'", cmd, ckpt / "classification_report.json")
+        self.stages.run(f"evaluation '{name}'", cmd, ckpt / "classification_report.json", needs=[ckpt / "model.pt"])
         return ckpt
 
     @functools.cache  # noqa: B019 - one run object per experiment run: a stage is made (or reported) once
@@ -190,13 +194,22 @@ class _Run:
             for epochs in spec.get(f"{mode}_epochs", []):
                 folder = self._fine_tuned(method, suspect, f"{mode}_{epochs}", mode, epochs, recipe)
                 results[f"{mode}_{epochs}"] = measured(folder, mode, epochs)
+                self._measured_model(folder)
         for rate in map(float, spec.get("prune_rates", [])):
             pruned = self.pruned(method, suspect, rate, recipe)
             results[f"pruned_{rate:g}"] = measured(pruned, "pruned", 0, rate=rate)
             epochs = spec.get("prune_epochs", 2)
             folder = self._fine_tuned(method, pruned, str(epochs), "fine-pruned", epochs, recipe)
             results[f"fine_pruned_{rate:g}"] = measured(folder, "fine-pruned", epochs, rate=rate)
+            self._measured_model(folder)
+            self._measured_model(pruned)  # after its fine-pruning, which starts from it
         return results
+
+    def _measured_model(self, folder: Path) -> None:
+        """Discard the model of a fine-tuned or pruned ``folder`` whose evaluation and verification are recorded,
+        when the run was asked to (``--discard-tuned-models``): each is 45 MB and nothing else reads it."""
+        if self.discard_tuned:
+            self.stages.discard(folder / "model.pt")
 
     def pruned(self, method: str, suspect: Path, rate: float, recipe: dict[str, Any]) -> Path:
         """``suspect`` with the ``rate`` share of its penultimate units that the clean subset leaves least active
@@ -204,7 +217,8 @@ class _Run:
         out = suspect.parent / f"{suspect.name}_pruned_{rate:g}"
         cmd = [sys.executable, "scripts/prune_classifier.py", "--ckpt", str(suspect / "model.pt"), "--rate", str(rate)]
         cmd += ["--datalist", str(self.clean_subset()), "--dataset-dir", str(self.phantoms), "--out", str(out)]
-        self.stages.run(f"{method} {self._model_name(method, suspect)} pruning at {rate:g}", cmd, out / "model.pt")
+        name = f"{method} {self._model_name(method, suspect)} pruning at {rate:g}"
+        self.stages.run(name, cmd, out / "model.pt", needs=[suspect / "model.pt"])
         return self.evaluation(f"{method} {self._model_name(method, out)}", out, recipe)
 
     def _fine_tuned(self, method: str, start: Path, key: str, mode: str, epochs: int, recipe: dict[str, Any]) -> Path:
@@ -379,7 +393,9 @@ class _Run:
         where = folder.name if self.x.legacy else folder.relative_to(self.out / "verification" / method)
         if self.x.legacy:  # the stage names it was published with
             where = f"{scenario} '{suspect.name}'"
-        self.stages.run(f"{method} verification {where}", cmd, folder / "verification.json")
+        self.stages.run(
+            f"{method} verification {where}", cmd, folder / "verification.json", needs=[suspect / "model.pt"]
+        )
         report = self.read(folder / "verification.json")
         keep = ("p_value", "wilcoxon_p", "delta_p", "wsr", "verdict", "owned", "n", "control", "calibrated")
         available = (report.get("calibrated") or {}).get("available")  # only where the watermark has a family
@@ -408,19 +424,25 @@ def _evaluation_keys(recipe: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_experiment(
-    experiment: Experiment | SegmentationExperiment, root: Path, out: Path, dry_run: bool = False
+    experiment: Experiment | SegmentationExperiment,
+    root: Path,
+    out: Path,
+    dry_run: bool = False,
+    discard_tuned: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) every stage of ``experiment`` under ``out``; write and return ``collected.json`` (a
     segmentation declaration: :func:`~xmark_bundle.experiments.segmentation.run_segmentation`).
 
     ``dry_run``: print every stage and its command, run none, write nothing; the returned numbers are
-    :data:`PENDING` where a stage has not run, and ``planned_stages`` lists (name, command) of those still to run."""
+    :data:`PENDING` where a stage has not run, and ``planned_stages`` lists (name, command) of those still to run.
+    ``discard_tuned``: discard each fine-tuned and pruned model once its evaluation and verification are recorded
+    (:meth:`~xmark_bundle.experiments.stages.Stages.discard`; the numbers do not change)."""
     if isinstance(experiment, SegmentationExperiment):
         collected = run_segmentation(experiment, root, out, dry_run)
         if not dry_run:
             save_figures(collected, out)
         return collected
-    run, x, roles = _Run(experiment, root, out, dry_run), experiment, experiment.seed_roles
+    run, x, roles = _Run(experiment, root, out, dry_run, discard_tuned), experiment, experiment.seed_roles
     run.make_data()
     surrogate = run.classifier("surrogate", run.models / "surrogate", run.phantoms, roles.surrogate, evaluate=True)
     independents = {seed: run.independent_owner(seed) for seed in roles.independent_owners}

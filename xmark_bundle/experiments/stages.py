@@ -14,6 +14,10 @@ changes reaches the next stage. Elsewhere, or with ``XMARK_STAGE_SUBPROCESS=1``,
 Several runners may share a folder (two declarations with common stages, run side by side): a runner holds a lock on
 a stage while it runs it (``.stage_locks/`` in the folder), so another that reaches the same stage waits for it and
 then finds it done, and the record files are updated under a lock of their own, so no runner's record is lost.
+
+A model whose every consumer has recorded its output may be discarded to save disk (``run --discard-tuned-models``):
+:meth:`Stages.discard` replaces ``model.pt`` with ``model.pt.discarded.json`` (its SHA-256 and size), which counts as
+the stage's output; a stage that still needs a discarded file stops and says how to make it again.
 """
 
 from __future__ import annotations
@@ -33,12 +37,19 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from xmark_bundle.fileio import write_json
+from xmark_bundle.fileio import sha256_file, write_json
 
-__all__ = ["StageChanged", "StageFailed", "Stages", "bundle_cmd", "run_command", "tree_commit"]
+__all__ = ["StageChanged", "StageFailed", "Stages", "bundle_cmd", "discarded", "run_command", "tree_commit"]
+
+
+def discarded(path: Path) -> Path:
+    """The record that stands for ``path`` once :meth:`Stages.discard` removed it (``NAME.discarded.json``)."""
+    return path.with_name(path.name + ".discarded.json")
+
 
 #: What :meth:`Stages.run_commits` counts for a stage done before its commit was recorded.
 UNRECORDED = "unrecorded"
@@ -173,9 +184,17 @@ class Stages:
         normal = ["python" if i == 0 and arg == sys.executable else arg for i, arg in enumerate(cmd)]
         return [arg.replace(out, "<out>").replace(root, "<root>") for arg in normal]
 
-    def run(self, name: str, cmd: list[str], done: Path, prepare: Callable[[], None] | None = None) -> None:
-        """Run ``cmd`` unless ``done`` exists (a dry run lists it instead); raise :class:`StageFailed` naming the stage
-        when it fails, and a ``ValueError`` when a run names two different stages alike (their wall times would mix).
+    def run(
+        self,
+        name: str,
+        cmd: list[str],
+        done: Path,
+        prepare: Callable[[], None] | None = None,
+        needs: Sequence[Path] = (),
+    ) -> None:
+        """Run ``cmd`` unless ``done`` exists or was discarded (a dry run lists it instead); raise :class:`StageFailed`
+        naming the stage when it fails or when a file it ``needs`` was discarded, and a ``ValueError`` when a run names
+        two different stages alike (their wall times would mix).
         The same stage asked for again in one run (e.g. a phantom set two pre-trainings share) is visited once.
         ``prepare`` (e.g. removing what an interrupted run of the stage left) runs just before the command, while
         this runner holds the stage, so it never touches a stage another runner is running."""
@@ -187,16 +206,23 @@ class Stages:
         self.count += 1
         self.visited.append(name)
         prefix = f"[{self.label} {self.count}] {name}"
-        if done.exists():
+        if done.exists() or discarded(done).is_file():
             self._check_done(name, cmd, done)
             print(f"{prefix}: already done ({self._where(done)})", flush=True)
             return
+        gone = [path for path in needs if not path.exists() and discarded(path).is_file()]
+        if gone and not self.dry_run:
+            raise StageFailed(
+                f"stage '{name}' needs {self._where(gone[0])}, which a run with --discard-tuned-models discarded "
+                f"({self._where(discarded(gone[0]))}); delete the folder {self._where(gone[0].parent)} to make it "
+                "again, then rerun"
+            )
         print(f"{prefix}: {'(dry run) ' if self.dry_run else ''}{shlex.join(cmd)}", flush=True)
         if self.dry_run:
             self.planned.append((name, cmd))
             return
         with _locked(self._stage_lock(name), f"{prefix}: another runner of {self.out} is running it; waiting"):
-            if done.exists():  # the other runner finished it
+            if done.exists() or discarded(done).is_file():  # the other runner finished it
                 self._check_done(name, cmd, done)
                 print(f"{prefix}: done by another runner ({self._where(done)})", flush=True)
                 return
@@ -209,6 +235,16 @@ class Stages:
             seconds = time.perf_counter() - start
             self._record(name, seconds, commit, cmd)
         print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+
+    def discard(self, path: Path) -> None:
+        """Replace the file ``path`` by ``path.discarded.json`` (its SHA-256 and size; written first, so an interrupted
+        discard leaves the file): for a model whose consumers have all recorded their outputs. A dry run keeps it."""
+        if self.dry_run or not path.is_file():
+            return
+        stat = path.stat()
+        record = {"sha256": sha256_file(path), "bytes": stat.st_size, "discarded": datetime.now(UTC).isoformat()}
+        write_json(discarded(path), record)
+        path.unlink()
 
     def finish(self, collected: dict[str, Any], out: Path) -> dict[str, Any]:
         """Add this run's stage times and commits to ``collected``; a dry run adds the stages still to run, a real
