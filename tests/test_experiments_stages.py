@@ -220,3 +220,24 @@ def test_a_stage_another_runner_is_running_is_waited_for_not_run_twice(tmp_path)
     lines = log.read_text().splitlines()
     assert lines[:2] == ["prepared by first", "shared"] and sorted(lines[2:]) == ["first own", "second own"]
     assert set(json.loads((out / "stage_commands.json").read_text())) == {"shared", "first", "second"}
+
+
+def test_an_output_an_interrupted_run_left_runs_the_stage_again(tmp_path):
+    """A release writes its manifest first with ``"complete": false``: with ``finished``, such an output is not taken
+    as done (a release stopped by a full disk is resumed, not trained on); a finished one is."""
+    from xmark_bundle.experiments.runner import _complete_release
+    from xmark_bundle.experiments.stages import Stages
+
+    out = tmp_path / "run"
+    out.mkdir()
+    manifest, log = out / "release_manifest.json", out / "ran.txt"
+    manifest.write_text(json.dumps({"complete": False}))
+    script = "import json, sys; open(sys.argv[2], 'a').write('ran\\n'); "
+    script += "json.dump({'complete': True}, open(sys.argv[1], 'w'))"
+    cmd = [sys.executable, "-c", script, str(manifest), str(log)]
+    Stages(ROOT, out, "test").run("release", cmd, manifest, finished=_complete_release)
+    assert log.read_text() == "ran\n" and _complete_release(manifest)
+    Stages(ROOT, out, "test").run("release", cmd, manifest, finished=_complete_release)  # finished: skipped
+    assert log.read_text() == "ran\n"
+    manifest.write_text("{torn")
+    assert not _complete_release(manifest)

@@ -345,7 +345,8 @@ class _Run:
             seed=self.x.data_seed if self.x.legacy else owner,
             progress=False,
         )
-        self.stages.run(f"{method.name} {self.owner_tag(owner)}release", cmd, manifest)
+        # the manifest is written first with "complete": false: a release interrupted (e.g. a full disk) runs again
+        self.stages.run(f"{method.name} {self.owner_tag(owner)}release", cmd, manifest, finished=_complete_release)
         return release, manifest
 
     def evaluate_suspect(self, method: str, suspect: Path, manifest: Path, **recipe: Any) -> dict[str, Any]:
@@ -401,6 +402,14 @@ class _Run:
         available = (report.get("calibrated") or {}).get("available")  # only where the watermark has a family
         kept = {key: report.get(key) for key in keep if key != "calibrated" or available}
         return kept | {"report": str(folder / "verification.json")}
+
+
+def _complete_release(manifest: Path) -> bool:
+    """Whether a release manifest records a finished release (an unreadable one is not)."""
+    try:
+        return bool(json.loads(manifest.read_text(encoding="utf-8")).get("complete"))
+    except (OSError, ValueError):
+        return False
 
 
 def watermark_recipe(method: Method, surrogate: Path, seed: int, vetting: bool) -> str:

@@ -191,10 +191,12 @@ class Stages:
         done: Path,
         prepare: Callable[[], None] | None = None,
         needs: Sequence[Path] = (),
+        finished: Callable[[Path], bool] | None = None,
     ) -> None:
         """Run ``cmd`` unless ``done`` exists or was discarded (a dry run lists it instead); raise :class:`StageFailed`
         naming the stage when it fails or when a file it ``needs`` was discarded, and a ``ValueError`` when a run names
-        two different stages alike (their wall times would mix).
+        two different stages alike (their wall times would mix). ``finished`` tells a ``done`` file that an interrupted
+        run left (e.g. a release manifest saying ``"complete": false``) from a finished one: the stage then runs again.
         The same stage asked for again in one run (e.g. a phantom set two pre-trainings share) is visited once.
         ``prepare`` (e.g. removing what an interrupted run of the stage left) runs just before the command, while
         this runner holds the stage, so it never touches a stage another runner is running."""
@@ -206,7 +208,7 @@ class Stages:
         self.count += 1
         self.visited.append(name)
         prefix = f"[{self.label} {self.count}] {name}"
-        if done.exists() or discarded(done).is_file():
+        if self._done(done, finished):
             self._check_done(name, cmd, done)
             print(f"{prefix}: already done ({self._where(done)})", flush=True)
             return
@@ -222,7 +224,7 @@ class Stages:
             self.planned.append((name, cmd))
             return
         with _locked(self._stage_lock(name), f"{prefix}: another runner of {self.out} is running it; waiting"):
-            if done.exists() or discarded(done).is_file():  # the other runner finished it
+            if self._done(done, finished):  # the other runner finished it
                 self._check_done(name, cmd, done)
                 print(f"{prefix}: done by another runner ({self._where(done)})", flush=True)
                 return
@@ -235,6 +237,11 @@ class Stages:
             seconds = time.perf_counter() - start
             self._record(name, seconds, commit, cmd)
         print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+
+    @staticmethod
+    def _done(done: Path, finished: Callable[[Path], bool] | None) -> bool:
+        """Whether a stage's output is there and finished, or was made and then discarded."""
+        return (done.exists() and (finished is None or finished(done))) or discarded(done).is_file()
 
     def discard(self, path: Path) -> None:
         """Replace the file ``path`` by ``path.discarded.json`` (its SHA-256 and size; written first, so an interrupted
