@@ -51,7 +51,7 @@ from xmark_bundle.experiments.protocol import published_parts  # noqa: E402
 from xmark_bundle.experiments.results import RESULTS_FORMAT, ResultsError, load_results, write_results  # noqa: E402
 from xmark_bundle.experiments.segmentation import SegmentationExperiment  # noqa: E402
 from xmark_bundle.experiments.segmentation import seed_record as segmentation_seed_record  # noqa: E402
-from xmark_bundle.experiments.stages import StageFailed, tree_commit  # noqa: E402
+from xmark_bundle.experiments.stages import MIN_FREE_GB, StageFailed, tree_commit  # noqa: E402
 
 
 def _print_summary(collected: dict, out: Path) -> None:
@@ -266,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--method", action="append", help="only this declared method (repeatable)")
     run.add_argument("--family", choices=FAMILIES, help="phantom family instead of the declared one (not published)")
     run.add_argument(
+        "--min-free-gb",
+        type=float,
+        default=MIN_FREE_GB,
+        help=f"stop before a stage when less disk is free under the output folder (default {MIN_FREE_GB:g}): a stage "
+        "that fills the disk leaves half-written output; the run resumes once there is room",
+    )
+    run.add_argument(
         "--discard-tuned-models",
         action="store_true",
         help="replace each fine-tuned or pruned model.pt by model.pt.discarded.json (SHA-256, size) once its "
@@ -304,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     start = time.perf_counter()
     try:
-        collected = run_experiment(experiment, ROOT, out, discard_tuned=args.discard_tuned_models)
+        collected = run_experiment(
+            experiment, ROOT, out, discard_tuned=args.discard_tuned_models, min_free_gb=args.min_free_gb
+        )
     except StageFailed as err:
         print(f"[{args.name}] {err}", file=sys.stderr)
         return 1

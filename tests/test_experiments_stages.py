@@ -241,3 +241,24 @@ def test_an_output_an_interrupted_run_left_runs_the_stage_again(tmp_path):
     assert log.read_text() == "ran\n"
     manifest.write_text("{torn")
     assert not _complete_release(manifest)
+
+
+def test_a_stage_does_not_start_on_a_disk_below_the_free_space_floor(tmp_path):
+    """A stage that fills the disk midway leaves half-written output: below ``min_free_gb`` the run stops before
+    the stage, naming it, the free space and the floor; nothing runs and nothing is recorded."""
+    import shutil
+
+    from xmark_bundle.experiments.stages import StageFailed, Stages
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cmd = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w')", str(out / "model")]
+    floor = shutil.disk_usage(out).free / 1e9 + 1000  # more than this disk has free
+    with pytest.raises(StageFailed) as stopped:
+        Stages(ROOT, out, "test", min_free_gb=floor).run("classifier", cmd, out / "model")
+    assert str(stopped.value).startswith("stage 'classifier' not started: ") and f"--min-free-gb {floor:g}" in str(
+        stopped.value
+    )
+    assert not (out / "model").exists() and not (out / "stage_commands.json").exists()
+    Stages(ROOT, out, "test", min_free_gb=0).run("classifier", cmd, out / "model")
+    assert (out / "model").is_file()

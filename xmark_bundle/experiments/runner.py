@@ -33,7 +33,7 @@ import numpy as np
 from xmark_bundle.experiments.figures import save_figures
 from xmark_bundle.experiments.plan import Experiment, Method
 from xmark_bundle.experiments.segmentation import SegmentationExperiment, run_segmentation
-from xmark_bundle.experiments.stages import Stages, bundle_cmd
+from xmark_bundle.experiments.stages import MIN_FREE_GB, Stages, bundle_cmd
 
 __all__ = ["PENDING", "run_experiment", "watermark_recipe"]
 
@@ -64,11 +64,17 @@ class _Run:
     """One run of ``experiment`` into ``out``."""
 
     def __init__(
-        self, experiment: Experiment, root: Path, out: Path, dry_run: bool = False, discard_tuned: bool = False
+        self,
+        experiment: Experiment,
+        root: Path,
+        out: Path,
+        dry_run: bool = False,
+        discard_tuned: bool = False,
+        min_free_gb: float = MIN_FREE_GB,
     ) -> None:
         self.x, self.root, self.out, self.dry_run = experiment, root, out, dry_run
         self.discard_tuned = discard_tuned  # fine-tuned and pruned models, once measured (Stages.discard)
-        self.stages = Stages(root, out, experiment.name, dry_run=dry_run)
+        self.stages = Stages(root, out, experiment.name, dry_run=dry_run, min_free_gb=min_free_gb)
         self.trained: dict[str, Path] = {}  # a watermark recipe (watermark_recipe) -> the checkpoint it made
         self.phantoms, self.models = out / "phantoms", out / "models"
         self.data = {"dataset_dir": self.phantoms, "datalist_file": self.phantoms / "datalist.json"}
@@ -438,6 +444,7 @@ def run_experiment(
     out: Path,
     dry_run: bool = False,
     discard_tuned: bool = False,
+    min_free_gb: float = MIN_FREE_GB,
 ) -> dict[str, Any]:
     """Run (or resume) every stage of ``experiment`` under ``out``; write and return ``collected.json`` (a
     segmentation declaration: :func:`~xmark_bundle.experiments.segmentation.run_segmentation`).
@@ -445,13 +452,14 @@ def run_experiment(
     ``dry_run``: print every stage and its command, run none, write nothing; the returned numbers are
     :data:`PENDING` where a stage has not run, and ``planned_stages`` lists (name, command) of those still to run.
     ``discard_tuned``: discard each fine-tuned and pruned model once its evaluation and verification are recorded
-    (:meth:`~xmark_bundle.experiments.stages.Stages.discard`; the numbers do not change)."""
+    (:meth:`~xmark_bundle.experiments.stages.Stages.discard`; the numbers do not change). ``min_free_gb``: stop
+    before a stage when less disk is free under ``out``."""
     if isinstance(experiment, SegmentationExperiment):
-        collected = run_segmentation(experiment, root, out, dry_run)
+        collected = run_segmentation(experiment, root, out, dry_run, min_free_gb)
         if not dry_run:
             save_figures(collected, out)
         return collected
-    run, x, roles = _Run(experiment, root, out, dry_run, discard_tuned), experiment, experiment.seed_roles
+    run, x, roles = _Run(experiment, root, out, dry_run, discard_tuned, min_free_gb), experiment, experiment.seed_roles
     run.make_data()
     surrogate = run.classifier("surrogate", run.models / "surrogate", run.phantoms, roles.surrogate, evaluate=True)
     independents = {seed: run.independent_owner(seed) for seed in roles.independent_owners}

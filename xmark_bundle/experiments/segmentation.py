@@ -75,7 +75,7 @@ from typing import Any
 from scipy import stats
 
 from xmark_bundle.experiments.protocol import MIN_REPLICATES, MIN_REPORT_SEED, ExperimentError, seed_list
-from xmark_bundle.experiments.stages import Stages, bundle_cmd
+from xmark_bundle.experiments.stages import MIN_FREE_GB, Stages, bundle_cmd
 
 __all__ = [
     "MIN_BENIGN",
@@ -375,9 +375,9 @@ def load_segmentation_experiment(path: Path, raw: Mapping[str, Any]) -> Segmenta
 class _SegRun:
     """One run of a segmentation experiment into ``out``."""
 
-    def __init__(self, x: SegmentationExperiment, root: Path, out: Path, dry_run: bool) -> None:
+    def __init__(self, x: SegmentationExperiment, root: Path, out: Path, dry_run: bool, min_free_gb: float) -> None:
         self.x, self.root, self.out, self.dry_run = x, root, out, dry_run
-        self.stages = Stages(root, out, x.name, dry_run=dry_run)
+        self.stages = Stages(root, out, x.name, dry_run=dry_run, min_free_gb=min_free_gb)
         self.phantoms, self.models = out / "phantoms", out / "models"
         self.data = {"dataset_dir": self.phantoms}
         #: false_accusations: every training's data carry burned-in markers on a seeded share of the images
@@ -533,10 +533,12 @@ def _qr(qr: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {"mode": qr.get("mode"), "decodes_owner": decodes, "agreement": agreement, "p_binomial": p_binomial}
 
 
-def run_segmentation(x: SegmentationExperiment, root: Path, out: Path, dry_run: bool = False) -> dict[str, Any]:
+def run_segmentation(
+    x: SegmentationExperiment, root: Path, out: Path, dry_run: bool = False, min_free_gb: float = MIN_FREE_GB
+) -> dict[str, Any]:
     """Run (or resume) every stage of ``x`` under ``out``; write and return ``collected.json`` (a dry run lists the
-    stages still to run under ``planned_stages`` and writes nothing)."""
-    run, roles = _SegRun(x, root, out, dry_run), x.roles
+    stages still to run under ``planned_stages`` and writes nothing; a stage starts only with ``min_free_gb`` free)."""
+    run, roles = _SegRun(x, root, out, dry_run, min_free_gb), x.roles
     run.make_data()
     collected: dict[str, Any] = {
         "task": SEGMENTATION,

@@ -32,6 +32,7 @@ import os
 import pkgutil
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -43,13 +44,25 @@ from typing import Any
 
 from xmark_bundle.fileio import sha256_file, write_json
 
-__all__ = ["StageChanged", "StageFailed", "Stages", "bundle_cmd", "discarded", "run_command", "tree_commit"]
+__all__ = [
+    "MIN_FREE_GB",
+    "StageChanged",
+    "StageFailed",
+    "Stages",
+    "bundle_cmd",
+    "discarded",
+    "run_command",
+    "tree_commit",
+]
 
 
 def discarded(path: Path) -> Path:
     """The record that stands for ``path`` once :meth:`Stages.discard` removed it (``NAME.discarded.json``)."""
     return path.with_name(path.name + ".discarded.json")
 
+
+#: Free space (GB) under the output folder below which a run stops before its next stage (``--min-free-gb``).
+MIN_FREE_GB = 2.0
 
 #: What :meth:`Stages.run_commits` counts for a stage done before its commit was recorded.
 UNRECORDED = "unrecorded"
@@ -123,8 +136,11 @@ def bundle_cmd(run_id: str, configs: Sequence[str], **overrides: object) -> list
 class Stages:
     """Runs the stages of one experiment from ``root`` (the bundle root), keeping their wall times under ``out``."""
 
-    def __init__(self, root: Path, out: Path, label: str, dry_run: bool = False) -> None:
+    def __init__(
+        self, root: Path, out: Path, label: str, dry_run: bool = False, min_free_gb: float = MIN_FREE_GB
+    ) -> None:
         self.root, self.out, self.label, self.dry_run = root, out, label, dry_run
+        self.min_free_gb = min_free_gb
         self.times_file = out / "stage_times.json"
         self.times: dict[str, float] = json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
         self.commits_file = out / "stage_commits.json"
@@ -228,6 +244,7 @@ class Stages:
                 self._check_done(name, cmd, done)
                 print(f"{prefix}: done by another runner ({self._where(done)})", flush=True)
                 return
+            self._check_free(name)
             if prepare is not None:
                 prepare()
             start, commit = time.perf_counter(), tree_commit(self.root)
@@ -237,6 +254,16 @@ class Stages:
             seconds = time.perf_counter() - start
             self._record(name, seconds, commit, cmd)
         print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+
+    def _check_free(self, name: str) -> None:
+        """Stop before ``name`` when the disk under the output folder has less than ``min_free_gb`` free: a stage
+        that runs out of space midway leaves half-written output, and other work (CI) may need the room."""
+        free = shutil.disk_usage(self.out).free / 1e9
+        if free < self.min_free_gb:
+            raise StageFailed(
+                f"stage '{name}' not started: {free:.1f} GB free under {self.out}, below --min-free-gb "
+                f"{self.min_free_gb:g}; free space (or lower the floor), then rerun to resume"
+            )
 
     @staticmethod
     def _done(done: Path, finished: Callable[[Path], bool] | None) -> bool:
