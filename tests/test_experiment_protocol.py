@@ -310,6 +310,7 @@ def test_tables_show_owners_spread_the_control_and_both_verdicts(calibrated, tmp
     assert cells["control ΔP"] == {"per_seed": [0.15, 0.2, 0.05, 0.1]} and cells["control p"]["per_seed"] == [0.9] * 4
     assert cells["Malicious verified"] == {"value": "4 of 4"}
     assert cells["Ind-W ΔP"]["per_seed"] == [0.1, 0.3] * 4 and cells["Ind-W verified"] == {"value": "4 of 8"}
+    assert cells["Ind-W verified by independent owner"] == {"value": "7: 0 of 4; 8: 4 of 4"}
     assert cells["false accusations"] == {"value": "1 of 4"}
     assert cells["false accusations by owner"] == {"value": "1: 1 of 2; 2: 0 of 2"}
     assert cells["surrogate and its seed (Ind-M) verified"] == {"value": "1 of 2"}  # not among the false accusations
@@ -318,6 +319,7 @@ def test_tables_show_owners_spread_the_control_and_both_verdicts(calibrated, tmp
         assert cells["Malicious calibrated p"] == {"per_seed": [0.05] * 4}
         assert cells["Malicious verified (calibrated)"] == {"value": "4 of 4"}
         assert cells["Ind-W verified (calibrated)"] == {"value": "0 of 8"}
+        assert cells["Ind-W verified by independent owner (calibrated)"] == {"value": "7: 0 of 4; 8: 0 of 4"}
         assert cells["false accusations (calibrated)"] == {"value": "1 of 4"}
         assert cells["false accusations by owner (calibrated)"] == {"value": "1: 1 of 2; 2: 0 of 2"}
         by_owner = cells["calibrated null by owner: KS p (n)"]["value"]  # benign models and the seed controls
@@ -328,6 +330,7 @@ def test_tables_show_owners_spread_the_control_and_both_verdicts(calibrated, tmp
         assert cells["reference-adjusted null by owner: KS p (n)"]["value"].endswith(" (2)")
     else:  # no calibrated block in the verifications: no calibrated column is filled
         assert not [column for column in cells if "calibrated" in column]
+        assert "Ind-W verified by independent owner (calibrated)" not in cells
     lines = plain_words(collected)
     assert sum("Ind-W (owner1/suspect_seed4)" in line for line in lines) == 2  # one per independent owner
     assert save_scenarios_figure(collected, tmp_path / "scenarios.png")

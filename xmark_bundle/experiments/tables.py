@@ -171,6 +171,8 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "Ind-W p",
         "Ind-W verified",
         "Ind-W verified (calibrated)",
+        "Ind-W verified by independent owner",
+        "Ind-W verified by independent owner (calibrated)",
         "Ind-M ΔP",
         "Ind-M p",
         "false accusations",
@@ -215,6 +217,7 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
                               lambda r: r["delta_p"])  # fmt: skip
             if owners:
                 cells["Malicious ΔP by owner"] = {"value": owners}
+            cells |= _ind_w_by_independent_owner(suspects)
             if first == 0:  # Ind-M is the method's, whatever the suspects: once per method
                 cells |= _ind_m_cells(method, benign_runs)
             keys = [key for key, s in method["suspects"].items() if str(s.get("variant", "")) == variant]
@@ -226,7 +229,10 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
         "(and owner). p: one-sided paired t-test of Pb + τ < Pv (τ 0.25), verified when p < 0.05; calibrated: the "
         "rank test of the owner's watermark against its family (where the verification has it); control: the "
         "suspect's ΔP and p for the control queries (a perturbation of the watermark's size without its structure); "
-        "specific: the control does not trigger the suspect and the watermark beats it by τ. False accusations: "
+        "specific: the control does not trigger the suspect and the watermark beats it by τ. Ind-W by independent "
+        "owner: every suspect meets the same independent owner's watermark, so one that happens to lift these "
+        "suspects more than its family does is counted once per suspect; the independent draws are the independent "
+        "owners, not the verifications. False accusations: "
         "benign models verified, with the Clopper-Pearson 95 % interval (several owners: owner x benign cells, which "
         "share models, so the interval is optimistic). The calibrated verdict's alpha holds over the owner's random "
         "draw from its family; by owner: each owner's own false accusations and the KS p of its own null p-values (a "
@@ -265,6 +271,25 @@ def _calibrated_cells(scenario: str, runs: list[Mapping[str, Any]]) -> dict[str,
     cells = {f"{scenario} verified (calibrated)": {"value": verified}}
     if scenario == "Malicious":
         cells["Malicious calibrated p"] = _seeds([r["calibrated"]["p_value"] for r in runs])
+    return cells
+
+
+def _ind_w_by_independent_owner(suspects: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Ind-W ``k of n`` per independent owner (margin, and calibrated where every run has it): each independent
+    owner's watermark meets every suspect, so its verdicts are not independent of each other. Empty with fewer than
+    two independent owners."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for suspect in suspects:
+        for key, run in suspect.get("ind_w_owners", {}).items():
+            groups.setdefault(key.removeprefix("independent_owner"), []).append(run)
+    if len(groups) < 2:
+        return {}
+    cells = {}
+    for verdict, column in (("margin", ""), ("calibrated", " (calibrated)")):
+        counts = {owner: _verified(runs, verdict) for owner, runs in groups.items()}
+        if all(count is not None for count in counts.values()):
+            value = "; ".join(f"{owner}: {count}" for owner, count in counts.items())
+            cells[f"Ind-W verified by independent owner{column}"] = {"value": value}
     return cells
 
 
