@@ -36,6 +36,7 @@ from xmark_bundle.experiments import (  # noqa: E402
 from xmark_bundle.experiments.conclusions import (  # noqa: E402
     ConclusionError,
     check_unchanged,
+    load_choices,
     load_conclusions,
     registered_hashes,
 )
@@ -181,7 +182,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
         raise LedgerError(experiment.source, refused)
     registered = docs / "experiments" / "conclusions.json"
     if registered.is_file():  # a broken or moved registration stops the publication before anything is written
-        _, conclusions = load_conclusions(registered)
+        conclusions = [*load_conclusions(registered)[1], *load_choices(registered)]
         for entry in read_ledger(ledger):
             check_unchanged(entry.get("conclusions", {}), conclusions, registered)
     all_tables = tables(collected)
@@ -212,7 +213,10 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
         load_results(folder / "results.json")
     sha256 = declaration_hash(experiment)
     names = published_parts(experiment.name, parts)
-    hashes = registered_hashes(*load_conclusions(registered), names) if registered.is_file() else {}
+    hashes = {}
+    if registered.is_file():
+        families, conclusions = load_conclusions(registered)
+        hashes = registered_hashes(families, [*conclusions, *load_choices(registered)], names)
     record(ledger, experiment.data_seed, experiment.name, sha256, commit, names, hashes)
     return subprocess.run([sys.executable, "scripts/experiments_page.py", "--docs", str(docs)], cwd=ROOT).returncode
 

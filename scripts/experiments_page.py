@@ -13,7 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `xmark_bund
 
 from xmark_bundle.experiments import ResultsError, read_all_results, render_page  # noqa: E402
 from xmark_bundle.experiments.citations import published_numbers, uncited_figures  # noqa: E402
-from xmark_bundle.experiments.conclusions import ConclusionError, load_conclusions, render_conclusions  # noqa: E402
+from xmark_bundle.experiments.conclusions import (  # noqa: E402
+    ConclusionError,
+    load_choices,
+    load_conclusions,
+    render_choices,
+    render_conclusions,
+)
 from xmark_bundle.experiments.ledger import LedgerError, read_ledger  # noqa: E402
 from xmark_bundle.fileio import atomic_path  # noqa: E402
 
@@ -41,7 +47,9 @@ def conclusions_section(docs: Path, all_results: list[dict]) -> list[str]:
     families, conclusions = load_conclusions(path)
     published = {results["name"]: results for results in all_results}
     ledger = read_ledger(docs / "experiments" / "ledger.json")
-    return render_conclusions(families, conclusions, published, ledger, path.relative_to(docs.parent))
+    where = path.relative_to(docs.parent)
+    lines = render_conclusions(families, conclusions, published, ledger, where)
+    return lines + render_choices(families, load_choices(path), published, ledger, where)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,17 @@ import pytest
 
 from xmark_bundle.experiments import load_experiment
 from xmark_bundle.experiments.conclusions import (
+    Choice,
     Conclusion,
     ConclusionError,
+    check_unchanged,
     evaluate,
+    evaluate_choice,
+    load_choices,
     load_conclusions,
+    pick,
+    registered_hashes,
+    render_choices,
     render_conclusions,
 )
 from xmark_bundle.experiments.ledger import read_ledger
@@ -192,3 +199,80 @@ def test_the_verdict_names_the_families_it_holds_on():
     published["table2_physical"] = _results("table2_physical", {"xmark": {"c": {"value": "3 of 3"}}})
     (line,) = render_conclusions(families, [conclusion], published, [], Path("c.json"))[-2:-1]
     assert line.endswith("| holds on both |") and line.count("after)") == 2
+
+
+def _choice(**rule) -> Choice:
+    base = {
+        "candidates": ["a", "b", "c"],
+        "requirements": [{"table": "table2", "cell": "fa", "measure": "share", "op": "<=", "than": 0.1}],
+        "rank_by": {"table": "table2", "cell": "power", "measure": "share"},
+    }
+    return Choice("pick", "Which method", {**base, **rule})
+
+
+def _family(rows: dict[str, tuple[str, str]], name: str) -> dict:
+    """A published table2: each candidate's (false accusations, power) counts."""
+    return _results(name, {c: {"fa": {"value": fa}, "power": {"value": p}} for c, (fa, p) in rows.items()})
+
+
+def test_a_choice_picks_the_best_smallest_family_score_among_candidates_that_meet_every_requirement():
+    families = {"classic": {"table2": "table2"}, "physical": {"table2": "table2_physical"}}
+    published = {
+        # a: 9/9 on classic but 4/9 on physical; b: 6/9 on both; c: the best power, but it accuses 2 of 10 on one
+        "table2": _family({"a": ("0 of 10", "9 of 9"), "b": ("1 of 10", "6 of 9"), "c": ("0 of 10", "9 of 9")}, "t"),
+        "table2_physical": _family(
+            {"a": ("0 of 10", "4 of 9"), "b": ("0 of 10", "6 of 9"), "c": ("2 of 10", "9 of 9")}, "t"
+        ),
+    }
+    choice = _choice()
+    per_family = {f: evaluate_choice(choice, tables, published) for f, tables in families.items()}
+    assert per_family["physical"]["c"]["failed"] == ["fa 0.2 not <= 0.1"]
+    assert pick(per_family) == (["b"], 6 / 9, [])
+    lines = render_choices(families, [choice], published, [], Path("c.json"))
+    assert "| c | 1 (meets every requirement) | 1 (fails: fa 0.2 not <= 0.1) |" in lines
+    assert any(line.startswith("Pick: **b** (smallest family score 0.667; registered after") for line in lines)
+
+    published["table2_physical"] = _family(
+        {"a": ("0 of 10", "6 of 9"), "b": ("0 of 10", "6 of 9"), "c": ("2 of 10", "9 of 9")}, "t"
+    )
+    per_family = {f: evaluate_choice(choice, tables, published) for f, tables in families.items()}
+    assert pick(per_family)[0] == ["a", "b"]  # a tie names both
+    del published["table2_physical"]  # a family not yet published: nothing is picked
+    per_family = {f: evaluate_choice(choice, tables, published) for f, tables in families.items()}
+    assert pick(per_family)[:2] == ([], None) and "physical: table2_physical not published" in pick(per_family)[2]
+    published["table2_physical"] = _family({"a": ("0 of 10", "6 of 9")}, "t")  # b and c are not in this table
+    per_family = {f: evaluate_choice(choice, tables, published) for f, tables in families.items()}
+    assert "physical: no 'fa' cell" in pick(per_family)[2]
+
+
+def test_the_registered_choice_ranks_clean_label_methods_and_cannot_move_once_published(tmp_path):
+    (choice,) = load_choices(REGISTERED)
+    candidates = set(choice.rule["candidates"])
+    assert candidates <= set(V2["methods"]) and not candidates & {"badnets", "blended", "wanet", "ubw_p"}
+    families, conclusions = load_conclusions(REGISTERED)
+    hashes = registered_hashes(families, [*conclusions, choice], ["table2_physical"])
+    assert hashes[choice.id] == choice.sha256  # recorded with the first publication of what it reads
+    moved = Choice(choice.id, choice.statement, {**choice.rule, "candidates": sorted(candidates - {"sscl_bw"})})
+    with pytest.raises(ConclusionError, match=f"'{choice.id}' changed after the results it reads"):
+        check_unchanged(hashes, [*conclusions, moved], REGISTERED)
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        ({"candidates": ["a"]}, "needs >= 2 'candidates'"),
+        ({"rank_by": {"table": "table2", "cell": "power"}}, "needs 'rank_by'"),
+        ({"requirements": [{"table": "table9", "cell": "fa", "measure": "share", "op": "<=", "than": 0.1}]}, "table9"),
+        (
+            {"requirements": [{"table": "table2", "cell": "fa", "measure": "share", "op": "<=", "than": {"row": "a"}}]},
+            "'than' must be a number",
+        ),
+    ],
+)
+def test_a_bad_choice_is_refused_by_name(tmp_path, rule, problem):
+    path = tmp_path / "conclusions.json"
+    raw = {"format": 1, "families": {"classic": {"table2": "table2"}}, "conclusions": []}
+    raw["choices"] = [{"id": "pick", "statement": "s", "rule": {**_choice().rule, **rule}}]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConclusionError, match=problem):
+        load_choices(path)

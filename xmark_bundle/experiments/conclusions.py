@@ -13,6 +13,10 @@ A claim must not move once its numbers are known. When a declaration is first pu
 hash of every conclusion that reads one of its parts (:func:`registered_hashes`); the page then marks each verdict
 *registered before the results*, or *registered after them* (a conclusion added later, or reading a legacy table),
 and refuses a conclusion whose claim changed after the results it reads were published: that needs a new id.
+
+A choice (``choices`` in the same file) is a rule registered the same way that picks a method for a data owner: the
+candidates that meet every requirement (a claim on the candidate's own row) on every family, ranked by the smallest
+of their families' scores (a measure of one cell); the page shows each candidate on each family and the pick.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ from typing import Any
 
 __all__ = [
     "Conclusion",
+    "Choice",
     "ConclusionError",
     "check_unchanged",
     "evaluate",
+    "evaluate_choice",
+    "load_choices",
     "load_conclusions",
+    "pick",
     "registered_hashes",
+    "render_choices",
     "render_conclusions",
 ]
 
@@ -67,6 +76,33 @@ class Conclusion:
         """Hash of the statement and the claim: what may not change once the results it reads are published."""
         canonical = json.dumps({"statement": self.statement, "claim": self.claim}, sort_keys=True)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The tables (a family's names for them) the claim reads."""
+        return (self.claim["table"],)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A registered rule that picks a method: ``candidates`` (rows), ``requirements`` (claims without a row, each
+    read on the candidate's row), ``rank_by`` (``table``, ``cell``, ``measure``: higher is better)."""
+
+    id: str
+    statement: str
+    rule: Mapping[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the statement and the rule: what may not change once the results it reads are published."""
+        canonical = json.dumps({"statement": self.statement, "rule": self.rule}, sort_keys=True)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """The tables (a family's names for them) the rule reads."""
+        names = [r["table"] for r in self.rule["requirements"]] + [self.rule["rank_by"]["table"]]
+        return tuple(dict.fromkeys(names))
 
 
 def _check_claim(path: Path, cid: str, claim: Mapping[str, Any]) -> None:
@@ -110,6 +146,41 @@ def load_conclusions(path: str | os.PathLike) -> tuple[dict[str, dict[str, str]]
                 )
         conclusions.append(Conclusion(cid, entry["statement"], dict(entry["claim"])))
     return {name: dict(tables) for name, tables in families.items()}, conclusions
+
+
+def load_choices(path: str | os.PathLike) -> list[Choice]:
+    """The choices of a conclusions file (none where it declares none); every table they read must be a family's."""
+    path = Path(path)
+    families, conclusions = load_conclusions(path)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    choices, seen = [], {c.id for c in conclusions}
+    for entry in raw.get("choices", []):
+        cid, rule = entry.get("id"), entry.get("rule")
+        if not isinstance(cid, str) or not cid or cid in seen:
+            raise ConclusionError(path, f"every choice needs an id unique among conclusions and choices, got {cid!r}")
+        seen.add(cid)
+        if not isinstance(entry.get("statement"), str) or not isinstance(rule, Mapping):
+            raise ConclusionError(path, f"choice {cid!r} needs a 'statement' and a 'rule'")
+        candidates, requirements, rank_by = rule.get("candidates"), rule.get("requirements"), rule.get("rank_by")
+        if not isinstance(candidates, list) or len(candidates) < 2 or not isinstance(requirements, list):
+            raise ConclusionError(path, f"choice {cid!r} needs >= 2 'candidates' and a list of 'requirements'")
+        if not isinstance(rank_by, Mapping) or {"table", "cell", "measure"} - set(rank_by):
+            raise ConclusionError(path, f"choice {cid!r} needs 'rank_by': {{table, cell, measure}}")
+        if not isinstance(rule.get("registered", ""), str):
+            raise ConclusionError(path, f"choice {cid!r}: 'registered' must be a text")
+        if rank_by["measure"] not in MEASURES:
+            raise ConclusionError(path, f"choice {cid!r}: rank_by's measure must be one of {MEASURES}")
+        for requirement in requirements:
+            _check_claim(path, cid, {"row": None, **requirement})
+            if not isinstance(requirement["than"], (int, float)):
+                raise ConclusionError(path, f"choice {cid!r}: a requirement's 'than' must be a number")
+        choice = Choice(cid, entry["statement"], dict(rule))
+        for tables in families.values():
+            unknown = [table for table in choice.tables if table not in tables]
+            if unknown:
+                raise ConclusionError(path, f"choice {cid!r} reads {unknown}, which a family does not name")
+        choices.append(choice)
+    return choices
 
 
 def _row(table: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
@@ -167,15 +238,63 @@ def evaluate(conclusion: Conclusion, results: Mapping[str, Any] | None) -> dict[
     }
 
 
+def evaluate_choice(
+    choice: Choice, family_tables: Mapping[str, str], published: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Each candidate on one family: ``score`` (the rank_by measure), ``failed`` (the requirements it misses, in
+    words) and ``missing`` (what could not be read: an unpublished part, a cell the table lacks)."""
+    outcomes = {}
+    for candidate in choice.rule["candidates"]:
+        failed, missing = [], []
+        for requirement in choice.rule["requirements"]:
+            results = published.get(family_tables[requirement["table"]])
+            if results is None:
+                missing.append(f"{family_tables[requirement['table']]} not published")
+                continue
+            value = _measure(results["tables"], candidate, requirement["cell"], requirement["measure"])
+            if value is None:
+                missing.append(f"no '{requirement['cell']}' cell")
+            elif not OPS[requirement["op"]](value, requirement["than"]):
+                failed.append(f"{requirement['cell']} {value:.3g} not {requirement['op']} {requirement['than']:g}")
+        rank_by = choice.rule["rank_by"]
+        results = published.get(family_tables[rank_by["table"]])
+        score = None if results is None else _measure(results["tables"], candidate, rank_by["cell"], rank_by["measure"])
+        if results is None:
+            missing.append(f"{family_tables[rank_by['table']]} not published")
+        elif score is None:
+            missing.append(f"no '{rank_by['cell']}' cell")
+        outcomes[candidate] = {"score": score, "failed": failed, "missing": list(dict.fromkeys(missing))}
+    return outcomes
+
+
+def pick(per_family: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> tuple[list[str], float | None, list[str]]:
+    """The candidates with the highest smallest-over-families score among those that meet every requirement on
+    every family (ties: all of them), that score, and what is still missing (then nothing is picked)."""
+    missing = sorted({f"{family}: {m}" for family, o in per_family.items() for c in o.values() for m in c["missing"]})
+    if missing:
+        return [], None, missing
+    candidates = next(iter(per_family.values())).keys()
+    eligible = {
+        c: min(o[c]["score"] for o in per_family.values())
+        for c in candidates
+        if not any(o[c]["failed"] for o in per_family.values())
+    }
+    if not eligible:
+        return [], None, []
+    best = max(eligible.values())
+    return [c for c, score in eligible.items() if score == best], best, []
+
+
 def registered_hashes(
-    families: Mapping[str, Mapping[str, str]], conclusions: Sequence[Conclusion], parts: Sequence[str]
+    families: Mapping[str, Mapping[str, str]], conclusions: Sequence[Conclusion | Choice], parts: Sequence[str]
 ) -> dict[str, str]:
-    """{id: sha256} of the conclusions that read one of ``parts`` (recorded in the ledger at first publication)."""
-    read = {c.id: c for c in conclusions for tables in families.values() if tables[c.claim["table"]] in parts}
+    """{id: sha256} of the conclusions and choices that read one of ``parts`` (recorded in the ledger at first
+    publication)."""
+    read = {c.id: c for c in conclusions for tables in families.values() if any(tables[t] in parts for t in c.tables)}
     return {cid: c.sha256 for cid, c in sorted(read.items())}
 
 
-def check_unchanged(recorded: Mapping[str, str], conclusions: Sequence[Conclusion], path: Path) -> None:
+def check_unchanged(recorded: Mapping[str, str], conclusions: Sequence[Conclusion | Choice], path: Path) -> None:
     """Refuse (:class:`ConclusionError`) when a conclusion the ledger recorded has changed or gone."""
     current = {c.id: c.sha256 for c in conclusions}
     for cid, sha256 in recorded.items():
@@ -188,7 +307,9 @@ def check_unchanged(recorded: Mapping[str, str], conclusions: Sequence[Conclusio
             )
 
 
-def _registration(conclusion: Conclusion, part: str, ledger: Sequence[Mapping[str, Any]], seed: int, path: Path) -> str:
+def _registration(
+    conclusion: Conclusion | Choice, part: str, ledger: Sequence[Mapping[str, Any]], seed: int, path: Path
+) -> str:
     """ "before" when the ledger's first publication of ``part`` on ``seed`` recorded this very claim, "after" when it
     did not record it; a :class:`ConclusionError` when it recorded another claim under this id."""
     for entry in ledger:
@@ -260,3 +381,56 @@ def render_conclusions(
         text = f"{measure} of {claim['row']}'s {claim['cell']} ({claim['table']}) {claim['op']} {right}"
         lines.append(f"| {conclusion.statement} | {text} | " + " | ".join(cells) + f" | {_phrase(per_family)} |")
     return [*lines, ""]
+
+
+def render_choices(
+    families: Mapping[str, Mapping[str, str]],
+    choices: Sequence[Choice],
+    published: Mapping[str, Mapping[str, Any]],
+    ledger: Sequence[Mapping[str, Any]],
+    path: Path,
+) -> list[str]:
+    """The page's section per choice: the rule in words, each candidate on each family, and the pick."""
+    names, lines = list(families), []
+    for choice in choices:
+        rule, per_family = choice.rule, {}
+        for family in names:
+            per_family[family] = evaluate_choice(choice, families[family], published)
+        rank_by = rule["rank_by"]
+        needs = "; ".join(
+            f"{MEASURE_WORDS.get(r['measure'], r['measure'])} of {r['cell']} ({r['table']}) {r['op']} {r['than']:g}"
+            for r in rule["requirements"]
+        )
+        lines += [
+            f"### {choice.statement}",
+            "",
+            f"Rule `{choice.id}` (registered in `{path.as_posix()}`): among {', '.join(rule['candidates'])}, those "
+            f"that meet, on every family, {needs or 'no requirement'}; ranked by the smaller of their families' "
+            f"{MEASURE_WORDS.get(rank_by['measure'], rank_by['measure'])} of {rank_by['cell']} ({rank_by['table']}).",
+            "",
+            *([f"Registered: {rule['registered']}", ""] if rule.get("registered") else []),
+            "| candidate | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for candidate in rule["candidates"]:
+            cells = []
+            for family in names:
+                outcome = per_family[family][candidate]
+                if outcome["missing"]:
+                    cells.append("not decided: " + "; ".join(outcome["missing"]))
+                    continue
+                verdict = "fails: " + "; ".join(outcome["failed"]) if outcome["failed"] else "meets every requirement"
+                cells.append(f"{outcome['score']:.3g} ({verdict})")
+            lines.append(f"| {candidate} | " + " | ".join(cells) + " |")
+        picked, score, missing = pick(per_family)
+        if missing:
+            outcome = f"not yet decided ({'; '.join(missing[:3])}{'; ...' if len(missing) > 3 else ''})"
+        elif not picked:
+            outcome = "no candidate meets every requirement on every family"
+        else:
+            part = families[names[0]][rank_by["table"]]
+            seed = published[part]["seeds"]["report"]
+            when = _registration(choice, part, ledger, seed, path)
+            outcome = f"**{', '.join(picked)}** (smallest family score {score:.3g}; registered {when} the results)"
+        lines += ["", f"Pick: {outcome}.", ""]
+    return lines
