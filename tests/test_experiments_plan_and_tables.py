@@ -1,5 +1,6 @@
 """Experiment declarations (checked on load) and the tables made from collected numbers."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -8,7 +9,13 @@ from PIL import Image
 from scipy import stats
 
 from xmark_bundle.experiments import ExperimentError, false_accusations, load_experiment, plain_words, tables
-from xmark_bundle.experiments.figures import save_detectability_figure, save_figures, save_scenarios_figure
+from xmark_bundle.experiments.figures import (
+    _removal_points,
+    save_detectability_figure,
+    save_figures,
+    save_removal_figure,
+    save_scenarios_figure,
+)
 from xmark_bundle.experiments.page import render_page
 from xmark_bundle.experiments.runner import watermark_recipe
 from xmark_bundle.experiments.tables import kind_label, removal_table
@@ -248,6 +255,20 @@ def test_removal_gets_a_table_row_per_attack_and_a_figure_beside_it(tmp_path):
     # which epoch each fine-tuning kept; a pruned model was not trained
     assert fine_pruned["kept epoch"] == {"per_seed": [1, 1]}
     assert "kept epoch" not in rows["xmark, pruned 50%, not fine-tuned"]
+    assert "verified (calibrated)" not in fine_pruned  # no family: the margin test only
+    # with the owner's family, each row also counts the calibrated verdict (the product's lead verdict)
+    calibrated = copy.deepcopy(collected)
+    for s in calibrated["methods"]["xmark"]["suspects"].values():
+        for i, run in enumerate([s["malicious"], *s["removal"].values()]):
+            run["calibrated"] = {"p_value": 0.05 if i % 2 == 0 else 0.4, "owned": i % 2 == 0}
+    rows = {row["label"]: row["cells"] for row in removal_table(calibrated)["rows"]}
+    assert rows["xmark, as trained"]["verified (calibrated)"] == {"value": "2 of 2"}
+    assert rows["xmark, fine-tuned head, best of 1 epochs"]["calibrated p"] == {"per_seed": [0.4, 0.4]}
+    assert rows["xmark, fine-tuned head, best of 1 epochs"]["verified (calibrated)"] == {"value": "0 of 2"}
+    # and the figure fills a dot by that verdict: the head fine-tuning is verified by the margin test only
+    suspects = list(calibrated["methods"]["xmark"]["suspects"].values())
+    assert [point[3] for point in _removal_points(suspects, "head", "epochs")] == [True, True, False, False]
+    assert save_removal_figure(calibrated, tmp_path / "calibrated.png")
     # a fine-tuning that kept its last epoch says so
     last = {**tuned("full", 1, True), "kept_checkpoint": "last"}
     kept_last = {"methods": {"xmark": {"suspects": {"s": {**suspect(True), "removal": {"full_1": last}}}}}}

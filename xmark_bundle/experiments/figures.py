@@ -187,10 +187,16 @@ def _removal_points(suspects: list[Mapping[str, Any]], mode: str, x_key: str) ->
     if mode == "fine-pruned":
         same = {run["epochs"] for run in runs}
         start = [r for s in suspects for r in s["removal"].values() if r["mode"] == "full" and r["epochs"] in same]
-        points = [(0.0, r["wsr"], r["mean_ba"], bool(r["owned"])) for r in start]
+        points = [(0.0, r["wsr"], r["mean_ba"], _lead_verdict(r)) for r in start]
     else:
-        points = [(0.0, s["malicious"]["wsr"], s["mean_ba"], bool(s["malicious"]["owned"])) for s in suspects]
-    return points + [(float(run[x_key]), run["wsr"], run["mean_ba"], bool(run["owned"])) for run in runs]
+        points = [(0.0, s["malicious"]["wsr"], s["mean_ba"], _lead_verdict(s["malicious"])) for s in suspects]
+    return points + [(float(run[x_key]), run["wsr"], run["mean_ba"], _lead_verdict(run)) for run in runs]
+
+
+def _lead_verdict(run: Mapping[str, Any]) -> bool:
+    """The calibrated verdict where the verification has it (the product's lead verdict), else the margin test's."""
+    calibrated = run.get("calibrated")
+    return bool(calibrated["owned"]) if isinstance(calibrated, Mapping) else bool(run["owned"])
 
 
 def save_removal_figure(collected: Mapping[str, Any], path: str | os.PathLike) -> bool:
@@ -232,7 +238,14 @@ def save_removal_figure(collected: Mapping[str, Any], path: str | os.PathLike) -
     axes[1][0].set_ylabel("clean BA")
     axes[0][0].set_ylim(-0.05, 1.05)
     figure.legend(loc="outside right upper", fontsize=8)
-    title = "Removal: a dot per suspect seed (filled = still verified), lines through the mean"
+    calibrated = any(
+        isinstance(run.get("calibrated"), Mapping)
+        for ss in methods.values()
+        for s in ss
+        for run in s["removal"].values()
+    )
+    verdict = "verified by the calibrated verdict where a family exists" if calibrated else "still verified"
+    title = f"Removal: a dot per suspect seed (filled = {verdict}), lines through the mean"
     figure.suptitle(title, fontsize=10, wrap=True)
     _save(figure, path)
     return True

@@ -382,6 +382,7 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
                     "WSR at 0.5": _seeds([s["malicious"]["wsr"] for s in original]),
                     "Malicious p": _seeds([s["malicious"]["p_value"] for s in original]),
                     "verified": {"value": f"{sum(bool(s['malicious']['owned']) for s in original)} of {len(original)}"},
+                    **_calibrated_removal_cells([s["malicious"] for s in original]),
                 },
             }
         )
@@ -395,20 +396,41 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
                         "WSR at 0.5": _seeds([r["wsr"] for r in runs]),
                         "Malicious p": _seeds([r["p_value"] for r in runs]),
                         "verified": {"value": f"{sum(bool(r['owned']) for r in runs)} of {len(runs)}"},
+                        **_calibrated_removal_cells(runs),
                     }
                     | ({"kept epoch": _seeds([r["kept_epoch"] for r in runs])} if "kept_epoch" in runs[0] else {}),
                 }
             )
     return {
         "title": "Removal: the malicious suspects fine-tuned or pruned on a clean share of the training split",
-        "columns": ["BA", "WSR at 0.5", "Malicious p", "verified", "kept epoch"],
+        "columns": [
+            "BA",
+            "WSR at 0.5",
+            "Malicious p",
+            "verified",
+            "calibrated p",
+            "verified (calibrated)",
+            "kept epoch",
+        ],
         "rows": rows,
         "notes": "head: the last linear layer only; full: every layer; pruned: the share of penultimate units (the "
         "last convolutional stage's pooled output) least active on the clean share removed; fine-pruned: pruned, "
         "then every layer fine-tuned with them kept removed. 'best of N epochs': the fine-tuning keeps the epoch with "
         "the best mean AUROC on the clean validation split (the bundle's training recipe, what a data user running it "
         "gets); 'N epochs': it keeps the last (removal kept_checkpoint 'last'); kept epoch per seed. Cells per "
-        "suspect seed.",
+        "suspect seed. verified: the paper's margin t-test; calibrated: the rank of the owner's watermark among its "
+        "family (where the watermark has one).",
+    }
+
+
+def _calibrated_removal_cells(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The calibrated verdict's p per suspect and its count, where every verification has the block."""
+    verified = _verified(runs, "calibrated")
+    if verified is None:
+        return {}
+    return {
+        "calibrated p": _seeds([r["calibrated"]["p_value"] for r in runs]),
+        "verified (calibrated)": {"value": verified},
     }
 
 
