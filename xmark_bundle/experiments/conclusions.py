@@ -63,6 +63,11 @@ class ConclusionError(ValueError):
         super().__init__(f"{os.fspath(path)}: {problem}")
 
 
+def _registered_hash(fields: Mapping[str, Any]) -> str:
+    """SHA-256 of ``fields`` as canonical JSON (sorted keys): the ledger's record of a registered claim or rule."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 @dataclass(frozen=True)
 class Conclusion:
     """One registered statement and the claim that decides it on a family's published table."""
@@ -74,8 +79,7 @@ class Conclusion:
     @property
     def sha256(self) -> str:
         """Hash of the statement and the claim: what may not change once the results it reads are published."""
-        canonical = json.dumps({"statement": self.statement, "claim": self.claim}, sort_keys=True)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return _registered_hash({"statement": self.statement, "claim": self.claim})
 
     @property
     def tables(self) -> tuple[str, ...]:
@@ -95,8 +99,7 @@ class Choice:
     @property
     def sha256(self) -> str:
         """Hash of the statement and the rule: what may not change once the results it reads are published."""
-        canonical = json.dumps({"statement": self.statement, "rule": self.rule}, sort_keys=True)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return _registered_hash({"statement": self.statement, "rule": self.rule})
 
     @property
     def tables(self) -> tuple[str, ...]:
