@@ -47,17 +47,48 @@ def _claim(**kwargs) -> Conclusion:
     return Conclusion("x", "statement", claim)
 
 
+def _declared_rows(name: str) -> set[str]:
+    """The row labels the tables give declaration ``name``: its methods, the benign row, and with ``removal`` each
+    method's removal rows (as the removal table names them)."""
+    from xmark_bundle.experiments.tables import _removal_label
+
+    raw = json.loads((ROOT / "configs" / "experiments" / f"{name}.json").read_text())
+    removal, methods = raw.get("removal", {}), set(raw["methods"])
+    kept = removal.get("kept_checkpoint", "best")
+    runs = [
+        {"mode": m, "epochs": e, "kept_checkpoint": kept}
+        for m in ("head", "full")
+        for e in removal.get(f"{m}_epochs", [])
+    ]
+    for rate in removal.get("prune_rates", []):
+        runs += [{"mode": "pruned", "epochs": 0, "rate": rate}]
+        runs += [
+            {"mode": "fine-pruned", "epochs": removal.get("prune_epochs", 2), "rate": rate, "kept_checkpoint": kept}
+        ]
+    labels = {f"{m}, {_removal_label(r)}" for m in methods for r in runs} | {f"{m}, as trained" for m in methods}
+    return methods | {"benign models (clean data)"} | (labels if removal else set())
+
+
 def test_the_registered_conclusions_read_the_declared_methods_on_both_families():
     families, conclusions = load_conclusions(REGISTERED)
     assert set(families) == {"classic", "physical"}
-    rows = set(V2["methods"]) | {"benign models (clean data)"}
+    declarations = ("comparison_v2", "comparison_v2_physical", "removal_v2", "pruning_v2", "ablation_v2")
+    publishing = {}  # published part -> the declaration that publishes it
+    for name in declarations:
+        publishing |= dict.fromkeys(
+            json.loads((ROOT / "configs/experiments" / f"{name}.json").read_text())["publish"], name
+        )
     for conclusion in conclusions:
-        assert conclusion.claim["row"] in rows, conclusion.id
-        than = conclusion.claim["than"]
-        assert isinstance(than, (int, float)) or than["row"] in rows, conclusion.id
+        for family, tables in families.items():
+            if not conclusion.reads(family):
+                continue
+            rows = _declared_rows(publishing[tables[conclusion.claim["table"]]])
+            assert conclusion.claim["row"] in rows, (conclusion.id, family)
+            than = conclusion.claim["than"]
+            assert isinstance(than, (int, float)) or than["row"] in rows, (conclusion.id, family)
     physical = json.loads((ROOT / "configs" / "experiments" / "comparison_v2_physical.json").read_text())
     assert set(families["physical"].values()) <= set(physical["publish"])  # the physical run publishes what is read
-    assert set(families["classic"].values()) <= set(V2["publish"])
+    assert set(families["classic"].values()) <= set(publishing)  # comparison, removal, pruning and ablation parts
 
 
 @pytest.mark.parametrize(
@@ -276,3 +307,26 @@ def test_a_bad_choice_is_refused_by_name(tmp_path, rule, problem):
     path.write_text(json.dumps(raw))
     with pytest.raises(ConclusionError, match=problem):
         load_choices(path)
+
+
+def test_a_claim_limited_to_one_family_is_decided_there_only(tmp_path):
+    """Removal, pruning and the ablation run on the classic family only: such a claim names its families, is not
+    asked of the other family (which need not name its table), and its ledger hash comes with the classic part."""
+    families = {"classic": {"table2": "table2", "removal": "removal"}, "physical": {"table2": "table2_physical"}}
+    claim = {**_claim().claim, "table": "removal", "families": ["classic"]}
+    conclusion = Conclusion("r", "s", claim)
+    published = {"removal": _results("removal", {"xmark": {"c": {"value": "2 of 3"}}})}
+    (line,) = render_conclusions(families, [conclusion], published, [], Path("c.json"))[-2:-1]
+    assert "| not run on this family |" in line and line.endswith("| holds on classic (the only family it reads) |")
+    assert registered_hashes(families, [conclusion], ["removal"]) == {"r": conclusion.sha256}
+    assert registered_hashes(families, [conclusion], ["table2_physical"]) == {}
+    path = tmp_path / "conclusions.json"
+    raw = {"format": 1, "families": families, "conclusions": [{"id": "r", "statement": "s", "claim": claim}]}
+    path.write_text(json.dumps(raw))
+    assert load_conclusions(path)[1] == [conclusion]
+    for bad, problem in ((["lab"], "names families \\['lab'\\]"), ([], "non-empty list"), (None, "reads table")):
+        limited = {**claim, "families": bad} if bad is not None else {k: v for k, v in claim.items() if k != "families"}
+        raw["conclusions"] = [{"id": "r", "statement": "s", "claim": limited}]
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ConclusionError, match=problem):
+            load_conclusions(path)

@@ -3,11 +3,12 @@ phantom family: holds on both, on one, on neither.
 
 A conclusion is a plain statement and one claim on a published table cell: ``{"table": "table2", "row": "xmark",
 "cell": "Malicious verified (calibrated)", "measure": "share", "op": ">=", "than": 0.5}``; ``than`` is a number or
-another cell ``{"row": ..., "cell": ..., "plus": ...}`` of the same table (``plus``, default 0, added to it).
-Measures: ``share`` (k / n of a "k of n" cell), ``mean`` (of a cell's per-seed values) and ``number`` (the first
-number of a cell's text, e.g. a KS p "0.42 (66)"); for a by-owner cell ("201: 0 of 22; 202: 4 of 22"), ``max_share``
-(the largest owner's k / n) and ``min_number`` (the smallest owner's first number, e.g. of "201: 0.28 (22); ..."):
-a claim on every owner at once.
+another cell ``{"row": ..., "cell": ..., "plus": ...}`` of the same table (``plus``, default 0, added to it). An
+optional ``"families": [...]`` limits a claim to the families that publish its table (removal, pruning and the
+ablation run on the classic family only). Measures: ``share`` (k / n of a "k of n" cell), ``mean`` (of a cell's
+per-seed values) and ``number`` (the first number of a cell's text, e.g. a KS p "0.42 (66)"); for a by-owner cell
+("201: 0 of 22; 202: 4 of 22"), ``max_share`` (the largest owner's k / n) and ``min_number`` (the smallest owner's
+first number, e.g. of "201: 0.28 (22); ..."): a claim on every owner at once.
 
 A claim must not move once its numbers are known. When a declaration is first published, the ledger records the
 hash of every conclusion that reads one of its parts (:func:`registered_hashes`); the page then marks each verdict
@@ -86,6 +87,10 @@ class Conclusion:
         """The tables (a family's names for them) the claim reads."""
         return (self.claim["table"],)
 
+    def reads(self, family: str) -> bool:
+        """Whether the claim is decided on ``family`` (every family, unless the claim names its ``families``)."""
+        return family in self.claim.get("families", (family,))
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -119,6 +124,9 @@ def _check_claim(path: Path, cid: str, claim: Mapping[str, Any]) -> None:
     than = claim["than"]
     if not (isinstance(than, (int, float)) or (isinstance(than, Mapping) and {"row", "cell"} <= set(than))):
         raise ConclusionError(path, f"conclusion {cid!r}: 'than' must be a number or {{'row': ..., 'cell': ...}}")
+    limited = claim.get("families", [""])
+    if not isinstance(limited, list) or not limited or not all(isinstance(f, str) for f in limited):
+        raise ConclusionError(path, f"conclusion {cid!r}: 'families' must be a non-empty list of family names")
 
 
 def load_conclusions(path: str | os.PathLike) -> tuple[dict[str, dict[str, str]], list[Conclusion]]:
@@ -142,12 +150,16 @@ def load_conclusions(path: str | os.PathLike) -> tuple[dict[str, dict[str, str]]
         if not isinstance(entry.get("statement"), str) or not isinstance(entry.get("claim"), Mapping):
             raise ConclusionError(path, f"conclusion {cid!r} needs a 'statement' and a 'claim'")
         _check_claim(path, cid, entry["claim"])
-        for tables in families.values():
-            if entry["claim"]["table"] not in tables:
+        conclusion = Conclusion(cid, entry["statement"], dict(entry["claim"]))
+        unknown = sorted(set(conclusion.claim.get("families", [])) - set(families))
+        if unknown:
+            raise ConclusionError(path, f"conclusion {cid!r} names families {unknown}, which the file does not declare")
+        for family, tables in families.items():
+            if conclusion.reads(family) and conclusion.claim["table"] not in tables:
                 raise ConclusionError(
-                    path, f"conclusion {cid!r} reads table {entry['claim']['table']!r}, which a family does not name"
+                    path, f"conclusion {cid!r} reads table {entry['claim']['table']!r}, which {family} does not name"
                 )
-        conclusions.append(Conclusion(cid, entry["statement"], dict(entry["claim"])))
+        conclusions.append(conclusion)
     return {name: dict(tables) for name, tables in families.items()}, conclusions
 
 
@@ -293,7 +305,12 @@ def registered_hashes(
 ) -> dict[str, str]:
     """{id: sha256} of the conclusions and choices that read one of ``parts`` (recorded in the ledger at first
     publication)."""
-    read = {c.id: c for c in conclusions for tables in families.values() if any(tables[t] in parts for t in c.tables)}
+    read = {
+        c.id: c
+        for c in conclusions
+        for family, tables in families.items()
+        if (not isinstance(c, Conclusion) or c.reads(family)) and any(tables[t] in parts for t in c.tables)
+    }
     return {cid: c.sha256 for cid, c in sorted(read.items())}
 
 
@@ -337,6 +354,9 @@ def _phrase(per_family: Mapping[str, Mapping[str, Any]]) -> str:
     if missing:
         decided = f"holds on {', '.join(holds)}; " if holds else ""
         return f"{decided}not yet decided ({'; '.join(missing)})"
+    if len(per_family) == 1:
+        (family,) = per_family
+        return f"holds on {family} (the only family it reads)" if holds else f"does not hold on {family}"
     if len(holds) == len(per_family):
         return "holds on both" if len(per_family) == 2 else "holds on all"
     return f"holds on {', '.join(holds)} only" if holds else "holds on neither"
@@ -364,6 +384,9 @@ def render_conclusions(
     for conclusion in conclusions:
         claim, per_family, cells = conclusion.claim, {}, []
         for family in names:
+            if not conclusion.reads(family):
+                cells.append("not run on this family")
+                continue
             part = families[family][claim["table"]]
             outcome = evaluate(conclusion, published.get(part))
             per_family[family] = outcome
