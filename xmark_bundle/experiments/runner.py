@@ -200,18 +200,18 @@ class _Run:
             for epochs in spec.get(f"{mode}_epochs", []):
                 folder = self._fine_tuned(method, suspect, f"{mode}_{epochs}", mode, epochs, recipe)
                 results[f"{mode}_{epochs}"] = measured(folder, mode, epochs)
-                self._measured_model(folder)
+                self._discard_measured(folder)
         for rate in map(float, spec.get("prune_rates", [])):
             pruned = self.pruned(method, suspect, rate, recipe)
             results[f"pruned_{rate:g}"] = measured(pruned, "pruned", 0, rate=rate)
             epochs = spec.get("prune_epochs", 2)
             folder = self._fine_tuned(method, pruned, str(epochs), "fine-pruned", epochs, recipe)
             results[f"fine_pruned_{rate:g}"] = measured(folder, "fine-pruned", epochs, rate=rate)
-            self._measured_model(folder)
-            self._measured_model(pruned)  # after its fine-pruning, which starts from it
+            self._discard_measured(folder)
+            self._discard_measured(pruned)  # after its fine-pruning, which starts from it
         return results
 
-    def _measured_model(self, folder: Path) -> None:
+    def _discard_measured(self, folder: Path) -> None:
         """Discard the model of a fine-tuned or pruned ``folder`` whose evaluation and verification are recorded,
         when the run was asked to (``--discard-tuned-models``): each is 45 MB and nothing else reads it."""
         if self.discard_tuned:
