@@ -33,6 +33,7 @@ from xmark_bundle.experiments import (  # noqa: E402
     run_experiment,
     tables,
 )
+from xmark_bundle.experiments.compaction import compact_releases  # noqa: E402
 from xmark_bundle.experiments.conclusions import (  # noqa: E402
     ConclusionError,
     check_unchanged,
@@ -221,6 +222,22 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
     return subprocess.run([sys.executable, "scripts/experiments_page.py", "--docs", str(docs)], cwd=ROOT).returncode
 
 
+def print_compaction(experiment: Experiment, out: Path, with_detectability: bool, dry_run: bool) -> None:
+    """Hard-link the unmarked files of the finished releases under ``out`` to their sources, a line per release."""
+    rows = compact_releases(out, experiment.seed_roles.owners[0], with_detectability, dry_run)
+    for row in rows:
+        done = (
+            f"skipped: {row['skipped']}"
+            if "skipped" in row
+            else f"{row['linked']} files, {row['freed'] / 2**30:.2f} GiB"
+        )
+        print(f"[{experiment.name}] {row['release']}: {done}")
+    freed = sum(row.get("freed", 0) for row in rows) / 2**30
+    print(
+        f"[{experiment.name}] {'would free' if dry_run else 'freed'} {freed:.2f} GiB under {out} ({len(rows)} releases)"
+    )
+
+
 def print_plan(experiment: Experiment, out: Path) -> None:
     """The declaration's seeds by role and every stage a run would still run (a dry run of the runner)."""
     roles = experiment.seed_roles
@@ -269,6 +286,19 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--out", type=Path, help="output folder (default outputs/experiments/NAME)")
     plan.add_argument("--method", action="append", help="only this declared method (repeatable)")
     run.add_argument("--family", choices=FAMILIES, help="phantom family instead of the declared one (not published)")
+    compact = commands.add_parser(
+        "compact", help="hard-link unmarked release files to their sources: frees disk, changes no byte or number"
+    )
+    compact.add_argument("name", help="the experiment: configs/experiments/NAME.json")
+    compact.add_argument("--out", type=Path, help="output folder (default outputs/experiments/NAME)")
+    compact.add_argument("--method", action="append", help=argparse.SUPPRESS)
+    compact.add_argument("--dry-run", action="store_true", help="count what would be linked, change nothing")
+    compact.add_argument(
+        "--without-detectability",
+        action="store_true",
+        help="also link the first owner's releases before their detectability.json exists (only when no declaration "
+        "run in this folder measures detectability: it reads inode numbers and times, which a link changes)",
+    )
     run.add_argument(
         "--min-free-gb",
         type=float,
@@ -302,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     family = experiment.phantoms.get("family", "classic")
     default_out = Path("outputs") / "experiments" / (args.name if family == "classic" else f"{args.name}_{family}")
     out = (args.out or default_out).resolve()
+    if args.command == "compact":
+        if isinstance(experiment, SegmentationExperiment):
+            print("experiment: a segmentation experiment makes no release to compact", file=sys.stderr)
+            return 2
+        print_compaction(experiment, out, not args.without_detectability, args.dry_run)
+        return 0
     if args.command == "plan":
         try:
             print_plan(experiment, out)
