@@ -182,10 +182,12 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
     if refused:
         raise LedgerError(experiment.source, refused)
     registered = docs / "experiments" / "conclusions.json"
+    families, claims = {}, []
     if registered.is_file():  # a broken or moved registration stops the publication before anything is written
-        conclusions = [*load_conclusions(registered)[1], *load_choices(registered)]
+        families, conclusions = load_conclusions(registered)
+        claims = [*conclusions, *load_choices(registered)]
         for entry in read_ledger(ledger):
-            check_unchanged(entry.get("conclusions", {}), conclusions, registered)
+            check_unchanged(entry.get("conclusions", {}), claims, registered)
     all_tables = tables(collected)
     parts = experiment.publish or {experiment.name: tuple(range(len(all_tables)))}
     # once for all parts, the commit before the first part is written: every part names the tree it was published from
@@ -214,10 +216,7 @@ def publish(experiment: Experiment, collected: dict, out: Path, argv: list[str],
         load_results(folder / "results.json")
     sha256 = declaration_hash(experiment)
     names = published_parts(experiment.name, parts)
-    hashes = {}
-    if registered.is_file():
-        families, conclusions = load_conclusions(registered)
-        hashes = registered_hashes(families, [*conclusions, *load_choices(registered)], names)
+    hashes = registered_hashes(families, claims, names)
     record(ledger, experiment.data_seed, experiment.name, sha256, commit, names, hashes)
     return subprocess.run([sys.executable, "scripts/experiments_page.py", "--docs", str(docs)], cwd=ROOT).returncode
 

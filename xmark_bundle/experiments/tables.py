@@ -210,8 +210,8 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "Ind-W ΔP": _seeds([r["delta_p"] for r in ind_w]),
                 "Ind-W p": _seeds([r["p_value"] for r in ind_w]),
                 "Ind-W verified": {"value": _verified(ind_w)},
-                **_calibrated_cells("Malicious", malicious),
-                **_calibrated_cells("Ind-W", ind_w),
+                **_calibrated_cells(malicious, "Malicious "),
+                **_calibrated_cells(ind_w, "Ind-W ", with_p=False),
             }
             owners = by_owner([{**r, "owner": s.get("owner")} for s, r in zip(suspects, malicious, strict=True)],
                               lambda r: r["delta_p"])  # fmt: skip
@@ -263,14 +263,15 @@ def tables(collected: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _calibrated_cells(scenario: str, runs: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The calibrated verdict's p per run and its count, where every run's verification has the block."""
+def _calibrated_cells(runs: list[Mapping[str, Any]], prefix: str = "", with_p: bool = True) -> dict[str, Any]:
+    """The calibrated verdict's count (``{prefix}verified (calibrated)``) and, ``with_p``, its p per run
+    (``{prefix}calibrated p``), where every run's verification has the block; else none."""
     verified = _verified(runs, "calibrated")
     if verified is None:
         return {}
-    cells = {f"{scenario} verified (calibrated)": {"value": verified}}
-    if scenario == "Malicious":
-        cells["Malicious calibrated p"] = _seeds([r["calibrated"]["p_value"] for r in runs])
+    cells = {f"{prefix}verified (calibrated)": {"value": verified}}
+    if with_p:
+        cells[f"{prefix}calibrated p"] = _seeds([r["calibrated"]["p_value"] for r in runs])
     return cells
 
 
@@ -382,7 +383,7 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
                     "WSR at 0.5": _seeds([s["malicious"]["wsr"] for s in original]),
                     "Malicious p": _seeds([s["malicious"]["p_value"] for s in original]),
                     "verified": {"value": f"{sum(bool(s['malicious']['owned']) for s in original)} of {len(original)}"},
-                    **_calibrated_removal_cells([s["malicious"] for s in original]),
+                    **_calibrated_cells([s["malicious"] for s in original]),
                 },
             }
         )
@@ -396,7 +397,7 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
                         "WSR at 0.5": _seeds([r["wsr"] for r in runs]),
                         "Malicious p": _seeds([r["p_value"] for r in runs]),
                         "verified": {"value": f"{sum(bool(r['owned']) for r in runs)} of {len(runs)}"},
-                        **_calibrated_removal_cells(runs),
+                        **_calibrated_cells(runs),
                     }
                     | ({"kept epoch": _seeds([r["kept_epoch"] for r in runs])} if "kept_epoch" in runs[0] else {}),
                 }
@@ -420,17 +421,6 @@ def removal_table(collected: Mapping[str, Any]) -> dict[str, Any]:
         "gets); 'N epochs': it keeps the last (removal kept_checkpoint 'last'); kept epoch per seed. Cells per "
         "suspect seed. verified: the paper's margin t-test; calibrated: the rank of the owner's watermark among its "
         "family (where the watermark has one).",
-    }
-
-
-def _calibrated_removal_cells(runs: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The calibrated verdict's p per suspect and its count, where every verification has the block."""
-    verified = _verified(runs, "calibrated")
-    if verified is None:
-        return {}
-    return {
-        "calibrated p": _seeds([r["calibrated"]["p_value"] for r in runs]),
-        "verified (calibrated)": {"value": verified},
     }
 
 
