@@ -375,6 +375,22 @@ def test_client_refuses_answers_that_are_not_plain_numbers(raw_server, answer, p
         open_suspect(server.url).predict_proba(IMAGES)
 
 
+def test_a_busy_answer_reaches_a_client_still_sending_its_body(endpoint):
+    port = endpoint(max_workers=1, max_queued=0, timeout=30.0, header_timeout=30.0).server_address[1]
+    body = b"0" * (16 * 2**20)  # more than the socket buffers hold: unread, it would reset the connection
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as holder:
+        holder.sendall(b"POST /predict HTT")  # holds the only handler
+        for _ in range(100):  # bounded: until the handler has taken it
+            if handler_threads(port):
+                break
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+            client.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            response = http.client.HTTPResponse(client)
+            response.begin()
+            assert (response.status, json.loads(response.read())) == (503, {"error": "server busy, try again later"})
+
+
 def test_a_client_trickling_its_headers_is_cut_off_and_frees_the_server(endpoint):
     port = endpoint(max_workers=1, max_queued=0, timeout=30.0, header_timeout=1.0).server_address[1]
     with socket.create_connection(("127.0.0.1", port), timeout=20) as slow:

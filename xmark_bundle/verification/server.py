@@ -3,7 +3,8 @@
 
 It stands in for a suspect's prediction API in loopback tests and demos. It has no authentication, so it binds to
 loopback addresses only unless ``allow_remote=True``. Its resources are bounded: at most ``max_workers`` handler
-threads (connections beyond ``max_workers + max_queued`` are answered 503), a deadline for the request line and
+threads (connections beyond ``max_workers + max_queued`` are answered 503, their requests drained briefly so the
+answer is not reset under the client), a deadline for the request line and
 headers (``header_timeout``: a client that trickles them, or idles between keep-alive requests, is cut off and frees
 its thread), a socket timeout and a total deadline for reading each body, and a body limit checked from
 ``Content-Length`` before anything is read (the body buffer then grows with what arrives, never to the announced
@@ -43,6 +44,7 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 #: Paths that answer predictions.
 PATHS = ("/", "/predict")
 _MAX_JSON_COMMAS = 1000  # a wire-format request has a handful; a body of many tiny JSON values costs 20x its size
+_MAX_REFUSALS = 32  # refused connections drained at once (by the watchdog); past that a refusal closes at once
 _LINGER_S = 2.0  # how long an unread body is drained after an error answer, so the client can read that answer
 
 
@@ -83,22 +85,33 @@ class _ModelServer(ThreadingHTTPServer):
         # header deadlines of the connections being read: one watchdog thread for all of them, not one per request
         self.header_deadlines: dict[socket.socket, float] = {}
         self.lock_deadlines = threading.Lock()
+        self.refused: dict[socket.socket, float] = {}  # connections answered 503, drained until these deadlines
         self.closing = threading.Event()
         self.watchdog = threading.Thread(target=self._cut_late_headers, name=f"suspect-watchdog-{self.port}")
         self.watchdog.daemon = True
         self.watchdog.start()
 
     def _cut_late_headers(self) -> None:
-        """Shut down every connection whose request line and headers are overdue (slowloris, idle keep-alive)."""
+        """Shut down every connection whose request line and headers are overdue (slowloris, idle keep-alive), and
+        drain the requests of refused connections until their clients leave or their time is up."""
         while not self.closing.wait(0.1):
             now = time.monotonic()
             with self.lock_deadlines:
                 late = [sock for sock, deadline in self.header_deadlines.items() if deadline < now]
                 for sock in late:
                     del self.header_deadlines[sock]
+                done = [sock for sock, deadline in self.refused.items() if deadline < now or not _drain(sock)]
+                for sock in done:
+                    del self.refused[sock]
             for sock in late:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+            for sock in done:
+                sock.close()
+        with self.lock_deadlines:
+            for sock in self.refused:
+                sock.close()
+            self.refused.clear()
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         """Queue the connection for the pool, or answer 503 at once when every slot is taken."""
@@ -106,9 +119,18 @@ class _ModelServer(ThreadingHTTPServer):
             try:
                 request.settimeout(1.0)
                 request.sendall(_response(503, {"error": "server busy, try again later"}))
+                request.shutdown(socket.SHUT_WR)
+                request.setblocking(False)
             except OSError:
-                pass
-            self.shutdown_request(request)
+                request.close()
+                return
+            # its request is still unread: closing now would reset the connection under the 503 (the client would
+            # see a broken pipe instead), so the watchdog drains it for at most _LINGER_S seconds first
+            with self.lock_deadlines:
+                if len(self.refused) < _MAX_REFUSALS:
+                    self.refused[request] = time.monotonic() + _LINGER_S
+                    return
+            request.close()
             return
         try:
             self.pool.submit(self._handle, request, client_address)
@@ -262,21 +284,34 @@ class _PredictHandler(BaseHTTPRequestHandler):
     def finish(self) -> None:
         super().finish()
         if not self.body_read:
-            self._linger()
-
-    def _linger(self) -> None:
-        """Drain (briefly) a body that was not read, so that closing does not reset the connection under the answer."""
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(_LINGER_S)
-            deadline = time.monotonic() + _LINGER_S
-            while time.monotonic() < deadline and self.connection.recv(1 << 16):
-                pass
-        except OSError:
-            pass
+            _linger(self.connection)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (signature of the base class)
         logger.debug("%s - " + format, self.address_string(), *args)
+
+
+def _linger(connection: socket.socket) -> None:
+    """Drain (briefly) a body that was not read, so that closing does not reset the connection under the answer."""
+    try:
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(_LINGER_S)
+        deadline = time.monotonic() + _LINGER_S
+        while time.monotonic() < deadline and connection.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+
+
+def _drain(connection: socket.socket) -> bool:
+    """Read what a non-blocking connection holds; False once its client has closed it (or it failed)."""
+    try:
+        while connection.recv(1 << 16):
+            pass
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _is_loopback(host: str) -> bool:
