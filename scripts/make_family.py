@@ -20,6 +20,11 @@ fix it, as the experiment runner does for reproducible runs; its pool of other m
 
     python scripts/make_family.py assemble --owner_ckpt models/model.pt --others pool/*/model.pt
 
+Every member of a generator family carries the frozen surrogate it was trained against (43 of its 51 MB), the same
+for all. ``assemble --strip_surrogates`` rewrites the other checkpoints without it, once each is checked to hold the
+owner's: the family then loads them with the owner's surrogate (checked by its hash), and a checkpoint so stripped
+loads only through a family whose owner holds that surrogate. The experiment runner does this for its pools.
+
 Publish or timestamp the printed commitment when you release: it fixes the family and the owner's member.
 """
 
@@ -113,6 +118,9 @@ def main() -> None:
     assemble.add_argument("--others", type=Path, nargs="+", required=True, help="checkpoints of the other members")
     assemble.add_argument("--owner_index", type=int, default=None, help="the owner's place (default: drawn at random)")
     assemble.add_argument("--out", type=Path, default=None, help="family file (default: family.json beside the owner)")
+    assemble.add_argument(
+        "--strip_surrogates", action="store_true", help="rewrite the other checkpoints without the owner's surrogate"
+    )
     args, extra = parser.parse_known_args()
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -125,7 +133,8 @@ def main() -> None:
         if not 0 <= index <= len(args.others):
             parser.error(f"--owner_index must be within 0..{len(args.others)}, got {index}")
         members = [*args.others[:index], args.owner_ckpt, *args.others[index:]]
-        family = make_generator_family(members, args.out or default_family_file(args.owner_ckpt), owner_index=index)
+        out = args.out or default_family_file(args.owner_ckpt)
+        family = make_generator_family(members, out, owner_index=index, strip_surrogates=args.strip_surrogates)
     else:
         family = train_family(args.ckpt_dir.resolve(), args.members, args.config_file, _overrides(extra))
     print(f"[family] {family.path}: {family.m} other {family.kind} of {family.method}, owner's member drawn at random")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from xmark_bundle.fileio import sha256_file
+from xmark_bundle.networks.checkpoint import watermark_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,10 @@ def test_quick_experiment_runs_every_stage_collects_its_numbers_and_resumes(tmp_
     assert "calibrated" not in ind_w
     pool = [json.loads((out / f"models/xmark/family_pool/seed{s}/training_info.json").read_text()) for s in (4, 5)]
     assert [info["seed"] for info in pool] == [4, 5]
+    # the pool's members are kept without the owners' surrogate (the family supplies it); the owner's keeps its own
+    records = [watermark_record(out / f"models/xmark/family_pool/seed{s}/model.pt") for s in (4, 5)]
+    assert all("surrogate_sha256" in record for record in records)
+    assert "surrogate_sha256" not in watermark_record(out / "models/xmark/owner2/watermark/model.pt")
     # Malicious and Ind-M use our watermark, Ind-W the independent owner's (own surrogate, own seed)
     ours = json.loads(Path(suspect["malicious"]["report"]).read_text())["generator"]["checkpoint"]
     other = json.loads(Path(ind_w["report"]).read_text())["generator"]["checkpoint"]

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from xmark_bundle.data.labels import LABELS
+from xmark_bundle.fileio import sha256_file
 from xmark_bundle.networks.checkpoint import load_watermark, save_watermark
 from xmark_bundle.networks.classifier import ResizedClassifier, build_classifier
 from xmark_bundle.networks.generator import XMarkGenerator
@@ -116,6 +117,18 @@ def _unkeyed_pipeline(seed: int) -> WatermarkPipeline:
         for p in generator.parameters():
             p.mul_(5.0)
     surrogate = ResizedClassifier(build_classifier("resnet18"), SIZE)
+    return WatermarkPipeline(generator, surrogate, "classifier.layer4", image_size=SIZE)
+
+
+def _pool_pipeline(seed: int, surrogate_seed: int = 0) -> WatermarkPipeline:
+    """An unkeyed pipeline whose generator follows ``seed`` and whose surrogate follows ``surrogate_seed``."""
+    torch.manual_seed(surrogate_seed)
+    surrogate = ResizedClassifier(build_classifier("resnet18"), SIZE)
+    torch.manual_seed(seed)
+    generator = XMarkGenerator(channels=[4, 8, 16, 32, 64])
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.mul_(5.0)
     return WatermarkPipeline(generator, surrogate, "classifier.layer4", image_size=SIZE)
 
 
@@ -347,3 +360,44 @@ def test_make_family_assembles_existing_checkpoints_and_makes_key_families(tmp_p
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_family(default_family_file(keyed)).m == 4
+
+
+def test_members_stored_without_the_owners_surrogate_give_the_same_verdict(data, tmp_path):
+    families, pools = {}, {}
+    for kept in ("full", "stripped"):
+        pools[kept] = [tmp_path / kept / "pool" / f"seed{seed}" / "model.pt" for seed in range(3)]
+        for seed, ckpt in enumerate(pools[kept]):
+            save_watermark(_pool_pipeline(seed), ckpt)
+        owner = tmp_path / kept / "owner" / "model.pt"
+        save_watermark(_pool_pipeline(9), owner)
+        members = [*pools[kept][:2], owner, pools[kept][2]]
+        families[kept] = make_generator_family(members, owner.parent / "family.json", 2, kept == "stripped")
+    full_size, stripped_size = (os.path.getsize(pools[kept][0]) for kept in ("full", "stripped"))
+    assert stripped_size < full_size / 4  # the surrogate was most of each member
+    assert [m["sha256"] for m in families["stripped"].members] == [sha256_file(p) for p in [*pools["stripped"][:2],
+        tmp_path / "stripped" / "owner" / "model.pt", pools["stripped"][2]]]  # fmt: skip
+    torch.manual_seed(3)
+    suspect = TorchSuspect(build_classifier("resnet18").eval(), "untrained resnet18", "torch")
+    settings = VerificationSettings(query_size=SIZE, batch_size=4, n_samples=6)
+    reports = {}
+    for kept, family in families.items():
+        owner = family.checkpoint(family.owner_index)
+        reports[kept] = verify_ownership(
+            load_watermark(owner), suspect, data / "datalist.json", tmp_path / kept / "v", settings, owner,
+            progress=False, family=family.path,
+        )["calibrated"]  # fmt: skip
+    assert reports["stripped"]["member_statistics"] == reports["full"]["member_statistics"]
+    assert reports["stripped"]["p_value"] == reports["full"]["p_value"]
+    # a stripped member loads only with the surrogate it was trained against
+    with pytest.raises(ValueError, match="load it through its family"):
+        load_watermark(pools["stripped"][0])
+    with pytest.raises(ValueError, match="not the one this family member was trained against"):
+        load_watermark(pools["stripped"][0], surrogate=_pool_pipeline(0, surrogate_seed=5).state_dict())
+    # a member trained against another surrogate is refused before any file is rewritten
+    foreign = tmp_path / "foreign" / "model.pt"
+    save_watermark(_pool_pipeline(4, surrogate_seed=5), foreign)
+    before = sha256_file(pools["full"][0])
+    with pytest.raises(FamilyError, match="another surrogate"):
+        make_generator_family([pools["full"][0], foreign, tmp_path / "full" / "owner" / "model.pt"],
+            tmp_path / "foreign" / "family.json", 2, strip_surrogates=True)  # fmt: skip
+    assert sha256_file(pools["full"][0]) == before

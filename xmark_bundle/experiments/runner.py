@@ -329,6 +329,8 @@ class _Run:
         index = int(np.random.default_rng([owner, 17]).integers(len(pool) + 1))
         cmd = [sys.executable, "scripts/make_family.py", "assemble", "--owner_ckpt", str(checkpoint), "--others"]
         cmd += [*map(str, pool), "--owner_index", str(index), "--out", str(out)]
+        if method.kind != "trigger":  # a trigger pool also serves independent owners, whose surrogates are others
+            cmd.append("--strip_surrogates")  # a generator pool was trained against the owners' surrogate
         who = self.owner_tag(owner) if who is None else who
         self.stages.run(f"{method.name} {who}family of {len(pool) + 1}", cmd, out)
         return out

@@ -41,6 +41,8 @@ __all__ = [
     "refuse_to_replace",
     "resave_watermark",
     "save_watermark",
+    "strip_surrogate",
+    "surrogate_digest",
     "watermark_record",
 ]
 
@@ -50,6 +52,10 @@ WEIGHTS_KEY, RECORD_KEY = "model", "watermark"
 RECORD_FORMAT = 2
 #: The record's entry holding :func:`record_digest`.
 DIGEST_KEY = "sha256"
+#: The record's entry of a checkpoint saved without its frozen surrogate (a family member that shares its owner's):
+#: :func:`surrogate_digest` of the weights left out, which the loader must be given.
+SURROGATE_DIGEST_KEY = "surrogate_sha256"
+_SURROGATE_PREFIX = "surrogate."
 #: Entries every record has, whatever its format.
 _REQUIRED = ("format", "method", "network", "image_size", "epsilon", "target_label", "labels")
 
@@ -64,6 +70,12 @@ def record_digest(settings: Mapping[str, Any], weights: Mapping[str, torch.Tenso
         digest.update(f"\n{name}|{weights[name].dtype}|{list(weights[name].shape)}\n".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def surrogate_digest(weights: Mapping[str, torch.Tensor]) -> str | None:
+    """:func:`record_digest` of the frozen surrogate's entries of a pipeline's state dict; None when it has none."""
+    surrogate = {name: value for name, value in weights.items() if name.startswith(_SURROGATE_PREFIX)}
+    return record_digest({}, surrogate) if surrogate else None
 
 
 class WatermarkRecord:
@@ -146,18 +158,34 @@ def read_watermark_checkpoint(checkpoint: str | os.PathLike) -> tuple[dict[str, 
     return record, weights
 
 
-def load_watermark(checkpoint: str | os.PathLike, device: str | torch.device | None = None) -> nn.Module:
+def load_watermark(
+    checkpoint: str | os.PathLike,
+    device: str | torch.device | None = None,
+    surrogate: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Module:
     """The watermarking module of ``checkpoint``, rebuilt from its record with its weights, in eval mode.
 
     The record travels with the module as ``watermark_record`` (a config reads the target label from it instead of
-    loading the file a second time).
+    loading the file a second time). A checkpoint saved without its surrogate (:func:`strip_surrogate`) needs
+    ``surrogate``: the ``surrogate.*`` entries of a state dict whose :func:`surrogate_digest` its record holds.
     """
     record, weights = read_watermark_checkpoint(checkpoint)
+    path = os.fspath(checkpoint)
+    if SURROGATE_DIGEST_KEY in record:
+        if surrogate is None:
+            raise ValueError(
+                f"{path}: a family member saved without its frozen surrogate (its family's owner holds the same one); "
+                "load it through its family (xmark_bundle.verification.family)"
+            )
+        given = {name: value for name, value in surrogate.items() if name.startswith(_SURROGATE_PREFIX)}
+        if surrogate_digest(given) != record[SURROGATE_DIGEST_KEY]:
+            raise ValueError(f"{path}: the surrogate given is not the one this family member was trained against")
+        weights = {**weights, **given}
     network = build_from_record(record["network"], checkpoint)
     try:
         network.load_state_dict(weights)
     except RuntimeError as err:
-        raise ValueError(f"{os.fspath(checkpoint)}: weights do not fit the recorded network ({err})") from err
+        raise ValueError(f"{path}: weights do not fit the recorded network ({err})") from err
     network.watermark_record = record
     return (network if device is None else network.to(device)).eval()
 
@@ -186,6 +214,29 @@ def resave_watermark(checkpoint: str | os.PathLike) -> None:
         network = load_watermark(checkpoint)
     record = network.watermark_record
     save_watermark(network, checkpoint, target_label=record["target_label"], labels=record["labels"])
+
+
+def strip_surrogate(checkpoint: str | os.PathLike) -> str | None:
+    """Rewrite ``checkpoint`` without its frozen surrogate's weights (43 of a member's 51 MB), atomically.
+
+    For the other members of a generator family: every one was trained against the owner's surrogate, so the family
+    loads them with the owner's (:func:`load_watermark` with ``surrogate``, checked against the digest kept in the
+    record). Returns that digest; None when the checkpoint has no surrogate (a trigger). A stripped checkpoint is
+    left as it is.
+    """
+    record, weights = read_watermark_checkpoint(checkpoint)
+    if SURROGATE_DIGEST_KEY in record:
+        return str(record[SURROGATE_DIGEST_KEY])
+    if record["format"] != RECORD_FORMAT:
+        raise ValueError(f"{os.fspath(checkpoint)}: re-save it first (resave_watermark): format 1 carries no hash")
+    digest = surrogate_digest(weights)
+    if digest is None:
+        return None
+    kept = {name: value for name, value in weights.items() if not name.startswith(_SURROGATE_PREFIX)}
+    settings = {key: value for key, value in record.items() if key != DIGEST_KEY} | {SURROGATE_DIGEST_KEY: digest}
+    with atomic_path(checkpoint) as tmp, open(tmp, "wb") as stream:
+        torch.save({WEIGHTS_KEY: kept, RECORD_KEY: settings | {DIGEST_KEY: record_digest(settings, kept)}}, stream)
+    return digest
 
 
 def refuse_to_replace(checkpoint: str | os.PathLike) -> None:

@@ -34,7 +34,14 @@ from tqdm import tqdm
 
 from xmark_bundle.fileio import atomic_path, sha256_file, write_json
 from xmark_bundle.keyed.keys import key_pattern_of, secret_key
-from xmark_bundle.networks.checkpoint import load_watermark, watermark_record
+from xmark_bundle.networks.checkpoint import (
+    SURROGATE_DIGEST_KEY,
+    load_watermark,
+    read_watermark_checkpoint,
+    strip_surrogate,
+    surrogate_digest,
+    watermark_record,
+)
 from xmark_bundle.networks.pipeline import is_keyed, watermark_generator
 from xmark_bundle.networks.query_size import WatermarkAtSize
 from xmark_bundle.transforms.geometry import resize_square
@@ -175,6 +182,24 @@ def _check_generator_members(family: WatermarkFamily) -> None:
             raise FamilyError(f"{family.path}: member {j} ({ckpt}) is another kind of watermark than member 0")
 
 
+def _strip_other_members(checkpoints: Sequence[str | os.PathLike], owner_index: int) -> None:
+    """Strip every member but the owner's of its surrogate, after checking it is the owner's surrogate."""
+    record, weights = read_watermark_checkpoint(checkpoints[owner_index])
+    if SURROGATE_DIGEST_KEY in record:
+        raise FamilyError(f"{checkpoints[owner_index]}: the owner's checkpoint must keep its surrogate")
+    own = surrogate_digest(weights)
+    others = [ckpt for j, ckpt in enumerate(checkpoints) if j != owner_index]
+    for ckpt in others:  # every one checked before any is rewritten
+        record, weights = read_watermark_checkpoint(ckpt)
+        if record.get(SURROGATE_DIGEST_KEY, surrogate_digest(weights)) != own:
+            raise FamilyError(
+                f"{ckpt}: trained against another surrogate than the owner's ({checkpoints[owner_index]}), so it "
+                "cannot be stored without its own"
+            )
+    for ckpt in others:
+        strip_surrogate(ckpt)
+
+
 def _write_family(
     out: str | os.PathLike, method: str, kind: str, target_label: str, members: list[dict[str, Any]], owner_index: int
 ) -> WatermarkFamily:
@@ -232,14 +257,24 @@ def make_key_family(
 
 
 def make_generator_family(
-    checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike, owner_index: int | None = None
+    checkpoints: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    owner_index: int | None = None,
+    strip_surrogates: bool = False,
 ) -> WatermarkFamily:
     """The family of independently trained generators (same recipe, other seeds); the owner's member is drawn at
-    random (``owner_index`` only for tests and experiments that assign owners themselves)."""
+    random (``owner_index`` only for tests and experiments that assign owners themselves).
+
+    ``strip_surrogates`` rewrites every other member without its copy of the frozen surrogate (43 of its 51 MB;
+    :func:`~xmark_bundle.networks.checkpoint.strip_surrogate`) once it is checked to be the owner's: the family then
+    loads them with the owner's surrogate. A member trained against another surrogate is refused.
+    """
     out = Path(out)
     if len(checkpoints) < 2:
         raise ValueError(f"a family needs at least two generators, got {len(checkpoints)}")
     owner_index = secrets.randbelow(len(checkpoints)) if owner_index is None else int(owner_index)
+    if strip_surrogates:
+        _strip_other_members(checkpoints, owner_index)
     members = []
     for ckpt in map(Path, checkpoints):
         relative = os.path.relpath(ckpt.resolve(), out.parent.resolve())
@@ -253,13 +288,15 @@ def member_watermarks(
 ) -> Iterator[tuple[int, nn.Module]]:
     """Each member's watermarking module in turn (the owner's with another key, or a member's checkpoint), applied as
     the owner is (at the owner's query size when ``owner`` is a :class:`WatermarkAtSize`)."""
+    # members stored without their surrogate (strip_surrogates) take the owner's, which they were trained against
+    surrogate = None if family.kind == "keys" else getattr(owner, "watermark", owner).state_dict()
     for j, member in enumerate(family.members):
         if family.kind == "keys":
             core = watermark_generator(owner)
             with core.using_key(_key_like(core, int(member["key_seed"]))):
                 yield j, owner
         else:
-            network = load_watermark(family.checkpoint(j), device)
+            network = load_watermark(family.checkpoint(j), device, surrogate=surrogate)
             if isinstance(owner, WatermarkAtSize):
                 network = WatermarkAtSize(network, owner.image_size).eval()
             yield j, network
