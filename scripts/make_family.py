@@ -21,9 +21,10 @@ fix it, as the experiment runner does for reproducible runs; its pool of other m
     python scripts/make_family.py assemble --owner_ckpt models/model.pt --others pool/*/model.pt
 
 Every member of a generator family carries the frozen surrogate it was trained against (43 of its 51 MB), the same
-for all. ``assemble --strip_surrogates`` rewrites the other checkpoints without it, once each is checked to hold the
-owner's: the family then loads them with the owner's surrogate (checked by its hash), and a checkpoint so stripped
-loads only through a family whose owner holds that surrogate. The experiment runner does this for its pools.
+for all. ``train`` keeps the other members without it, and ``assemble --strip_surrogates`` rewrites the other
+checkpoints so, once each is checked to hold the owner's: the family then loads them with the owner's surrogate
+(checked by its hash), and a checkpoint so stripped loads only through a family whose owner holds that surrogate.
+The experiment runner does this for its generator pools.
 
 Publish or timestamp the printed commitment when you release: it fixes the family and the owner's member.
 """
@@ -60,8 +61,9 @@ def _overrides(extra: list[str]) -> dict[str, str]:
 
 
 def train_family(ckpt_dir: Path, members: int, configs: list[str], overrides: dict[str, str]) -> WatermarkFamily:
-    """Train ``members`` + 1 generators under ``ckpt_dir/family/`` (seeds drawn once, kept in ``plan.json``), draw
-    the owner's, copy it to ``ckpt_dir/model.pt`` and write ``ckpt_dir/family.json``."""
+    """Train ``members`` + 1 generators under ``ckpt_dir/family/`` (seeds and the owner's place drawn once, kept in
+    ``plan.json``), copy the owner's to ``ckpt_dir/model.pt``, keep the others without the surrogate and write
+    ``ckpt_dir/family.json``."""
     out, owner_ckpt, family_file = ckpt_dir / "family", ckpt_dir / "model.pt", ckpt_dir / FAMILY_FILE
     for existing in (owner_ckpt, family_file):
         if existing.exists():
@@ -74,7 +76,8 @@ def train_family(ckpt_dir: Path, members: int, configs: list[str], overrides: di
         while len(seeds) < members + 1:  # distinct random seeds: nothing about them is chosen
             seed = secrets.randbelow(2**31)
             seeds += [seed] if seed not in seeds else []
-        plan = {**wanted, "seeds": seeds}
+        # the owner's member is drawn with the seeds and kept, so a resumed run strips the same other members
+        plan = {**wanted, "seeds": seeds, "owner_index": secrets.randbelow(members + 1)}
         write_json(plan_file, plan)
     elif {key: plan[key] for key in wanted} != wanted:
         raise SystemExit(f"{plan_file} was made for another recipe ({plan}); finish it with the same arguments")
@@ -94,7 +97,8 @@ def train_family(ckpt_dir: Path, members: int, configs: list[str], overrides: di
             left = (len(plan["seeds"]) - j - 1) * sum(done) / len(done)
             print(f"[family] {j + 1} of {len(plan['seeds'])} members trained; about {left / 60:.0f} min left")
         checkpoints.append(folder / "model.pt")
-    family = make_generator_family(checkpoints, family_file)
+    owner_index = plan.get("owner_index")  # None in a plan written before it was kept: drawn now, nothing stripped
+    family = make_generator_family(checkpoints, family_file, owner_index, strip_surrogates=owner_index is not None)
     with atomic_path(owner_ckpt) as tmp:
         shutil.copyfile(family.checkpoint(family.owner_index), tmp)
     total = sum(stages.times.get(name, 0.0) for name in stages.visited)

@@ -23,7 +23,7 @@ from xmark_bundle.data import LoadXRayd
 from xmark_bundle.data.chexpert import prepare_datalist
 from xmark_bundle.data.phantoms import write_phantom_dataset
 from xmark_bundle.fileio import sha256_file
-from xmark_bundle.networks.checkpoint import load_watermark
+from xmark_bundle.networks.checkpoint import load_watermark, watermark_record
 from xmark_bundle.networks.classifier import load_classifier
 from xmark_bundle.networks.generator import SSCLBWGenerator
 from xmark_bundle.transforms import ResizeLongestPadd
@@ -307,6 +307,10 @@ def test_make_family_trains_resumably_and_draws_the_owner_among_the_members(phan
     family = load_family(ckpt_dir / "family.json")
     assert family.kind == "generators" and family.m == 1 and family.method == "xmark"
     assert sha256_file(ckpt_dir / "model.pt") == family.members[family.owner_index]["sha256"]
+    # the other member is kept without its copy of the surrogate, the owner's with it
+    assert ["surrogate_sha256" in watermark_record(family.checkpoint(j)) for j in (0, 1)] == [
+        j != family.owner_index for j in (0, 1)
+    ]
     seeds = json.loads((ckpt_dir / "family" / "plan.json").read_text())["seeds"]
     trained = [json.loads((ckpt_dir / "family" / f"member_{j:03d}" / "training_info.json").read_text()) for j in (0, 1)]
     assert len(set(seeds)) == 2 and [t["seed"] for t in trained] == seeds

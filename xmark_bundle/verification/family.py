@@ -263,7 +263,8 @@ def make_generator_family(
     strip_surrogates: bool = False,
 ) -> WatermarkFamily:
     """The family of independently trained generators (same recipe, other seeds); the owner's member is drawn at
-    random (``owner_index`` only for tests and experiments that assign owners themselves).
+    random (``owner_index``: drawn earlier and kept, as ``make_family.py train`` does, or assigned by tests and
+    experiments).
 
     ``strip_surrogates`` rewrites every other member without its copy of the frozen surrogate (43 of its 51 MB;
     :func:`~xmark_bundle.networks.checkpoint.strip_surrogate`) once it is checked to be the owner's: the family then
