@@ -382,12 +382,14 @@ def test_members_stored_without_the_owners_surrogate_give_the_same_verdict(data,
     reports = {}
     for kept, family in families.items():
         owner = family.checkpoint(family.owner_index)
-        reports[kept] = verify_ownership(
-            load_watermark(owner), suspect, data / "datalist.json", tmp_path / kept / "v", settings, owner,
-            progress=False, family=family.path,
-        )["calibrated"]  # fmt: skip
-    assert reports["stripped"]["member_statistics"] == reports["full"]["member_statistics"]
-    assert reports["stripped"]["p_value"] == reports["full"]["p_value"]
+        for size, watermark in ((SIZE, load_watermark(owner)), (96, load_watermark_at_size(owner, 96))):
+            reports[kept, size] = verify_ownership(
+                watermark, suspect, data / "datalist.json", tmp_path / kept / f"v{size}",
+                replace(settings, query_size=size), owner, progress=False, family=family.path,
+            )["calibrated"]  # fmt: skip
+    for size in (SIZE, 96):  # also applied as the owner is at a suspect's own size
+        assert reports["stripped", size]["member_statistics"] == reports["full", size]["member_statistics"]
+        assert reports["stripped", size]["p_value"] == reports["full", size]["p_value"]
     # a stripped member loads only with the surrogate it was trained against
     with pytest.raises(ValueError, match="load it through its family"):
         load_watermark(pools["stripped"][0])
