@@ -72,9 +72,15 @@ def record_digest(settings: Mapping[str, Any], weights: Mapping[str, torch.Tenso
     return digest.hexdigest()
 
 
+def _split_surrogate(weights: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A pipeline's state dict as its frozen surrogate's entries and the rest."""
+    surrogate = {name: value for name, value in weights.items() if name.startswith(_SURROGATE_PREFIX)}
+    return surrogate, {name: value for name, value in weights.items() if name not in surrogate}
+
+
 def surrogate_digest(weights: Mapping[str, torch.Tensor]) -> str | None:
     """:func:`record_digest` of the frozen surrogate's entries of a pipeline's state dict; None when it has none."""
-    surrogate = {name: value for name, value in weights.items() if name.startswith(_SURROGATE_PREFIX)}
+    surrogate = _split_surrogate(weights)[0]
     return record_digest({}, surrogate) if surrogate else None
 
 
@@ -177,7 +183,7 @@ def load_watermark(
                 f"{path}: a family member saved without its frozen surrogate (its family's owner holds the same one); "
                 "load it through its family (xmark_bundle.verification.family)"
             )
-        given = {name: value for name, value in surrogate.items() if name.startswith(_SURROGATE_PREFIX)}
+        given = _split_surrogate(surrogate)[0]
         if surrogate_digest(given) != record[SURROGATE_DIGEST_KEY]:
             raise ValueError(f"{path}: the surrogate given is not the one this family member was trained against")
         weights = {**weights, **given}
@@ -229,10 +235,10 @@ def strip_surrogate(checkpoint: str | os.PathLike) -> str | None:
         return str(record[SURROGATE_DIGEST_KEY])
     if record["format"] != RECORD_FORMAT:
         raise ValueError(f"{os.fspath(checkpoint)}: re-save it first (resave_watermark): format 1 carries no hash")
-    digest = surrogate_digest(weights)
-    if digest is None:
+    surrogate, kept = _split_surrogate(weights)
+    if not surrogate:
         return None
-    kept = {name: value for name, value in weights.items() if not name.startswith(_SURROGATE_PREFIX)}
+    digest = record_digest({}, surrogate)
     settings = {key: value for key, value in record.items() if key != DIGEST_KEY} | {SURROGATE_DIGEST_KEY: digest}
     with atomic_path(checkpoint) as tmp, open(tmp, "wb") as stream:
         torch.save({WEIGHTS_KEY: kept, RECORD_KEY: settings | {DIGEST_KEY: record_digest(settings, kept)}}, stream)
