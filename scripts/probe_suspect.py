@@ -86,7 +86,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suspect", action="append", required=True, help="suspect spec (repeatable)")
     parser.add_argument("--generator", type=Path, required=True, help="our generator checkpoint")
-    parser.add_argument("--other", type=Path, action="append", default=[], help="another generator (repeatable)")
+    parser.add_argument(
+        "--other", type=Path, action="append", default=[],
+        help="another generator (repeatable; a family member kept without its surrogate takes our generator's)",
+    )  # fmt: skip
     parser.add_argument("--datalist", type=Path, default=ROOT / "outputs/demo/phantoms/datalist.json")
     parser.add_argument("--split", default="test")
     parser.add_argument("--query-size", type=int, default=224)
@@ -97,7 +100,8 @@ def main() -> None:
     args = parser.parse_args()
 
     generators = {"watermark": load_watermark(args.generator)}
-    generators.update({f"other generator {p}": load_watermark(p) for p in args.other})
+    ours = generators["watermark"].state_dict()
+    generators.update({f"other generator {p}": load_watermark(p, surrogate=ours) for p in args.other})
     eps, image_size = generators["watermark"].eps, generators["watermark"].image_size
     sizes = {name: g.image_size for name, g in generators.items() if g.image_size != image_size}
     if sizes:
