@@ -323,4 +323,17 @@ def test_make_family_trains_resumably_and_draws_the_owner_among_the_members(phan
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "member 1 of 2: already done" in resumed.stdout and "member 2 of 2: already done" not in resumed.stdout
-    assert load_family(ckpt_dir / "family.json").m == 1
+    family = load_family(ckpt_dir / "family.json")
+    assert family.m == 1
+    # probe_suspect.py reads the member kept without its surrogate as another generator, with the owner's surrogate
+    other, probes = family.checkpoint(1 - family.owner_index), tmp_path / "probes.json"
+    cmd = [sys.executable, "scripts/probe_suspect.py", "--suspect", str(classifier / "model.pt"), "--generator"]
+    cmd += [str(ckpt_dir / "model.pt"), "--other", str(other), "--datalist", str(phantoms / "datalist.json")]
+    cmd += ["--query-size", "64", "--n", "4", "--out", str(probes)]
+    probed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert probed.returncode == 0, probed.stderr[-3000:]
+    record = json.loads(probes.read_text())
+    assert list(record["residual_cosine"]) == [f"other generator {other}"]
+    row = record["mean_p"][str(classifier / "model.pt")]
+    assert {"benign", "watermark", f"other generator {other}", "watermark, as released"} <= set(row)
+    assert all(0.0 <= p <= 1.0 for p in row.values())
